@@ -1,0 +1,2334 @@
+"""sshfan: run a file of tasks across ordinary SSH machines and merge their results.
+
+The head (this module) opens one SSH connection per host, ships a small
+standard-library worker stub over the channel's stdin, streams chunks of tasks to
+it and collects each task's result into a durable journal, from which one merged
+output file is rendered in task order.
+
+Sections, low level to high: errors, hosts config, wire framing (shipped),
+worker stub (shipped), scheduler, transports, journal and output, the run, CLI.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import base64
+import codecs
+import collections
+import contextlib
+import dataclasses
+import hashlib
+import inspect
+import json
+import math
+import os
+import selectors
+import shlex
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any, NoReturn
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10
+    import tomli as tomllib
+
+__version__ = "0.1.0"
+
+# ============================================================================
+# Errors
+# ============================================================================
+
+
+class SshfanError(Exception):
+    """Base of every error sshfan reports to a person (never shown as a traceback)."""
+
+    exit_code = 3
+
+
+class UsageError(SshfanError):
+    """A user's input is wrong: bad option, hosts file or tasks file (exit 2)."""
+
+    exit_code = 2
+
+
+class HostError(SshfanError):
+    """A host failed at a named stage: connect, auth, host key, bootstrap, protocol."""
+
+    def __init__(self, host: str, stage: str, message: str) -> None:
+        """Remember which host failed, at which stage, and why."""
+        super().__init__(f"{host}: {stage}: {message}")
+        self.host = host
+        self.stage = stage
+        self.reason = message
+
+
+# ============================================================================
+# Hosts config
+# ============================================================================
+
+_HOST_KEYS: dict[str, tuple[type, ...]] = {
+    "name": (str,),
+    "address": (str,),
+    "user": (str,),
+    "port": (int,),
+    "identity": (str, list),
+    "known_hosts": (str, bool),
+    "python": (str,),
+    "slots": (int, str),
+    "connect_timeout": (int, float),
+    "keepalive": (int, float),
+    "local": (bool,),
+    "env": (dict,),
+    "workdir": (str,),
+}
+_DEFAULT_ONLY_FORBIDDEN = {"name", "address"}
+
+
+@dataclasses.dataclass(frozen=True)
+class HostSpec:
+    """One worker host as the hosts file describes it (immutable)."""
+
+    name: str
+    address: str | None = None
+    user: str | None = None
+    port: int | None = None
+    identity: tuple[str, ...] | None = None
+    known_hosts: str | bool | None = None  # None: OpenSSH's default files
+    python: str = "python3"
+    slots: int | None = None  # None: "auto", the CPU count the stub reports
+    connect_timeout: float = 10.0
+    keepalive: float = 5.0  # seconds between SSH keepalives; 3 missed = host lost
+    local: bool = False
+    env: tuple[tuple[str, str], ...] = ()
+    workdir: str | None = None
+
+
+def local_host(slots: int | None = None) -> HostSpec:
+    """The default host: this machine, no SSH, one slot per CPU."""
+    return HostSpec(name="local", local=True, python=sys.executable, slots=slots)
+
+
+def _key_line(text: str, table: str, index: int, key: str | None) -> int | None:
+    """Best-effort line number of KEY in the INDEX-th TABLE of a TOML text."""
+    seen = -1
+    inside = table == ""
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if line.startswith("["):
+            header = line.split("#", 1)[0].strip()
+            if header in (f"[[{table}]]", f"[{table}]"):
+                seen += 1
+                inside = seen == index
+                if inside and key is None:
+                    return number
+            else:
+                inside = False
+            continue
+        if inside and key and line.split("=", 1)[0].strip().strip("\"'") == key:
+            return number
+    return None
+
+
+def _check_value(where: str, key: str, value: Any, text: str, table: str, index: int) -> Any:
+    """Validate one hosts-file value's type and range; return it normalised."""
+
+    def fail(problem: str) -> NoReturn:
+        line = _key_line(text, table, index, key)
+        at = f"{where}:{line}" if line else where
+        raise UsageError(f"{at}: key '{key}' {problem}")
+
+    if key not in _HOST_KEYS:
+        fail("is not a known key (known: " + ", ".join(sorted(_HOST_KEYS)) + ")")
+    types = _HOST_KEYS[key]
+    if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+        names = " or ".join("table" if t is dict else t.__name__ for t in types)
+        fail(f"must be {names}, not {type(value).__name__} {value!r}")
+    if key == "port" and not 0 < value < 65536:
+        fail(f"must be a TCP port (1-65535), not {value}")
+    if key == "slots":
+        if isinstance(value, str) and value != "auto":
+            fail(f'must be a positive integer or "auto", not {value!r}')
+        if isinstance(value, int) and value < 1:
+            fail(f"must be at least 1, not {value}")
+    if key in ("connect_timeout", "keepalive") and value <= 0:
+        fail(f"must be a positive number of seconds, not {value}")
+    if key == "known_hosts" and value is True:
+        fail("must be a path or false (true is the default; leave it out)")
+    if (
+        key == "identity"
+        and isinstance(value, list)
+        and not all(isinstance(v, str) for v in value or [0])
+    ):
+        fail("must be a path or a non-empty list of paths")
+    if key == "env" and not all(isinstance(v, str) for v in value.values()):
+        fail("must be a table of string values")
+    if key in ("name", "python") and not value.strip():
+        fail("must not be empty")
+    return value
+
+
+def _make_spec(values: dict[str, Any]) -> HostSpec:
+    """Turn validated hosts-file values into a HostSpec."""
+    fields: dict[str, Any] = dict(values)
+    if "identity" in fields:
+        ident = fields["identity"]
+        fields["identity"] = (ident,) if isinstance(ident, str) else tuple(ident)
+    if "slots" in fields and fields["slots"] == "auto":
+        fields["slots"] = None
+    if "env" in fields:
+        fields["env"] = tuple(sorted(fields["env"].items()))
+    if "connect_timeout" in fields:
+        fields["connect_timeout"] = float(fields["connect_timeout"])
+    if "keepalive" in fields:
+        fields["keepalive"] = float(fields["keepalive"])
+    if fields.get("local") and "python" not in values:
+        fields["python"] = sys.executable
+    return HostSpec(**fields)
+
+
+def parse_hosts(text: str, where: str = "hosts file") -> list[HostSpec]:
+    """Parse a hosts file's TOML text into host specs, or raise UsageError naming the spot."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{where}: not valid TOML: {exc}") from None
+    for top in doc:
+        if top not in ("defaults", "hosts"):
+            line = _key_line(text, "", 0, top) or _key_line(text, top, 0, None)
+            at = f"{where}:{line}" if line else where
+            raise UsageError(
+                f"{at}: unknown top-level key '{top}' (expected [defaults], [[hosts]])"
+            )
+    defaults = doc.get("defaults", {})
+    if not isinstance(defaults, dict):
+        raise UsageError(f"{where}: 'defaults' must be a table: [defaults]")
+    hosts = doc.get("hosts", [])
+    if not isinstance(hosts, list) or not all(isinstance(h, dict) for h in hosts):
+        raise UsageError(f"{where}: 'hosts' must be an array of tables: [[hosts]]")
+    if not hosts:
+        raise UsageError(f"{where}: no hosts: add at least one [[hosts]] table with a name")
+    base: dict[str, Any] = {}
+    for key, value in defaults.items():
+        if key in _DEFAULT_ONLY_FORBIDDEN:
+            line = _key_line(text, "defaults", 0, key)
+            at = f"{where}:{line}" if line else where
+            raise UsageError(f"{at}: key '{key}' belongs in a [[hosts]] table, not [defaults]")
+        base[key] = _check_value(where, key, value, text, "defaults", 0)
+    specs: list[HostSpec] = []
+    names: set[str] = set()
+    for index, host in enumerate(hosts):
+        values = dict(base)
+        for key, value in host.items():
+            values[key] = _check_value(where, key, value, text, "hosts", index)
+        line = _key_line(text, "hosts", index, None)
+        at = f"{where}:{line}" if line else where
+        if "name" not in values:
+            raise UsageError(f"{at}: [[hosts]] number {index + 1} has no 'name'")
+        if values["name"] in names:
+            raise UsageError(f"{at}: duplicate host name '{values['name']}'")
+        if values.get("local") and "address" in host:
+            raise UsageError(f"{at}: host '{values['name']}' is local and cannot have 'address'")
+        names.add(values["name"])
+        specs.append(_make_spec(values))
+    return specs
+
+
+def load_hosts(path: str | os.PathLike[str]) -> list[HostSpec]:
+    """Read and parse a hosts file, turning every reading problem into a UsageError."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"{path}: hosts file not found") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path}: is a directory, not a hosts file") from None
+    except PermissionError:
+        raise UsageError(f"{path}: hosts file is not readable (permission denied)") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read hosts file: {exc.strerror}") from None
+    return parse_hosts(text, str(path))
+
+
+# ============================================================================
+# Wire framing (shipped to the worker: standard library only, Python 3.6+)
+# ============================================================================
+# A frame is MAGIC (4 bytes), KIND (1 byte), LENGTH (4 bytes, big-endian), then
+# LENGTH bytes of payload. Payloads:
+#
+# | kind    | dir         | payload                                                |
+# |---------|-------------|--------------------------------------------------------|
+# | HELLO   | stub → head | JSON: proto, python, cpus, hostname, pid               |
+# | CONFIG  | head → stub | JSON: slots, timeout, env, workdir                     |
+# | TASKS   | head → stub | repeated (seq u64, length u32, command bytes)          |
+# | CANCEL  | head → stub | JSON list of seqs to kill                              |
+# | PING    | both        | opaque bytes, answered by PONG with the same bytes     |
+# | OUTPUT  | stub → head | seq u64, stream u8 (1 stdout, 2 stderr), bytes         |
+# | RESULT  | stub → head | seq u64, status i32, flags u8, duration f64, stdout    |
+# |         |             | length u32, stderr length u32, stdout, stderr          |
+# | ERROR   | stub → head | UTF-8 text: the stub cannot go on                      |
+#
+# Bytes before the first frame (a login banner from the worker's shell start-up
+# files) are skipped; after it, anything that is not a frame is a protocol error.
+
+FRAME_MAGIC = b"\xa5SF1"
+FRAME_HEADER = struct.Struct(">4sBI")
+# Large enough for a batch of tasks or a 256 KiB output piece with room to spare,
+# small enough that a corrupt length cannot make either end allocate gigabytes.
+FRAME_MAX = 8 * 1024 * 1024
+BANNER_MAX = 64 * 1024
+OUTPUT_PIECE = 256 * 1024
+PROTO_VERSION = 1
+
+KIND_HELLO = 1
+KIND_CONFIG = 2
+KIND_TASKS = 3
+KIND_CANCEL = 4
+KIND_PING = 5
+KIND_PONG = 6
+KIND_OUTPUT = 7
+KIND_RESULT = 8
+KIND_ERROR = 9
+KIND_DONE = 20  # journal only: a finished task's record
+KIND_JOURNAL = 21  # journal only: the header record
+
+TASK_HEAD = struct.Struct(">QI")
+OUTPUT_HEAD = struct.Struct(">QB")
+RESULT_HEAD = struct.Struct(">QiBdII")
+FLAG_TIMED_OUT = 1
+FLAG_CANCELLED = 2
+
+
+class FrameError(ValueError):
+    """The byte stream is not valid sshfan framing (corrupt, oversized, or no stub)."""
+
+
+def encode_frame(kind: int, payload: bytes) -> bytes:
+    """Encode one frame: header then payload."""
+    if len(payload) > FRAME_MAX:
+        raise FrameError(f"frame of {len(payload)} bytes exceeds the {FRAME_MAX}-byte cap")
+    return FRAME_HEADER.pack(FRAME_MAGIC, kind, len(payload)) + payload
+
+
+class FrameDecoder:
+    """Turn bytes arriving in pieces of any size into (kind, payload) frames."""
+
+    def __init__(self, skip_banner: bool = True) -> None:
+        """Start empty; with skip_banner, text before the first frame is tolerated."""
+        self._buf = bytearray()
+        self._synced = not skip_banner
+        self.banner = b""
+
+    def feed(self, data: bytes) -> list:
+        """Add bytes; return the frames now complete, as (kind, payload) pairs."""
+        buf = self._buf
+        buf += data
+        if not self._synced:
+            at = buf.find(FRAME_MAGIC)
+            if at < 0:
+                keep = len(FRAME_MAGIC) - 1
+                if len(buf) > keep:
+                    self.banner = (self.banner + bytes(buf[: len(buf) - keep]))[-BANNER_MAX:]
+                    del buf[: len(buf) - keep]
+                if len(self.banner) >= BANNER_MAX:
+                    raise FrameError(f"no sshfan frame in the first {BANNER_MAX} bytes")
+                return []
+            self.banner = (self.banner + bytes(buf[:at]))[-BANNER_MAX:]
+            del buf[:at]
+            self._synced = True
+        frames = []
+        pos = 0
+        size = len(buf)
+        header = FRAME_HEADER.size
+        while size - pos >= header:
+            magic, kind, length = FRAME_HEADER.unpack_from(buf, pos)
+            if magic != FRAME_MAGIC:
+                raise FrameError(f"corrupt frame: bad magic {bytes(magic)!r}")
+            if length > FRAME_MAX:
+                raise FrameError(f"frame of {length} bytes exceeds the {FRAME_MAX}-byte cap")
+            if size - pos - header < length:
+                break
+            start = pos + header
+            frames.append((kind, bytes(buf[start : start + length])))
+            pos = start + length
+        if pos:
+            del buf[:pos]
+        return frames
+
+    def pending(self) -> int:
+        """How many bytes are buffered towards an incomplete frame."""
+        return len(self._buf)
+
+
+def encode_tasks(tasks: list) -> bytes:
+    """Encode (seq, command bytes) pairs as one TASKS payload."""
+    parts = []
+    for seq, command in tasks:
+        parts.append(TASK_HEAD.pack(seq, len(command)))
+        parts.append(command)
+    return b"".join(parts)
+
+
+def decode_tasks(payload: bytes) -> list:
+    """Decode a TASKS payload into (seq, command bytes) pairs."""
+    tasks = []
+    pos = 0
+    while pos < len(payload):
+        seq, length = TASK_HEAD.unpack_from(payload, pos)
+        pos += TASK_HEAD.size
+        if pos + length > len(payload):
+            raise FrameError(f"truncated task {seq} in TASKS frame")
+        tasks.append((seq, payload[pos : pos + length]))
+        pos += length
+    return tasks
+
+
+def encode_result(
+    seq: int, status: int, flags: int, duration: float, out: bytes, err: bytes
+) -> bytes:
+    """Encode one RESULT payload (the tail of the task's output travels with it)."""
+    return RESULT_HEAD.pack(seq, status, flags, duration, len(out), len(err)) + out + err
+
+
+def decode_result(payload: bytes) -> tuple:
+    """Decode a RESULT payload into (seq, status, flags, duration, stdout, stderr)."""
+    seq, status, flags, duration, n_out, n_err = RESULT_HEAD.unpack_from(payload, 0)
+    start = RESULT_HEAD.size
+    if start + n_out + n_err != len(payload):
+        raise FrameError(f"RESULT frame for task {seq} has inconsistent lengths")
+    out = payload[start : start + n_out]
+    err = payload[start + n_out :]
+    return seq, status, flags, duration, out, err
+
+
+# ============================================================================
+# Worker stub (shipped: standard library only, Python 3.6+)
+# ============================================================================
+# The stub's source is these functions and classes, sent with inspect.getsource.
+# It moves the protocol's fds aside first (as execnet does), so that a stray print
+# in the stub or in Python's start-up cannot corrupt the frame stream.
+
+
+class StubTask:
+    """One running task on the worker: its process, pipes and collected output."""
+
+    def __init__(self, seq: int, proc: Any, deadline: "float | None") -> None:
+        """Track a started process for the task with sequence number SEQ."""
+        self.seq = seq
+        self.proc = proc
+        self.started = time.monotonic()
+        self.deadline = deadline
+        self.out = bytearray()
+        self.err = bytearray()
+        self.open_fds = 2
+        self.status = None
+        self.flags = 0
+        self.killed_at = None
+
+    def kill(self, flag: int) -> None:
+        """Kill the task's whole process group (SIGKILL) and remember why."""
+        self.flags |= flag
+        if self.killed_at is None:
+            self.killed_at = time.monotonic()
+        with contextlib.suppress(OSError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+class Stub:
+    """The worker side: runs up to `slots` tasks at once and streams results back."""
+
+    def __init__(self, proto_in: int, proto_out: int) -> None:
+        """Serve the protocol on the given file descriptors."""
+        self.proto_in = proto_in
+        self.proto_out = proto_out
+        self.decoder = FrameDecoder(skip_banner=False)
+        self.queue = collections.deque()
+        self.running = {}
+        self.by_fd = {}
+        self.outbox = []
+        self.slots = 1
+        self.timeout = None
+        self.env = None
+        self.workdir = None
+        self.selector = selectors.DefaultSelector()
+        self.eof = False
+        self.configured = False
+
+    def send(self, kind: int, payload: bytes) -> None:
+        """Queue a frame for the next flush."""
+        self.outbox.append(encode_frame(kind, payload))
+
+    def flush(self) -> None:
+        """Write every queued frame to the head in as few writes as possible."""
+        if not self.outbox:
+            return
+        data = b"".join(self.outbox)
+        self.outbox = []
+        view = memoryview(data)
+        while view:
+            written = os.write(self.proto_out, view)
+            view = view[written:]
+
+    def handle(self, kind: int, payload: bytes) -> None:
+        """Act on one frame from the head."""
+        if kind == KIND_TASKS:
+            self.queue.extend(decode_tasks(payload))
+        elif kind == KIND_CONFIG:
+            config = json.loads(payload.decode("utf-8"))
+            self.slots = max(1, int(config.get("slots") or 1))
+            self.timeout = config.get("timeout")
+            if config.get("env"):
+                self.env = dict(os.environ)
+                self.env.update(config["env"])
+            self.workdir = config.get("workdir")
+            if self.workdir:
+                self.workdir = os.path.expanduser(self.workdir)
+                if not os.path.isdir(self.workdir):
+                    raise RuntimeError(f"workdir {self.workdir} is not a directory")
+            self.configured = True
+        elif kind == KIND_CANCEL:
+            wanted = set(json.loads(payload.decode("utf-8")))
+            self.queue = collections.deque(t for t in self.queue if t[0] not in wanted)
+            for task in self.running.values():
+                if task.seq in wanted:
+                    task.kill(FLAG_CANCELLED)
+        elif kind == KIND_PING:
+            self.send(KIND_PONG, payload)
+        else:
+            raise FrameError(f"unexpected frame kind {kind} from the head")
+
+    def start_tasks(self) -> None:
+        """Start queued tasks while slots are free."""
+        while self.queue and len(self.running) < self.slots and self.configured:
+            seq, command = self.queue.popleft()
+            deadline = time.monotonic() + self.timeout if self.timeout else None
+            try:
+                proc = subprocess.Popen(
+                    ["/bin/sh", "-c", command],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    cwd=self.workdir,
+                    env=self.env,
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                message = (f"sshfan: cannot start task: {exc}\n").encode()
+                self.send(KIND_RESULT, encode_result(seq, 127, 0, 0.0, b"", message))
+                continue
+            task = StubTask(seq, proc, deadline)
+            self.running[proc.pid] = task
+            for pipe, stream in ((proc.stdout, 1), (proc.stderr, 2)):
+                fd = pipe.fileno()
+                self.by_fd[fd] = (task, stream, pipe)
+                self.selector.register(fd, selectors.EVENT_READ, "task")
+
+    def read_task_output(self, fd: int) -> None:
+        """Read what a task wrote; ship full pieces; note EOF."""
+        task, stream, _ = self.by_fd[fd]
+        try:
+            data = os.read(fd, 65536)
+        except OSError:
+            data = b""
+        if data:
+            buf = task.out if stream == 1 else task.err
+            buf += data
+            if len(buf) >= OUTPUT_PIECE:
+                self.send(KIND_OUTPUT, OUTPUT_HEAD.pack(task.seq, stream) + bytes(buf))
+                del buf[:]
+            return
+        self.close_fd(fd)
+        self.maybe_finish(task)
+
+    def close_fd(self, fd: int) -> None:
+        """Stop watching one of a task's pipes."""
+        task, _, pipe = self.by_fd.pop(fd)
+        self.selector.unregister(fd)
+        pipe.close()  # through the file object, so it never closes a reused fd later
+        task.open_fds -= 1
+
+    def reap(self) -> None:
+        """Collect the exit status of tasks whose shell has exited."""
+        for task in list(self.running.values()):
+            if task.status is None:
+                try:
+                    pid, status = os.waitpid(task.proc.pid, os.WNOHANG)
+                except ChildProcessError:
+                    pid, status = task.proc.pid, 255 << 8
+                if pid:
+                    task.proc.returncode = 0  # keep subprocess from waiting on it again
+                    if os.WIFSIGNALED(status):
+                        task.status = -os.WTERMSIG(status)
+                    else:
+                        task.status = os.WEXITSTATUS(status)
+                    self.maybe_finish(task)
+
+    def maybe_finish(self, task: StubTask) -> None:
+        """Report a task once its shell has exited and its pipes are closed."""
+        if task.status is None or task.open_fds > 0:
+            return
+        del self.running[task.proc.pid]
+        duration = time.monotonic() - task.started
+        result = encode_result(
+            task.seq, task.status, task.flags, duration, bytes(task.out), bytes(task.err)
+        )
+        if len(result) > OUTPUT_PIECE:
+            for stream, buf in ((1, task.out), (2, task.err)):
+                if buf:
+                    self.send(KIND_OUTPUT, OUTPUT_HEAD.pack(task.seq, stream) + bytes(buf))
+            result = encode_result(task.seq, task.status, task.flags, duration, b"", b"")
+        self.send(KIND_RESULT, result)
+
+    def check_deadlines(self) -> "float | None":
+        """Kill tasks past their deadline; return seconds until the next deadline."""
+        now = time.monotonic()
+        wait = None
+        for task in self.running.values():
+            if task.killed_at is not None:
+                if task.open_fds and now - task.killed_at > 2.0:
+                    # Something outside the process group still holds the pipes.
+                    for fd in [fd for fd, entry in self.by_fd.items() if entry[0] is task]:
+                        self.close_fd(fd)
+                    self.maybe_finish(task)
+                    continue
+                left = task.killed_at + 2.0 - now
+            elif task.deadline is not None and now >= task.deadline:
+                task.kill(FLAG_TIMED_OUT)
+                left = 2.0
+            elif task.deadline is not None:
+                left = task.deadline - now
+            else:
+                continue
+            wait = left if wait is None else min(wait, left)
+        return wait
+
+    def kill_all(self) -> None:
+        """Kill every running task's process group (the head went away)."""
+        for task in list(self.running.values()):
+            task.kill(FLAG_CANCELLED)
+
+    def serve(self) -> None:
+        """Main loop: read frames and task output, start tasks, ship results."""
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_w, False)
+        os.set_blocking(wake_r, False)
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        self.selector.register(self.proto_in, selectors.EVENT_READ, "proto")
+        self.selector.register(wake_r, selectors.EVENT_READ, "wake")
+        while not (self.eof and not self.running):
+            self.start_tasks()
+            self.flush()
+            timeout = self.check_deadlines()
+            self.flush()
+            if self.eof and not self.running:
+                break
+            for key, _ in self.selector.select(timeout):
+                if key.data == "proto":
+                    data = os.read(self.proto_in, 1 << 20)
+                    if not data:
+                        self.eof = True
+                        self.selector.unregister(self.proto_in)
+                        self.queue.clear()
+                        self.kill_all()
+                        continue
+                    for kind, payload in self.decoder.feed(data):
+                        self.handle(kind, payload)
+                elif key.data == "wake":
+                    try:
+                        while os.read(wake_r, 4096):
+                            pass
+                    except OSError:
+                        pass
+                elif key.fd in self.by_fd:
+                    self.read_task_output(key.fd)
+            self.reap()
+        self.flush()
+
+
+def stub_main() -> None:
+    """Entry point on the worker: move fds aside, say hello, serve until EOF."""
+    proto_in = os.dup(0)
+    proto_out = os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(2, 1)  # a stray print goes to stderr, never into the frame stream
+    stub = Stub(proto_in, proto_out)
+
+    def on_signal(signum: int, frame: Any) -> None:
+        """Kill the tasks' process groups and leave when told to stop."""
+        stub.kill_all()
+        os._exit(128 + signum)
+
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGPIPE):
+        signal.signal(signum, on_signal)
+    hello = {
+        "proto": PROTO_VERSION,
+        "python": ".".join(str(part) for part in sys.version_info[:3]),
+        "cpus": len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(),
+        "hostname": socket.gethostname(),
+        "pid": os.getpid(),
+    }
+    try:
+        stub.send(KIND_HELLO, json.dumps(hello).encode("utf-8"))
+        stub.flush()
+        stub.serve()
+    except BaseException as exc:  # tell the head why, then make sure nothing is left running
+        stub.kill_all()
+        if not isinstance(exc, (BrokenPipeError, KeyboardInterrupt, SystemExit)):
+            try:
+                stub.outbox = []
+                message = f"{type(exc).__name__}: {exc}"
+                stub.send(KIND_ERROR, message.encode("utf-8", "replace"))
+                stub.flush()
+            except OSError:
+                pass
+        os._exit(1)
+    os._exit(0)
+
+
+_SHIPPED_IMPORTS = (
+    "import collections, contextlib, json, os, selectors, signal, socket, struct, subprocess\n"
+    "import sys, time\n"
+)
+
+_SHIPPED_CONSTANTS = (
+    "FRAME_MAGIC",
+    "FRAME_MAX",
+    "BANNER_MAX",
+    "OUTPUT_PIECE",
+    "PROTO_VERSION",
+    "KIND_HELLO",
+    "KIND_CONFIG",
+    "KIND_TASKS",
+    "KIND_CANCEL",
+    "KIND_PING",
+    "KIND_PONG",
+    "KIND_OUTPUT",
+    "KIND_RESULT",
+    "KIND_ERROR",
+    "FLAG_TIMED_OUT",
+    "FLAG_CANCELLED",
+)
+_SHIPPED_STRUCTS = ("FRAME_HEADER", "TASK_HEAD", "OUTPUT_HEAD", "RESULT_HEAD")
+_SHIPPED_OBJECTS = (
+    FrameError,
+    encode_frame,
+    FrameDecoder,
+    encode_tasks,
+    decode_tasks,
+    encode_result,
+    StubTask,
+    Stub,
+    stub_main,
+)
+
+
+def stub_source() -> str:
+    """The worker stub's complete source, as shipped: imports, constants, code, entry call."""
+    lines = [
+        f"# sshfan worker stub {__version__} (standard library only, Python 3.6+)\n",
+        "from typing import Any\n",
+        _SHIPPED_IMPORTS,
+    ]
+    for name in _SHIPPED_CONSTANTS:
+        lines.append(f"{name} = {globals()[name]!r}\n")
+    for name in _SHIPPED_STRUCTS:
+        lines.append(f"{name} = struct.Struct({globals()[name].format!r})\n")
+    for obj in _SHIPPED_OBJECTS:
+        lines.append("\n\n" + inspect.getsource(obj))
+    lines.append("\n\nif __name__ == '__main__':\n    stub_main()\n")
+    return "".join(lines)
+
+
+def bootstrap_code(source_len: int) -> str:
+    """The fixed one-line Python program that reads the stub from stdin and runs it."""
+    return f"import sys;exec(compile(sys.stdin.buffer.read({source_len}),'sshfan-stub','exec'))"
+
+
+# ============================================================================
+# Scheduler (sans-IO)
+# ============================================================================
+
+
+@dataclasses.dataclass(slots=True)
+class Task:
+    """A task on its way through the run: its line, tries so far, and pieces of output."""
+
+    seq: int
+    command: str
+    attempts: int = 0
+    avoid: str | None = None  # a host this retry should not go back to
+    pieces: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)
+
+
+class Scheduler:
+    """Hands out tasks: requeued and retried ones first, then the tasks file in order."""
+
+    def __init__(self, source: Iterator[Task], retries: int = 0) -> None:
+        """Draw fresh tasks lazily from SOURCE; allow RETRIES re-runs of a failed task."""
+        self._source = source
+        self._again: deque[Task] = deque()
+        self._source_done = False
+        self.retries = retries
+        self.stopped = False
+
+    def take(self, host: str, count: int, others_alive: bool = False) -> list[Task]:
+        """Up to COUNT tasks for HOST; a retry avoids the host it failed on if it can."""
+        taken: list[Task] = []
+        if self.stopped:
+            return taken
+        if self._again:
+            skipped: list[Task] = []
+            while self._again and len(taken) < count:
+                task = self._again.popleft()
+                if task.avoid == host and others_alive:
+                    skipped.append(task)
+                else:
+                    taken.append(task)
+            self._again.extendleft(reversed(skipped))
+        while len(taken) < count and not self._source_done:
+            task = next(self._source, None)
+            if task is None:
+                self._source_done = True
+            else:
+                taken.append(task)
+        for task in taken:
+            task.attempts += 1
+            task.pieces = []
+        return taken
+
+    def put_back(self, tasks: list[Task]) -> None:
+        """Return tasks from a lost host to the front of the queue (not a failed try)."""
+        for task in tasks:
+            task.attempts -= 1
+        self._again.extendleft(sorted(tasks, key=lambda t: t.seq, reverse=True))
+
+    def should_retry(self, task: Task, host: str) -> bool:
+        """Queue a failed task again if it has tries left; say whether it was."""
+        if self.stopped or task.attempts > self.retries:
+            return False
+        task.avoid = host
+        self._again.append(task)
+        return True
+
+    def has_work(self) -> bool:
+        """Whether any task is still waiting to be handed out."""
+        if self.stopped:
+            return False
+        return bool(self._again) or not self._source_done
+
+    def only_avoiding(self, host: str) -> bool:
+        """Whether every waiting task is a retry that avoids HOST (so HOST should idle)."""
+        return self._source_done and all(t.avoid == host for t in self._again)
+
+
+class HostWindow:
+    """How many tasks a host should hold: its slots plus enough queued to cover a round trip."""
+
+    # Head-side delay between a result arriving and the refill leaving (event loop,
+    # journal write); added to the measured round trip so the queue never runs dry.
+    LATENCY = 0.005
+    MAX_AHEAD = 1024
+    CHUNK_MAX = 2000  # tasks per TASKS frame
+
+    def __init__(self, slots: int, rtt: float = 0.001) -> None:
+        """Start with nothing in flight and no estimate of task duration."""
+        self.slots = slots
+        self.rtt = rtt
+        self.in_flight = 0
+        self.mean_task: float | None = None
+
+    def observe(self, duration: float) -> None:
+        """Fold one finished task's duration into the running estimate."""
+        if self.mean_task is None:
+            self.mean_task = duration
+        else:
+            self.mean_task += 0.2 * (duration - self.mean_task)
+
+    def ahead(self) -> int:
+        """Tasks to keep queued beyond the slots so that no slot waits on the head."""
+        if self.mean_task is None:
+            return self.slots
+        cover = self.slots * (self.rtt + self.LATENCY) / max(self.mean_task, 1e-4)
+        return max(1, min(self.MAX_AHEAD, math.ceil(cover)))
+
+    def want(self) -> int:
+        """How many more tasks to send now."""
+        return max(0, min(self.CHUNK_MAX, self.slots + self.ahead() - self.in_flight))
+
+
+# ============================================================================
+# Transports: the head's end of a stub channel, over SSH or a local subprocess
+# ============================================================================
+
+
+@dataclasses.dataclass
+class TaskResult:
+    """A finished task, as the run reports it (stdout/stderr hold the tails in memory)."""
+
+    seq: int
+    command: str
+    host: str
+    exit_code: int
+    signal: int | None
+    timed_out: bool
+    duration_s: float
+    attempts: int
+    stdout: bytes = b""
+    stderr: bytes = b""
+    pieces: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """Whether the task exited 0 in time."""
+        return self.exit_code == 0 and not self.timed_out
+
+
+def _status_fields(status: int) -> tuple[int, int | None]:
+    """Turn the stub's status (exit code, or minus the signal) into exit_code and signal."""
+    if status < 0:
+        return 128 - status, -status
+    return status, None
+
+
+class HostSession:
+    """The head's end of one host: connection, stub channel, frames, in-flight tasks."""
+
+    def __init__(self, spec: HostSpec, run: _Run | None) -> None:
+        """Prepare (but do not open) the session for SPEC within RUN."""
+        self.spec = spec
+        self.name = spec.name
+        self.run = run
+        self.decoder = FrameDecoder()
+        self.in_flight: dict[int, Task] = {}
+        self.window = HostWindow(spec.slots or 1)
+        self.hello: dict[str, Any] = {}
+        self.state = "connecting"  # connecting, ready, closing, done, lost, failed
+        self.error: HostError | None = None
+        self.stderr_tail = bytearray()
+        self.exit_status: int | None = None
+        self.done_count = 0
+        self.failed_count = 0
+        self.durations: list[float] = []
+        self.rtt: float | None = None
+        self._conn: Any = None
+        self._write: Callable[[bytes], None] = lambda data: None
+        self._write_eof: Callable[[], None] = lambda: None
+        self._abort: Callable[[], None] = lambda: None
+        loop = asyncio.get_running_loop()
+        self._hello = loop.create_future()
+        self._pong: asyncio.Future[float] | None = None
+        self.closed = loop.create_future()
+
+    # -- opening --------------------------------------------------------------
+
+    async def open(self, pacing: asyncio.Semaphore) -> None:
+        """Connect, start the stub, wait for its hello, and configure it."""
+        source = stub_source().encode("utf-8")
+        code = bootstrap_code(len(source))
+        try:
+            if self.spec.local:
+                await self._open_local(code)
+            else:
+                async with pacing:
+                    await self._open_ssh(code)
+            self._write(source)
+            wait = max(self.spec.connect_timeout, 10.0)
+            try:
+                await asyncio.wait_for(asyncio.shield(self._hello), wait)
+            except asyncio.TimeoutError:
+                raise HostError(
+                    self.name, "bootstrap", f"no answer from the stub in {wait:g} s"
+                ) from None
+        except HostError as exc:
+            self._fail(exc)
+            raise
+        slots = self.spec.slots or int(self.hello.get("cpus") or 1)
+        self.window.slots = slots
+        config = {
+            "slots": slots,
+            "timeout": self.run.timeout if self.run else None,
+            "env": dict(self.spec.env),
+            "workdir": self.spec.workdir or (os.getcwd() if self.spec.local else None),
+        }
+        self._write(encode_frame(KIND_CONFIG, json.dumps(config).encode()))
+        self.rtt = await self.ping()
+        self.window.rtt = self.rtt
+        self.state = "ready"
+
+    async def ping(self) -> float:
+        """Measure one round trip through the stub."""
+        loop = asyncio.get_running_loop()
+        self._pong = loop.create_future()
+        started = time.perf_counter()
+        self._write(encode_frame(KIND_PING, b"%f" % started))
+        try:
+            await asyncio.wait_for(asyncio.shield(self._pong), max(self.spec.connect_timeout, 10.0))
+        except asyncio.TimeoutError:
+            error = HostError(self.name, "protocol", "no answer to a ping")
+            self._fail(error)
+            raise error from None
+        return time.perf_counter() - started
+
+    async def _open_local(self, code: str) -> None:
+        """Start the stub as a local subprocess (no SSH)."""
+        loop = asyncio.get_running_loop()
+        python = os.path.expanduser(self.spec.python)
+        try:
+            transport, _ = await loop.subprocess_exec(
+                lambda: _LocalStubProtocol(self),
+                python,
+                "-c",
+                code,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+        except OSError as exc:
+            raise HostError(
+                self.name, "bootstrap", f"cannot start {python}: {exc.strerror}"
+            ) from None
+        stdin = transport.get_pipe_transport(0)
+        self._write = stdin.write
+        self._write_eof = stdin.close
+        self._abort = transport.kill
+        self._conn = transport
+
+    async def _open_ssh(self, code: str) -> None:
+        """Connect over SSH and start the stub through the fixed bootstrap command."""
+        import asyncssh
+
+        spec = self.spec
+        options: dict[str, Any] = {
+            "connect_timeout": spec.connect_timeout,
+            "keepalive_interval": spec.keepalive,
+            "keepalive_count_max": 3,
+            "agent_forwarding": False,
+            "encryption_algs": _preferred_ciphers(),
+        }
+        if spec.user:
+            options["username"] = spec.user
+        if spec.port:
+            options["port"] = spec.port
+        if spec.identity:
+            options["client_keys"] = [os.path.expanduser(p) for p in spec.identity]
+        if spec.known_hosts is False:
+            options["known_hosts"] = None
+        elif isinstance(spec.known_hosts, str):
+            options["known_hosts"] = os.path.expanduser(spec.known_hosts)
+        address = spec.address or spec.name
+        try:
+            self._conn = await asyncio.wait_for(
+                asyncssh.connect(address, **options), spec.connect_timeout + 5
+            )
+        except asyncio.TimeoutError:
+            raise HostError(
+                self.name, "connect", f"timed out after {spec.connect_timeout:g} s"
+            ) from None
+        except asyncssh.HostKeyNotVerifiable as exc:
+            raise HostError(self.name, "host key", _host_key_hint(spec, exc.reason)) from None
+        except asyncssh.PermissionDenied as exc:
+            raise HostError(self.name, "auth", f"permission denied ({exc.reason})") from None
+        except asyncssh.Error as exc:
+            raise HostError(self.name, "connect", exc.reason) from None
+        except (OSError, ValueError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+            raise HostError(self.name, "connect", reason) from None
+        command = f"{shlex.quote(spec.python)} -c {shlex.quote(code)}"
+        try:
+            channel, _ = await self._conn.create_session(
+                lambda: _SshStubSession(self), command, encoding=None
+            )
+        except (OSError, asyncssh.Error) as exc:
+            self._conn.close()
+            reason = getattr(exc, "reason", None) or str(exc)
+            raise HostError(self.name, "bootstrap", f"cannot open a channel: {reason}") from None
+        self._write = channel.write
+        self._write_eof = channel.write_eof
+        self._abort = self._conn.abort
+
+    # -- receiving ------------------------------------------------------------
+
+    def on_data(self, data: bytes) -> None:
+        """Bytes from the stub's stdout: decode frames and act on them."""
+        if self.state in ("lost", "failed", "done"):
+            return
+        try:
+            frames = self.decoder.feed(data)
+            for kind, payload in frames:
+                self._on_frame(kind, payload)
+        except FrameError as exc:
+            self._fail(HostError(self.name, "protocol", str(exc)))
+            return
+        except HostError as exc:
+            self._fail(exc)
+            return
+        if self.run is not None and frames:
+            self.run.after_batch(self)
+
+    def _on_frame(self, kind: int, payload: bytes) -> None:
+        """Dispatch one frame from the stub."""
+        if kind == KIND_RESULT:
+            seq, status, flags, duration, out, err = decode_result(payload)
+            task = self.in_flight.pop(seq, None)
+            if task is None:
+                raise HostError(self.name, "protocol", f"result for task {seq} it was not given")
+            self.window.in_flight -= 1
+            self.window.observe(duration)
+            exit_code, signum = _status_fields(status)
+            result = TaskResult(
+                seq=seq,
+                command=task.command,
+                host=self.name,
+                exit_code=exit_code,
+                signal=signum,
+                timed_out=bool(flags & FLAG_TIMED_OUT),
+                duration_s=duration,
+                attempts=task.attempts,
+                stdout=out,
+                stderr=err,
+                pieces=task.pieces,
+            )
+            if self.run is not None:
+                self.run.on_result(self, task, result, cancelled=bool(flags & FLAG_CANCELLED))
+        elif kind == KIND_OUTPUT:
+            seq, stream = OUTPUT_HEAD.unpack_from(payload, 0)
+            task = self.in_flight.get(seq)
+            if task is None:
+                raise HostError(self.name, "protocol", f"output for task {seq} it was not given")
+            if self.run is not None:
+                offset = self.run.journal.append(KIND_OUTPUT, payload)
+                skip = FRAME_HEADER.size + OUTPUT_HEAD.size
+                task.pieces.append((offset + skip, stream, len(payload) - OUTPUT_HEAD.size))
+        elif kind == KIND_HELLO:
+            hello = json.loads(payload)
+            if hello.get("proto") != PROTO_VERSION:
+                raise HostError(
+                    self.name, "bootstrap", f"stub speaks protocol {hello.get('proto')}"
+                )
+            self.hello = hello
+            if not self._hello.done():
+                self._hello.set_result(hello)
+        elif kind == KIND_PONG:
+            if self._pong is not None and not self._pong.done():
+                self._pong.set_result(0.0)
+        elif kind == KIND_ERROR:
+            raise HostError(self.name, "stub", payload.decode("utf-8", "replace"))
+        else:
+            raise HostError(self.name, "protocol", f"unexpected frame kind {kind}")
+
+    def on_stderr(self, data: bytes) -> None:
+        """Keep the tail of the stub's stderr for error messages."""
+        self.stderr_tail += data
+        del self.stderr_tail[:-4096]
+
+    def on_closed(self, exc: BaseException | None) -> None:
+        """The channel or connection went away: expected at the end, a loss otherwise."""
+        if self.state in ("closing", "done"):
+            self.state = "done"
+        elif self.state not in ("lost", "failed"):
+            if self.state == "connecting":
+                stage, reason = "bootstrap", self._bootstrap_reason()
+            else:
+                stage = "connection"
+                reason = _exc_reason(exc) if exc else "closed by the remote end"
+                if self.exit_status not in (None, 0):
+                    reason = f"stub exited {self.exit_status}: {self._stderr_text()}"
+            self._fail(HostError(self.name, stage, reason))
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def _stderr_text(self) -> str:
+        """The last line or so of what the stub or shell wrote on stderr."""
+        text = self.stderr_tail.decode("utf-8", "replace").strip()
+        return text.splitlines()[-1] if text else "(nothing on stderr)"
+
+    def _bootstrap_reason(self) -> str:
+        """Explain why the stub never said hello."""
+        text = self._stderr_text()
+        status = self.exit_status
+        if status == 127 or "not found" in text:
+            return (
+                f"{self.spec.python} not found on the worker ({text}); set 'python' for this host"
+            )
+        if "SyntaxError" in text or "AttributeError" in text:
+            return f"{self.spec.python} is too old: sshfan needs Python 3.6+ ({text})"
+        return f"the stub exited before saying hello (status {status}): {text}"
+
+    # -- sending --------------------------------------------------------------
+
+    def refill(self, scheduler: Scheduler, others_alive: bool) -> int:
+        """Send this host as many tasks as its window wants; return how many."""
+        if self.state != "ready":
+            return 0
+        want = self.window.want()
+        if want <= 0:
+            return 0
+        tasks = scheduler.take(self.name, want, others_alive)
+        if not tasks:
+            return 0
+        for task in tasks:
+            self.in_flight[task.seq] = task
+        self.window.in_flight += len(tasks)
+        payload = encode_tasks([(t.seq, t.command.encode("utf-8")) for t in tasks])
+        self._write(encode_frame(KIND_TASKS, payload))
+        return len(tasks)
+
+    def cancel(self, seqs: list[int]) -> None:
+        """Ask the stub to kill these tasks."""
+        if self.state == "ready" and seqs:
+            self._write(encode_frame(KIND_CANCEL, json.dumps(seqs).encode()))
+
+    def finish(self) -> None:
+        """No more work: close the stub's stdin so it exits once its tasks are done."""
+        if self.state in ("ready", "connecting"):
+            self.state = "closing"
+            with contextlib.suppress(Exception):
+                self._write_eof()
+
+    async def close(self, grace: float = 3.0) -> None:
+        """Wait briefly for the stub to exit, then drop the connection."""
+        self.finish()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.closed), grace)
+        self._drop()
+
+    def _drop(self) -> None:
+        """Close the connection or subprocess without waiting."""
+        conn = self._conn
+        self._conn = None
+        if conn is None:
+            return
+        with contextlib.suppress(Exception):
+            if self.spec.local:
+                if not self.closed.done():
+                    conn.kill()
+                conn.close()
+            else:
+                conn.close()
+
+    def _fail(self, error: HostError) -> None:
+        """Mark the host lost (or failed at start) and give its tasks back."""
+        if self.state in ("lost", "failed", "done"):
+            return
+        self.state = "failed" if self.state == "connecting" else "lost"
+        self.error = error
+        tasks = list(self.in_flight.values())
+        self.in_flight.clear()
+        self.window.in_flight = 0
+        for waiter in (self._hello, self._pong):
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(error)
+                waiter.exception()  # mark retrieved: the opener re-raises it if it waits
+        with contextlib.suppress(Exception):
+            self._abort()
+        self._drop()
+        if not self.closed.done():
+            self.closed.set_result(None)
+        if self.run is not None:
+            self.run.on_host_lost(self, tasks)
+
+
+class _LocalStubProtocol(asyncio.SubprocessProtocol):
+    """Feeds a local stub subprocess's pipes to its HostSession."""
+
+    def __init__(self, session: HostSession) -> None:
+        """Remember the session to feed."""
+        self.session = session
+        self.transport: asyncio.SubprocessTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Keep the transport to read the exit status later."""
+        self.transport = transport  # type: ignore[assignment]
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        """Route stdout to the frame decoder and stderr to the tail."""
+        if fd == 1:
+            self.session.on_data(data)
+        else:
+            self.session.on_stderr(data)
+
+    def process_exited(self) -> None:
+        """Record the stub's exit status."""
+        if self.transport is not None:
+            self.session.exit_status = self.transport.get_returncode()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        """All pipes closed and the process exited."""
+        self.session.on_closed(exc)
+
+
+def _ssh_session_class() -> type:
+    """Build the asyncssh session class lazily, so local-only runs never import asyncssh."""
+    import asyncssh
+
+    class _SshStubSession(asyncssh.SSHClientSession):  # type: ignore[type-arg]
+        """Feeds an SSH channel's data to its HostSession."""
+
+        def __init__(self, session: HostSession) -> None:
+            """Remember the session to feed."""
+            self.session = session
+
+        def data_received(self, data: bytes, datatype: int | None) -> None:
+            """Route stdout to the frame decoder and stderr to the tail."""
+            if datatype == asyncssh.EXTENDED_DATA_STDERR:
+                self.session.on_stderr(data)
+            else:
+                self.session.on_data(data)
+
+        def exit_status_received(self, status: int) -> None:
+            """Record the stub's exit status."""
+            self.session.exit_status = status
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            """The channel closed (cleanly or not)."""
+            self.session.on_closed(exc)
+
+    return _SshStubSession
+
+
+def _SshStubSession(session: HostSession) -> Any:  # noqa: N802 - a class factory
+    """Make an SSH session object feeding SESSION."""
+    global _ssh_session_cls
+    if _ssh_session_cls is None:
+        _ssh_session_cls = _ssh_session_class()
+    return _ssh_session_cls(session)
+
+
+_ssh_session_cls: type | None = None
+
+
+def _preferred_ciphers() -> list[str]:
+    """asyncssh's default ciphers with AES-GCM first (about 1.6x chacha20's throughput here)."""
+    from asyncssh.encryption import get_default_encryption_algs
+
+    names = [alg.decode() for alg in get_default_encryption_algs()]
+    first = [n for n in ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com") if n in names]
+    return first + [n for n in names if n not in first]
+
+
+def _exc_reason(exc: BaseException) -> str:
+    """A short human reason for a connection-level exception."""
+    return getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+
+
+def _host_key_hint(spec: HostSpec, reason: str) -> str:
+    """Explain a host key failure and how to fix it."""
+    files = spec.known_hosts if isinstance(spec.known_hosts, str) else "~/.ssh/known_hosts"
+    address = spec.address or spec.name
+    port = f" -p {spec.port}" if spec.port and spec.port != 22 else ""
+    return (
+        f"{reason} (checked against {files}); if the host is new, add its key with "
+        f"'ssh-keyscan{port} {address} >> {files}', or set known_hosts = false for loopback CI"
+    )
+
+
+# ============================================================================
+# Journal and output
+# ============================================================================
+# The journal is an append-only file of frames (the same framing as the wire):
+# a header record, OUTPUT pieces of large outputs as they stream in, and one DONE
+# record per finished task. Appending is one write per batch of results; a torn
+# last record (the head killed mid-write) is cut off on --resume.
+
+JOURNAL_VERSION = 1
+DONE_HEAD = struct.Struct(">I")
+TASK_LINE_MAX = 1024 * 1024  # a task line longer than this is refused as bad input
+
+
+class Journal:
+    """Append-only record of finished tasks, from which the merged output is rendered."""
+
+    def __init__(self, path: Path, fd: int, size: int) -> None:
+        """Wrap an open journal file descriptor whose current size is SIZE."""
+        self.path = path
+        self._fd = fd
+        self.size = size
+        self._pending: list[bytes] = []
+        self._dirty = False
+
+    @classmethod
+    def create(cls, path: Path, header: dict[str, Any]) -> Journal:
+        """Start a new journal at PATH (replacing any old one) with a header record."""
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+        journal = cls(path, fd, 0)
+        journal.append(KIND_JOURNAL, json.dumps(header).encode())
+        journal.flush()
+        journal.sync()
+        return journal
+
+    @classmethod
+    def reopen(cls, path: Path) -> tuple[Journal, dict[str, Any], array.array[int]]:
+        """Open an existing journal: its header and each done task's record offset by seq."""
+        fd = os.open(path, os.O_RDWR | os.O_APPEND)
+        end = os.fstat(fd).st_size
+        journal = cls(path, fd, end)
+        done = array.array("q")
+        offset = 0
+        header: dict[str, Any] = {}
+        while offset < end:
+            raw = os.pread(fd, FRAME_HEADER.size, offset)
+            if len(raw) < FRAME_HEADER.size:
+                break
+            magic, kind, length = FRAME_HEADER.unpack(raw)
+            if magic != FRAME_MAGIC:
+                os.close(fd)
+                raise UsageError(f"{path}: journal is corrupt at byte {offset}")
+            if offset + FRAME_HEADER.size + length > end:
+                break
+            if kind == KIND_JOURNAL and offset == 0:
+                header = json.loads(os.pread(fd, length, offset + FRAME_HEADER.size))
+            elif kind == KIND_DONE:
+                meta = journal._read_meta(offset)
+                seq = meta["seq"]
+                if len(done) <= seq:
+                    done.extend([-1] * (seq + 1 - len(done)))
+                done[seq] = offset
+            offset += FRAME_HEADER.size + length
+        if not header:
+            os.close(fd)
+            raise UsageError(f"{path}: not an sshfan journal")
+        if offset < end:  # a record torn when the head died: drop it
+            os.ftruncate(fd, offset)
+            journal.size = offset
+        return journal, header, done
+
+    def append(self, kind: int, payload: bytes) -> int:
+        """Queue a record for the next flush; return the offset it will have."""
+        offset = self.size
+        self._pending.append(FRAME_HEADER.pack(FRAME_MAGIC, kind, len(payload)))
+        self._pending.append(payload)
+        self.size += FRAME_HEADER.size + len(payload)
+        return offset
+
+    def flush(self) -> None:
+        """Write queued records to the file (one write; the OS holds them if we die)."""
+        if not self._pending:
+            return
+        data = self._pending
+        self._pending = []
+        written = os.writev(self._fd, data)
+        total = sum(len(d) for d in data)
+        if written < total:  # rare: a short write to a regular file
+            rest = b"".join(data)[written:]
+            while rest:
+                rest = rest[os.write(self._fd, rest) :]
+        self._dirty = True
+
+    def sync(self) -> None:
+        """Make written records durable on disk."""
+        if self._dirty:
+            os.fsync(self._fd)
+            self._dirty = False
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Read LENGTH bytes at OFFSET (flushed records only)."""
+        return os.pread(self._fd, length, offset)
+
+    def _read_meta(self, offset: int) -> dict[str, Any]:
+        """Read a DONE record's metadata."""
+        start = offset + FRAME_HEADER.size
+        (meta_len,) = DONE_HEAD.unpack(self.read(start, DONE_HEAD.size))
+        return json.loads(self.read(start + DONE_HEAD.size, meta_len))
+
+    def load_result(self, offset: int) -> TaskResult:
+        """Read a finished task back from its DONE record."""
+        meta = self._read_meta(offset)
+        start = offset + FRAME_HEADER.size + DONE_HEAD.size + meta["meta_len"]
+        tails = self.read(start, meta["n_out"] + meta["n_err"])
+        return TaskResult(
+            seq=meta["seq"],
+            command=meta["task"],
+            host=meta["host"],
+            exit_code=meta["exit_code"],
+            signal=meta.get("signal"),
+            timed_out=meta["timed_out"],
+            duration_s=meta["duration_s"],
+            attempts=meta["attempts"],
+            stdout=tails[: meta["n_out"]],
+            stderr=tails[meta["n_out"] :],
+            pieces=[tuple(p) for p in meta["pieces"]],  # type: ignore[misc]
+        )
+
+    def add_result(self, result: TaskResult) -> int:
+        """Queue a finished task's DONE record; return its offset."""
+        meta = {
+            "seq": result.seq,
+            "task": result.command,
+            "host": result.host,
+            "exit_code": result.exit_code,
+            "signal": result.signal,
+            "timed_out": result.timed_out,
+            "duration_s": result.duration_s,
+            "attempts": result.attempts,
+            "pieces": result.pieces,
+            "n_out": len(result.stdout),
+            "n_err": len(result.stderr),
+            "meta_len": 0,
+        }
+        encoded = json.dumps(meta).encode()
+        meta["meta_len"] = len(encoded)
+        encoded = json.dumps(meta).encode()
+        if len(encoded) != meta["meta_len"]:  # the length's own digits changed it
+            meta["meta_len"] = len(encoded)
+            encoded = json.dumps(meta).encode()
+        payload = b"".join((DONE_HEAD.pack(len(encoded)), encoded, result.stdout, result.stderr))
+        return self.append(KIND_DONE, payload)
+
+    def close(self) -> None:
+        """Flush, sync and close the file."""
+        if self._fd >= 0:
+            self.flush()
+            self.sync()
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _stream_chunks(result: TaskResult, journal: Journal, stream: int) -> Iterator[bytes]:
+    """A task's stdout (1) or stderr (2) as chunks: pieces from the journal, then the tail."""
+    for offset, piece_stream, length in result.pieces:
+        if piece_stream == stream:
+            yield journal.read(offset, length)
+    yield result.stdout if stream == 1 else result.stderr
+
+
+def _is_utf8(chunks: Iterator[bytes]) -> bool:
+    """Whether the concatenated chunks are valid UTF-8 (checked incrementally)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        for chunk in chunks:
+            decoder.decode(chunk)
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _write_json_string(out: IO[bytes], chunks: Iterator[bytes]) -> None:
+    """Write valid UTF-8 chunks as one JSON string, escaping chunk by chunk."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    out.write(b'"')
+    for chunk in chunks:
+        text = decoder.decode(chunk)
+        if text:
+            out.write(json.dumps(text, ensure_ascii=False)[1:-1].encode())
+    out.write(b'"')
+
+
+def _write_base64(out: IO[bytes], chunks: Iterator[bytes]) -> None:
+    """Write chunks as one base64 JSON string without holding them all."""
+    carry = b""
+    out.write(b'"')
+    for chunk in chunks:
+        data = carry + chunk
+        cut = len(data) - len(data) % 3
+        out.write(base64.b64encode(data[:cut]))
+        carry = data[cut:]
+    out.write(base64.b64encode(carry) + b'"')
+
+
+def render_result(out: IO[bytes], fmt: str, result: TaskResult, journal: Journal | None) -> None:
+    """Write one finished task to the merged output in FORMAT (text or jsonl)."""
+    if fmt == "text":
+        if result.pieces and journal is not None:
+            for chunk in _stream_chunks(result, journal, 1):
+                out.write(chunk)
+        else:
+            out.write(result.stdout)
+        return
+    record: dict[str, Any] = {
+        "seq": result.seq,
+        "task": result.command,
+        "host": result.host,
+        "exit_code": result.exit_code,
+    }
+    if result.signal is not None:
+        record["signal"] = result.signal
+    record["timed_out"] = result.timed_out
+    record["duration_s"] = round(result.duration_s, 6)
+    record["attempts"] = result.attempts
+    if not result.pieces or journal is None:
+        for name, data in (("stdout", result.stdout), ("stderr", result.stderr)):
+            try:
+                record[name] = data.decode("utf-8")
+            except UnicodeDecodeError:
+                record[name + "_b64"] = base64.b64encode(data).decode("ascii")
+        out.write(json.dumps(record, ensure_ascii=False).encode() + b"\n")
+        return
+    out.write(json.dumps(record, ensure_ascii=False)[:-1].encode())
+    for name, stream in (("stdout", 1), ("stderr", 2)):
+        if _is_utf8(_stream_chunks(result, journal, stream)):
+            out.write(f', "{name}": '.encode())
+            _write_json_string(out, _stream_chunks(result, journal, stream))
+        else:
+            out.write(f', "{name}_b64": '.encode())
+            _write_base64(out, _stream_chunks(result, journal, stream))
+    out.write(b"}\n")
+
+
+class MergedOutput:
+    """Writes finished tasks to the merged output in seq order as they come in."""
+
+    BLANK = 0  # offset 0 is the journal's header, never a task: marks a blank line
+    WAITING = -1
+
+    def __init__(self, out: IO[bytes], fmt: str, journal: Journal) -> None:
+        """Render into OUT in FMT, reading out-of-order results back from JOURNAL."""
+        self.out = out
+        self.fmt = fmt
+        self.journal = journal
+        self.next_seq = 1
+        # Offsets of results waiting for their turn, indexed by seq - next_seq + head:
+        # 8 bytes per waiting task, however large its output.
+        self._waiting = array.array("q")
+        self._head = 0
+
+    def put(self, seq: int, offset: int, result: TaskResult | None = None) -> None:
+        """Record that SEQ is done (its DONE record at OFFSET); write what is now in order."""
+        if seq == self.next_seq:
+            self._emit(offset, result)
+            self._advance()
+            self._drain()
+            return
+        index = self._head + seq - self.next_seq
+        if index >= len(self._waiting):
+            self._waiting.extend([self.WAITING] * (index + 1 - len(self._waiting)))
+        self._waiting[index] = offset
+
+    def skip(self, seq: int) -> None:
+        """A blank line: nothing to render for SEQ."""
+        self.put(seq, self.BLANK)
+
+    def _emit(self, offset: int, result: TaskResult | None) -> None:
+        """Render one result (from memory if given, else from the journal)."""
+        if offset == self.BLANK:
+            return
+        if result is None:
+            result = self.journal.load_result(offset)
+        render_result(self.out, self.fmt, result, self.journal)
+
+    def _advance(self) -> None:
+        """Move past the just-rendered seq."""
+        self.next_seq += 1
+        if self._head < len(self._waiting):
+            self._head += 1
+
+    def _drain(self) -> None:
+        """Render every waiting result that is now in order."""
+        waiting = self._waiting
+        while self._head < len(waiting) and waiting[self._head] != self.WAITING:
+            self._emit(waiting[self._head], None)
+            self.next_seq += 1
+            self._head += 1
+        if self._head >= 4096 or self._head == len(waiting):
+            del waiting[: self._head]
+            self._head = 0
+
+    def waiting(self) -> int:
+        """How many results are done but wait for an earlier one."""
+        return sum(1 for off in self._waiting[self._head :] if off != self.WAITING)
+
+
+def scan_tasks(path: Path) -> tuple[int, str]:
+    """Check a tasks file (UTF-8, sane line lengths); return its task count and sha256."""
+    digest = hashlib.sha256()
+    count = 0
+    try:
+        with open(path, "rb") as handle:
+            for number, line in enumerate(handle, 1):
+                digest.update(line)
+                if len(line) > TASK_LINE_MAX:
+                    raise UsageError(
+                        f"{path}:{number}: task line longer than {TASK_LINE_MAX} bytes"
+                    )
+                try:
+                    text = line.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise UsageError(
+                        f"{path}:{number}: not valid UTF-8 (byte {exc.start + 1} of the line)"
+                    ) from None
+                if "\0" in text:
+                    raise UsageError(f"{path}:{number}: task contains a NUL byte")
+                if text.strip():
+                    count += 1
+    except FileNotFoundError:
+        raise UsageError(f"{path}: tasks file not found") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path}: is a directory, not a tasks file") from None
+    except PermissionError:
+        raise UsageError(f"{path}: tasks file is not readable (permission denied)") from None
+    return count, digest.hexdigest()
+
+
+def read_tasks(path: Path, merged: MergedOutput | None, done: array.array[int]) -> Iterator[Task]:
+    """Stream the tasks file as Tasks; blank lines and already-journaled tasks go to MERGED."""
+    with open(path, "rb") as handle:
+        for seq, raw in enumerate(handle, 1):
+            command = raw.decode("utf-8").rstrip("\n")
+            if command.endswith("\r"):
+                command = command[:-1]
+            if not command.strip():
+                if merged is not None:
+                    merged.skip(seq)
+            elif seq < len(done) and done[seq] >= 0:
+                if merged is not None:
+                    merged.put(seq, done[seq])
+            else:
+                yield Task(seq, command)
+
+
+# ============================================================================
+# The run: hosts, scheduler, journal and output together
+# ============================================================================
+
+CONNECT_PACE = 8  # SSH handshakes at once: under OpenSSH's MaxStartups (10) default
+
+
+@dataclasses.dataclass
+class RunSummary:
+    """What a run did: counts, hosts, where results went, and its exit code."""
+
+    total: int = 0
+    ok: int = 0
+    failed: int = 0
+    timed_out: int = 0
+    resumed: int = 0
+    per_host: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    failed_per_host: dict[str, int] = dataclasses.field(default_factory=dict)
+    lost_per_host: dict[str, int] = dataclasses.field(default_factory=dict)
+    skipped_hosts: dict[str, str] = dataclasses.field(default_factory=dict)
+    lost_hosts: dict[str, str] = dataclasses.field(default_factory=dict)
+    failures: list[TaskResult] = dataclasses.field(default_factory=list)
+    interrupted: bool = False
+    complete: bool = False
+    output: str = ""
+    journal: str = ""
+    elapsed_s: float = 0.0
+
+    @property
+    def exit_code(self) -> int:
+        """The exit code DESIGN.md gives this outcome."""
+        if self.interrupted:
+            return 130
+        if not self.complete:
+            return 3
+        return 1 if self.failed or self.timed_out else 0
+
+
+class _Run:
+    """One run of tasks over hosts: feeds hosts, journals results, renders the output."""
+
+    def __init__(
+        self,
+        hosts: list[HostSpec],
+        scheduler: Scheduler,
+        journal: Journal,
+        merged: MergedOutput | None,
+        timeout: float | None = None,
+        log: Callable[[str], None] = lambda line: None,
+        on_done: Callable[[TaskResult], None] = lambda result: None,
+    ) -> None:
+        """Set up the run's parts; nothing is connected until execute()."""
+        self.hosts = hosts
+        self.scheduler = scheduler
+        self.journal = journal
+        self.merged = merged
+        self.timeout = timeout
+        self.log = log
+        self.on_done = on_done
+        self.summary = RunSummary()
+        self.sessions: list[HostSession] = []
+        self._finished: asyncio.Future[None] | None = None
+        self._to_merge: list[tuple[int, int, TaskResult]] = []
+        self._interrupts = 0
+
+    async def execute(self) -> RunSummary:
+        """Run every task; return the summary (the exit code says how it ended)."""
+        loop = asyncio.get_running_loop()
+        self._finished = loop.create_future()
+        started = time.monotonic()
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(signum, self.interrupt)
+        syncer = loop.call_later(1.0, self._sync_tick)
+        pacing = asyncio.Semaphore(CONNECT_PACE)
+        self.sessions = [HostSession(spec, self) for spec in self.hosts]
+        openers = [asyncio.ensure_future(self._open(s, pacing)) for s in self.sessions]
+        self._check_done()
+        try:
+            await self._finished
+        finally:
+            syncer.cancel()
+            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                    loop.remove_signal_handler(signum)
+            for opener in openers:
+                opener.cancel()
+            await asyncio.gather(*openers, return_exceptions=True)
+            await asyncio.gather(*(s.close() for s in self.sessions), return_exceptions=True)
+            self._merge_batch()
+            self.journal.close()
+        self.summary.elapsed_s = time.monotonic() - started
+        return self.summary
+
+    async def _open(self, session: HostSession, pacing: asyncio.Semaphore) -> None:
+        """Open one host; on success give it work, on failure skip it with a warning."""
+        try:
+            await session.open(pacing)
+        except HostError:
+            return  # reported by on_host_lost
+        if session.spec.slots is None and not session.spec.local:
+            self.log(f"sshfan: {session.name}: slots = auto: {session.window.slots} CPUs")
+        self._refill_all()
+        self._check_done()
+
+    def _sync_tick(self) -> None:
+        """fsync the journal about once a second, so a machine crash loses at most that."""
+        self.journal.sync()
+        if self._finished is not None and not self._finished.done():
+            asyncio.get_running_loop().call_later(1.0, self._sync_tick)
+
+    # -- events from hosts ----------------------------------------------------
+
+    def on_result(
+        self, session: HostSession, task: Task, result: TaskResult, cancelled: bool
+    ) -> None:
+        """A task finished on SESSION: retry it, or journal it as done."""
+        if cancelled or self.summary.interrupted:
+            return  # killed because the run is stopping: it is not done
+        if not result.ok and self.scheduler.should_retry(task, session.name):
+            self.log(
+                f"sshfan: task {task.seq} failed on {session.name} "
+                f"(exit {result.exit_code}); retrying ({task.attempts}/{self.scheduler.retries})"
+            )
+            return
+        offset = self.journal.add_result(result)
+        self._to_merge.append((result.seq, offset, result))
+        summary = self.summary
+        summary.per_host.setdefault(session.name, []).append(result.duration_s)
+        if result.timed_out:
+            summary.timed_out += 1
+        elif result.exit_code:
+            summary.failed += 1
+        else:
+            summary.ok += 1
+        if not result.ok:
+            summary.failed_per_host[session.name] = summary.failed_per_host.get(session.name, 0) + 1
+            if len(summary.failures) < 5:
+                summary.failures.append(result)
+
+    def after_batch(self, session: HostSession) -> None:
+        """After a batch of frames from one host: journal, render, refill, maybe finish."""
+        self._merge_batch()
+        if not self.summary.interrupted:
+            session.refill(self.scheduler, self._others_alive(session))
+            if self.scheduler.has_work():
+                self._refill_all()
+        self._check_done()
+
+    def _merge_batch(self) -> None:
+        """Write the batch's results to the journal, then into the merged output."""
+        if not self._to_merge:
+            return
+        self.journal.flush()
+        batch = self._to_merge
+        self._to_merge = []
+        for seq, offset, result in batch:
+            if self.merged is not None:
+                self.merged.put(seq, offset, result)
+            self.on_done(result)
+        if self.merged is not None:
+            self.merged.out.flush()
+
+    def on_host_lost(self, session: HostSession, tasks: list[Task]) -> None:
+        """A host failed to start or was lost: requeue its tasks, warn, maybe end the run."""
+        error = session.error
+        reason = f"{error.stage}: {error.reason}" if error else "unknown reason"
+        if session.state == "failed":
+            self.summary.skipped_hosts[session.name] = reason
+            self.log(f"sshfan: warning: skipping host {session.name}: {reason}")
+        else:
+            self.summary.lost_hosts[session.name] = reason
+            self.summary.lost_per_host[session.name] = len(tasks)
+            self.log(
+                f"sshfan: warning: lost host {session.name} ({reason}); "
+                f"{len(tasks)} task(s) requeued"
+            )
+        self.scheduler.put_back(tasks)
+        if self._finished is not None:
+            self._refill_all()
+            self._check_done()
+
+    # -- decisions ------------------------------------------------------------
+
+    def _others_alive(self, session: HostSession) -> bool:
+        """Whether a host other than SESSION is up or still connecting."""
+        return any(s is not session and s.state in ("ready", "connecting") for s in self.sessions)
+
+    def _refill_all(self) -> None:
+        """Give every ready host the tasks its window wants."""
+        if self.summary.interrupted:
+            return
+        for session in self.sessions:
+            if not self.scheduler.has_work():
+                break
+            session.refill(self.scheduler, self._others_alive(session))
+
+    def _check_done(self) -> None:
+        """End the run when all work is done, or when no host is left to do it."""
+        if self._finished is None or self._finished.done():
+            return
+        in_flight = sum(len(s.in_flight) for s in self.sessions)
+        if self.summary.interrupted:
+            self._finish(complete=False)
+        elif not self.scheduler.has_work() and not in_flight:
+            self._finish(complete=True)
+        elif not any(s.state in ("ready", "connecting") for s in self.sessions):
+            self._finish(complete=False)
+
+    def _finish(self, complete: bool) -> None:
+        """Tell every stub there is no more work and wake execute()."""
+        self.summary.complete = complete
+        for session in self.sessions:
+            session.finish()
+        if self._finished is not None and not self._finished.done():
+            self._finished.set_result(None)
+
+    def interrupt(self) -> None:
+        """Ctrl-C, SIGTERM or SIGHUP: stop handing out tasks; a second one quits at once."""
+        self._interrupts += 1
+        if self._interrupts > 1:
+            with contextlib.suppress(Exception):
+                self.journal.flush()
+            os._exit(130)
+        self.summary.interrupted = True
+        self.scheduler.stopped = True
+        self.log("sshfan: interrupted: stopping the running tasks (Ctrl-C again to quit at once)")
+        self._check_done()
+
+
+def _journal_path(output: str, tasks: str, journal: str | None) -> Path:
+    """Where the journal lives: given, or beside the output, or in the current directory."""
+    if journal:
+        return Path(journal)
+    if output != "-":
+        return Path(output + ".journal")
+    stem = "stdin" if tasks == "-" else Path(tasks).stem
+    return Path(f"{stem}.sshfan-journal")
+
+
+def _check_writable_dir(path: Path, what: str) -> None:
+    """Refuse (exit 2) an output path whose directory is missing or not writable."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise UsageError(f"{path}: {what} directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{path}: {what} directory {parent} is not writable")
+    if path.is_dir():
+        raise UsageError(f"{path}: {what} path is a directory")
+
+
+def _spool_stdin(directory: Path) -> Path:
+    """Copy tasks from stdin to a file beside the journal, so they can be scanned and resumed."""
+    with tempfile.NamedTemporaryFile(
+        "wb", dir=directory, prefix=".sshfan-stdin-", suffix=".tasks", delete=False
+    ) as handle:
+        while chunk := sys.stdin.buffer.read(1 << 20):
+            handle.write(chunk)
+    return Path(handle.name)
+
+
+@dataclasses.dataclass
+class RunOptions:
+    """Everything `sshfan run` needs, already validated."""
+
+    tasks: str
+    hosts: list[HostSpec]
+    output: str
+    fmt: str = "text"
+    resume: bool = False
+    timeout: float | None = None
+    retries: int = 0
+    journal: str | None = None
+
+
+def prepare_run(opts: RunOptions) -> tuple[Path, int, Journal, array.array[int], bool]:
+    """Check inputs and open the journal (fresh or resumed); nothing runs yet."""
+    journal_path = _journal_path(opts.output, opts.tasks, opts.journal)
+    _check_writable_dir(journal_path, "journal")
+    if opts.output != "-":
+        _check_writable_dir(Path(opts.output), "output")
+    if opts.tasks == "-":
+        tasks_path = _spool_stdin(journal_path.parent if str(journal_path.parent) else Path("."))
+    else:
+        tasks_path = Path(opts.tasks)
+    try:
+        count, digest = scan_tasks(tasks_path)
+    except UsageError:
+        if opts.tasks == "-":
+            tasks_path.unlink(missing_ok=True)
+        raise
+    resumed = False
+    done = array.array("q")
+    if opts.resume and journal_path.exists():
+        journal, header, done = Journal.reopen(journal_path)
+        if header.get("tasks_sha256") != digest:
+            journal.close()
+            raise UsageError(
+                f"{journal_path}: journal was written for a different tasks file than "
+                f"{opts.tasks} (its contents changed); run without --resume to start over"
+            )
+        resumed = True
+    else:
+        header = {
+            "version": JOURNAL_VERSION,
+            "tasks": str(opts.tasks),
+            "tasks_sha256": digest,
+            "count": count,
+            "created": time.time(),
+            "sshfan": __version__,
+        }
+        try:
+            journal = Journal.create(journal_path, header)
+        except OSError as exc:
+            raise UsageError(f"{journal_path}: cannot create journal: {exc.strerror}") from None
+    return tasks_path, count, journal, done, resumed
+
+
+async def run_async(
+    opts: RunOptions,
+    out: IO[bytes] | None,
+    log: Callable[[str], None] = lambda line: None,
+    on_done: Callable[[TaskResult], None] = lambda result: None,
+) -> RunSummary:
+    """Run the tasks described by OPTS, rendering into OUT; return the summary."""
+    tasks_path, count, journal, done, resumed = prepare_run(opts)
+    try:
+        merged = MergedOutput(out, opts.fmt, journal) if out is not None else None
+        scheduler = Scheduler(read_tasks(tasks_path, merged, done), opts.retries)
+        run = _Run(opts.hosts, scheduler, journal, merged, opts.timeout, log, on_done)
+        run.summary.total = count
+        run.summary.resumed = sum(1 for off in done if off >= 0)
+        run.summary.journal = str(journal.path)
+        run.summary.output = opts.output
+        if count - run.summary.resumed <= 0:
+            # Nothing left to run (empty file, or a finished run resumed): no host needed.
+            leftover = scheduler.take("", 1)
+            run.summary.complete = not leftover
+            journal.close()
+            return run.summary
+        return await run.execute()
+    finally:
+        journal.close()
+        if opts.tasks == "-":
+            tasks_path.unlink(missing_ok=True)
+
+
+# ============================================================================
+# Checking hosts
+# ============================================================================
+
+
+@dataclasses.dataclass
+class HostCheck:
+    """How one host answered `sshfan check`."""
+
+    name: str
+    ok: bool
+    reason: str = ""
+    python: str = ""
+    cpus: int = 0
+    slots: int = 0
+    hostname: str = ""
+    rtt_ms: float = 0.0
+    connect_s: float = 0.0
+
+
+async def check_hosts(hosts: list[HostSpec]) -> list[HostCheck]:
+    """Connect to every host, start the stub, and measure a round trip."""
+    pacing = asyncio.Semaphore(CONNECT_PACE)
+
+    async def one(spec: HostSpec) -> HostCheck:
+        """Check a single host."""
+        session = HostSession(spec, None)
+        started = time.monotonic()
+        try:
+            await session.open(pacing)
+            rtts = [await session.ping() for _ in range(3)]
+        except HostError as exc:
+            await session.close(0.5)
+            return HostCheck(spec.name, False, f"{exc.stage}: {exc.reason}")
+        connect_s = time.monotonic() - started
+        await session.close(2.0)
+        hello = session.hello
+        return HostCheck(
+            spec.name,
+            True,
+            python=str(hello.get("python", "")),
+            cpus=int(hello.get("cpus") or 0),
+            slots=session.window.slots,
+            hostname=str(hello.get("hostname", "")),
+            rtt_ms=sorted(rtts)[1] * 1000,
+            connect_s=connect_s,
+        )
+
+    return list(await asyncio.gather(*(one(spec) for spec in hosts)))
+
+
+# ============================================================================
+# Command line
+# ============================================================================
+
+_FORMATS = ("text", "jsonl")
+
+
+def _say(line: str) -> None:
+    """Print one line on stderr, above the progress bar if there is one."""
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stderr)
+
+
+def _median(values: list[float]) -> float:
+    """The median of a non-empty list."""
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def format_summary(summary: RunSummary) -> list[str]:
+    """The end-of-run summary: counts, a row per host, failures, where results went."""
+    done = summary.ok + summary.failed + summary.timed_out
+    lines = []
+    head = f"sshfan: {done + summary.resumed} of {summary.total} tasks done"
+    parts = [f"{summary.ok} ok", f"{summary.failed} failed"]
+    if summary.timed_out:
+        parts.append(f"{summary.timed_out} timed out")
+    if summary.resumed:
+        parts.append(f"{summary.resumed} from the journal")
+    lines.append(f"{head}: {', '.join(parts)} in {summary.elapsed_s:.2f} s")
+    names = list(summary.per_host) + [
+        n
+        for n in list(summary.lost_hosts) + list(summary.skipped_hosts)
+        if n not in summary.per_host
+    ]
+    if names:
+        lines.append(
+            f"  {'host':<20} {'tasks':>7} {'failed':>7} {'lost':>5} {'median s':>9}  status"
+        )
+        for name in names:
+            durations = summary.per_host.get(name, [])
+            median = f"{_median(durations):.3f}" if durations else "-"
+            status = "ok"
+            if name in summary.lost_hosts:
+                status = f"lost: {summary.lost_hosts[name]}"
+            elif name in summary.skipped_hosts:
+                status = f"skipped: {summary.skipped_hosts[name]}"
+            lines.append(
+                f"  {name:<20} {len(durations):>7} {summary.failed_per_host.get(name, 0):>7} "
+                f"{summary.lost_per_host.get(name, 0):>5} {median:>9}  {status}"
+            )
+    for result in summary.failures:
+        why = "timed out" if result.timed_out else f"exit {result.exit_code}"
+        tail = result.stderr.decode("utf-8", "replace").strip().splitlines()[-1:]
+        detail = f": {tail[0][:200]}" if tail else ""
+        lines.append(f"  failed: task {result.seq} on {result.host} ({why}){detail}")
+    where = "stdout" if summary.output == "-" else summary.output
+    lines.append(f"sshfan: output: {where}; journal: {summary.journal}")
+    if summary.exit_code in (3, 130):
+        if summary.exit_code == 3:
+            lines.append("sshfan: the run could not finish: no host is left")
+        lines.append("sshfan: to finish the run, repeat the command with --resume")
+    return lines
+
+
+def _cli() -> Any:
+    """Build the typer application (typer is imported only when the CLI runs)."""
+    import typer
+
+    app = typer.Typer(
+        add_completion=True,
+        no_args_is_help=True,
+        pretty_exceptions_enable=False,
+        help="Run a file of tasks across SSH hosts and merge the results into one file.",
+    )
+
+    def show_version(value: bool) -> None:
+        """Print the version and exit."""
+        if value:
+            typer.echo(f"sshfan {__version__}")
+            raise typer.Exit()
+
+    @app.callback()
+    def main_options(
+        version: bool = typer.Option(
+            False, "--version", callback=show_version, is_eager=True, help="Show the version."
+        ),
+    ) -> None:
+        """sshfan: run a file of tasks across SSH hosts; merge results into one file."""
+
+    @app.command()
+    def run(
+        tasks: str = typer.Argument(
+            ..., help="Tasks file, one shell command per line ('-': stdin)."
+        ),
+        hosts: str | None = typer.Option(
+            None, "--hosts", "-H", help="Hosts file (TOML). Default: this machine, a slot per CPU."
+        ),
+        output: str | None = typer.Option(
+            None,
+            "--output",
+            "-o",
+            help="Merged output file ('-': stdout). Default: TASKS stem + .out",
+        ),
+        fmt: str = typer.Option("text", "--format", "-f", help="Output format: text or jsonl."),
+        resume: bool = typer.Option(False, "--resume", help="Skip tasks already in the journal."),
+        timeout: float | None = typer.Option(
+            None, "--timeout", help="Kill a task (its whole process group) after SECONDS."
+        ),
+        retries: int = typer.Option(0, "--retries", help="Re-run a failed task up to N times."),
+        journal: str | None = typer.Option(
+            None, "--journal", help="Journal path. Default: OUTPUT + .journal"
+        ),
+        no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+    ) -> None:
+        """Run every task in TASKS on the hosts; write results in task order."""
+        try:
+            code = _run_command(
+                tasks, hosts, output, fmt, resume, timeout, retries, journal, no_progress
+            )
+        except SshfanError as exc:
+            print(f"sshfan: error: {exc}", file=sys.stderr)
+            code = exc.exit_code
+        raise typer.Exit(code)
+
+    @app.command()
+    def check(
+        hosts: str = typer.Option(..., "--hosts", "-H", help="Hosts file (TOML)."),
+    ) -> None:
+        """Connect to every host and report Python, CPUs, slots and round-trip time."""
+        try:
+            specs = load_hosts(hosts)
+        except SshfanError as exc:
+            print(f"sshfan: error: {exc}", file=sys.stderr)
+            raise typer.Exit(exc.exit_code) from None
+        rows = asyncio.run(check_hosts(specs))
+        print(
+            f"{'host':<20} {'status':<10} {'python':<8} {'cpus':>4} {'slots':>5} "
+            f"{'rtt ms':>7}  detail"
+        )
+        for row in rows:
+            if row.ok:
+                detail = f"{row.hostname}, ready in {row.connect_s:.2f} s"
+                print(
+                    f"{row.name:<20} {'ok':<10} {row.python:<8} {row.cpus:>4} {row.slots:>5} "
+                    f"{row.rtt_ms:>7.2f}  {detail}"
+                )
+            else:
+                print(
+                    f"{row.name:<20} {'FAILED':<10} {'-':<8} {'-':>4} {'-':>5} {'-':>7}  "
+                    f"{row.reason}"
+                )
+        failed = sum(1 for row in rows if not row.ok)
+        if failed:
+            print(f"sshfan: {failed} of {len(rows)} hosts failed", file=sys.stderr)
+        raise typer.Exit(1 if failed else 0)
+
+    return app
+
+
+def _run_command(
+    tasks: str,
+    hosts: str | None,
+    output: str | None,
+    fmt: str,
+    resume: bool,
+    timeout: float | None,
+    retries: int,
+    journal: str | None,
+    no_progress: bool,
+) -> int:
+    """`sshfan run`: validate options, run, print the summary; return the exit code."""
+    if fmt not in _FORMATS:
+        raise UsageError(f"--format: unknown format {fmt!r} (choose text or jsonl)")
+    if timeout is not None and not timeout > 0:
+        raise UsageError(f"--timeout: must be a positive number of seconds, not {timeout:g}")
+    if retries < 0:
+        raise UsageError(f"--retries: must be 0 or more, not {retries}")
+    specs = load_hosts(hosts) if hosts else [local_host()]
+    if output is None:
+        output = "-" if tasks == "-" else Path(tasks).stem + ".out"
+    opts = RunOptions(tasks, specs, output, fmt, resume, timeout, retries, journal)
+    if tasks != "-" and Path(tasks).is_dir():
+        raise UsageError(f"{tasks}: is a directory, not a tasks file")
+    if tasks != "-" and not Path(tasks).exists():
+        raise UsageError(f"{tasks}: tasks file not found")
+    for spec in specs:
+        if spec.known_hosts is False and not spec.local:
+            print(
+                "sshfan: warning: host key checking is off for some hosts (known_hosts = false)",
+                file=sys.stderr,
+            )
+            break
+    show = not no_progress and sys.stderr.isatty()
+    bar = None
+    if show:
+        from tqdm import tqdm
+
+        bar = tqdm(total=None, unit="task", file=sys.stderr, dynamic_ncols=True, leave=False)
+
+    def on_done(result: TaskResult) -> None:
+        """Advance the progress bar."""
+        if bar is not None:
+            bar.update(1)
+
+    out: IO[bytes]
+    if output == "-":
+        out = sys.stdout.buffer
+        close = False
+    else:
+        try:
+            out = open(output, "wb")  # noqa: SIM115 - closed below
+        except OSError as exc:
+            raise UsageError(f"{output}: cannot write output: {exc.strerror}") from None
+        close = True
+    try:
+        if bar is not None:
+            count, _ = scan_tasks(Path(tasks)) if tasks != "-" else (0, "")
+            bar.total = count or None
+        summary = asyncio.run(run_async(opts, out, _say if bar else _print_err, on_done))
+    finally:
+        if bar is not None:
+            bar.close()
+        if close:
+            out.close()
+    for line in format_summary(summary):
+        print(line, file=sys.stderr)
+    return summary.exit_code
+
+
+def _print_err(line: str) -> None:
+    """Print one line on stderr."""
+    print(line, file=sys.stderr, flush=True)
+
+
+def main() -> None:
+    """Console entry point."""
+    _cli()()
+
+
+if __name__ == "__main__":
+    main()
