@@ -91,7 +91,7 @@ _HOST_KEYS: dict[str, tuple[type, ...]] = {
     "env": (dict,),
     "workdir": (str,),
 }
-_DEFAULT_ONLY_FORBIDDEN = {"name", "address"}
+_DEFAULT_ONLY_FORBIDDEN = {"name"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,7 +177,7 @@ def _check_value(where: str, key: str, value: Any, text: str, table: str, index:
     return value
 
 
-def _make_spec(values: dict[str, Any]) -> HostSpec:
+def _make_spec(values: dict[str, Any], own_python: bool) -> HostSpec:
     """Turn validated hosts-file values into a HostSpec."""
     fields: dict[str, Any] = dict(values)
     if "identity" in fields:
@@ -191,7 +191,7 @@ def _make_spec(values: dict[str, Any]) -> HostSpec:
         fields["connect_timeout"] = float(fields["connect_timeout"])
     if "keepalive" in fields:
         fields["keepalive"] = float(fields["keepalive"])
-    if fields.get("local") and "python" not in values:
+    if fields.get("local") and not own_python:  # a local host runs sshfan's own Python
         fields["python"] = sys.executable
     return HostSpec(**fields)
 
@@ -236,10 +236,10 @@ def parse_hosts(text: str, where: str = "hosts file") -> list[HostSpec]:
             raise UsageError(f"{at}: [[hosts]] number {index + 1} has no 'name'")
         if values["name"] in names:
             raise UsageError(f"{at}: duplicate host name '{values['name']}'")
-        if values.get("local") and "address" in host:
+        if host.get("local") and "address" in host:
             raise UsageError(f"{at}: host '{values['name']}' is local and cannot have 'address'")
         names.add(values["name"])
-        specs.append(_make_spec(values))
+        specs.append(_make_spec(values, own_python="python" in host))
     return specs
 
 

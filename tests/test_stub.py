@@ -1,0 +1,233 @@
+"""The worker stub run locally as a subprocess, started with the real bootstrap line."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import sshfan
+from sshfan import (
+    KIND_CONFIG,
+    KIND_HELLO,
+    KIND_OUTPUT,
+    KIND_PING,
+    KIND_PONG,
+    KIND_RESULT,
+    KIND_TASKS,
+    FrameDecoder,
+    encode_frame,
+    encode_tasks,
+)
+
+
+class StubProcess:
+    """A stub subprocess driven frame by frame, as the head drives it."""
+
+    def __init__(self, slots: int = 2, timeout: float | None = None, banner: bool = False) -> None:
+        """Start the stub with the bootstrap line, ship its source, read its hello."""
+        source = sshfan.stub_source().encode()
+        code = sshfan.bootstrap_code(len(source))
+        argv = [sys.executable, "-c", code]
+        if banner:  # a login shell that prints before python starts
+            argv = ["/bin/sh", "-c", 'echo "Welcome!"; exec "$0" "$@"', *argv]
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        self.decoder = FrameDecoder()
+        self.frames: list[tuple[int, bytes]] = []
+        self.send_raw(source)
+        kind, payload = self.expect(KIND_HELLO)
+        self.hello = json.loads(payload)
+        config = {"slots": slots, "timeout": timeout, "env": {}, "workdir": None}
+        self.send(KIND_CONFIG, json.dumps(config).encode())
+
+    def send_raw(self, data: bytes) -> None:
+        """Write bytes to the stub's stdin."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
+
+    def send(self, kind: int, payload: bytes) -> None:
+        """Send one frame."""
+        self.send_raw(encode_frame(kind, payload))
+
+    def expect(self, kind: int, deadline: float = 20.0) -> tuple[int, bytes]:
+        """Read frames until one of KIND arrives (others are kept in self.frames)."""
+        stop = time.monotonic() + deadline
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        while True:
+            for index, frame in enumerate(self.frames):
+                if frame[0] == kind:
+                    return self.frames.pop(index)
+            left = stop - time.monotonic()
+            assert left > 0, f"no frame of kind {kind} in {deadline} s"
+            ready, _, _ = select.select([fd], [], [], left)
+            if ready:
+                data = os.read(fd, 1 << 20)
+                assert data, "stub closed its stdout: " + self.stderr()
+                self.frames += self.decoder.feed(data)
+
+    def results(self, count: int) -> dict[int, tuple]:
+        """Collect COUNT results with their output pieces joined, by seq."""
+        pieces: dict[tuple[int, int], bytes] = {}
+        got: dict[int, tuple] = {}
+        while len(got) < count:
+            kind, payload = self.expect(KIND_RESULT)
+            for other in [f for f in self.frames if f[0] == KIND_OUTPUT]:
+                self.frames.remove(other)
+                seq, stream = sshfan.OUTPUT_HEAD.unpack_from(other[1])
+                data = other[1][sshfan.OUTPUT_HEAD.size :]
+                pieces[seq, stream] = pieces.get((seq, stream), b"") + data
+            seq, status, flags, duration, out, err = sshfan.decode_result(payload)
+            got[seq] = (
+                status,
+                flags,
+                pieces.get((seq, 1), b"") + out,
+                pieces.get((seq, 2), b"") + err,
+            )
+        return got
+
+    def stderr(self) -> str:
+        """Whatever the stub wrote on stderr so far (non-blocking)."""
+        assert self.proc.stderr is not None
+        fd = self.proc.stderr.fileno()
+        os.set_blocking(fd, False)
+        try:
+            return (os.read(fd, 65536) or b"").decode("utf-8", "replace")
+        except BlockingIOError:
+            return ""
+
+    def close(self) -> int:
+        """Close stdin (EOF) and wait for the stub to exit."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        return self.proc.wait(10)
+
+
+@pytest.fixture
+def stub() -> StubProcess:
+    """A running stub with 2 slots, closed after the test."""
+    process = StubProcess()
+    yield process
+    if process.proc.poll() is None:
+        process.proc.kill()
+        process.proc.wait()
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_hello_reports_python_cpus_and_hostname(stub: StubProcess) -> None:
+    """The stub's first frame says who it is."""
+    assert stub.hello["python"] == "%d.%d.%d" % sys.version_info[:3]
+    assert stub.hello["cpus"] >= 1
+    assert stub.hello["hostname"]
+    assert stub.close() == 0
+
+
+def test_runs_tasks_with_exact_output_status_and_signals(stub: StubProcess) -> None:
+    """Exit codes, signals, stdout/stderr bytes and stdin from /dev/null, as sh -c gives them."""
+    tasks = [
+        (1, b"printf 'a\\nb'"),
+        (2, b"echo err >&2; exit 7"),
+        (3, b"kill -TERM $$"),
+        (4, b"cat; echo done"),
+        (5, "printf '\\377\\376'; echo ü".encode()),
+        (6, b"head -c 3000000 /dev/zero"),
+    ]
+    stub.send(KIND_TASKS, encode_tasks(tasks))
+    got = stub.results(len(tasks))
+    assert got[1][0] == 0 and got[1][2] == b"a\nb"
+    assert got[2][0] == 7 and got[2][3] == b"err\n"
+    assert got[3][0] == -15
+    assert got[4][2] == b"done\n"  # cat saw EOF at once: stdin is /dev/null
+    assert got[5][2] == b"\xff\xfe" + "ü\n".encode()
+    assert got[6][2] == b"\x00" * 3_000_000
+    assert stub.close() == 0
+
+
+def test_ping_is_answered(stub: StubProcess) -> None:
+    """A PING comes back as a PONG with the same bytes."""
+    stub.send(KIND_PING, b"hello?")
+    assert stub.expect(KIND_PONG) == (KIND_PONG, b"hello?")
+    stub.close()
+
+
+def test_banner_before_the_stub_does_not_break_the_protocol() -> None:
+    """Text a login shell prints before python starts is skipped by the head's decoder."""
+    process = StubProcess(banner=True)
+    assert process.decoder.banner.startswith(b"Welcome!")
+    process.send(KIND_TASKS, encode_tasks([(1, b"echo ok")]))
+    assert process.results(1)[1][2] == b"ok\n"
+    assert process.close() == 0
+
+
+def test_runs_at_most_slots_tasks_at_once(tmp_path: Path) -> None:
+    """With 2 slots, never more than 2 tasks run at the same time."""
+    process = StubProcess(slots=2)
+    log = tmp_path / "log"
+    line = f"echo start >> {log}; sleep 0.2; echo end >> {log}".encode()
+    process.send(KIND_TASKS, encode_tasks([(seq, line) for seq in range(1, 7)]))
+    process.results(6)
+    running = peak = 0
+    for event in log.read_text().split():
+        running += 1 if event == "start" else -1
+        peak = max(peak, running)
+    assert peak == 2
+    process.close()
+
+
+def test_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
+    """A task past its timeout is killed with its children and reported as timed out."""
+    process = StubProcess(slots=1, timeout=0.5)
+    pidfile = tmp_path / "pid"
+    process.send(KIND_TASKS, encode_tasks([(1, f"sleep 30 & echo $! > {pidfile}; wait".encode())]))
+    status, flags, _, _ = process.results(1)[1]
+    assert flags & sshfan.FLAG_TIMED_OUT
+    assert status == -9
+    child = int(pidfile.read_text())
+    deadline = time.monotonic() + 5
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child)
+    process.close()
+
+
+def test_eof_on_stdin_kills_running_tasks_and_exits(tmp_path: Path) -> None:
+    """When the head goes away the stub kills its tasks' process groups and exits."""
+    process = StubProcess(slots=2)
+    pidfile = tmp_path / "pid"
+    process.send(KIND_TASKS, encode_tasks([(1, f"sleep 30 & echo $! > {pidfile}; wait".encode())]))
+    deadline = time.monotonic() + 10
+    while not (pidfile.exists() and pidfile.read_text().strip()):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    child = int(pidfile.read_text())
+    assert _alive(child)
+    process.close()
+    deadline = time.monotonic() + 5
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child)
+
+
+def test_corrupt_frame_from_the_head_ends_the_stub_with_an_error(stub: StubProcess) -> None:
+    """The stub does not guess at garbage: it reports an ERROR frame and exits."""
+    stub.send_raw(b"this is not a frame at all")
+    kind, payload = stub.expect(sshfan.KIND_ERROR)
+    assert b"bad magic" in payload
+    assert stub.proc.wait(10) != 0

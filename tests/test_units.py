@@ -1,0 +1,299 @@
+"""Pure units: framing, the shipped stub's source, scheduling decisions, journal and output."""
+
+from __future__ import annotations
+
+import array
+import ast
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import sshfan
+from sshfan import (
+    FRAME_MAX,
+    KIND_OUTPUT,
+    KIND_RESULT,
+    KIND_TASKS,
+    FrameDecoder,
+    FrameError,
+    HostWindow,
+    Journal,
+    MergedOutput,
+    Scheduler,
+    Task,
+    TaskResult,
+    encode_frame,
+    encode_result,
+    encode_tasks,
+)
+
+# -- framing -------------------------------------------------------------------
+
+
+def _stream() -> tuple[bytes, list[tuple[int, bytes]]]:
+    """A byte stream of assorted frames and the frames it holds."""
+    frames = [
+        (KIND_TASKS, encode_tasks([(1, b"echo 1"), (2, "echo é".encode()), (3, b"")])),
+        (KIND_RESULT, encode_result(1, 0, 0, 0.25, b"out\n", b"")),
+        (KIND_OUTPUT, b"\x00" * 9 + bytes(range(256)) * 40),
+        (KIND_RESULT, b""),
+    ]
+    return b"".join(encode_frame(k, p) for k, p in frames), frames
+
+
+@pytest.mark.parametrize("piece", [1, 7, 4096])
+def test_decoder_reassembles_frames_split_anywhere(piece: int) -> None:
+    """Frames fed in pieces of 1, 7 and 4096 bytes come out whole and in order."""
+    data, frames = _stream()
+    decoder = FrameDecoder(skip_banner=False)
+    got = []
+    for start in range(0, len(data), piece):
+        got += decoder.feed(data[start : start + piece])
+    assert got == frames
+    assert decoder.pending() == 0
+
+
+def test_decoder_skips_a_login_banner_before_the_first_frame() -> None:
+    """Text printed by shell start-up files before the stub's first frame is skipped."""
+    data, frames = _stream()
+    banner = b"Welcome to build1!\nLast login: yesterday\n"
+    decoder = FrameDecoder()
+    got = []
+    for start in range(0, len(banner + data), 5):
+        got += decoder.feed((banner + data)[start : start + 5])
+    assert got == frames
+    assert decoder.banner == banner
+
+
+def test_decoder_gives_up_on_endless_text_without_a_frame() -> None:
+    """A stream that never holds a frame is an error, not an endless wait."""
+    decoder = FrameDecoder()
+    with pytest.raises(FrameError, match="no sshfan frame"):
+        for _ in range(100):
+            decoder.feed(b"x" * 4096)
+
+
+def test_decoder_rejects_corrupt_frame_after_sync() -> None:
+    """Bytes that are not a frame, once in sync, are a protocol error."""
+    decoder = FrameDecoder()
+    decoder.feed(encode_frame(KIND_RESULT, b"ok"))
+    with pytest.raises(FrameError, match="bad magic"):
+        decoder.feed(b"garbage!garbage!")
+
+
+def test_decoder_rejects_oversized_frame_before_reading_it() -> None:
+    """A header announcing more than the cap fails at once (no waiting for gigabytes)."""
+    header = sshfan.FRAME_HEADER.pack(sshfan.FRAME_MAGIC, KIND_RESULT, FRAME_MAX + 1)
+    with pytest.raises(FrameError, match="exceeds"):
+        FrameDecoder().feed(header)
+    with pytest.raises(FrameError, match="exceeds"):
+        encode_frame(KIND_RESULT, b"\x00" * (FRAME_MAX + 1))
+
+
+def test_result_and_tasks_round_trip() -> None:
+    """Task batches and results decode to what was encoded, binary included."""
+    tasks = [(7, b"printf '\\377'"), (2**40, "ünï".encode())]
+    assert sshfan.decode_tasks(encode_tasks(tasks)) == tasks
+    payload = encode_result(5, -9, sshfan.FLAG_TIMED_OUT, 1.5, b"\xff\xfe", b"err")
+    assert sshfan.decode_result(payload) == (5, -9, sshfan.FLAG_TIMED_OUT, 1.5, b"\xff\xfe", b"err")
+    with pytest.raises(FrameError):
+        sshfan.decode_result(payload + b"x")
+
+
+# -- the shipped stub ----------------------------------------------------------
+
+
+def test_stub_source_uses_only_stdlib_and_its_own_names() -> None:
+    """The shipped source parses as Python 3.6 and names nothing outside stdlib and itself."""
+    source = sshfan.stub_source()
+    tree = ast.parse(source, feature_version=(3, 6))
+    imported: set[str] = set()
+    defined: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name.split(".")[0] for alias in node.names)
+            defined.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            imported.add((node.module or "").split(".")[0])
+            defined.update(alias.asname or alias.name for alias in node.names)
+        elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            defined.add(node.name)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            defined.add(node.id)
+        elif isinstance(node, ast.arg):
+            defined.add(node.arg)
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            defined.add(node.name)
+    assert imported <= set(sys.stdlib_module_names), imported - set(sys.stdlib_module_names)
+    used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    builtins = set(dir(__builtins__ if isinstance(__builtins__, dict) else __builtins__))
+    builtins |= set(__builtins__) if isinstance(__builtins__, dict) else set()
+    unknown = used - defined - builtins - {"__name__"}
+    assert not unknown, f"the stub uses names it does not ship: {sorted(unknown)}"
+
+
+def test_stub_source_runs_without_the_head_module(tmp_path: Path) -> None:
+    """The shipped source compiles and defines its entry point in a bare interpreter."""
+    script = tmp_path / "stub.py"
+    script.write_text(sshfan.stub_source().replace("if __name__ == '__main__':", "if False:"))
+    check = "import runpy; g = runpy.run_path(%r); assert callable(g['stub_main'])" % str(script)
+    result = subprocess.run([sys.executable, "-I", "-S", "-c", check], capture_output=True)
+    assert result.returncode == 0, result.stderr.decode()
+
+
+def test_bootstrap_line_is_small_and_fixed() -> None:
+    """The remote command is a short fixed line; only the stub's length varies."""
+    code = sshfan.bootstrap_code(12345)
+    assert len(code) < 120
+    assert "12345" in code and "exec(" in code
+
+
+# -- scheduling decisions ------------------------------------------------------
+
+
+def _tasks(n: int) -> list[Task]:
+    """N fresh tasks numbered from 1."""
+    return [Task(seq, f"echo {seq}") for seq in range(1, n + 1)]
+
+
+def test_scheduler_hands_out_in_order_and_requeued_first() -> None:
+    """Fresh tasks go out in seq order; tasks from a lost host jump the queue."""
+    scheduler = Scheduler(iter(_tasks(10)))
+    first = scheduler.take("a", 3)
+    assert [t.seq for t in first] == [1, 2, 3]
+    assert [t.seq for t in scheduler.take("b", 2)] == [4, 5]
+    scheduler.put_back(first)
+    again = scheduler.take("b", 4)
+    assert [t.seq for t in again] == [1, 2, 3, 6]
+    assert all(t.attempts == 1 for t in again)  # a lost host's run is not a failed try
+
+
+def test_scheduler_retry_avoids_the_failed_host_when_it_can() -> None:
+    """A retried task goes to another live host, but not to nowhere."""
+    scheduler = Scheduler(iter(_tasks(1)), retries=2)
+    (task,) = scheduler.take("a", 1)
+    assert scheduler.should_retry(task, "a")
+    assert scheduler.take("a", 1, others_alive=True) == []
+    assert [t.seq for t in scheduler.take("a", 1, others_alive=False)] == [1]
+    assert task.attempts == 2
+    assert scheduler.should_retry(task, "a")
+    assert [t.attempts for t in scheduler.take("b", 1, others_alive=True)] == [3]
+    assert not scheduler.should_retry(task, "b")  # 1 run + 2 retries used up
+    assert not scheduler.has_work()
+
+
+def test_scheduler_reads_the_source_lazily() -> None:
+    """Taking tasks pulls no more from the source than asked (bounded memory)."""
+    pulled = []
+
+    def source():
+        """Record each task as it is drawn."""
+        for task in _tasks(1000):
+            pulled.append(task.seq)
+            yield task
+
+    scheduler = Scheduler(source())
+    scheduler.take("a", 5)
+    assert pulled == [1, 2, 3, 4, 5]
+
+
+def test_window_covers_the_round_trip_for_tiny_tasks_and_stays_shallow_for_long() -> None:
+    """Tiny tasks get a deep queue ahead of the slots; long tasks only one or so."""
+    window = HostWindow(slots=2, rtt=0.050)
+    assert window.want() == 4  # before any measurement: slots + slots
+    for _ in range(20):
+        window.observe(0.001)
+    assert window.ahead() >= 2 * 0.050 / 0.001
+    long = HostWindow(slots=2, rtt=0.001)
+    for _ in range(20):
+        long.observe(5.0)
+    assert long.ahead() == 1
+    long.in_flight = 3
+    assert long.want() == 0
+
+
+# -- journal and merged output -------------------------------------------------
+
+
+def _result(seq: int, out: bytes, err: bytes = b"", code: int = 0) -> TaskResult:
+    """A finished task for journal tests."""
+    return TaskResult(seq, f"task {seq}", "h1", code, None, False, 0.1, 1, out, err)
+
+
+def test_merged_output_is_in_seq_order_whatever_the_finish_order(tmp_path: Path) -> None:
+    """Results arriving out of order are rendered in seq order, blanks skipped."""
+    journal = Journal.create(tmp_path / "j", {"version": 1})
+    out = io.BytesIO()
+    merged = MergedOutput(out, "text", journal)
+    order = [3, 1, 5, 4]
+    merged.skip(2)
+    for seq in order:
+        offset = journal.add_result(_result(seq, f"{seq}\n".encode()))
+        journal.flush()
+        merged.put(seq, offset, _result(seq, f"{seq}\n".encode()))
+        if seq == 3:
+            assert out.getvalue() == b""  # 1 is not done yet
+    assert out.getvalue() == b"1\n3\n4\n5\n"
+    assert merged.waiting() == 0
+
+
+def test_journal_reopen_finds_done_tasks_and_cuts_a_torn_tail(tmp_path: Path) -> None:
+    """A journal cut mid-record (the head killed) reopens with every whole record."""
+    path = tmp_path / "j"
+    journal = Journal.create(path, {"version": 1, "tasks_sha256": "x"})
+    offsets = [journal.add_result(_result(seq, b"x" * seq)) for seq in (2, 1, 4)]
+    journal.close()
+    whole = path.stat().st_size
+    with open(path, "ab") as handle:
+        handle.write(encode_frame(sshfan.KIND_DONE, b"\x00" * 50)[:30])
+    reopened, header, done = Journal.reopen(path)
+    assert header["tasks_sha256"] == "x"
+    assert [done[s] for s in (1, 2, 4)] == [offsets[1], offsets[0], offsets[2]]
+    assert done[3] == -1
+    assert path.stat().st_size == whole
+    assert reopened.load_result(offsets[2]).stdout == b"xxxx"
+    reopened.close()
+
+
+def test_jsonl_streams_large_and_binary_output_from_journal_pieces(tmp_path: Path) -> None:
+    """Output that came in pieces renders as one JSON string, or base64 if not UTF-8."""
+    journal = Journal.create(tmp_path / "j", {"version": 1})
+    text = "é" * 300_001  # pieces will split the two-byte characters
+    data = text.encode()
+    pieces = []
+    for start in range(0, len(data) - 10, 65_537):
+        chunk = data[start : min(start + 65_537, len(data) - 10)]
+        offset = journal.append(KIND_OUTPUT, sshfan.OUTPUT_HEAD.pack(1, 1) + chunk)
+        pieces.append((offset + sshfan.FRAME_HEADER.size + sshfan.OUTPUT_HEAD.size, 1, len(chunk)))
+    tail = data[len(data) - 10 :]
+    binary = bytes(range(256)) * 3 + b"\xff"
+    offset = journal.append(KIND_OUTPUT, sshfan.OUTPUT_HEAD.pack(1, 2) + binary)
+    pieces.append((offset + 9 + 9, 2, len(binary)))
+    journal.flush()
+    result = _result(1, tail, b"\x00end")
+    result.pieces = pieces
+    out = io.BytesIO()
+    sshfan.render_result(out, "jsonl", result, journal)
+    record = json.loads(out.getvalue())
+    assert record["stdout"] == text
+    assert sshfan.base64.b64decode(record["stderr_b64"]) == binary + b"\x00end"
+    text_out = io.BytesIO()
+    sshfan.render_result(text_out, "text", result, journal)
+    assert text_out.getvalue() == data
+
+
+def test_read_tasks_numbers_lines_and_skips_blanks_and_done(tmp_path: Path) -> None:
+    """seq is the line number; blank lines and journaled tasks are not handed out."""
+    path = tmp_path / "tasks"
+    path.write_bytes(b"echo a\n\n   \necho b\r\necho c\necho d")
+    done = array.array("q", [-1] * 6)
+    done[5] = 123
+    journal = Journal.create(tmp_path / "j", {"version": 1})
+    merged = MergedOutput(io.BytesIO(), "text", journal)
+    tasks = list(sshfan.read_tasks(path, merged, done))
+    assert [(t.seq, t.command) for t in tasks] == [(1, "echo a"), (4, "echo b"), (6, "echo d")]
+    assert sshfan.scan_tasks(path)[0] == 4
