@@ -962,7 +962,7 @@ class HostSession:
             "slots": slots,
             "timeout": self.run.timeout if self.run else None,
             "env": dict(self.spec.env),
-            "workdir": self.spec.workdir or (os.getcwd() if self.spec.local else None),
+            "workdir": self.spec.workdir or "~",
         }
         self._write(encode_frame(KIND_CONFIG, json.dumps(config).encode()))
         self.rtt = await self.ping()
