@@ -12,12 +12,14 @@ worker stub (shipped), scheduler, transports, journal and output, the run, CLI.
 from __future__ import annotations
 
 import array
+import ast
 import asyncio
 import base64
 import codecs
 import collections
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import inspect
 import json
@@ -736,6 +738,19 @@ _SHIPPED_OBJECTS = (
 )
 
 
+def _source_of(obj: Any) -> str:
+    """The source of a shipped function or class, even when __main__ has no file (cProfile)."""
+    try:
+        return inspect.getsource(obj)
+    except (OSError, TypeError):
+        text = Path(__file__).read_text(encoding="utf-8")
+        for node in ast.parse(text).body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name == obj.__name__:
+                return "\n".join(text.splitlines()[node.lineno - 1 : node.end_lineno]) + "\n"
+        raise
+
+
+@functools.cache
 def stub_source() -> str:
     """The worker stub's complete source, as shipped: imports, constants, code, entry call."""
     lines = [
@@ -748,7 +763,7 @@ def stub_source() -> str:
     for name in _SHIPPED_STRUCTS:
         lines.append(f"{name} = struct.Struct({globals()[name].format!r})\n")
     for obj in _SHIPPED_OBJECTS:
-        lines.append("\n\n" + inspect.getsource(obj))
+        lines.append("\n\n" + _source_of(obj))
     lines.append("\n\nif __name__ == '__main__':\n    stub_main()\n")
     return "".join(lines)
 
@@ -937,9 +952,9 @@ class HostSession:
 
     async def open(self, pacing: asyncio.Semaphore) -> None:
         """Connect, start the stub, wait for its hello, and configure it."""
-        source = stub_source().encode("utf-8")
-        code = bootstrap_code(len(source))
         try:
+            source = stub_source().encode("utf-8")
+            code = bootstrap_code(len(source))
             if self.spec.local:
                 await self._open_local(code)
             else:
@@ -956,6 +971,10 @@ class HostSession:
         except HostError as exc:
             self._fail(exc)
             raise
+        except Exception as exc:  # never leave a host "connecting" forever
+            error = HostError(self.name, "bootstrap", f"{type(exc).__name__}: {exc}")
+            self._fail(error)
+            raise error from exc
         slots = self.spec.slots or int(self.hello.get("cpus") or 1)
         self.window.slots = slots
         config = {
@@ -1070,11 +1089,12 @@ class HostSession:
             frames = self.decoder.feed(data)
             for kind, payload in frames:
                 self._on_frame(kind, payload)
-        except FrameError as exc:
-            self._fail(HostError(self.name, "protocol", str(exc)))
-            return
         except HostError as exc:
             self._fail(exc)
+            return
+        except (FrameError, struct.error, ValueError, KeyError, TypeError) as exc:
+            # A frame that decodes badly is the peer's fault: the host fails, not the run.
+            self._fail(HostError(self.name, "protocol", f"bad frame: {exc}"))
             return
         if self.run is not None and frames:
             self.run.after_batch(self)
@@ -1714,6 +1734,7 @@ class RunSummary:
     failures: list[TaskResult] = dataclasses.field(default_factory=list)
     interrupted: bool = False
     complete: bool = False
+    fatal: str = ""
     output: str = ""
     journal: str = ""
     elapsed_s: float = 0.0
@@ -1790,6 +1811,9 @@ class _Run:
             await session.open(pacing)
         except HostError:
             return  # reported by on_host_lost
+        except Exception as exc:  # a bug must not leave the run waiting on this host
+            session._fail(HostError(session.name, "start", f"{type(exc).__name__}: {exc}"))
+            return
         if session.spec.slots is None and not session.spec.local:
             self.log(f"sshfan: {session.name}: slots = auto: {session.window.slots} CPUs")
         self._refill_all()
@@ -1832,7 +1856,11 @@ class _Run:
 
     def after_batch(self, session: HostSession) -> None:
         """After a batch of frames from one host: journal, render, refill, maybe finish."""
-        self._merge_batch()
+        try:
+            self._merge_batch()
+        except OSError as exc:  # the journal or output cannot be written: stop the run
+            self.abort(f"cannot write results: {exc.filename or ''} {exc.strerror}".strip())
+            return
         if not self.summary.interrupted:
             session.refill(self.scheduler, self._others_alive(session))
             if self.scheduler.has_work():
@@ -1906,6 +1934,13 @@ class _Run:
             session.finish()
         if self._finished is not None and not self._finished.done():
             self._finished.set_result(None)
+
+    def abort(self, message: str) -> None:
+        """A failure of the head itself: stop the run (exit 3, journal kept)."""
+        self.log(f"sshfan: error: {message}")
+        self.summary.fatal = message
+        self.scheduler.stopped = True
+        self._finish(complete=False)
 
     def interrupt(self) -> None:
         """Ctrl-C, SIGTERM or SIGHUP: stop handing out tasks; a second one quits at once."""
@@ -2149,7 +2184,9 @@ def format_summary(summary: RunSummary) -> list[str]:
     where = "stdout" if summary.output == "-" else summary.output
     lines.append(f"sshfan: output: {where}; journal: {summary.journal}")
     if summary.exit_code in (3, 130):
-        if summary.exit_code == 3:
+        if summary.fatal:
+            lines.append(f"sshfan: the run could not finish: {summary.fatal}")
+        elif summary.exit_code == 3:
             lines.append("sshfan: the run could not finish: no host is left")
         lines.append("sshfan: to finish the run, repeat the command with --resume")
     return lines

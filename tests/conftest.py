@@ -1,0 +1,104 @@
+"""Shared pytest fixtures: throwaway SSH servers and a runner for the sshfan CLI."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parent
+if str(TESTS_DIR) not in sys.path:
+    sys.path.insert(0, str(TESTS_DIR))
+
+from sshd import SshServer  # noqa: E402 - importable only after the sys.path insert
+
+DEFAULT_TEST_TIMEOUT = 300  # seconds; a hung SSH session must fail a test, not the CI job
+
+RunSshfan = Callable[..., "subprocess.CompletedProcess[bytes]"]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Give every test a pytest-timeout limit unless one is configured or marked."""
+    if not config.pluginmanager.hasplugin("timeout"):
+        return
+    if config.getoption("timeout", None) or config.getini("timeout"):
+        return
+    for item in items:
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(DEFAULT_TEST_TIMEOUT))
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
+    """Return one SSH server shared by the whole session (do not kill or freeze it)."""
+    server = SshServer(tmp_path_factory.mktemp("sshd")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def sshd_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., SshServer]]:
+    """Return a maker of fresh started servers, for tests that kill or freeze them."""
+    servers: list[SshServer] = []
+
+    def make(kind: str = "auto") -> SshServer:
+        """Start a new server of the given kind and remember it for teardown."""
+        server = SshServer(tmp_path_factory.mktemp("sshd"), kind)
+        servers.append(server)
+        return server.start()
+
+    try:
+        yield make
+    finally:
+        for server in servers:
+            server.stop()
+
+
+@pytest.fixture
+def run_sshfan(tmp_path: Path) -> RunSshfan:
+    """Return a runner of `python -m sshfan ARGS` capturing stdout and stderr as bytes."""
+
+    def run(
+        args: list[str],
+        input: bytes | None = None,  # named as in subprocess.run
+        timeout: float = 120,
+        cwd: Path | str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.CompletedProcess[bytes]:
+        """Run sshfan with args; env holds extra variables on top of os.environ."""
+        full_env = dict(os.environ)
+        full_env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(REPO_ROOT), full_env.get("PYTHONPATH", "")) if p
+        )
+        full_env.update(env or {})
+        argv = [sys.executable, "-m", "sshfan", *args]
+        # Own session, so a timeout can kill sshfan and its ssh/local helpers together.
+        proc = subprocess.Popen(
+            argv,
+            cwd=cwd if cwd is not None else tmp_path,
+            env=full_env,
+            stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        try:
+            stdout, stderr = proc.communicate(input, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+            pytest.fail(
+                f"sshfan {args} timed out after {timeout}s; stderr:\n"
+                f"{stderr.decode(errors='replace')[-4000:]}"
+            )
+        return subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
+
+    return run
