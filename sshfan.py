@@ -1726,6 +1726,7 @@ class RunSummary:
     failed: int = 0
     timed_out: int = 0
     resumed: int = 0
+    hosts: list[str] = dataclasses.field(default_factory=list)
     per_host: dict[str, list[float]] = dataclasses.field(default_factory=dict)
     failed_per_host: dict[str, int] = dataclasses.field(default_factory=dict)
     lost_per_host: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -2056,6 +2057,7 @@ async def run_async(
         scheduler = Scheduler(read_tasks(tasks_path, merged, done), opts.retries)
         run = _Run(opts.hosts, scheduler, journal, merged, opts.timeout, log, on_done)
         run.summary.total = count
+        run.summary.hosts = [spec.name for spec in opts.hosts]
         run.summary.resumed = sum(1 for off in done if off >= 0)
         run.summary.journal = str(journal.path)
         run.summary.output = opts.output
@@ -2155,11 +2157,7 @@ def format_summary(summary: RunSummary) -> list[str]:
     if summary.resumed:
         parts.append(f"{summary.resumed} from the journal")
     lines.append(f"{head}: {', '.join(parts)} in {summary.elapsed_s:.2f} s")
-    names = list(summary.per_host) + [
-        n
-        for n in list(summary.lost_hosts) + list(summary.skipped_hosts)
-        if n not in summary.per_host
-    ]
+    names = list(dict.fromkeys([*summary.hosts, *summary.per_host]))
     if names:
         lines.append(
             f"  {'host':<20} {'tasks':>7} {'failed':>7} {'lost':>5} {'median s':>9}  status"
@@ -2176,7 +2174,7 @@ def format_summary(summary: RunSummary) -> list[str]:
                 f"  {name:<20} {len(durations):>7} {summary.failed_per_host.get(name, 0):>7} "
                 f"{summary.lost_per_host.get(name, 0):>5} {median:>9}  {status}"
             )
-    for result in summary.failures:
+    for result in sorted(summary.failures, key=lambda r: r.seq):
         why = "timed out" if result.timed_out else f"exit {result.exit_code}"
         tail = result.stderr.decode("utf-8", "replace").strip().splitlines()[-1:]
         detail = f": {tail[0][:200]}" if tail else ""
