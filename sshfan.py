@@ -21,10 +21,12 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import hmac
 import inspect
 import json
 import math
 import os
+import re
 import selectors
 import shlex
 import signal
@@ -1345,13 +1347,54 @@ def _exc_reason(exc: BaseException) -> str:
     return getattr(exc, "reason", None) or str(exc) or type(exc).__name__
 
 
+def _ssh_pattern(pattern: str) -> re.Pattern[str]:
+    """An OpenSSH host pattern as a regex: only * and ? are wildcards ([ ] are literal)."""
+    return re.compile(
+        "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+    )
+
+
+def _known_host_lines(path: str, address: str, port: int | None) -> list[int]:
+    """Line numbers of a known_hosts file with an entry for ADDRESS:PORT (plain or hashed)."""
+    name = address if not port or port == 22 else f"[{address}]:{port}"
+    found = []
+    try:
+        lines = Path(path).expanduser().read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return found
+    for number, line in enumerate(lines, 1):
+        fields = line.split()
+        if fields and fields[0].startswith("@"):
+            fields = fields[1:]
+        if len(fields) < 2 or fields[0].startswith("#"):
+            continue
+        for pattern in fields[0].split(","):
+            if pattern.startswith("|1|") and pattern.count("|") == 3:
+                salt, digest = pattern[3:].split("|")
+                with contextlib.suppress(ValueError):
+                    mac = hmac.new(base64.b64decode(salt), name.encode(), "sha1").digest()
+                    if mac == base64.b64decode(digest):
+                        found.append(number)
+            elif not pattern.startswith("!") and _ssh_pattern(pattern).fullmatch(name):
+                found.append(number)
+    return found
+
+
 def _host_key_hint(spec: HostSpec, reason: str) -> str:
-    """Explain a host key failure and how to fix it."""
+    """Explain a host key failure (changed key, or unknown host) and how to fix it."""
     files = spec.known_hosts if isinstance(spec.known_hosts, str) else "~/.ssh/known_hosts"
     address = spec.address or spec.name
+    lines = _known_host_lines(files, address, spec.port)
+    if lines:
+        where = ", ".join(f"{files}:{n}" for n in lines)
+        name = address if not spec.port or spec.port == 22 else f"[{address}]:{spec.port}"
+        return (
+            f"the host key does not match the one recorded at {where} ({reason}); "
+            f"if the host was reinstalled, remove the old key with 'ssh-keygen -R {name}'"
+        )
     port = f" -p {spec.port}" if spec.port and spec.port != 22 else ""
     return (
-        f"{reason} (checked against {files}); if the host is new, add its key with "
+        f"unknown host: no key for it in {files} ({reason}); add its key with "
         f"'ssh-keyscan{port} {address} >> {files}', or set known_hosts = false for loopback CI"
     )
 
