@@ -23,9 +23,11 @@ import functools
 import hashlib
 import hmac
 import inspect
+import io
 import json
 import math
 import os
+import queue
 import re
 import selectors
 import shlex
@@ -35,9 +37,10 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
@@ -275,12 +278,13 @@ def load_hosts(path: str | os.PathLike[str]) -> list[HostSpec]:
 # | HELLO   | stub → head | JSON: proto, python, cpus, hostname, pid               |
 # | CONFIG  | head → stub | JSON: slots, timeout, env, workdir                     |
 # | TASKS   | head → stub | repeated (seq u64, length u32, command bytes)          |
-# | CANCEL  | head → stub | JSON list of seqs to kill                              |
 # | PING    | both        | opaque bytes, answered by PONG with the same bytes     |
 # | OUTPUT  | stub → head | seq u64, stream u8 (1 stdout, 2 stderr), bytes         |
 # | RESULT  | stub → head | seq u64, status i32, flags u8, duration f64, stdout    |
 # |         |             | length u32, stderr length u32, stdout, stderr          |
 # | ERROR   | stub → head | UTF-8 text: the stub cannot go on                      |
+# | DROP    | head → stub | empty: forget the tasks not started yet                |
+# | DROPPED | stub → head | JSON list of the seqs it forgot                        |
 #
 # Bytes before the first frame (a login banner from the worker's shell start-up
 # files) are skipped; after it, anything that is not a frame is a protocol error.
@@ -297,12 +301,13 @@ PROTO_VERSION = 1
 KIND_HELLO = 1
 KIND_CONFIG = 2
 KIND_TASKS = 3
-KIND_CANCEL = 4
 KIND_PING = 5
 KIND_PONG = 6
 KIND_OUTPUT = 7
 KIND_RESULT = 8
 KIND_ERROR = 9
+KIND_DROP = 10
+KIND_DROPPED = 11
 KIND_DONE = 20  # journal only: a finished task's record
 KIND_JOURNAL = 21  # journal only: the header record
 
@@ -500,14 +505,12 @@ class Stub:
                 if not os.path.isdir(self.workdir):
                     raise RuntimeError(f"workdir {self.workdir} is not a directory")
             self.configured = True
-        elif kind == KIND_CANCEL:
-            wanted = set(json.loads(payload.decode("utf-8")))
-            self.queue = collections.deque(t for t in self.queue if t[0] not in wanted)
-            for task in self.running.values():
-                if task.seq in wanted:
-                    task.kill(FLAG_CANCELLED)
         elif kind == KIND_PING:
             self.send(KIND_PONG, payload)
+        elif kind == KIND_DROP:
+            dropped = [seq for seq, _ in self.queue]
+            self.queue.clear()
+            self.send(KIND_DROPPED, json.dumps(dropped).encode("utf-8"))
         else:
             raise FrameError(f"unexpected frame kind {kind} from the head")
 
@@ -717,12 +720,13 @@ _SHIPPED_CONSTANTS = (
     "KIND_HELLO",
     "KIND_CONFIG",
     "KIND_TASKS",
-    "KIND_CANCEL",
     "KIND_PING",
     "KIND_PONG",
     "KIND_OUTPUT",
     "KIND_RESULT",
     "KIND_ERROR",
+    "KIND_DROP",
+    "KIND_DROPPED",
     "FLAG_TIMED_OUT",
     "FLAG_CANCELLED",
 )
@@ -847,9 +851,9 @@ class Scheduler:
             return False
         return bool(self._again) or not self._source_done
 
-    def only_avoiding(self, host: str) -> bool:
-        """Whether every waiting task is a retry that avoids HOST (so HOST should idle)."""
-        return self._source_done and all(t.avoid == host for t in self._again)
+    def exhausted(self) -> bool:
+        """Whether every task has been handed out for good (nothing left, nothing to retry)."""
+        return self._source_done and not self._again
 
 
 class HostWindow:
@@ -1147,6 +1151,13 @@ class HostSession:
         elif kind == KIND_PONG:
             if self._pong is not None and not self._pong.done():
                 self._pong.set_result(0.0)
+        elif kind == KIND_DROPPED:
+            dropped = [
+                self.in_flight.pop(seq) for seq in json.loads(payload) if seq in self.in_flight
+            ]
+            self.window.in_flight -= len(dropped)
+            if self.run is not None:
+                self.run.scheduler.put_back(dropped)
         elif kind == KIND_ERROR:
             raise HostError(self.name, "stub", payload.decode("utf-8", "replace"))
         else:
@@ -1209,10 +1220,10 @@ class HostSession:
         self._write(encode_frame(KIND_TASKS, payload))
         return len(tasks)
 
-    def cancel(self, seqs: list[int]) -> None:
-        """Ask the stub to kill these tasks."""
-        if self.state == "ready" and seqs:
-            self._write(encode_frame(KIND_CANCEL, json.dumps(seqs).encode()))
+    def drop_queued(self) -> None:
+        """Ask the stub to give back the tasks it has not started (--halt-on-error)."""
+        if self.state == "ready":
+            self._write(encode_frame(KIND_DROP, b""))
 
     def finish(self) -> None:
         """No more work: close the stub's stdin so it exits once its tasks are done."""
@@ -1603,10 +1614,33 @@ def _write_base64(out: IO[bytes], chunks: Iterator[bytes]) -> None:
     out.write(base64.b64encode(carry) + b'"')
 
 
-def render_result(out: IO[bytes], fmt: str, result: TaskResult, journal: Journal | None) -> None:
+def _write_tagged(out: IO[bytes], prefix: bytes, chunks: Iterator[bytes]) -> None:
+    """Write chunks with PREFIX at the start of every line (--tag)."""
+    at_start = True
+    for chunk in chunks:
+        parts = chunk.split(b"\n")
+        for index, part in enumerate(parts):
+            last = index == len(parts) - 1
+            if last and not part:
+                break
+            if at_start:
+                out.write(prefix)
+            out.write(part)
+            at_start = not last
+            if not last:
+                out.write(b"\n")
+
+
+def render_result(
+    out: IO[bytes], fmt: str, result: TaskResult, journal: Journal | None, tag: bool = False
+) -> None:
     """Write one finished task to the merged output in FORMAT (text or jsonl)."""
     if fmt == "text":
-        if result.pieces and journal is not None:
+        if tag:
+            prefix = f"{result.host}\t{result.seq}\t".encode()
+            chunks = _stream_chunks(result, journal, 1) if journal else iter([result.stdout])
+            _write_tagged(out, prefix, chunks)
+        elif result.pieces and journal is not None:
             for chunk in _stream_chunks(result, journal, 1):
                 out.write(chunk)
         else:
@@ -1648,10 +1682,11 @@ class MergedOutput:
     BLANK = 0  # offset 0 is the journal's header, never a task: marks a blank line
     WAITING = -1
 
-    def __init__(self, out: IO[bytes], fmt: str, journal: Journal) -> None:
+    def __init__(self, out: IO[bytes], fmt: str, journal: Journal, tag: bool = False) -> None:
         """Render into OUT in FMT, reading out-of-order results back from JOURNAL."""
         self.out = out
         self.fmt = fmt
+        self.tag = tag
         self.journal = journal
         self.next_seq = 1
         # Offsets of results waiting for their turn, indexed by seq - next_seq + head:
@@ -1681,7 +1716,7 @@ class MergedOutput:
             return
         if result is None:
             result = self.journal.load_result(offset)
-        render_result(self.out, self.fmt, result, self.journal)
+        render_result(self.out, self.fmt, result, self.journal, self.tag)
 
     def _advance(self) -> None:
         """Move past the just-rendered seq."""
@@ -1777,6 +1812,7 @@ class RunSummary:
     lost_hosts: dict[str, str] = dataclasses.field(default_factory=dict)
     failures: list[TaskResult] = dataclasses.field(default_factory=list)
     interrupted: bool = False
+    halted: bool = False
     complete: bool = False
     fatal: str = ""
     output: str = ""
@@ -1788,6 +1824,8 @@ class RunSummary:
         """The exit code DESIGN.md gives this outcome."""
         if self.interrupted:
             return 130
+        if self.halted:
+            return 1
         if not self.complete:
             return 3
         return 1 if self.failed or self.timed_out else 0
@@ -1802,16 +1840,19 @@ class _Run:
         scheduler: Scheduler,
         journal: Journal,
         merged: MergedOutput | None,
-        timeout: float | None = None,
+        opts: RunOptions,
         log: Callable[[str], None] = lambda line: None,
         on_done: Callable[[TaskResult], None] = lambda result: None,
+        whole: bool = False,
     ) -> None:
         """Set up the run's parts; nothing is connected until execute()."""
         self.hosts = hosts
         self.scheduler = scheduler
         self.journal = journal
         self.merged = merged
-        self.timeout = timeout
+        self.timeout = opts.timeout
+        self.halt_on_error = opts.halt_on_error
+        self.whole = whole  # hand on_done whole outputs (read back from the journal)
         self.log = log
         self.on_done = on_done
         self.summary = RunSummary()
@@ -1897,6 +1938,15 @@ class _Run:
             summary.failed_per_host[session.name] = summary.failed_per_host.get(session.name, 0) + 1
             if len(summary.failures) < 5:
                 summary.failures.append(result)
+            if self.halt_on_error and not summary.halted:
+                summary.halted = True
+                self.scheduler.stopped = True
+                for other in self.sessions:
+                    other.drop_queued()
+                self.log(
+                    f"sshfan: task {result.seq} failed: --halt-on-error: no new tasks; "
+                    "waiting for the running ones"
+                )
 
     def after_batch(self, session: HostSession) -> None:
         """After a batch of frames from one host: journal, render, refill, maybe finish."""
@@ -1921,7 +1971,7 @@ class _Run:
         for seq, offset, result in batch:
             if self.merged is not None:
                 self.merged.put(seq, offset, result)
-            self.on_done(result)
+            self.on_done(whole_result(result, self.journal) if self.whole else result)
         if self.merged is not None:
             self.merged.out.flush()
 
@@ -1967,7 +2017,7 @@ class _Run:
         if self.summary.interrupted:
             self._finish(complete=False)
         elif not self.scheduler.has_work() and not in_flight:
-            self._finish(complete=True)
+            self._finish(complete=self.scheduler.exhausted())
         elif not any(s.state in ("ready", "connecting") for s in self.sessions):
             self._finish(complete=False)
 
@@ -1993,9 +2043,13 @@ class _Run:
             with contextlib.suppress(Exception):
                 self.journal.flush()
             os._exit(130)
+        self.log("sshfan: interrupted: stopping the running tasks (Ctrl-C again to quit at once)")
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop the run: no new tasks, running ones killed, journal kept for --resume."""
         self.summary.interrupted = True
         self.scheduler.stopped = True
-        self.log("sshfan: interrupted: stopping the running tasks (Ctrl-C again to quit at once)")
         self._check_done()
 
 
@@ -2042,6 +2096,10 @@ class RunOptions:
     timeout: float | None = None
     retries: int = 0
     journal: str | None = None
+    slots: int | None = None  # overrides every host's slots
+    halt_on_error: bool = False
+    tag: bool = False
+    joblog: str | None = None
 
 
 def prepare_run(opts: RunOptions) -> tuple[Path, int, Journal, array.array[int], bool]:
@@ -2092,13 +2150,23 @@ async def run_async(
     out: IO[bytes] | None,
     log: Callable[[str], None] = lambda line: None,
     on_done: Callable[[TaskResult], None] = lambda result: None,
+    whole: bool = False,
+    on_start: Callable[[_Run], None] = lambda run: None,
 ) -> RunSummary:
     """Run the tasks described by OPTS, rendering into OUT; return the summary."""
     tasks_path, count, journal, done, resumed = prepare_run(opts)
+    joblog = None
     try:
-        merged = MergedOutput(out, opts.fmt, journal) if out is not None else None
+        if opts.joblog:
+            joblog = _open_joblog(opts.joblog, append=resumed)
+            on_done = _with_joblog(on_done, joblog)
+        merged = MergedOutput(out, opts.fmt, journal, opts.tag) if out is not None else None
         scheduler = Scheduler(read_tasks(tasks_path, merged, done), opts.retries)
-        run = _Run(opts.hosts, scheduler, journal, merged, opts.timeout, log, on_done)
+        hosts = opts.hosts
+        if opts.slots:
+            hosts = [dataclasses.replace(spec, slots=opts.slots) for spec in hosts]
+        run = _Run(hosts, scheduler, journal, merged, opts, log, on_done, whole)
+        on_start(run)
         run.summary.total = count
         run.summary.hosts = [spec.name for spec in opts.hosts]
         run.summary.resumed = sum(1 for off in done if off >= 0)
@@ -2113,8 +2181,220 @@ async def run_async(
         return await run.execute()
     finally:
         journal.close()
+        if joblog is not None:
+            joblog.close()
         if opts.tasks == "-":
             tasks_path.unlink(missing_ok=True)
+
+
+def _open_joblog(path: str, append: bool) -> IO[str]:
+    """Open a GNU parallel style joblog (header written unless appending to one)."""
+    try:
+        handle = open(path, "a" if append else "w", encoding="utf-8")  # noqa: SIM115
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot write joblog: {exc.strerror}") from None
+    if handle.tell() == 0:
+        handle.write("Seq\tHost\tStarttime\tJobRuntime\tSend\tReceive\tExitval\tSignal\tCommand\n")
+    return handle
+
+
+def _with_joblog(
+    on_done: Callable[[TaskResult], None], joblog: IO[str]
+) -> Callable[[TaskResult], None]:
+    """Wrap ON_DONE so each finished task also gets a joblog row, as GNU parallel writes it."""
+
+    def on_done_logged(result: TaskResult) -> None:
+        """Write the joblog row, then pass the result on."""
+        received = len(result.stdout) + len(result.stderr) + sum(p[2] for p in result.pieces)
+        start = time.time() - result.duration_s
+        exitval = 0 if result.signal else result.exit_code
+        command = result.command.replace("\t", " ")
+        joblog.write(
+            f"{result.seq}\t{result.host}\t{start:.3f}\t{result.duration_s:8.3f}\t0\t"
+            f"{received}\t{exitval}\t{result.signal or 0}\t{command}\n"
+        )
+        joblog.flush()
+        on_done(result)
+
+    return on_done_logged
+
+
+def whole_result(result: TaskResult, journal: Journal) -> TaskResult:
+    """The result with its whole stdout and stderr in memory (pieces read back)."""
+    if not result.pieces:
+        return result
+    out = b"".join(_stream_chunks(result, journal, 1))
+    err = b"".join(_stream_chunks(result, journal, 2))
+    return dataclasses.replace(result, stdout=out, stderr=err, pieces=[])
+
+
+# ============================================================================
+# Python API
+# ============================================================================
+
+TasksArg = str | os.PathLike[str] | Iterable[str]
+HostsArg = str | os.PathLike[str] | list[HostSpec] | list[str] | None
+
+
+def resolve_hosts(hosts: HostsArg) -> list[HostSpec]:
+    """Hosts for the API: a hosts file path, HostSpecs, ~/.ssh/config names, or None (local)."""
+    if hosts is None:
+        return [local_host()]
+    if isinstance(hosts, (str, os.PathLike)):
+        return load_hosts(hosts)
+    specs = [HostSpec(name=h) if isinstance(h, str) else h for h in hosts]
+    if not specs:
+        raise UsageError("hosts: the list is empty")
+    return specs
+
+
+class RunError(SshfanError):
+    """The run could not finish (no host left, or stopped); its summary says more."""
+
+    def __init__(self, summary: RunSummary) -> None:
+        """Keep the summary of the run that could not finish."""
+        reason = summary.fatal or ("interrupted" if summary.interrupted else "no host is left")
+        super().__init__(f"the run could not finish: {reason}; journal: {summary.journal}")
+        self.summary = summary
+
+
+async def run_tasks_async(
+    tasks: TasksArg,
+    hosts: HostsArg = None,
+    *,
+    slots: int | None = None,
+    timeout: float | None = None,
+    retries: int = 0,
+    halt_on_error: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> AsyncIterator[TaskResult]:
+    """Run TASKS (a tasks file path, or an iterable of commands) on HOSTS; yield results as
+    they finish, with whole stdout and stderr. Raises RunError if no host is left."""
+    specs = resolve_hosts(hosts)
+    with tempfile.TemporaryDirectory(prefix="sshfan-") as tmp:
+        if isinstance(tasks, (str, os.PathLike)):
+            path = Path(tasks)
+        else:
+            path = Path(tmp, "tasks")
+            with open(path, "w", encoding="utf-8") as handle:
+                for number, command in enumerate(tasks, 1):
+                    if "\n" in command:
+                        raise UsageError(f"task {number}: a command must be one line")
+                    handle.write(command + "\n")
+        opts = RunOptions(
+            str(path),
+            specs,
+            output=str(Path(tmp, "out")),
+            journal=str(Path(tmp, "journal")),
+            timeout=timeout,
+            retries=retries,
+            slots=slots,
+            halt_on_error=halt_on_error,
+        )
+        results: asyncio.Queue[TaskResult] = asyncio.Queue()
+        started: list[_Run] = []
+        runner = asyncio.ensure_future(
+            run_async(
+                opts, None, log or (lambda line: None), results.put_nowait, True, started.append
+            )
+        )
+        getter: asyncio.Future[TaskResult] | None = None
+        try:
+            while True:
+                getter = asyncio.ensure_future(results.get())
+                await asyncio.wait({getter, runner}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield getter.result()
+                    continue
+                getter.cancel()
+                while not results.empty():
+                    yield results.get_nowait()
+                summary = runner.result()
+                if summary.exit_code in (3, 130):
+                    raise RunError(summary)
+                return
+        finally:
+            if getter is not None and not getter.done():
+                getter.cancel()
+            if not runner.done():
+                for run in started:
+                    run.stop()
+                with contextlib.suppress(Exception):
+                    await runner
+
+
+def run_tasks(
+    tasks: TasksArg,
+    hosts: HostsArg = None,
+    *,
+    slots: int | None = None,
+    timeout: float | None = None,
+    retries: int = 0,
+    halt_on_error: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> Iterator[TaskResult]:
+    """The synchronous twin of run_tasks_async: an iterator of results as they finish."""
+    handoff: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=1024)
+    stop = threading.Event()
+
+    async def produce() -> None:
+        """Run the async iterator, handing each result to the consumer's thread."""
+        results = run_tasks_async(
+            tasks,
+            hosts,
+            slots=slots,
+            timeout=timeout,
+            retries=retries,
+            halt_on_error=halt_on_error,
+            log=log,
+        )
+        try:
+            async for result in results:
+                while not stop.is_set():
+                    try:
+                        handoff.put(("result", result), timeout=0.1)
+                        break
+                    except queue.Full:
+                        await asyncio.sleep(0.05)
+                if stop.is_set():
+                    break
+        finally:
+            await results.aclose()
+
+    loop = asyncio.new_event_loop()
+    producer = loop.create_task(produce())
+
+    def worker() -> None:
+        """The event loop's thread."""
+        try:
+            loop.run_until_complete(producer)
+            handoff.put(("end", None))
+        except asyncio.CancelledError:
+            handoff.put(("end", None))
+        except BaseException as exc:  # handed to the consumer, raised there
+            handoff.put(("error", exc))
+        finally:
+            loop.close()
+
+    thread = threading.Thread(target=worker, name="sshfan-run", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = handoff.get()
+            if kind == "result":
+                yield value
+            elif kind == "error":
+                raise value
+            else:
+                return
+    finally:
+        stop.set()
+        with contextlib.suppress(RuntimeError):  # the loop already closed
+            loop.call_soon_threadsafe(producer.cancel)
+        while thread.is_alive():
+            with contextlib.suppress(queue.Empty):
+                handoff.get(timeout=0.1)
+        thread.join()
 
 
 # ============================================================================
@@ -2222,11 +2502,15 @@ def format_summary(summary: RunSummary) -> list[str]:
         tail = result.stderr.decode("utf-8", "replace").strip().splitlines()[-1:]
         detail = f": {tail[0][:200]}" if tail else ""
         lines.append(f"  failed: task {result.seq} on {result.host} ({why}){detail}")
+    if summary.halted:
+        lines.append("sshfan: halted after a failure (--halt-on-error); --resume runs the rest")
     where = "stdout" if summary.output == "-" else summary.output
     lines.append(f"sshfan: output: {where}; journal: {summary.journal}")
     if summary.exit_code in (3, 130):
         if summary.fatal:
             lines.append(f"sshfan: the run could not finish: {summary.fatal}")
+        elif summary.interrupted:
+            lines.append("sshfan: the run was interrupted")
         elif summary.exit_code == 3:
             lines.append("sshfan: the run could not finish: no host is left")
         lines.append("sshfan: to finish the run, repeat the command with --resume")
@@ -2273,11 +2557,23 @@ def _cli() -> Any:
             help="Merged output file ('-': stdout). Default: TASKS stem + .out",
         ),
         fmt: str = typer.Option("text", "--format", "-f", help="Output format: text or jsonl."),
-        resume: bool = typer.Option(False, "--resume", help="Skip tasks already in the journal."),
+        slots: int | None = typer.Option(
+            None, "--slots", "-j", help="Tasks at once on every host (overrides the hosts file)."
+        ),
         timeout: float | None = typer.Option(
             None, "--timeout", help="Kill a task (its whole process group) after SECONDS."
         ),
         retries: int = typer.Option(0, "--retries", help="Re-run a failed task up to N times."),
+        halt_on_error: bool = typer.Option(
+            False, "--halt-on-error", help="After a failure, start no new tasks; exit 1."
+        ),
+        tag: bool = typer.Option(
+            False, "--tag", help="Text output: prefix each line with host TAB seq TAB."
+        ),
+        joblog: str | None = typer.Option(
+            None, "--joblog", help="Also write GNU parallel's tab-separated joblog to FILE."
+        ),
+        resume: bool = typer.Option(False, "--resume", help="Skip tasks already in the journal."),
         journal: str | None = typer.Option(
             None, "--journal", help="Journal path. Default: OUTPUT + .journal"
         ),
@@ -2285,9 +2581,44 @@ def _cli() -> Any:
     ) -> None:
         """Run every task in TASKS on the hosts; write results in task order."""
         try:
-            code = _run_command(
-                tasks, hosts, output, fmt, resume, timeout, retries, journal, no_progress
-            )
+            if fmt not in _FORMATS:
+                raise UsageError(f"--format: unknown format {fmt!r} (choose text or jsonl)")
+            if timeout is not None and not timeout > 0:
+                raise UsageError(
+                    f"--timeout: must be a positive number of seconds, not {timeout:g}"
+                )
+            if retries < 0:
+                raise UsageError(f"--retries: must be 0 or more, not {retries}")
+            if slots is not None and slots < 1:
+                raise UsageError(f"--slots: must be at least 1, not {slots}")
+            if output is None:
+                output = "-" if tasks == "-" else Path(tasks).stem + ".out"
+            specs = load_hosts(hosts) if hosts else [local_host()]
+            opts = RunOptions(
+                tasks, specs, output, fmt, resume, timeout, retries, journal,
+                slots, halt_on_error, tag, joblog,
+            )  # fmt: skip
+            code = _run_command(opts, progress=not no_progress and sys.stderr.isatty())
+        except SshfanError as exc:
+            print(f"sshfan: error: {exc}", file=sys.stderr)
+            code = exc.exit_code
+        raise typer.Exit(code)
+
+    @app.command()
+    def results(
+        output: str = typer.Argument(..., help="The run's output file (its journal is beside it)."),
+        failed: bool = typer.Option(False, "--failed", help="Only tasks that failed."),
+        fmt: str = typer.Option("table", "--format", "-f", help="table or jsonl."),
+        journal: str | None = typer.Option(None, "--journal", help="Journal path, if not default."),
+    ) -> None:
+        """List what a run (or an interrupted run) recorded, without running anything."""
+        try:
+            if fmt not in ("table", "jsonl"):
+                raise UsageError(f"--format: unknown format {fmt!r} (choose table or jsonl)")
+            path = Path(journal or output + ".journal")
+            if not path.is_file():
+                raise UsageError(f"{path}: no journal here (was {output} written by sshfan run?)")
+            code = _print_results(path, failed, fmt)
         except SshfanError as exc:
             print(f"sshfan: error: {exc}", file=sys.stderr)
             code = exc.exit_code
@@ -2328,74 +2659,151 @@ def _cli() -> Any:
     return app
 
 
-def _run_command(
-    tasks: str,
-    hosts: str | None,
-    output: str | None,
-    fmt: str,
-    resume: bool,
-    timeout: float | None,
-    retries: int,
-    journal: str | None,
-    no_progress: bool,
-) -> int:
-    """`sshfan run`: validate options, run, print the summary; return the exit code."""
-    if fmt not in _FORMATS:
-        raise UsageError(f"--format: unknown format {fmt!r} (choose text or jsonl)")
-    if timeout is not None and not timeout > 0:
-        raise UsageError(f"--timeout: must be a positive number of seconds, not {timeout:g}")
-    if retries < 0:
-        raise UsageError(f"--retries: must be 0 or more, not {retries}")
-    specs = load_hosts(hosts) if hosts else [local_host()]
-    if output is None:
-        output = "-" if tasks == "-" else Path(tasks).stem + ".out"
-    opts = RunOptions(tasks, specs, output, fmt, resume, timeout, retries, journal)
-    if tasks != "-" and Path(tasks).is_dir():
-        raise UsageError(f"{tasks}: is a directory, not a tasks file")
-    if tasks != "-" and not Path(tasks).exists():
-        raise UsageError(f"{tasks}: tasks file not found")
-    for spec in specs:
-        if spec.known_hosts is False and not spec.local:
-            print(
-                "sshfan: warning: host key checking is off for some hosts (known_hosts = false)",
-                file=sys.stderr,
-            )
-            break
-    show = not no_progress and sys.stderr.isatty()
-    bar = None
-    if show:
+class _Progress:
+    """The tqdm bar on stderr: done / total, rate, ETA, then failed, running and per-host counts."""
+
+    def __init__(self) -> None:
+        """Open the bar (its total is set when the run knows it)."""
         from tqdm import tqdm
 
-        bar = tqdm(total=None, unit="task", file=sys.stderr, dynamic_ncols=True, leave=False)
+        self.bar = tqdm(total=None, unit="task", file=sys.stderr, dynamic_ncols=True, leave=False)
+        self.run: _Run | None = None
+        self._shown = 0.0
 
-    def on_done(result: TaskResult) -> None:
-        """Advance the progress bar."""
-        if bar is not None:
-            bar.update(1)
+    def started(self, run: _Run) -> None:
+        """The run is set up: show its total."""
+        self.run = run
+        self.bar.total = max(0, run.summary.total - run.summary.resumed) or None
+        self.bar.refresh()
 
-    out: IO[bytes]
-    if output == "-":
-        out = sys.stdout.buffer
-        close = False
-    else:
-        try:
-            out = open(output, "wb")  # noqa: SIM115 - closed below
-        except OSError as exc:
-            raise UsageError(f"{output}: cannot write output: {exc.strerror}") from None
-        close = True
+    def done(self, result: TaskResult) -> None:
+        """One task finished: advance, and now and then refresh the counts."""
+        self.bar.update(1)
+        now = time.monotonic()
+        if self.run is not None and now - self._shown > 0.5:
+            self._shown = now
+            summary = self.run.summary
+            running = sum(len(s.in_flight) for s in self.run.sessions)
+            hosts = " ".join(f"{n}:{len(d)}" for n, d in list(summary.per_host.items())[:8])
+            failed = summary.failed + summary.timed_out
+            self.bar.set_postfix_str(f"failed={failed} running={running} {hosts}", refresh=False)
+
+    def close(self) -> None:
+        """Remove the bar."""
+        self.bar.close()
+
+
+def _run_command(opts: RunOptions, progress: bool) -> int:
+    """`sshfan run`: check inputs, run, print the summary; return the exit code."""
+    if opts.tasks != "-" and Path(opts.tasks).is_dir():
+        raise UsageError(f"{opts.tasks}: is a directory, not a tasks file")
+    if opts.tasks != "-" and not Path(opts.tasks).exists():
+        raise UsageError(f"{opts.tasks}: tasks file not found")
+    if any(spec.known_hosts is False and not spec.local for spec in opts.hosts):
+        print(
+            "sshfan: warning: host key checking is off for some hosts (known_hosts = false)",
+            file=sys.stderr,
+        )
+    if opts.output != "-":
+        _check_writable_dir(Path(opts.output), "output")
+    bar = _Progress() if progress else None
+    out: IO[bytes] = _LazyOutput(opts.output)
     try:
-        if bar is not None:
-            count, _ = scan_tasks(Path(tasks)) if tasks != "-" else (0, "")
-            bar.total = count or None
-        summary = asyncio.run(run_async(opts, out, _say if bar else _print_err, on_done))
+        summary = asyncio.run(
+            run_async(
+                opts,
+                out,
+                _say if bar else _print_err,
+                bar.done if bar else lambda result: None,
+                on_start=bar.started if bar else lambda run: None,
+            )
+        )
+        out.write(b"")  # the run happened: its output exists even if it is empty
     finally:
         if bar is not None:
             bar.close()
-        if close:
-            out.close()
+        out.close()
     for line in format_summary(summary):
         print(line, file=sys.stderr)
     return summary.exit_code
+
+
+class _LazyOutput(io.RawIOBase):
+    """The merged output file, created at the first write or close (after inputs are checked)."""
+
+    def __init__(self, path: str) -> None:
+        """Remember where the output goes ('-': stdout)."""
+        super().__init__()
+        self.path = path
+        self._file: IO[bytes] | None = None
+
+    def _target(self) -> IO[bytes]:
+        """Open the output on first use."""
+        if self._file is None:
+            if self.path == "-":
+                self._file = sys.stdout.buffer
+            else:
+                try:
+                    self._file = open(self.path, "wb")  # noqa: SIM115 - closed in close()
+                except OSError as exc:
+                    raise UsageError(f"{self.path}: cannot write output: {exc.strerror}") from None
+        return self._file
+
+    def writable(self) -> bool:
+        """It is an output."""
+        return True
+
+    def write(self, data: Any) -> int:
+        """Write through to the file."""
+        return self._target().write(data)
+
+    def flush(self) -> None:
+        """Flush the file if it is open."""
+        if self._file is not None:
+            self._file.flush()
+
+    def close(self) -> None:
+        """Flush and close the file (stdout stays open)."""
+        if not self.closed and self._file is not None:
+            self._file.flush()
+            if self._file is not sys.stdout.buffer:
+                self._file.close()
+            self._file = None
+        super().close()
+
+
+def _print_results(path: Path, failed_only: bool, fmt: str) -> int:
+    """Print the journal's finished tasks in seq order; 1 if any shown task failed."""
+    journal, header, done = Journal.reopen(path)
+    out = sys.stdout.buffer
+    shown = failures = 0
+    try:
+        if fmt == "table":
+            out.write(f"{'seq':>6} {'host':<16} {'exit':>5} {'seconds':>8}  task\n".encode())
+        for offset in done:
+            if offset < 0:
+                continue
+            result = journal.load_result(offset)
+            if failed_only and result.ok:
+                continue
+            shown += 1
+            failures += not result.ok
+            if fmt == "jsonl":
+                render_result(out, "jsonl", result, journal)
+                continue
+            status = "T/O" if result.timed_out else str(result.exit_code)
+            line = f"{result.seq:>6} {result.host:<16} {status:>5} {result.duration_s:>8.3f}  "
+            out.write((line + result.command + "\n").encode())
+            if not result.ok:
+                tail = whole_result(result, journal).stderr[-2000:].decode("utf-8", "replace")
+                for text in tail.strip().splitlines()[-3:]:
+                    out.write(f"{'':>6} stderr: {text}\n".encode())
+    finally:
+        journal.close()
+    total = header.get("count", "?")
+    print(f"sshfan: {shown} shown; {sum(o >= 0 for o in done)} of {total} tasks recorded in {path}",
+          file=sys.stderr)  # fmt: skip
+    return 1 if failures else 0
 
 
 def _print_err(line: str) -> None:
