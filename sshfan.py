@@ -1433,6 +1433,7 @@ class Journal:
         self.size = size
         self._pending: list[bytes] = []
         self._dirty = False
+        self.failed_before = 0  # failed tasks found in the journal when it was reopened
 
     @classmethod
     def create(cls, path: Path, header: dict[str, Any]) -> Journal:
@@ -1468,6 +1469,7 @@ class Journal:
             elif kind == KIND_DONE:
                 meta = journal._read_meta(offset)
                 seq = meta["seq"]
+                journal.failed_before += bool(meta["exit_code"] or meta["timed_out"])
                 if len(done) <= seq:
                     done.extend([-1] * (seq + 1 - len(done)))
                 done[seq] = offset
@@ -1804,6 +1806,7 @@ class RunSummary:
     failed: int = 0
     timed_out: int = 0
     resumed: int = 0
+    resumed_failed: int = 0
     hosts: list[str] = dataclasses.field(default_factory=list)
     per_host: dict[str, list[float]] = dataclasses.field(default_factory=dict)
     failed_per_host: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -1828,7 +1831,7 @@ class RunSummary:
             return 1
         if not self.complete:
             return 3
-        return 1 if self.failed or self.timed_out else 0
+        return 1 if self.failed or self.timed_out or self.resumed_failed else 0
 
 
 class _Run:
@@ -2170,6 +2173,7 @@ async def run_async(
         run.summary.total = count
         run.summary.hosts = [spec.name for spec in opts.hosts]
         run.summary.resumed = sum(1 for off in done if off >= 0)
+        run.summary.resumed_failed = journal.failed_before
         run.summary.journal = str(journal.path)
         run.summary.output = opts.output
         if count - run.summary.resumed <= 0:
@@ -2478,7 +2482,8 @@ def format_summary(summary: RunSummary) -> list[str]:
     if summary.timed_out:
         parts.append(f"{summary.timed_out} timed out")
     if summary.resumed:
-        parts.append(f"{summary.resumed} from the journal")
+        failed = f", {summary.resumed_failed} of them failed" if summary.resumed_failed else ""
+        parts.append(f"{summary.resumed} from the journal{failed}")
     lines.append(f"{head}: {', '.join(parts)} in {summary.elapsed_s:.2f} s")
     names = list(dict.fromkeys([*summary.hosts, *summary.per_host]))
     if names:

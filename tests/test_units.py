@@ -140,7 +140,7 @@ def test_stub_source_runs_without_the_head_module(tmp_path: Path) -> None:
     """The shipped source compiles and defines its entry point in a bare interpreter."""
     script = tmp_path / "stub.py"
     script.write_text(sshfan.stub_source().replace("if __name__ == '__main__':", "if False:"))
-    check = "import runpy; g = runpy.run_path(%r); assert callable(g['stub_main'])" % str(script)
+    check = f"import runpy; g = runpy.run_path({str(script)!r}); assert callable(g['stub_main'])"
     result = subprocess.run([sys.executable, "-I", "-S", "-c", check], capture_output=True)
     assert result.returncode == 0, result.stderr.decode()
 

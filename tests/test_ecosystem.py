@@ -1,0 +1,179 @@
+"""GNU parallel's habits, per-host env/workdir, `sshfan results`, and the Python API, end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+from sshd import SshServer
+
+import sshfan
+
+
+def _hosts(server: SshServer, tmp_path: Path, names: list[str], **extra: object) -> Path:
+    """Write a hosts file with NAMES all pointing at SERVER."""
+    path = tmp_path / "hosts.toml"
+    path.write_text(server.hosts_toml(names, **extra))
+    return path
+
+
+def _sleepers_alive(marker: str) -> list[int]:
+    """Pids of processes whose command line contains MARKER."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
+            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker.encode() in cmdline and state != "Z" and b"pytest" not in cmdline:
+            found.append(int(entry))
+    return found
+
+
+def test_tag_joblog_and_slots_over_ssh(sshd: SshServer, tmp_path: Path, run_sshfan) -> None:
+    """--tag prefixes lines with host and seq; --joblog is GNU parallel's; -j sets slots."""
+    hosts = _hosts(sshd, tmp_path, ["h1", "h2"], slots=1)
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text("printf 'a\\nb\\n'\n\necho one\nexit 4\nkill -KILL $$\n")
+    out = tmp_path / "out.txt"
+    joblog = tmp_path / "joblog.tsv"
+    args = ["run", str(tasks), "--hosts", str(hosts), "-o", str(out), "--no-progress"]
+    result = run_sshfan([*args, "--tag", "--joblog", str(joblog), "-j", "3"])
+    assert result.returncode == 1, result.stderr
+    lines = out.read_text().splitlines()
+    assert [line.split("\t", 2)[1:] for line in lines] == [["1", "a"], ["1", "b"], ["3", "one"]]
+    assert all(line.split("\t")[0] in ("h1", "h2") for line in lines)
+    rows = [row.split("\t") for row in joblog.read_text().splitlines()]
+    assert rows[0] == [
+        "Seq",
+        "Host",
+        "Starttime",
+        "JobRuntime",
+        "Send",
+        "Receive",
+        "Exitval",
+        "Signal",
+        "Command",
+    ]
+    by_seq = {int(row[0]): row for row in rows[1:]}
+    assert sorted(by_seq) == [1, 3, 4, 5]
+    assert by_seq[4][6] == "4" and by_seq[5][7] == "9"
+    assert by_seq[1][5] == "4"  # bytes received: "a\nb\n"
+    assert by_seq[3][8] == "echo one"
+
+
+def test_halt_on_error_stops_new_tasks_and_resume_runs_the_rest(
+    sshd: SshServer, tmp_path: Path, run_sshfan
+) -> None:
+    """After the first failure no new task starts; exit 1; --resume runs what was left."""
+    hosts = _hosts(sshd, tmp_path, ["h1"], slots=1)
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text(
+        "sleep 0.3; exit 1\n" + "".join(f"sleep 0.3; echo {n}\n" for n in range(2, 12))
+    )
+    out = tmp_path / "out.jsonl"
+    args = ["run", str(tasks), "--hosts", str(hosts), "-o", str(out), "--format", "jsonl"]
+    first = run_sshfan([*args, "--no-progress", "--halt-on-error"])
+    assert first.returncode == 1, first.stderr
+    assert b"halt" in first.stderr
+    done = [json.loads(line)["seq"] for line in out.read_text().splitlines()]
+    assert done[0] == 1 and len(done) < 6
+    second = run_sshfan([*args, "--no-progress", "--resume"])
+    assert second.returncode == 1  # task 1 still failed
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["seq"] for r in records] == list(range(1, 12))
+    assert [r["stdout"] for r in records[1:]] == [f"{n}\n" for n in range(2, 12)]
+
+
+def test_env_and_workdir_per_host(sshd: SshServer, tmp_path: Path, run_sshfan) -> None:
+    """env and workdir from the hosts file reach the tasks, per host."""
+    workdir = tmp_path / "wd"
+    workdir.mkdir()
+    text = sshd.hosts_toml(["h1"], slots=1).replace(
+        'name = "h1"', f'name = "h1"\nenv = {{ WHO = "first" }}\nworkdir = "{workdir}"'
+    )
+    hosts = tmp_path / "hosts.toml"
+    hosts.write_text(text)
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text('echo "$WHO $(pwd)"\n')
+    out = tmp_path / "out.txt"
+    result = run_sshfan(["run", str(tasks), "--hosts", str(hosts), "-o", str(out)])
+    assert result.returncode == 0, result.stderr
+    assert out.read_text() == f"first {workdir}\n"
+
+
+def test_results_lists_failures_from_the_journal(
+    sshd: SshServer, tmp_path: Path, run_sshfan
+) -> None:
+    """`sshfan results OUT --failed` shows the failed tasks and their stderr, runs nothing."""
+    hosts = _hosts(sshd, tmp_path, ["h1"], slots=2)
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text("echo fine\necho broken >&2; exit 3\necho also fine\n")
+    out = tmp_path / "out.txt"
+    assert run_sshfan(["run", str(tasks), "--hosts", str(hosts), "-o", str(out)]).returncode == 1
+    listed = run_sshfan(["results", str(out), "--failed"])
+    assert listed.returncode == 1
+    text = listed.stdout.decode()
+    assert "broken" in text and "exit 3" in text
+    assert "fine" not in text
+    everything = run_sshfan(["results", str(out), "--format", "jsonl"])
+    assert [json.loads(line)["seq"] for line in everything.stdout.splitlines()] == [1, 2, 3]
+    missing = run_sshfan(["results", str(tmp_path / "nope.txt")])
+    assert missing.returncode == 2 and b"no journal" in missing.stderr
+
+
+def test_check_reports_auto_slots_as_the_cpu_count(
+    sshd: SshServer, tmp_path: Path, run_sshfan
+) -> None:
+    """slots = "auto" becomes the CPU count the stub reports."""
+    hosts = tmp_path / "hosts.toml"
+    hosts.write_text(sshd.hosts_toml(["h1"]).replace("slots = 1", 'slots = "auto"'))
+    result = run_sshfan(["check", "--hosts", str(hosts)])
+    assert result.returncode == 0, result.stderr
+    row = result.stdout.decode().splitlines()[1].split()
+    assert row[0] == "h1" and row[1] == "ok"
+    assert int(row[4]) == len(os.sched_getaffinity(0))
+
+
+def test_python_api_yields_whole_results(sshd: SshServer, tmp_path: Path) -> None:
+    """run_tasks yields every result with whole output, large and binary included."""
+    hosts = _hosts(sshd, tmp_path, ["h1", "h2"], slots=2)
+    commands = ["echo one", "head -c 600000 /dev/zero", "printf '\\377'; exit 5"]
+    results = {r.seq: r for r in sshfan.run_tasks(commands, hosts=str(hosts))}
+    assert sorted(results) == [1, 2, 3]
+    assert results[1].stdout == b"one\n" and results[1].ok
+    assert results[2].stdout == b"\0" * 600_000
+    assert results[3].exit_code == 5 and results[3].stdout == b"\xff"
+    assert {r.host for r in results.values()} <= {"h1", "h2"}
+
+
+def test_python_api_async_twin_and_early_stop_kills_tasks(sshd: SshServer, tmp_path: Path) -> None:
+    """The async iterator yields as tasks finish; leaving early kills what still runs."""
+    hosts = _hosts(sshd, tmp_path, ["h1"], slots=2)
+    marker = "43.217"
+
+    async def first_only() -> bytes:
+        """Take the first result and leave."""
+        async for result in sshfan.run_tasks_async(["echo quick", f"sleep {marker}"], hosts):
+            return result.stdout
+        return b""
+
+    assert asyncio.run(first_only()) == b"quick\n"
+    deadline = time.monotonic() + 10
+    while _sleepers_alive(marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _sleepers_alive(marker)
+
+
+def test_python_api_raises_when_no_host_is_left(tmp_path: Path) -> None:
+    """A run whose every host fails raises RunError instead of returning partial results."""
+    hosts = [sshfan.HostSpec(name="nowhere", address="127.0.0.1", port=1, connect_timeout=3)]
+    with pytest.raises(sshfan.RunError, match="could not finish"):
+        list(sshfan.run_tasks(["echo x"], hosts=hosts))
