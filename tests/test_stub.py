@@ -133,7 +133,7 @@ def _alive(pid: int) -> bool:
 
 def test_hello_reports_python_cpus_and_hostname(stub: StubProcess) -> None:
     """The stub's first frame says who it is."""
-    assert stub.hello["python"] == "%d.%d.%d" % sys.version_info[:3]
+    assert stub.hello["python"] == ".".join(map(str, sys.version_info[:3]))
     assert stub.hello["cpus"] >= 1
     assert stub.hello["hostname"]
     assert stub.close() == 0
