@@ -967,7 +967,9 @@ class HostSession:
                 async with pacing:
                     await self._open_ssh(code)
             self._write(source)
-            wait = max(self.spec.connect_timeout, 10.0)
+            # Generous: a loaded machine can take seconds to start Python; a dead host is
+            # caught sooner by the connect timeout or the channel closing.
+            wait = max(2 * self.spec.connect_timeout, 30.0)
             try:
                 await asyncio.wait_for(asyncio.shield(self._hello), wait)
             except asyncio.TimeoutError:
@@ -1089,7 +1091,7 @@ class HostSession:
 
     def on_data(self, data: bytes) -> None:
         """Bytes from the stub's stdout: decode frames and act on them."""
-        if self.state in ("lost", "failed", "done"):
+        if self.state in ("lost", "failed", "done", "abandoned"):
             return
         try:
             frames = self.decoder.feed(data)
@@ -1172,7 +1174,7 @@ class HostSession:
         """The channel or connection went away: expected at the end, a loss otherwise."""
         if self.state in ("closing", "done"):
             self.state = "done"
-        elif self.state not in ("lost", "failed"):
+        elif self.state not in ("lost", "failed", "abandoned"):
             if self.state == "connecting":
                 stage, reason = "bootstrap", self._bootstrap_reason()
             else:
@@ -1227,7 +1229,12 @@ class HostSession:
 
     def finish(self) -> None:
         """No more work: close the stub's stdin so it exits once its tasks are done."""
-        if self.state in ("ready", "connecting"):
+        if self.state == "connecting":  # the run ended before this host was up: drop it
+            self.state = "abandoned"
+            self._drop()
+            if not self.closed.done():
+                self.closed.set_result(None)
+        elif self.state == "ready":
             self.state = "closing"
             with contextlib.suppress(Exception):
                 self._write_eof()
@@ -1255,7 +1262,7 @@ class HostSession:
 
     def _fail(self, error: HostError) -> None:
         """Mark the host lost (or failed at start) and give its tasks back."""
-        if self.state in ("lost", "failed", "done"):
+        if self.state in ("lost", "failed", "done", "abandoned"):
             return
         self.state = "failed" if self.state == "connecting" else "lost"
         self.error = error
@@ -1919,8 +1926,8 @@ class _Run:
         self, session: HostSession, task: Task, result: TaskResult, cancelled: bool
     ) -> None:
         """A task finished on SESSION: retry it, or journal it as done."""
-        if cancelled or self.summary.interrupted:
-            return  # killed because the run is stopping: it is not done
+        if cancelled:
+            return  # killed because the run is stopping: it is not done; --resume reruns it
         if not result.ok and self.scheduler.should_retry(task, session.name):
             self.log(
                 f"sshfan: task {task.seq} failed on {session.name} "
@@ -2028,6 +2035,8 @@ class _Run:
         """Tell every stub there is no more work and wake execute()."""
         self.summary.complete = complete
         for session in self.sessions:
+            if session.state == "connecting":
+                self.summary.skipped_hosts[session.name] = "still starting when the run ended"
             session.finish()
         if self._finished is not None and not self._finished.done():
             self._finished.set_result(None)
@@ -2817,8 +2826,22 @@ def _print_err(line: str) -> None:
 
 
 def main() -> None:
-    """Console entry point."""
-    _cli()()
+    """Console entry point: usage errors become one line on stderr and exit 2."""
+    app = _cli()
+    try:
+        code = app(standalone_mode=False)
+    except KeyboardInterrupt:
+        code = 130
+    except Exception as exc:
+        # typer's (click's) own errors: unknown option, a value of the wrong type, ...
+        if not hasattr(exc, "format_message") or not hasattr(exc, "exit_code"):
+            raise
+        message = exc.format_message()
+        if message:  # (no arguments at all: the help was printed and there is nothing to add)
+            command = getattr(getattr(exc, "ctx", None), "command_path", "sshfan")
+            print(f"sshfan: error: {message} (see '{command} --help')", file=sys.stderr)
+        code = exc.exit_code
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

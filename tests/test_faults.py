@@ -1,0 +1,932 @@
+"""Faults end to end: hosts lost, frozen or broken; the head killed or interrupted.
+
+Each test that kills or freezes a server gets fresh ones from `sshd_factory`; a hosts
+file may list several servers, each standing in for a separate machine. All the
+"machines" are this one, so a task's processes are visible in /proc and a test can
+check that none is left behind (tasks carry a unique number like `sleep 37.102` as
+a marker for that).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from sshd import SshServer
+
+import sshfan
+
+RunSshfan = Callable[..., "subprocess.CompletedProcess[bytes]"]
+MakeServer = Callable[..., SshServer]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+NO_HANG = 60.0  # seconds: a generous bound that only a hang exceeds
+LOCAL_BLOCK = '[[hosts]]\nname = "here"\nlocal = true\nslots = 2\n'  # this machine, no SSH
+
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+
+
+def toml_str(value: str | Path) -> str:
+    """Encode a string as a TOML basic string (JSON's escapes are valid TOML)."""
+    return json.dumps(str(value))
+
+
+def host_block(server: SshServer, name: str, slots: int = 2, **extra: object) -> str:
+    """Return a [[hosts]] table for one host on SERVER, with extra keys as given."""
+    values: dict[str, object] = {
+        "name": name,
+        "address": server.host,
+        "port": server.port,
+        "user": server.user,
+        "identity": str(server.client_key),
+        "known_hosts": str(server.known_hosts),
+        "slots": slots,
+    }
+    values.update(extra)
+    lines = ["[[hosts]]"]
+    for key, value in values.items():
+        if isinstance(value, bool):
+            lines.append(f"{key} = {'true' if value else 'false'}")
+        elif isinstance(value, int | float):
+            lines.append(f"{key} = {value!r}")
+        elif isinstance(value, dict):
+            inner = ", ".join(f"{k} = {toml_str(v)}" for k, v in value.items())
+            lines.append(f"{key} = {{ {inner} }}")
+        else:
+            lines.append(f"{key} = {toml_str(str(value))}")
+    return "\n".join(lines) + "\n\n"
+
+
+def write_file(path: Path, text: str, mode: int = 0o644) -> Path:
+    """Write text to path with the given mode and return the path."""
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+def check_exit(result: subprocess.CompletedProcess[bytes], code: int) -> None:
+    """Assert sshfan exited with code, showing its stderr if not."""
+    assert result.returncode == code, (
+        f"exit {result.returncode}, expected {code}; stderr:\n"
+        f"{result.stderr.decode(errors='replace')[-4000:]}"
+    )
+
+
+def err_lines(stderr: bytes) -> list[str]:
+    """Return the non-empty lines of sshfan's stderr."""
+    return [line for line in stderr.decode(errors="replace").splitlines() if line.strip()]
+
+
+def jsonl_records(path: Path) -> list[dict[str, object]]:
+    """Read a jsonl output file into records."""
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def assert_each_once_in_order(records: list[dict[str, object]], seqs: list[int]) -> None:
+    """Assert the records are exactly one per seq in SEQS, in seq order."""
+    got = [record["seq"] for record in records]
+    assert got == seqs, f"records by seq: {got}"
+
+
+def journal_done(path: Path) -> dict[int, dict[str, object]]:
+    """Read (without changing) a journal file: each done task's metadata by seq."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return {}
+    done: dict[int, dict[str, object]] = {}
+    offset = 0
+    head = sshfan.FRAME_HEADER.size
+    while offset + head <= len(data):
+        magic, kind, length = sshfan.FRAME_HEADER.unpack_from(data, offset)
+        assert magic == sshfan.FRAME_MAGIC, f"journal corrupt at byte {offset}"
+        if offset + head + length > len(data):
+            break  # a record still being written
+        if kind == sshfan.KIND_DONE:
+            start = offset + head
+            (meta_len,) = sshfan.DONE_HEAD.unpack_from(data, start)
+            meta_start = start + sshfan.DONE_HEAD.size
+            meta = json.loads(data[meta_start : meta_start + meta_len])
+            done[int(meta["seq"])] = meta
+        offset += head + length
+    return done
+
+
+def wait_for(what: str, predicate: Callable[[], object], timeout: float = 30.0) -> None:
+    """Poll predicate until it is true; fail naming WHAT after TIMEOUT seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def procs_with(marker: str) -> list[tuple[int, str]]:
+    """Return (pid, command line) of live non-zombie processes whose argv contains MARKER."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes()
+            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state != "Z" and marker.encode() in argv:
+            found.append((int(entry), argv.replace(b"\0", b" ").decode(errors="replace")))
+    return found
+
+
+def sleeping(seconds: str) -> int:
+    """Count live `sleep SECONDS` processes (the marker a test's tasks sleep for)."""
+    return sum(1 for _pid, argv in procs_with(seconds) if argv == f"sleep {seconds} ")
+
+
+def assert_no_procs_soon(marker: str, timeout: float = 5.0) -> None:
+    """Assert that within TIMEOUT seconds no process with MARKER in its argv is left."""
+    deadline = time.monotonic() + timeout
+    while (left := procs_with(marker)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not left, f"processes left behind after {timeout:g} s: {left}"
+
+
+def kill_marked(marker: str) -> None:
+    """SIGKILL leftover task processes this test started (identified by its unique marker)."""
+    for pid, _argv in procs_with(marker):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+class Head:
+    """`python -m sshfan ...` running in the background, its output going to files."""
+
+    def __init__(self, args: list[str], workdir: Path, name: str = "") -> None:
+        """Start sshfan with ARGS in WORKDIR (in its own session); NAME its output files."""
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
+        )
+        self.stdout_path = workdir / f"{name or f'head-{time.monotonic_ns()}'}.stdout"
+        self.stderr_path = self.stdout_path.with_suffix(".stderr")
+        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "sshfan", *args],
+                cwd=workdir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+            )
+
+    def signal(self, signum: int) -> None:
+        """Send a signal to the head process (only)."""
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout: float = NO_HANG) -> subprocess.CompletedProcess[bytes]:
+        """Wait for the head to exit (failing the test if it hangs) and return what it did."""
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            pytest.fail(
+                f"sshfan did not exit within {timeout:g} s; stderr:\n"
+                f"{self.stderr_path.read_text(errors='replace')[-4000:]}"
+            )
+        return subprocess.CompletedProcess(
+            self.proc.args, self.proc.returncode, self.stdout_path.read_bytes(), self.stderr()
+        )
+
+    def stderr(self) -> bytes:
+        """What the head has written on stderr so far."""
+        return self.stderr_path.read_bytes()
+
+    def stop(self) -> None:
+        """SIGKILL the head's process group if it is still running, and reap it."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Callable[..., Head]]:
+    """Return a starter of background sshfan heads; any left running are killed at teardown."""
+    heads: list[Head] = []
+
+    def start(args: list[str], name: str = "") -> Head:
+        """Start one background head with ARGS (output files called NAME.std{out,err})."""
+        head = Head(args, tmp_path, name)
+        heads.append(head)
+        return head
+
+    try:
+        yield start
+    finally:
+        for head in heads:
+            head.stop()
+
+
+def run_args(tasks: Path, hosts: Path, out: Path, *extra: str) -> list[str]:
+    """Return `sshfan run` arguments for TASKS on HOSTS into OUT."""
+    return ["run", str(tasks), "--hosts", str(hosts), "-o", str(out), "--no-progress", *extra]
+
+
+def numbered_tasks(path: Path, count: int, line: str) -> Path:
+    """Write COUNT tasks made from LINE with {n} replaced by the task's number (1-based)."""
+    path.write_text("".join(line.format(n=n) + "\n" for n in range(1, count + 1)))
+    return path
+
+
+def expected_numbers(count: int) -> bytes:
+    """Return the text output of tasks that each print their number."""
+    return "".join(f"{n}\n" for n in range(1, count + 1)).encode()
+
+
+# ---------------------------------------------------------------------------
+# 1, 2: a host lost or frozen in the middle of a run
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fault", ["kill", "freeze"])
+def test_host_lost_mid_run(
+    fault: str, sshd_factory: MakeServer, spawn: Callable[..., Head], tmp_path: Path
+) -> None:
+    """A host killed or frozen mid-run: its tasks move to the other host; every task once."""
+    alpha, bravo = sshd_factory(), sshd_factory()
+    count = 40
+    tasks = numbered_tasks(tmp_path / "tasks.txt", count, "sleep 0.3; echo {n}")
+    hosts = write_file(
+        tmp_path / "hosts.toml",
+        host_block(alpha, "alpha", keepalive=1) + host_block(bravo, "bravo", keepalive=1),
+    )
+    out = tmp_path / "out.jsonl"
+    journal = Path(str(out) + ".journal")
+    head = spawn(run_args(tasks, hosts, out, "--format", "jsonl"))
+    try:
+        wait_for(
+            "a result from alpha in the journal",
+            lambda: any(m["host"] == "alpha" for m in journal_done(journal).values()),
+        )
+        before = len(journal_done(journal))
+        assert before < count - 8, "too little work left to move to bravo; make tasks slower"
+        started = time.monotonic()
+        if fault == "kill":
+            alpha.kill()
+        else:
+            alpha.freeze()
+        result = head.wait(45.0)
+        elapsed = time.monotonic() - started
+    finally:
+        alpha.thaw()
+        alpha.stop()
+    check_exit(result, 0)
+    assert elapsed < 45.0
+    records = jsonl_records(out)
+    assert_each_once_in_order(records, list(range(1, count + 1)))
+    for record in records:
+        assert record["stdout"] == f"{record['seq']}\n", record
+        assert record["exit_code"] == 0, record
+        assert record["host"] in ("alpha", "bravo"), record
+    assert {r["host"] for r in records} == {"alpha", "bravo"}
+    lost_lines = [line for line in err_lines(result.stderr) if "lost" in line]
+    assert any("alpha" in line for line in lost_lines), result.stderr.decode()
+    assert not [line for line in lost_lines if "bravo" in line], lost_lines
+    assert b"Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------------------
+# 3: hosts failing at start
+# ---------------------------------------------------------------------------
+
+
+def closed_port() -> int:
+    """Return a loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def new_key(path: Path) -> Path:
+    """Generate an ed25519 key pair at path (private) and path.pub; return path."""
+    subprocess.run(
+        ["ssh-keygen", "-t", "ed25519", "-N", "", "-q", "-f", str(path)],
+        check=True,
+        stdin=subprocess.DEVNULL,
+    )
+    return path
+
+
+def broken_hosts(server: SshServer, tmp_path: Path) -> dict[str, tuple[str, list[str]]]:
+    """Return host blocks that each fail at start, with words their warning must contain."""
+    other = new_key(tmp_path / "other_key")
+    key_type, key_b64 = other.with_name("other_key.pub").read_text().split()[:2]
+    wrong_known = write_file(
+        tmp_path / "wrong_known_hosts", f"[127.0.0.1]:{server.port} {key_type} {key_b64}\n"
+    )
+    empty_known = write_file(tmp_path / "empty_known_hosts", "")
+    old_python = write_file(
+        tmp_path / "old-python",
+        "#!/bin/sh\n"
+        "echo '  File \"<string>\", line 1' >&2\n"
+        "echo '    import sys;exec(compile(sys.stdin.buffer.read(9)))' >&2\n"
+        "echo 'SyntaxError: invalid syntax' >&2\n"
+        "exit 1\n",
+        0o755,
+    )
+    dead_port = closed_port()
+    return {
+        "closedport": (
+            host_block(server, "closedport", port=dead_port, connect_timeout=5),
+            ["connect"],
+        ),
+        "wrongkey": (host_block(server, "wrongkey", identity=str(other)), ["auth"]),
+        "keymismatch": (
+            host_block(server, "keymismatch", known_hosts=str(wrong_known)),
+            ["host key"],
+        ),
+        "unknownhost": (
+            host_block(server, "unknownhost", known_hosts=str(empty_known)),
+            ["host key", "ssh-keyscan"],
+        ),
+        "nopython": (
+            host_block(server, "nopython", python="/nonexistent/python3"),
+            ["/nonexistent/python3", "not found"],
+        ),
+        "oldpython": (host_block(server, "oldpython", python=str(old_python)), ["too old"]),
+        "falsepython": (host_block(server, "falsepython", python="/bin/false"), ["bootstrap"]),
+    }
+
+
+def gated_tasks(path: Path, count: int, stderr: Path, warnings: int) -> Path:
+    """Write COUNT tasks printing their number; task 1 first waits for WARNINGS warning lines.
+
+    The run cannot end before every broken host has been reported, however slow the
+    machine (the wait gives up after 30 s, and the test then fails on the count).
+    """
+    gate = (
+        f"for i in $(seq 300); do [ $(grep -c warning {stderr}) -ge {warnings} ] && break; "
+        "sleep 0.1; done"
+    )
+    lines = [f"{gate}; echo 1"] + [f"echo {n}" for n in range(2, count + 1)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def warning_lines(stderr: bytes, name: str) -> list[str]:
+    """Return the warning lines on stderr that name host NAME."""
+    return [
+        line
+        for line in err_lines(stderr)
+        if "warning" in line.lower() and name in line.replace(":", " ").split()
+    ]
+
+
+def test_hosts_failing_at_start_are_skipped(
+    sshd: SshServer, spawn: Callable[..., Head], tmp_path: Path
+) -> None:
+    """Each host that cannot start is skipped with one warning naming it and why; run succeeds."""
+    broken = broken_hosts(sshd, tmp_path)
+    text = "".join(block for block, _words in broken.values()) + host_block(sshd, "good", slots=1)
+    hosts = write_file(tmp_path / "hosts.toml", text)
+    count = 6
+    tasks = gated_tasks(tmp_path / "tasks.txt", count, tmp_path / "head.stderr", len(broken))
+    out = tmp_path / "out.jsonl"
+    result = spawn(run_args(tasks, hosts, out, "--format", "jsonl"), "head").wait()
+    check_exit(result, 0)
+    records = jsonl_records(out)
+    assert_each_once_in_order(records, list(range(1, count + 1)))
+    assert {r["host"] for r in records} == {"good"}
+    assert [r["stdout"] for r in records] == [f"{n}\n" for n in range(1, count + 1)]
+    for name, (_block, words) in broken.items():
+        lines = warning_lines(result.stderr, name)
+        assert len(lines) == 1, f"{name}: expected one warning line, got {lines}"
+        for word in words:
+            assert word in lines[0], f"{name}: {word!r} not in {lines[0]!r}"
+    assert not warning_lines(result.stderr, "good")
+    assert b"Traceback" not in result.stderr
+
+
+def test_all_hosts_failing_exits_3(sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path) -> None:
+    """When no host can start the run exits 3 quickly, giving each host's reason; journal kept."""
+    broken = broken_hosts(sshd, tmp_path)
+    hosts = write_file(tmp_path / "hosts.toml", "".join(b for b, _w in broken.values()))
+    marker = tmp_path / "ran"
+    tasks = write_file(tmp_path / "tasks.txt", f"touch {marker}\necho two\n")
+    out = tmp_path / "out.txt"
+    started = time.monotonic()
+    result = run_sshfan(run_args(tasks, hosts, out), timeout=NO_HANG)
+    assert time.monotonic() - started < 30.0
+    check_exit(result, 3)
+    for name, (_block, words) in broken.items():
+        lines = warning_lines(result.stderr, name)
+        assert len(lines) == 1, f"{name}: expected one warning line, got {lines}"
+        for word in words:
+            assert word in lines[0], f"{name}: {word!r} not in {lines[0]!r}"
+    assert b"--resume" in result.stderr
+    assert b"Traceback" not in result.stderr
+    assert Path(str(out) + ".journal").exists()
+    assert not marker.exists()
+
+
+def test_frozen_host_at_start_is_skipped(
+    sshd: SshServer, sshd_factory: MakeServer, spawn: Callable[..., Head], tmp_path: Path
+) -> None:
+    """A host that accepts TCP but never answers SSH is skipped after connect_timeout."""
+    frozen = sshd_factory()
+    frozen.freeze()
+    try:
+        hosts = write_file(
+            tmp_path / "hosts.toml",
+            host_block(frozen, "frozen", connect_timeout=2) + host_block(sshd, "good", slots=1),
+        )
+        count = 4
+        tasks = gated_tasks(tmp_path / "tasks.txt", count, tmp_path / "head.stderr", 1)
+        out = tmp_path / "out.txt"
+        result = spawn(run_args(tasks, hosts, out), "head").wait()
+    finally:
+        frozen.thaw()
+    check_exit(result, 0)
+    assert out.read_bytes() == expected_numbers(count)
+    lines = warning_lines(result.stderr, "frozen")
+    assert len(lines) == 1 and "connect" in lines[0], lines
+
+
+def test_host_still_starting_when_run_ends_is_reported(
+    sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """A host whose start fails only after the run is done is still named on stderr."""
+    slow = write_file(
+        tmp_path / "slow-missing-python",
+        "#!/bin/sh\nsleep 3\necho 'python3: not found' >&2\nexit 127\n",
+        0o755,
+    )
+    hosts = write_file(
+        tmp_path / "hosts.toml",
+        host_block(sshd, "good", slots=1) + host_block(sshd, "slowstart", python=str(slow)),
+    )
+    tasks = write_file(tmp_path / "tasks.txt", "echo quick\n")
+    out = tmp_path / "out.txt"
+    result = run_sshfan(run_args(tasks, hosts, out), timeout=NO_HANG)
+    check_exit(result, 0)
+    assert out.read_bytes() == b"quick\n"
+    # Skipped with a warning, or at least listed in the summary: never silently dropped,
+    # and never shown as a healthy host (it did not start).
+    lines = [
+        line for line in err_lines(result.stderr) if "slowstart" in line.replace(":", " ").split()
+    ]
+    assert lines, result.stderr.decode(errors="replace")
+    assert not [line for line in lines if line.rstrip().endswith(" ok")], lines
+
+
+# ---------------------------------------------------------------------------
+# 4: the head killed, then --resume
+# ---------------------------------------------------------------------------
+
+
+def test_head_killed_then_resume(
+    sshd_factory: MakeServer,
+    spawn: Callable[..., Head],
+    run_sshfan: RunSshfan,
+    tmp_path: Path,
+) -> None:
+    """After SIGKILL of the head, --resume runs only what was not journaled; output complete."""
+    server = sshd_factory()
+    count = 30
+    mark = tmp_path / "started.log"
+    tasks = numbered_tasks(
+        tmp_path / "tasks.txt", count, f"echo {{n}} >> {mark}; sleep 0.2; echo {{n}}"
+    )
+    hosts = write_file(tmp_path / "hosts.toml", host_block(server, "solo", slots=2))
+    out = tmp_path / "out.txt"
+    journal = Path(str(out) + ".journal")
+    head = spawn(run_args(tasks, hosts, out))
+    wait_for("4 results in the journal", lambda: len(journal_done(journal)) >= 4)
+    head.proc.kill()
+    head.wait()
+    journaled = set(journal_done(journal))
+    assert 4 <= len(journaled) < count, journaled
+    assert_no_procs_soon(str(mark))
+
+    # Resuming against another tasks file is refused, and leaves the journal alone.
+    other = numbered_tasks(tmp_path / "other.txt", count, "echo other {n}")
+    before = journal.read_bytes()
+    refused = run_sshfan(run_args(other, hosts, out, "--resume"), timeout=NO_HANG)
+    check_exit(refused, 2)
+    lines = err_lines(refused.stderr)
+    assert len(lines) == 1 and "journal" in lines[0], lines
+    assert journal.read_bytes() == before
+    assert b"other" not in mark.read_bytes()
+
+    # So is resuming after the tasks file itself was edited.
+    original = tasks.read_bytes()
+    tasks.write_bytes(original + b"echo added\n")
+    refused = run_sshfan(run_args(tasks, hosts, out, "--resume"), timeout=NO_HANG)
+    check_exit(refused, 2)
+    assert "journal" in " ".join(err_lines(refused.stderr))
+    assert journal.read_bytes() == before
+    tasks.write_bytes(original)
+
+    result = run_sshfan(run_args(tasks, hosts, out, "--resume"), timeout=NO_HANG)
+    check_exit(result, 0)
+    assert out.read_bytes() == expected_numbers(count)
+    runs = Counter(int(line) for line in mark.read_text().split())
+    assert set(runs) == set(range(1, count + 1))
+    for n in journaled:
+        assert runs[n] == 1, f"task {n} was journaled before the kill but ran {runs[n]} times"
+    assert max(runs.values()) <= 2, runs
+    assert set(journal_done(journal)) == set(range(1, count + 1))
+
+    # Resuming a finished run runs nothing and renders the same output.
+    marks = mark.read_bytes()
+    again = run_sshfan(run_args(tasks, hosts, out, "--resume"), timeout=NO_HANG)
+    check_exit(again, 0)
+    assert out.read_bytes() == expected_numbers(count)
+    assert mark.read_bytes() == marks
+
+
+def test_all_hosts_lost_then_resume_elsewhere(
+    sshd_factory: MakeServer,
+    spawn: Callable[..., Head],
+    run_sshfan: RunSshfan,
+    tmp_path: Path,
+) -> None:
+    """The only host dies: exit 3, journal kept; --resume on another host finishes the rest."""
+    first = sshd_factory()
+    count = 20
+    mark = tmp_path / "started.log"
+    tasks = numbered_tasks(
+        tmp_path / "tasks.txt", count, f"echo {{n}} >> {mark}; sleep 0.2; echo {{n}}"
+    )
+    hosts = write_file(tmp_path / "hosts.toml", host_block(first, "doomed", slots=2))
+    out = tmp_path / "out.txt"
+    journal = Path(str(out) + ".journal")
+    head = spawn(run_args(tasks, hosts, out))
+    wait_for("4 results in the journal", lambda: len(journal_done(journal)) >= 4)
+    first.kill()
+    result = head.wait(30.0)
+    check_exit(result, 3)
+    lines = err_lines(result.stderr)
+    assert any("lost" in line and "doomed" in line for line in lines), lines
+    assert b"--resume" in result.stderr
+    assert b"Traceback" not in result.stderr
+    journaled = set(journal_done(journal))
+    assert 4 <= len(journaled) < count
+
+    second = sshd_factory()
+    other_hosts = write_file(tmp_path / "hosts2.toml", host_block(second, "spare", slots=2))
+    resumed = run_sshfan(run_args(tasks, other_hosts, out, "--resume"), timeout=NO_HANG)
+    check_exit(resumed, 0)
+    assert out.read_bytes() == expected_numbers(count)
+    runs = Counter(int(line) for line in mark.read_text().split())
+    assert set(runs) == set(range(1, count + 1))
+    assert all(runs[n] == 1 for n in journaled), runs
+
+
+def test_torn_journal_record_is_rerun(run_sshfan: RunSshfan, tmp_path: Path) -> None:
+    """A journal whose last record was torn (head killed mid-write): --resume reruns that task."""
+    count = 6
+    mark = tmp_path / "started.log"
+    tasks = numbered_tasks(tmp_path / "tasks.txt", count, f"echo {{n}} >> {mark}; echo {{n}}")
+    hosts = write_file(tmp_path / "hosts.toml", LOCAL_BLOCK)
+    out = tmp_path / "out.txt"
+    journal = Path(str(out) + ".journal")
+    check_exit(run_sshfan(run_args(tasks, hosts, out), timeout=NO_HANG), 0)
+    done = journal_done(journal)
+    assert set(done) == set(range(1, count + 1))
+    last = list(done)[-1]  # the DONE record nearest the end of the file
+    with open(journal, "r+b") as handle:
+        handle.truncate(journal.stat().st_size - 3)
+    assert last not in journal_done(journal)
+    out.unlink()
+    result = run_sshfan(run_args(tasks, hosts, out, "--resume"), timeout=NO_HANG)
+    check_exit(result, 0)
+    assert out.read_bytes() == expected_numbers(count)
+    runs = Counter(int(line) for line in mark.read_text().split())
+    assert runs == Counter({n: 2 if n == last else 1 for n in range(1, count + 1)}), runs
+
+
+# ---------------------------------------------------------------------------
+# 5: SIGINT / SIGTERM to the head
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("signum", "where"),
+    [(signal.SIGINT, "ssh"), (signal.SIGTERM, "ssh"), (signal.SIGINT, "local")],
+    ids=["SIGINT-ssh", "SIGTERM-ssh", "SIGINT-local"],
+)
+def test_interrupted_head_kills_tasks_then_resumes(
+    signum: int,
+    where: str,
+    sshd_factory: MakeServer,
+    spawn: Callable[..., Head],
+    run_sshfan: RunSshfan,
+    tmp_path: Path,
+) -> None:
+    """SIGINT/SIGTERM: exit 130 naming --resume, running tasks killed; --resume finishes."""
+    # A number unique per case, to find the task processes.
+    sleeper = f"37.{100 + signum}{int(where == 'local')}"
+    go = tmp_path / "go"
+    mark = tmp_path / "started.log"
+    quick = [f"echo {n} >> {mark}; echo {n}" for n in range(1, 5)]
+    slow = [
+        f"echo {n} >> {mark}; if [ -e {go} ]; then echo {n}; else sleep {sleeper}; fi"
+        for n in range(5, 9)
+    ]
+    tasks = write_file(tmp_path / "tasks.txt", "\n".join(quick + slow) + "\n")
+    block = host_block(sshd_factory(), "solo", slots=2) if where == "ssh" else LOCAL_BLOCK
+    hosts = write_file(tmp_path / "hosts.toml", block)
+    out = tmp_path / "out.txt"
+    journal = Path(str(out) + ".journal")
+    head = spawn(run_args(tasks, hosts, out))
+    try:
+        wait_for("two sleeping tasks", lambda: sleeping(sleeper) >= 2)
+        wait_for("the quick tasks in the journal", lambda: len(journal_done(journal)) >= 4)
+        head.signal(signum)
+        result = head.wait(30.0)
+        check_exit(result, 130)
+        assert b"--resume" in result.stderr
+        assert b"Traceback" not in result.stderr
+        assert_no_procs_soon(sleeper)
+    finally:
+        kill_marked(f"sleep {sleeper}")
+    assert set(journal_done(journal)) == {1, 2, 3, 4}
+
+    go.touch()
+    resumed = run_sshfan(run_args(tasks, hosts, out, "--resume"), timeout=NO_HANG)
+    check_exit(resumed, 0)
+    assert out.read_bytes() == expected_numbers(8)
+    runs = Counter(int(line) for line in mark.read_text().split())
+    assert all(runs[n] == 1 for n in range(1, 5)), runs
+
+
+# ---------------------------------------------------------------------------
+# 6: no orphans
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["ssh", "local"])
+def test_head_killed_leaves_no_orphans(
+    where: str, sshd_factory: MakeServer, spawn: Callable[..., Head], tmp_path: Path
+) -> None:
+    """After SIGKILL of the head, every task process (children too) is gone within 5 s."""
+    sleeper = "41.5" if where == "ssh" else "41.6"
+    block = host_block(sshd_factory(), "solo", slots=2) if where == "ssh" else LOCAL_BLOCK
+    hosts = write_file(tmp_path / "hosts.toml", block)
+    line = f"sh -c 'sleep {sleeper}; echo x' ; sleep {sleeper}"
+    tasks = write_file(tmp_path / "tasks.txt", f"{line}\n{line}\n{line}\n")
+    head = spawn(run_args(tasks, hosts, tmp_path / "out.txt"))
+    try:
+        # Each running task is its shell, the inner sh and that sh's sleep.
+        wait_for("two running tasks", lambda: sleeping(sleeper) >= 2)
+        head.proc.kill()
+        head.wait()
+        assert_no_procs_soon(sleeper)
+    finally:
+        kill_marked(f"sleep {sleeper}")
+
+
+@pytest.mark.parametrize("where", ["ssh", "local"])
+def test_timeout_kills_task_and_children(
+    where: str, sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """--timeout 1: the task is recorded timed out, exit 1, and none of its processes remain."""
+    sleeper = "42.5" if where == "ssh" else "42.6"
+    block = host_block(sshd, "solo", slots=2) if where == "ssh" else LOCAL_BLOCK
+    hosts = write_file(tmp_path / "hosts.toml", block)
+    tasks = write_file(
+        tmp_path / "tasks.txt", f"echo before\nsh -c 'sleep {sleeper}; echo x'; sleep {sleeper}\n"
+    )
+    out = tmp_path / "out.jsonl"
+    started = time.monotonic()
+    try:
+        result = run_sshfan(
+            run_args(tasks, hosts, out, "--format", "jsonl", "--timeout", "1"), timeout=NO_HANG
+        )
+        elapsed = time.monotonic() - started
+        assert_no_procs_soon(sleeper)
+    finally:
+        kill_marked(f"sleep {sleeper}")
+    check_exit(result, 1)
+    assert elapsed < 20.0
+    first, second = jsonl_records(out)
+    assert (first["seq"], first["stdout"], first["timed_out"]) == (1, "before\n", False)
+    assert second["seq"] == 2
+    assert second["timed_out"] is True
+    # Killed by a signal: exit_code is 128 + the signal's number, as the contract says.
+    assert second.get("signal") in (signal.SIGKILL, signal.SIGTERM), second
+    assert second["exit_code"] == 128 + int(second["signal"]), second  # type: ignore[call-overload]
+    assert second["stdout"] == ""
+    assert 0.9 <= float(second["duration_s"]) < 10.0  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------
+# 7: --retries
+# ---------------------------------------------------------------------------
+
+
+def test_retry_succeeds_second_time(sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path) -> None:
+    """A task failing once then succeeding, with --retries 1: exit 0 and attempts 2."""
+    flag = tmp_path / "failed-once"
+    hosts = write_file(tmp_path / "hosts.toml", host_block(sshd, "solo", slots=1))
+    tasks = write_file(
+        tmp_path / "tasks.txt",
+        f"echo first\ntest -e {flag} || {{ touch {flag}; exit 1; }}; echo ok\n",
+    )
+    out = tmp_path / "out.jsonl"
+    result = run_sshfan(run_args(tasks, hosts, out, "--format", "jsonl", "--retries", "1"))
+    check_exit(result, 0)
+    first, second = jsonl_records(out)
+    assert (first["attempts"], first["stdout"]) == (1, "first\n")
+    assert (second["seq"], second["attempts"], second["exit_code"]) == (2, 2, 0)
+    assert second["stdout"] == "ok\n"
+
+
+def test_retry_goes_to_another_host(sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path) -> None:
+    """With two hosts, a retried task runs on the host it did not fail on."""
+    flag = tmp_path / "failed-once"
+    who = tmp_path / "who.log"
+    hosts = write_file(
+        tmp_path / "hosts.toml",
+        host_block(sshd, "hosta", slots=1, env={"WHO": "hosta"})
+        + host_block(sshd, "hostb", slots=1, env={"WHO": "hostb"}),
+    )
+    tasks = write_file(
+        tmp_path / "tasks.txt",
+        f'echo "$WHO" >> {who}; test -e {flag} || {{ touch {flag}; exit 1; }}; echo "$WHO"\n',
+    )
+    out = tmp_path / "out.jsonl"
+    result = run_sshfan(run_args(tasks, hosts, out, "--format", "jsonl", "--retries", "1"))
+    check_exit(result, 0)
+    tries = who.read_text().split()
+    assert len(tries) == 2, tries
+    assert tries[0] != tries[1], f"the retry ran on the same host: {tries}"
+    (record,) = jsonl_records(out)
+    assert record["attempts"] == 2
+    assert record["host"] == tries[1]
+    assert record["stdout"] == f"{tries[1]}\n"
+
+
+def test_retries_exhausted(sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path) -> None:
+    """A task that always fails, with --retries 2: three attempts, its exit code kept, exit 1."""
+    count = tmp_path / "tries.log"
+    hosts = write_file(tmp_path / "hosts.toml", host_block(sshd, "solo", slots=1))
+    tasks = write_file(tmp_path / "tasks.txt", f"echo ok\necho try >> {count}; exit 7\n")
+    out = tmp_path / "out.jsonl"
+    result = run_sshfan(run_args(tasks, hosts, out, "--format", "jsonl", "--retries", "2"))
+    check_exit(result, 1)
+    first, second = jsonl_records(out)
+    assert (first["attempts"], first["exit_code"]) == (1, 0)
+    assert (second["attempts"], second["exit_code"]) == (3, 7)
+    assert count.read_text().split() == ["try"] * 3
+
+
+# ---------------------------------------------------------------------------
+# 8: protocol damage
+# ---------------------------------------------------------------------------
+
+JUNK = {
+    "bad-magic": b"this is not a frame\n",
+    # A well-formed header announcing a RESULT far over the frame size cap.
+    "oversized": sshfan.FRAME_HEADER.pack(sshfan.FRAME_MAGIC, sshfan.KIND_RESULT, 0xFFFFFFF0),
+}
+
+
+def corrupter(path: Path, junk: bytes) -> Path:
+    """Write a `python` for a host that runs the real one but injects JUNK into its output."""
+    # The junk goes in after the third write (hello, pong, then results): between frames.
+    script = f"""#!/bin/sh
+python3 "$@" | python3 -c '
+import os
+reads = 0
+while True:
+    data = os.read(0, 65536)
+    if not data:
+        break
+    os.write(1, data)
+    reads += 1
+    if reads == 3:
+        os.write(1, bytes.fromhex("{junk.hex()}"))
+'
+"""
+    return write_file(path, script, 0o755)
+
+
+def test_login_banner_is_skipped(sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path) -> None:
+    """Text printed before the stub starts (like a login banner) does not disturb the run."""
+    python = write_file(
+        tmp_path / "banner-python",
+        '#!/bin/sh\necho "Welcome to the banner host"\nprintf "motd \\245SF\\n"\n'
+        'exec python3 "$@"\n',
+        0o755,
+    )
+    hosts = write_file(tmp_path / "hosts.toml", host_block(sshd, "banner", python=str(python)))
+    count = 10
+    tasks = numbered_tasks(tmp_path / "tasks.txt", count, "echo {n}")
+    out = tmp_path / "out.txt"
+    result = run_sshfan(run_args(tasks, hosts, out), timeout=NO_HANG)
+    check_exit(result, 0)
+    assert out.read_bytes() == expected_numbers(count)
+
+
+@pytest.mark.parametrize("junk", list(JUNK))
+def test_corrupt_stream_fails_host_over_to_healthy_one(
+    junk: str, sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """Junk in the middle of a host's frames: that host fails with "protocol", work moves on."""
+    python = corrupter(tmp_path / "corrupt-python", JUNK[junk])
+    hosts = write_file(
+        tmp_path / "hosts.toml",
+        host_block(sshd, "broken", python=str(python)) + host_block(sshd, "healthy"),
+    )
+    count = 20
+    tasks = numbered_tasks(tmp_path / "tasks.txt", count, "sleep 0.1; echo {n}")
+    out = tmp_path / "out.jsonl"
+    result = run_sshfan(run_args(tasks, hosts, out, "--format", "jsonl"), timeout=NO_HANG)
+    check_exit(result, 0)
+    records = jsonl_records(out)
+    assert_each_once_in_order(records, list(range(1, count + 1)))
+    assert [r["stdout"] for r in records] == [f"{n}\n" for n in range(1, count + 1)]
+    broken = [line for line in err_lines(result.stderr) if "broken" in line and "lost" in line]
+    assert broken, result.stderr.decode()
+    assert any("protocol" in line for line in broken), broken
+
+
+@pytest.mark.parametrize("junk", list(JUNK))
+def test_corrupt_stream_without_healthy_host_exits_3(
+    junk: str, sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """Junk in the only host's frames: exit 3 with a protocol message, never a hang."""
+    python = corrupter(tmp_path / "corrupt-python", JUNK[junk])
+    hosts = write_file(tmp_path / "hosts.toml", host_block(sshd, "broken", python=str(python)))
+    tasks = numbered_tasks(tmp_path / "tasks.txt", 20, "sleep 0.1; echo {n}")
+    out = tmp_path / "out.txt"
+    started = time.monotonic()
+    result = run_sshfan(run_args(tasks, hosts, out), timeout=NO_HANG)
+    assert time.monotonic() - started < 30.0
+    check_exit(result, 3)
+    lines = [line for line in err_lines(result.stderr) if "broken" in line]
+    assert any("protocol" in line for line in lines), result.stderr.decode()
+    assert b"--resume" in result.stderr
+    assert b"Traceback" not in result.stderr
+
+
+def test_stub_killed_on_one_host(sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path) -> None:
+    """A task that SIGKILLs its stub loses that host; its tasks finish on the other one."""
+    hosts = write_file(
+        tmp_path / "hosts.toml",
+        host_block(sshd, "victim", slots=2, env={"WHO": "victim"})
+        + host_block(sshd, "survivor", slots=2, env={"WHO": "survivor"}),
+    )
+    lock = tmp_path / "stub-killed"
+    count = 20
+    # A task's parent is the stub: the first task to run on the victim kills its stub.
+    killer = f'if [ "$WHO" = victim ] && mkdir {lock} 2>/dev/null; then kill -9 $PPID; fi'
+    tasks = numbered_tasks(tmp_path / "tasks.txt", count, killer + "; sleep 0.2; echo {n}")
+    out = tmp_path / "out.jsonl"
+    started = time.monotonic()
+    result = run_sshfan(run_args(tasks, hosts, out, "--format", "jsonl"), timeout=NO_HANG)
+    assert time.monotonic() - started < 30.0
+    assert lock.is_dir(), "no task ran on the victim host; the test proved nothing"
+    check_exit(result, 0)
+    records = jsonl_records(out)
+    assert_each_once_in_order(records, list(range(1, count + 1)))
+    assert [r["stdout"] for r in records] == [f"{n}\n" for n in range(1, count + 1)]
+    lost = [line for line in err_lines(result.stderr) if "lost" in line and "victim" in line]
+    assert lost, result.stderr.decode(errors="replace")
+    assert b"Traceback" not in result.stderr
+
+
+def test_stub_killed_everywhere_exits_3(
+    sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """A task that kills every stub it runs under: all hosts lost, exit 3, no hang, clear lines."""
+    hosts = write_file(
+        tmp_path / "hosts.toml", host_block(sshd, "first", slots=1) + host_block(sshd, "second")
+    )
+    tasks = write_file(tmp_path / "tasks.txt", "echo fine\nkill -9 $PPID; sleep 0.3\necho end\n")
+    out = tmp_path / "out.txt"
+    started = time.monotonic()
+    result = run_sshfan(run_args(tasks, hosts, out, "--retries", "0"), timeout=NO_HANG)
+    assert time.monotonic() - started < 30.0
+    check_exit(result, 3)
+    lines = err_lines(result.stderr)
+    for name in ("first", "second"):
+        assert any("lost" in line and name in line for line in lines), (name, lines)
+    assert b"--resume" in result.stderr
+    assert b"Traceback" not in result.stderr
+    assert 2 not in journal_done(Path(str(out) + ".journal"))
