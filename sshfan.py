@@ -1052,11 +1052,19 @@ class HostSession:
             options["port"] = spec.port
         if spec.identity:
             options["client_keys"] = [os.path.expanduser(p) for p in spec.identity]
+        address = spec.address or spec.name
+        record_key = ""
         if spec.known_hosts is False:
             options["known_hosts"] = None
+        elif spec.known_hosts == "accept-new":  # as OpenSSH's StrictHostKeyChecking=accept-new
+            record_key = os.path.expanduser(_ACCEPT_NEW_FILE)
+            if _known_host_lines(record_key, address, spec.port):
+                options["known_hosts"] = record_key  # seen before: the key must match
+                record_key = ""
+            else:
+                options["known_hosts"] = None  # first contact: trust it, then record it
         elif isinstance(spec.known_hosts, str):
             options["known_hosts"] = os.path.expanduser(spec.known_hosts)
-        address = spec.address or spec.name
         try:
             self._conn = await asyncio.wait_for(
                 asyncssh.connect(address, **options), spec.connect_timeout + 5
@@ -1074,6 +1082,10 @@ class HostSession:
         except (OSError, ValueError) as exc:
             reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
             raise HostError(self.name, "connect", reason) from None
+        if record_key:
+            _record_host_key(record_key, address, spec.port, self._conn.get_server_host_key())
+            if self.run is not None:
+                self.run.log(f"sshfan: {self.name}: new host key recorded in {record_key}")
         command = f"{shlex.quote(spec.python)} -c {shlex.quote(code)}"
         try:
             channel, _ = await self._conn.create_session(
@@ -1398,9 +1410,23 @@ def _known_host_lines(path: str, address: str, port: int | None) -> list[int]:
     return found
 
 
+_ACCEPT_NEW_FILE = "~/.ssh/known_hosts"
+
+
+def _record_host_key(path: str, address: str, port: int | None, key: Any) -> None:
+    """Append a first-seen host key to a known_hosts file (known_hosts = "accept-new")."""
+    name = address if not port or port == 22 else f"[{address}]:{port}"
+    public = key.export_public_key("openssh").decode("ascii").split()[:2]
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    with open(path, "a", encoding="ascii") as handle:
+        handle.write(f"{name} {' '.join(public)}\n")
+
+
 def _host_key_hint(spec: HostSpec, reason: str) -> str:
     """Explain a host key failure (changed key, or unknown host) and how to fix it."""
     files = spec.known_hosts if isinstance(spec.known_hosts, str) else "~/.ssh/known_hosts"
+    if files == "accept-new":
+        files = _ACCEPT_NEW_FILE
     address = spec.address or spec.name
     lines = _known_host_lines(files, address, spec.port)
     if lines:
@@ -1780,7 +1806,35 @@ def scan_tasks(path: Path) -> tuple[int, str]:
     return count, digest.hexdigest()
 
 
-def read_tasks(path: Path, merged: MergedOutput | None, done: array.array[int]) -> Iterator[Task]:
+_PLACEHOLDER = re.compile(r"\{(#|\.|/|//|/\.|)\}")
+
+
+def render_template(template: str, line: str, seq: int) -> str:
+    """Fill a --command template as GNU parallel does: {} {.} {/} {//} {/.} quoted, {#} seq."""
+
+    def value(match: re.Match[str]) -> str:
+        """The replacement for one placeholder."""
+        kind = match.group(1)
+        if kind == "#":
+            return str(seq)
+        base = os.path.basename(line)
+        text = {
+            "": line,
+            ".": os.path.splitext(line)[0] if "." in base else line,
+            "/": base,
+            "//": os.path.dirname(line) or ".",
+            "/.": os.path.splitext(base)[0],
+        }[kind]
+        return shlex.quote(text)
+
+    if not _PLACEHOLDER.search(template):
+        return f"{template} {shlex.quote(line)}"
+    return _PLACEHOLDER.sub(value, template)
+
+
+def read_tasks(
+    path: Path, merged: MergedOutput | None, done: array.array[int], template: str | None = None
+) -> Iterator[Task]:
     """Stream the tasks file as Tasks; blank lines and already-journaled tasks go to MERGED."""
     with open(path, "rb") as handle:
         for seq, raw in enumerate(handle, 1):
@@ -1793,6 +1847,8 @@ def read_tasks(path: Path, merged: MergedOutput | None, done: array.array[int]) 
             elif seq < len(done) and done[seq] >= 0:
                 if merged is not None:
                     merged.put(seq, done[seq])
+            elif template is not None:
+                yield Task(seq, render_template(template, command, seq))
             else:
                 yield Task(seq, command)
 
@@ -2112,6 +2168,7 @@ class RunOptions:
     halt_on_error: bool = False
     tag: bool = False
     joblog: str | None = None
+    command: str | None = None  # a template: each line becomes its arguments
 
 
 def prepare_run(opts: RunOptions) -> tuple[Path, int, Journal, array.array[int], bool]:
@@ -2173,7 +2230,8 @@ async def run_async(
             joblog = _open_joblog(opts.joblog, append=resumed)
             on_done = _with_joblog(on_done, joblog)
         merged = MergedOutput(out, opts.fmt, journal, opts.tag) if out is not None else None
-        scheduler = Scheduler(read_tasks(tasks_path, merged, done), opts.retries)
+        tasks = read_tasks(tasks_path, merged, done, opts.command)
+        scheduler = Scheduler(tasks, opts.retries)
         hosts = opts.hosts
         if opts.slots:
             hosts = [dataclasses.replace(spec, slots=opts.slots) for spec in hosts]
@@ -2571,6 +2629,13 @@ def _cli() -> Any:
             help="Merged output file ('-': stdout). Default: TASKS stem + .out",
         ),
         fmt: str = typer.Option("text", "--format", "-f", help="Output format: text or jsonl."),
+        command: str | None = typer.Option(
+            None,
+            "--command",
+            "-c",
+            help="Template: each line becomes its arguments. {} quoted line, {#} seq, "
+            "{.} {/} {//} {/.} as in GNU parallel; without {} the line is appended.",
+        ),
         slots: int | None = typer.Option(
             None, "--slots", "-j", help="Tasks at once on every host (overrides the hosts file)."
         ),
@@ -2610,7 +2675,7 @@ def _cli() -> Any:
             specs = load_hosts(hosts) if hosts else [local_host()]
             opts = RunOptions(
                 tasks, specs, output, fmt, resume, timeout, retries, journal,
-                slots, halt_on_error, tag, joblog,
+                slots, halt_on_error, tag, joblog, command,
             )  # fmt: skip
             code = _run_command(opts, progress=not no_progress and sys.stderr.isatty())
         except SshfanError as exc:

@@ -177,3 +177,45 @@ def test_python_api_raises_when_no_host_is_left(tmp_path: Path) -> None:
     hosts = [sshfan.HostSpec(name="nowhere", address="127.0.0.1", port=1, connect_timeout=3)]
     with pytest.raises(sshfan.RunError, match="could not finish"):
         list(sshfan.run_tasks(["echo x"], hosts=hosts))
+
+
+def test_command_template_quotes_lines_like_gnu_parallel(tmp_path: Path, run_sshfan) -> None:
+    """--command fills {} {#} {.} {/} {//} {/.} with the quoted line; no {} appends it."""
+    tasks = tmp_path / "names.txt"
+    tasks.write_text("dir/a b.tar.gz\n\nit's $HOME\n")
+    out = tmp_path / "out.txt"
+    template = "printf '%s|' {#} {} {.} {/} {//} {/.}"
+    result = run_sshfan(["run", str(tasks), "-c", template, "-o", str(out)])
+    assert result.returncode == 0, result.stderr
+    assert out.read_text() == (
+        "1|dir/a b.tar.gz|dir/a b.tar|a b.tar.gz|dir|a b.tar|"
+        "3|it's $HOME|it's $HOME|it's $HOME|.|it's $HOME|"
+    )
+    appended = run_sshfan(["run", str(tasks), "-c", "printf '<%s>'", "-o", "-"])
+    assert appended.stdout == b"<dir/a b.tar.gz><it's $HOME>"
+
+
+def test_known_hosts_accept_new_records_then_enforces(
+    sshd: SshServer, tmp_path: Path, run_sshfan
+) -> None:
+    """accept-new trusts a first-seen key and records it; a changed key is refused after."""
+    home = tmp_path / "home"
+    home.mkdir()
+    hosts = _hosts(sshd, tmp_path, ["h1"], known_hosts="accept-new")
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text("echo hi\n")
+    args = ["run", str(tasks), "--hosts", str(hosts), "-o", str(tmp_path / "out.txt")]
+    first = run_sshfan(args, env={"HOME": str(home)})
+    assert first.returncode == 0, first.stderr
+    recorded = (home / ".ssh" / "known_hosts").read_text()
+    assert recorded.split()[0] == f"[127.0.0.1]:{sshd.port}"
+    assert recorded.split()[1:3] == sshd.known_hosts.read_text().split()[1:3]
+    again = run_sshfan(args, env={"HOME": str(home)})
+    assert again.returncode == 0
+    assert (home / ".ssh" / "known_hosts").read_text() == recorded  # not recorded twice
+    other = "AAAAC3NzaC1lZDI1NTE5AAAAIBAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+    fields = recorded.split()
+    (home / ".ssh" / "known_hosts").write_text(f"{fields[0]} ssh-ed25519 {other}\n")
+    changed = run_sshfan(args, env={"HOME": str(home)})
+    assert changed.returncode == 3
+    assert b"does not match" in changed.stderr and b"known_hosts:1" in changed.stderr
