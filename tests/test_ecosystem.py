@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -219,3 +221,19 @@ def test_known_hosts_accept_new_records_then_enforces(
     changed = run_sshfan(args, env={"HOME": str(home)})
     assert changed.returncode == 3
     assert b"does not match" in changed.stderr and b"known_hosts:1" in changed.stderr
+
+
+def test_readme_api_example_runs(tmp_path: Path) -> None:
+    """The README's first Python API example runs as written and prints a line per task."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Python API", 1)[1]
+    example = section.split("```python\n", 1)[1].split("```", 1)[0]
+    script = tmp_path / "example.py"
+    script.write_text(example)
+    env = dict(os.environ, PYTHONPATH=str(Path(sshfan.__file__).parent))
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    rows = sorted(line.split() for line in result.stdout.splitlines())
+    assert rows == sorted([str(n + 1), "local", "0", str(n)] for n in range(8))
