@@ -28,13 +28,13 @@ import json
 import math
 import os
 import queue
+import random
 import re
 import selectors
 import shlex
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import threading
@@ -431,10 +431,10 @@ def decode_result(payload: bytes) -> tuple:
 class StubTask:
     """One running task on the worker: its process, pipes and collected output."""
 
-    def __init__(self, seq: int, proc: Any, deadline: "float | None") -> None:
-        """Track a started process for the task with sequence number SEQ."""
+    def __init__(self, seq: int, pid: int, deadline: "float | None") -> None:
+        """Track a started process (its own process group) for the task numbered SEQ."""
         self.seq = seq
-        self.proc = proc
+        self.pid = pid
         self.started = time.monotonic()
         self.deadline = deadline
         self.out = bytearray()
@@ -450,7 +450,7 @@ class StubTask:
         if self.killed_at is None:
             self.killed_at = time.monotonic()
         with contextlib.suppress(OSError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            os.killpg(self.pid, signal.SIGKILL)
 
 
 class Stub:
@@ -470,6 +470,7 @@ class Stub:
         self.env = None
         self.workdir = None
         self.selector = selectors.DefaultSelector()
+        self.devnull = os.open(os.devnull, os.O_RDONLY)
         self.eof = False
         self.configured = False
 
@@ -514,35 +515,55 @@ class Stub:
         else:
             raise FrameError(f"unexpected frame kind {kind} from the head")
 
+    def spawn(self, command: bytes) -> tuple:
+        """Start `/bin/sh -c COMMAND` in its own session, stdin /dev/null; return pid and pipes.
+
+        A plain fork, not subprocess: the stub goes on while the child execs, so starting
+        tiny tasks overlaps instead of waiting for each exec (what xargs does too)."""
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: nothing here may return into the stub's loop
+            try:
+                for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGPIPE):
+                    signal.signal(signum, signal.SIG_DFL)  # the stub's handlers are not the task's
+                os.setsid()
+                os.dup2(self.devnull, 0)
+                os.dup2(out_w, 1)
+                os.dup2(err_w, 2)
+                if self.workdir:
+                    os.chdir(self.workdir)
+                env = self.env if self.env is not None else os.environ
+                os.execve("/bin/sh", ["/bin/sh", "-c", command], env)
+            except BaseException as exc:
+                with contextlib.suppress(BaseException):
+                    os.write(2, f"sshfan: cannot start task: {exc}\n".encode())
+            finally:
+                os._exit(127)
+        os.close(out_w)
+        os.close(err_w)
+        return pid, out_r, err_r
+
     def start_tasks(self) -> None:
         """Start queued tasks while slots are free."""
         while self.queue and len(self.running) < self.slots and self.configured:
             seq, command = self.queue.popleft()
             deadline = time.monotonic() + self.timeout if self.timeout else None
             try:
-                proc = subprocess.Popen(
-                    ["/bin/sh", "-c", command],
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    cwd=self.workdir,
-                    env=self.env,
-                    start_new_session=True,
-                )
+                pid, out_fd, err_fd = self.spawn(command)
             except OSError as exc:
-                message = (f"sshfan: cannot start task: {exc}\n").encode()
+                message = f"sshfan: cannot start task: {exc}\n".encode()
                 self.send(KIND_RESULT, encode_result(seq, 127, 0, 0.0, b"", message))
                 continue
-            task = StubTask(seq, proc, deadline)
-            self.running[proc.pid] = task
-            for pipe, stream in ((proc.stdout, 1), (proc.stderr, 2)):
-                fd = pipe.fileno()
-                self.by_fd[fd] = (task, stream, pipe)
+            task = StubTask(seq, pid, deadline)
+            self.running[pid] = task
+            for fd, stream in ((out_fd, 1), (err_fd, 2)):
+                self.by_fd[fd] = (task, stream)
                 self.selector.register(fd, selectors.EVENT_READ, "task")
 
     def read_task_output(self, fd: int) -> None:
         """Read what a task wrote; ship full pieces; note EOF."""
-        task, stream, _ = self.by_fd[fd]
+        task, stream = self.by_fd[fd]
         try:
             data = os.read(fd, 65536)
         except OSError:
@@ -559,9 +580,9 @@ class Stub:
 
     def close_fd(self, fd: int) -> None:
         """Stop watching one of a task's pipes."""
-        task, _, pipe = self.by_fd.pop(fd)
+        task, _ = self.by_fd.pop(fd)
         self.selector.unregister(fd)
-        pipe.close()  # through the file object, so it never closes a reused fd later
+        os.close(fd)
         task.open_fds -= 1
 
     def reap(self) -> None:
@@ -569,11 +590,10 @@ class Stub:
         for task in list(self.running.values()):
             if task.status is None:
                 try:
-                    pid, status = os.waitpid(task.proc.pid, os.WNOHANG)
+                    pid, status = os.waitpid(task.pid, os.WNOHANG)
                 except ChildProcessError:
-                    pid, status = task.proc.pid, 255 << 8
+                    pid, status = task.pid, 255 << 8
                 if pid:
-                    task.proc.returncode = 0  # keep subprocess from waiting on it again
                     if os.WIFSIGNALED(status):
                         task.status = -os.WTERMSIG(status)
                     else:
@@ -584,7 +604,7 @@ class Stub:
         """Report a task once its shell has exited and its pipes are closed."""
         if task.status is None or task.open_fds > 0:
             return
-        del self.running[task.proc.pid]
+        del self.running[task.pid]
         duration = time.monotonic() - task.started
         result = encode_result(
             task.seq, task.status, task.flags, duration, bytes(task.out), bytes(task.err)
@@ -707,8 +727,8 @@ def stub_main() -> None:
 
 
 _SHIPPED_IMPORTS = (
-    "import collections, contextlib, json, os, selectors, signal, socket, struct, subprocess\n"
-    "import sys, time\n"
+    "import collections, contextlib, json, os, selectors, signal, socket, struct, sys\n"
+    "import time\n"
 )
 
 _SHIPPED_CONSTANTS = (
@@ -943,7 +963,6 @@ class HostSession:
         self.exit_status: int | None = None
         self.done_count = 0
         self.failed_count = 0
-        self.durations: list[float] = []
         self.rtt: float | None = None
         self._conn: Any = None
         self._write: Callable[[bytes], None] = lambda data: None
@@ -1540,24 +1559,25 @@ class Journal:
     def sync(self) -> None:
         """Make written records durable on disk."""
         if self._dirty:
+            self._dirty = False  # first: a write racing this fsync marks it dirty again
             os.fsync(self._fd)
-            self._dirty = False
 
     def read(self, offset: int, length: int) -> bytes:
         """Read LENGTH bytes at OFFSET (flushed records only)."""
         return os.pread(self._fd, length, offset)
 
     def _read_meta(self, offset: int) -> dict[str, Any]:
-        """Read a DONE record's metadata."""
+        """Read a DONE record's metadata (and note where its output tails start)."""
         start = offset + FRAME_HEADER.size
         (meta_len,) = DONE_HEAD.unpack(self.read(start, DONE_HEAD.size))
-        return json.loads(self.read(start + DONE_HEAD.size, meta_len))
+        meta = json.loads(self.read(start + DONE_HEAD.size, meta_len))
+        meta["tails_at"] = start + DONE_HEAD.size + meta_len
+        return meta
 
     def load_result(self, offset: int) -> TaskResult:
         """Read a finished task back from its DONE record."""
         meta = self._read_meta(offset)
-        start = offset + FRAME_HEADER.size + DONE_HEAD.size + meta["meta_len"]
-        tails = self.read(start, meta["n_out"] + meta["n_err"])
+        tails = self.read(meta["tails_at"], meta["n_out"] + meta["n_err"])
         return TaskResult(
             seq=meta["seq"],
             command=meta["task"],
@@ -1586,14 +1606,8 @@ class Journal:
             "pieces": result.pieces,
             "n_out": len(result.stdout),
             "n_err": len(result.stderr),
-            "meta_len": 0,
         }
         encoded = json.dumps(meta).encode()
-        meta["meta_len"] = len(encoded)
-        encoded = json.dumps(meta).encode()
-        if len(encoded) != meta["meta_len"]:  # the length's own digits changed it
-            meta["meta_len"] = len(encoded)
-            encoded = json.dumps(meta).encode()
         payload = b"".join((DONE_HEAD.pack(len(encoded)), encoded, result.stdout, result.stderr))
         return self.append(KIND_DONE, payload)
 
@@ -1601,7 +1615,7 @@ class Journal:
         """Flush, sync and close the file."""
         if self._fd >= 0:
             self.flush()
-            self.sync()
+            os.fsync(self._fd)
             os.close(self._fd)
             self._fd = -1
 
@@ -1860,6 +1874,32 @@ def read_tasks(
 CONNECT_PACE = 8  # SSH handshakes at once: under OpenSSH's MaxStartups (10) default
 
 
+class DurationStats:
+    """Task count and a bounded sample of durations for a median (memory stays flat)."""
+
+    SAMPLE = 1001
+
+    def __init__(self) -> None:
+        """Start with no tasks."""
+        self.count = 0
+        self.sample: list[float] = []
+        self._random = random.Random(0)
+
+    def add(self, duration: float) -> None:
+        """Count a task; keep its duration with reservoir sampling."""
+        self.count += 1
+        if len(self.sample) < self.SAMPLE:
+            self.sample.append(duration)
+        else:
+            slot = self._random.randrange(self.count)
+            if slot < self.SAMPLE:
+                self.sample[slot] = duration
+
+    def median(self) -> float | None:
+        """The (sampled) median duration, or None with no tasks."""
+        return _median(self.sample) if self.sample else None
+
+
 @dataclasses.dataclass
 class RunSummary:
     """What a run did: counts, hosts, where results went, and its exit code."""
@@ -1871,7 +1911,7 @@ class RunSummary:
     resumed: int = 0
     resumed_failed: int = 0
     hosts: list[str] = dataclasses.field(default_factory=list)
-    per_host: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    per_host: dict[str, DurationStats] = dataclasses.field(default_factory=dict)
     failed_per_host: dict[str, int] = dataclasses.field(default_factory=dict)
     lost_per_host: dict[str, int] = dataclasses.field(default_factory=dict)
     skipped_hosts: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -1925,6 +1965,7 @@ class _Run:
         self.sessions: list[HostSession] = []
         self._finished: asyncio.Future[None] | None = None
         self._to_merge: list[tuple[int, int, TaskResult]] = []
+        self._syncing: asyncio.Future[None] | None = None
         self._interrupts = 0
 
     async def execute(self) -> RunSummary:
@@ -1951,6 +1992,8 @@ class _Run:
                 opener.cancel()
             await asyncio.gather(*openers, return_exceptions=True)
             await asyncio.gather(*(s.close() for s in self.sessions), return_exceptions=True)
+            if self._syncing is not None:
+                await asyncio.gather(self._syncing, return_exceptions=True)
             self._merge_batch()
             self.journal.close()
         self.summary.elapsed_s = time.monotonic() - started
@@ -1971,10 +2014,16 @@ class _Run:
         self._check_done()
 
     def _sync_tick(self) -> None:
-        """fsync the journal about once a second, so a machine crash loses at most that."""
-        self.journal.sync()
-        if self._finished is not None and not self._finished.done():
-            asyncio.get_running_loop().call_later(1.0, self._sync_tick)
+        """fsync the journal about once a second, so a machine crash loses at most that.
+
+        In a worker thread: with large outputs streaming in, an fsync can take long
+        enough to stall every host's channel if it ran on the event loop."""
+        loop = asyncio.get_running_loop()
+        if self._finished is None or self._finished.done():
+            return
+        if self._syncing is None or self._syncing.done():
+            self._syncing = loop.run_in_executor(None, self.journal.sync)
+        loop.call_later(1.0, self._sync_tick)
 
     # -- events from hosts ----------------------------------------------------
 
@@ -1993,7 +2042,10 @@ class _Run:
         offset = self.journal.add_result(result)
         self._to_merge.append((result.seq, offset, result))
         summary = self.summary
-        summary.per_host.setdefault(session.name, []).append(result.duration_s)
+        stats = summary.per_host.get(session.name)
+        if stats is None:
+            stats = summary.per_host[session.name] = DurationStats()
+        stats.add(result.duration_s)
         if result.timed_out:
             summary.timed_out += 1
         elif result.exit_code:
@@ -2558,15 +2610,16 @@ def format_summary(summary: RunSummary) -> list[str]:
             f"  {'host':<20} {'tasks':>7} {'failed':>7} {'lost':>5} {'median s':>9}  status"
         )
         for name in names:
-            durations = summary.per_host.get(name, [])
-            median = f"{_median(durations):.3f}" if durations else "-"
+            stats = summary.per_host.get(name) or DurationStats()
+            middle = stats.median()
+            median = "-" if middle is None else f"{middle:.3f}"
             status = "ok"
             if name in summary.lost_hosts:
                 status = f"lost: {summary.lost_hosts[name]}"
             elif name in summary.skipped_hosts:
                 status = f"skipped: {summary.skipped_hosts[name]}"
             lines.append(
-                f"  {name:<20} {len(durations):>7} {summary.failed_per_host.get(name, 0):>7} "
+                f"  {name:<20} {stats.count:>7} {summary.failed_per_host.get(name, 0):>7} "
                 f"{summary.lost_per_host.get(name, 0):>5} {median:>9}  {status}"
             )
     for result in sorted(summary.failures, key=lambda r: r.seq):
@@ -2763,7 +2816,7 @@ class _Progress:
             self._shown = now
             summary = self.run.summary
             running = sum(len(s.in_flight) for s in self.run.sessions)
-            hosts = " ".join(f"{n}:{len(d)}" for n, d in list(summary.per_host.items())[:8])
+            hosts = " ".join(f"{n}:{d.count}" for n, d in list(summary.per_host.items())[:8])
             failed = summary.failed + summary.timed_out
             self.bar.set_postfix_str(f"failed={failed} running={running} {hosts}", refresh=False)
 

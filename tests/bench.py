@@ -1,0 +1,878 @@
+"""sshfan's benchmark: each scenario side by side with what a user would use instead.
+
+Run ``python tests/bench.py`` (about half an hour) or ``--quick`` (two to
+three minutes), ``--json`` for machine-readable results on stdout (the table then goes to
+stderr), ``--only NAME`` to pick scenarios. It starts its own OpenSSH server on
+127.0.0.1 (tests/sshd.py) in a temporary directory and talks to nothing else.
+
+Each round runs sshfan and then its comparison, alternating, so that noise on this
+shared machine falls on both; the table shows medians. Every sshfan run's output is
+checked (line counts, bytes, hosts), so a broken run is reported as an error rather
+than as fast. A comparison tool that is missing shows as "not installed".
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pyproject's runtime dependency on 3.10
+    import tomli as tomllib
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+sys.path.insert(0, str(TESTS))
+
+from delay_proxy import DelayProxy  # noqa: E402
+from sshd import SshServer  # noqa: E402
+
+RUN_TIMEOUT = 900.0  # seconds for any one command before it is killed
+MIB = 1024 * 1024
+
+
+class BenchError(Exception):
+    """A run that failed or produced wrong output; its message goes in the table."""
+
+
+# ---------------------------------------------------------------------------
+# running commands
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Ran:
+    """What one command run gave: wall and CPU seconds, exit code, stderr tail, peak RSS."""
+
+    wall: float
+    code: int
+    stderr: str
+    cpu: float = 0.0  # user + system of the command and the children it waited for
+    peak_mib: float = 0.0
+
+
+def _vmhwm_kib(pid: int) -> int:
+    """Return the process's peak resident set size (VmHWM) in KiB, or 0 if gone."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the process group a command runs in, and reap its leader."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        proc.wait()
+
+
+def run(
+    argv: list[str],
+    *,
+    stdin: Path | None = None,
+    stdout: Path | None = None,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    measure_rss: bool = False,
+    timeout: float = RUN_TIMEOUT,
+) -> Ran:
+    """Run argv in its own process group; time it from spawn to exit."""
+    with contextlib.ExitStack() as stack:
+        fin = stack.enter_context(open(stdin, "rb")) if stdin else subprocess.DEVNULL
+        fout = stack.enter_context(open(stdout, "wb")) if stdout else subprocess.DEVNULL
+        ferr = stack.enter_context(tempfile.TemporaryFile())
+        start = time.perf_counter()
+        proc = subprocess.Popen(
+            argv, stdin=fin, stdout=fout, stderr=ferr, cwd=cwd, env=env, start_new_session=True
+        )
+        expired = threading.Event()
+
+        def expire() -> None:
+            """Kill the command's process group once its time is up."""
+            expired.set()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+        timer = threading.Timer(timeout, expire)
+        timer.start()
+        peak_kib = 0
+        try:
+            # wait4, not Popen.wait: it also gives the command's CPU time and peak RSS.
+            while True:
+                pid, status, usage = os.wait4(proc.pid, os.WNOHANG if measure_rss else 0)
+                if pid:
+                    break
+                # VmHWM is the head's own peak (children excluded); polled because it
+                # vanishes at exit. wait4's ru_maxrss then adds the last moments.
+                peak_kib = max(peak_kib, _vmhwm_kib(proc.pid))
+                time.sleep(0.01)
+        except BaseException:
+            # Ctrl-C reaches only our process group: take the command's down with us.
+            _kill_group(proc)
+            raise
+        finally:
+            timer.cancel()
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if expired.is_set():
+            raise BenchError(f"{Path(argv[0]).name} timed out after {timeout:.0f}s")
+        if measure_rss:
+            peak_kib = max(peak_kib, usage.ru_maxrss)
+        ferr.seek(0)
+        err = ferr.read().decode(errors="replace")
+    cpu = usage.ru_utime + usage.ru_stime
+    return Ran(wall, proc.returncode, err[-4000:].strip(), cpu, peak_kib / 1024)
+
+
+def checked(ran: Ran, what: str) -> Ran:
+    """Raise BenchError unless the run exited 0."""
+    if ran.code != 0:
+        lines = [line.strip() for line in ran.stderr.splitlines() if line.strip()]
+        # The cause (a host skipped or lost, a traceback's last line) comes before
+        # the closing summary lines, so pick those out first.
+        telling = [
+            line
+            for line in lines
+            if any(word in line.lower() for word in ("skipped", "lost", "error", "refused"))
+        ]
+        shown = list(dict.fromkeys(telling[:3] + lines[-2:]))
+        raise BenchError(f"{what} exited {ran.code}: " + " | ".join(shown))
+    return ran
+
+
+# ---------------------------------------------------------------------------
+# tasks, hosts files, output checks
+# ---------------------------------------------------------------------------
+
+
+def echo_tasks(n: int) -> str:
+    """Return a tasks file text of n tiny tasks `echo 1` .. `echo n`."""
+    return "".join(f"echo {i}\n" for i in range(1, n + 1))
+
+
+def echo_output(n: int) -> bytes:
+    """Return sshfan's expected text output for echo_tasks(n), in seq order."""
+    return "".join(f"{i}\n" for i in range(1, n + 1)).encode()
+
+
+def check_text(path: Path, expected: bytes, what: str) -> None:
+    """Raise BenchError unless the file holds exactly the expected bytes."""
+    got = path.read_bytes() if path.exists() else b""
+    if got != expected:
+        raise BenchError(
+            f"{what}: wrong output ({len(got.splitlines())} lines, "
+            f"{len(expected.splitlines())} expected)"
+        )
+
+
+def check_unordered(path: Path, expected: bytes, what: str) -> None:
+    """Raise BenchError unless the file holds the expected lines in any order."""
+    got = sorted(path.read_bytes().splitlines())
+    if got != sorted(expected.splitlines()):
+        raise BenchError(f"{what}: wrong output ({len(got)} lines)")
+
+
+def read_jsonl(path: Path, count: int, what: str) -> list[dict[str, object]]:
+    """Read sshfan's jsonl output; raise BenchError unless count records all exited 0."""
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if len(records) != count:
+        raise BenchError(f"{what}: {len(records)} jsonl records, {count} expected")
+    failed = [r for r in records if r.get("exit_code") != 0]
+    if failed:
+        raise BenchError(f"{what}: {len(failed)} tasks failed, e.g. {failed[0]}")
+    return records
+
+
+def _toml_value(value: object) -> str:
+    """Encode a str, int, float, bool or list as a TOML value."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def dump_hosts(doc: dict[str, object]) -> str:
+    """Write a parsed hosts file (a [defaults] table and [[hosts]]) back to TOML."""
+    lines: list[str] = []
+    defaults = doc.get("defaults")
+    if isinstance(defaults, dict):
+        lines.append("[defaults]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in defaults.items()]
+    hosts = doc.get("hosts")
+    for host in hosts if isinstance(hosts, list) else []:
+        lines += ["", "[[hosts]]"] + [f"{k} = {_toml_value(v)}" for k, v in host.items()]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# results
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Row:
+    """One scenario's line in the table, with every sample behind its medians."""
+
+    name: str
+    unit: str
+    comparison_label: str
+    target: str
+    sshfan: list[float] = dataclasses.field(default_factory=list)
+    comparison: list[float] = dataclasses.field(default_factory=list)
+    ratio: float | None = None
+    met: bool | None = None
+    error: str = ""
+    comparison_error: str = ""
+    notes: list[str] = dataclasses.field(default_factory=list)
+    elapsed_s: float = 0.0
+    load: str = ""
+    detail: str = ""  # shown after the sshfan median
+
+    def median(self, side: str) -> float | None:
+        """Median of the sshfan or comparison samples, None when there are none."""
+        samples = self.sshfan if side == "sshfan" else self.comparison
+        return statistics.median(samples) if samples else None
+
+    def attempt(self, side: str, measure: Callable[[], float]) -> None:
+        """Take one sample for a side; on failure keep the first error and skip the side."""
+        if self.error if side == "sshfan" else self.comparison_error:
+            return
+        try:
+            value = measure()
+        except (BenchError, OSError, LookupError, TypeError, ValueError) as exc:
+            message = str(exc) or type(exc).__name__
+            if side == "sshfan":
+                self.error = message
+            else:
+                self.comparison_error = message
+            return
+        (self.sshfan if side == "sshfan" else self.comparison).append(value)
+        log(f"  {self.name}: {side} {fmt(value, self.unit)}")
+
+    def to_json(self) -> dict[str, object]:
+        """Machine-readable form of the row."""
+        out = dataclasses.asdict(self)
+        out["sshfan_median"] = self.median("sshfan")
+        out["comparison_median"] = self.median("comparison")
+        return out
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages, to tell a quiet machine from a busy one."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+def cpu_note(name: str, runs: list[Ran]) -> str:
+    """Summarise how busy the sshfan head was over a scenario's runs."""
+    if not runs:
+        return "no sshfan run"
+    wall = sum(r.wall for r in runs)
+    cpu = sum(r.cpu for r in runs)
+    who = "head + local stub + tasks" if name == "local" else "head"
+    return f"sshfan {who} CPU {cpu:.1f} s over {wall:.1f} s wall ({100 * cpu / wall:.0f}%)"
+
+
+def log(message: str) -> None:
+    """Progress on stderr."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def fmt(value: float | None, unit: str) -> str:
+    """Format a measurement with its unit for the table."""
+    if value is None:
+        return "-"
+    if unit == "s":
+        return f"{value:.3f} s" if value < 10 else f"{value:.1f} s"
+    if unit == "ms/task":
+        return f"{value:.2f} ms/task"
+    if unit in ("MB/s", "tasks/s"):
+        return f"{value:.0f} {unit}"
+    return f"{value:.1f} {unit}"
+
+
+# ---------------------------------------------------------------------------
+# the bench
+# ---------------------------------------------------------------------------
+
+
+class Bench:
+    """Shared state: the sshd, a scratch directory, sizes and round counts."""
+
+    def __init__(self, workdir: Path, server: SshServer, quick: bool, rounds: int) -> None:
+        """Keep the scratch dir and server; pick sizes for quick or full runs."""
+        self.dir = workdir
+        self.server = server
+        self.quick = quick
+        self.rounds = rounds
+        self.cpus = os.cpu_count() or 1
+        self.env = dict(os.environ)
+        self.env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p
+        )
+        self._runs = 0
+        self.sshfan_runs: list[Ran] = []  # every sshfan run, for CPU notes
+
+    def settle(self, limit: float = 15.0) -> None:
+        """Wait until the sshd has no sessions left from an earlier scenario."""
+        deadline = time.monotonic() + limit
+        while len(self.server.pids()) > 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    # -- files --------------------------------------------------------------
+
+    def write(self, name: str, text: str) -> Path:
+        """Write a file in the scratch directory and return its path."""
+        path = self.dir / name
+        path.write_text(text)
+        return path
+
+    def hosts(self, name: str, names: list[str], slots: int = 1, **override: object) -> Path:
+        """Write a hosts file for names on our sshd; override replaces [defaults] keys."""
+        doc = tomllib.loads(self.server.hosts_toml(names, slots))
+        defaults = doc.setdefault("defaults", {})
+        defaults.update(override)
+        return self.write(name, dump_hosts(doc))
+
+    @contextlib.contextmanager
+    def rundir(self) -> Iterator[Path]:
+        """A fresh directory for one run's output and journal, removed afterwards."""
+        self._runs += 1
+        path = self.dir / f"run{self._runs}"
+        path.mkdir()
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+    # -- sshfan -------------------------------------------------------------
+
+    def sshfan(
+        self,
+        tasks: Path,
+        out: Path,
+        hosts: Path | None,
+        fmt: str = "text",
+        measure_rss: bool = False,
+    ) -> Ran:
+        """Run `python -m sshfan run` to completion; raise BenchError unless it exits 0."""
+        argv = [sys.executable, "-m", "sshfan", "run", str(tasks), "-o", str(out)]
+        argv += ["--no-progress", "--format", fmt]
+        if hosts is not None:
+            argv += ["--hosts", str(hosts)]
+        ran = run(argv, cwd=out.parent, env=self.env, measure_rss=measure_rss)
+        self.sshfan_runs.append(ran)
+        return checked(ran, "sshfan")
+
+    def sshfan_echo(self, n: int, hosts: Path | None) -> float:
+        """Run n echo tasks through sshfan, check the output, return the wall time."""
+        tasks = self.write(f"echo{n}.txt", echo_tasks(n))
+        with self.rundir() as d:
+            out = d / "out.txt"
+            ran = self.sshfan(tasks, out, hosts)
+            check_text(out, echo_output(n), "sshfan")
+        return ran.wall
+
+    def xargs_echo(self, n: int, procs: int) -> float:
+        """Run n echo tasks with local `xargs -P procs`, check the output, return wall."""
+        tasks = self.write(f"echo{n}.txt", echo_tasks(n))
+        with self.rundir() as d:
+            out = d / "out.txt"
+            argv = ["xargs", "-P", str(procs), "-I{}", "sh", "-c", "{}"]
+            ran = checked(run(argv, stdin=tasks, stdout=out), "xargs")
+            check_unordered(out, echo_output(n), "xargs")
+        return ran.wall
+
+    # -- scenarios ------------------------------------------------------------
+
+    def tiny_vs_xargs(self) -> Row:
+        """3,000 echo tasks on 2 loopback hosts x 1 slot against local xargs -P 2."""
+        n = 3000
+        row = Row(f"{n:,} tiny, 2 hosts x1", "s", "xargs -P 2 (local)", "<= 1.3x")
+        hosts = self.hosts("hosts2.toml", ["h1", "h2"])
+        if shutil.which("xargs") is None:
+            row.comparison_error = "not installed"
+        for i in range(self.rounds):
+            log(f"[{row.name}] round {i + 1}/{self.rounds}")
+            row.attempt("sshfan", lambda: self.sshfan_echo(n, hosts))
+            row.attempt("comparison", lambda: self.xargs_echo(n, 2))
+        return judge(row, lambda s, c: s / c, lambda r: r <= 1.3)
+
+    def tiny_vs_parallel(self) -> Row:
+        """200 echo tasks on 2 hosts against GNU parallel -S 2/host over ControlMaster."""
+        n = 200
+        n_par = 20 if self.quick else n
+        row = Row(
+            f"{n} tiny, 2 hosts, per task",
+            "ms/task",
+            "parallel -S 2/host, ControlMaster",
+            ">= 50x faster",
+        )
+        if n_par != n:
+            row.comparison_label += f" ({n_par} tasks)"
+        hosts = self.hosts("hosts2.toml", ["h1", "h2"])
+        parallel = shutil.which("parallel")
+        with contextlib.ExitStack() as stack:
+            wrapper = None
+            if parallel is None:
+                row.comparison_error = "not installed"
+            else:
+                wrapper = self._parallel_wrapper()
+                stack.callback(self._control_master_exit, wrapper)
+                try:
+                    self._parallel_setup(parallel, wrapper, row)
+                except BenchError as exc:
+                    row.comparison_error = str(exc)
+            for i in range(self.rounds):
+                log(f"[{row.name}] round {i + 1}/{self.rounds}")
+                row.attempt("sshfan", lambda: 1000 * self.sshfan_echo(n, hosts) / n)
+                if wrapper is not None and parallel is not None and not row.comparison_error:
+                    row.attempt(
+                        "comparison", lambda: 1000 * self._parallel_echo(parallel, wrapper, n_par)
+                    )
+        return judge(row, lambda s, c: c / s, lambda r: r >= 50)
+
+    def _parallel_wrapper(self) -> Path:
+        """Write an ssh wrapper for GNU parallel: our server's options plus ControlMaster."""
+        options = self.server.ssh_argv()[1:-1]
+        options += ["-o", "ControlMaster=auto", "-o", f"ControlPath={self.dir}/cm-%C"]
+        options += ["-o", "ControlPersist=300"]
+        wrapper = self.dir / "ssh-cm"
+        wrapper.write_text("#!/bin/sh\nexec ssh " + " ".join(options) + ' "$@"\n')
+        wrapper.chmod(0o755)
+        return wrapper
+
+    def _parallel_setup(self, parallel: str, wrapper: Path, row: Row) -> None:
+        """Open the ControlMaster and prove GNU parallel runs tasks through it remotely."""
+        dest = self.server.ssh_argv()[-1]
+        # Open the master alone first: two jobs racing to create it would both
+        # fall back to plain connections ("disabling multiplexing").
+        checked(run([str(wrapper), dest, "true"]), "ssh ControlMaster")
+        if run([str(wrapper), "-O", "check", dest]).code != 0:
+            raise BenchError("ControlMaster did not stay up")
+        probe = self.write("probe.txt", "echo $SSH_CONNECTION\n")
+        with self.rundir() as d:
+            out = d / "probe.out"
+            argv = [parallel, "--will-cite", "--ssh", str(wrapper), "-S", f"2/{dest}"]
+            checked(run(argv, stdin=probe, stdout=out), "parallel")
+            seen = out.read_text().strip()
+        if not seen.startswith(f"{self.server.host} "):
+            raise BenchError(f"parallel did not run over ssh (SSH_CONNECTION={seen!r})")
+        row.notes.append(f"parallel ran remotely (SSH_CONNECTION={seen}) via ControlMaster")
+
+    def _parallel_echo(self, parallel: str, wrapper: Path, n: int) -> float:
+        """Run n echo tasks with GNU parallel over ssh; return seconds per task."""
+        tasks = self.write(f"echo{n}.txt", echo_tasks(n))
+        dest = self.server.ssh_argv()[-1]
+        with self.rundir() as d:
+            out = d / "out.txt"
+            argv = [parallel, "--will-cite", "--ssh", str(wrapper), "-S", f"2/{dest}"]
+            ran = checked(run(argv, stdin=tasks, stdout=out), "parallel")
+            check_unordered(out, echo_output(n), "parallel")
+        return ran.wall / n
+
+    def _control_master_exit(self, wrapper: Path) -> None:
+        """Stop the ControlMaster process the wrapper started."""
+        run([str(wrapper), "-O", "exit", self.server.ssh_argv()[-1]], timeout=30)
+
+    def local_vs_xargs(self) -> Row:
+        """3,000 echo tasks on the local host (no --hosts) against xargs -P nproc."""
+        n = 3000
+        row = Row(f"{n:,} tiny, local", "s", f"xargs -P {self.cpus} (local)", "<= 1.15x")
+        if shutil.which("xargs") is None:
+            row.comparison_error = "not installed"
+        for i in range(self.rounds):
+            log(f"[{row.name}] round {i + 1}/{self.rounds}")
+            row.attempt("sshfan", lambda: self.sshfan_echo(n, None))
+            row.attempt("comparison", lambda: self.xargs_echo(n, self.cpus))
+        return judge(row, lambda s, c: s / c, lambda r: r <= 1.15)
+
+    def makespan(self) -> Row:
+        """120 short then 6 long sleeps on 4 hosts x 2 slots against the ideal bound."""
+        short, long_ = [0.05] * 120, [1.5] * 6
+        slots = 4 * 2
+        bound = max(sum(short + long_) / slots, max(long_))
+        row = Row("makespan 126 sleeps, 4 hosts x2", "s", "bound max(sum/slots, longest)", "")
+        row.target = "<= 1.15x"
+        # Each task prints its start time, so the span from the first start to the
+        # last end (start + duration_s) shows the schedule without the connect time.
+        lines = "".join(f"date +%s.%N; sleep {s}\n" for s in short + long_)
+        tasks = self.write("makespan.txt", lines)
+        hosts = self.hosts("hosts4x2.toml", ["h1", "h2", "h3", "h4"], slots=2)
+        spans: list[float] = []
+
+        def once() -> float:
+            """One jsonl run; the wall time of the whole command is the makespan."""
+            with self.rundir() as d:
+                out = d / "out.jsonl"
+                ran = self.sshfan(tasks, out, hosts, fmt="jsonl")
+                records = read_jsonl(out, len(short) + len(long_), "sshfan")
+            used = {str(r.get("host")) for r in records}
+            if len(used) != 4:
+                row.notes.append(f"only {len(used)} of 4 hosts used: {sorted(used)}")
+            starts = [float(str(r["stdout"]).split()[0]) for r in records]
+            ends = [t + float(str(r["duration_s"])) for t, r in zip(starts, records, strict=True)]
+            spans.append(max(ends) - min(starts))
+            return ran.wall
+
+        for i in range(self.rounds):
+            log(f"[{row.name}] round {i + 1}/{self.rounds}")
+            row.attempt("sshfan", once)
+            row.comparison.append(bound)
+        row.notes.append(
+            f"in-order dispatch cannot beat {sum(short) / slots + max(long_):.3f} s "
+            f"(shorts spread over {slots} slots, then a long one); bound {bound:.3f} s"
+        )
+        if spans:
+            span = statistics.median(spans)
+            row.notes.append(
+                f"first task start to last task end: median {span:.3f} s "
+                f"({span / bound:.2f}x bound); the rest of the wall is start-up and exit"
+            )
+        return judge(row, lambda s, c: s / c, lambda r: r <= 1.15)
+
+    def throughput(self) -> Row:
+        """10 tasks of 100 MB output each against one raw ssh stream of 1 GiB (quick: 3)."""
+        per_task, count = 100_000_000, 3 if self.quick else 10
+        raw_mib = 300 if self.quick else 1024
+        row = Row(
+            f"{count} x 100 MB output, 1 host",
+            "MB/s",
+            f"ssh 'head -c {raw_mib}M /dev/zero'",
+            ">= 0.7x",
+        )
+        tasks = self.write("big.txt", f"head -c {per_task} /dev/zero\n" * count)
+        hosts = self.hosts("hosts1.toml", ["h1"])
+
+        def sshfan_once() -> float:
+            """Stream the tasks' output through sshfan to its output file; return MB/s."""
+            with self.rundir() as d:
+                out = d / "out.bin"
+                ran = self.sshfan(tasks, out, hosts)
+                size = out.stat().st_size
+                if size != per_task * count:
+                    raise BenchError(f"sshfan wrote {size} bytes, {per_task * count} expected")
+            return per_task * count / ran.wall / 1e6
+
+        def ssh_once() -> float:
+            """Stream as much through plain ssh to /dev/null; return MB/s."""
+            argv = [*self.server.ssh_argv(), f"head -c {raw_mib}M /dev/zero"]
+            ran = checked(run(argv), "ssh")
+            return raw_mib * MIB / ran.wall / 1e6
+
+        for i in range(self.rounds):
+            log(f"[{row.name}] round {i + 1}/{self.rounds}")
+            row.attempt("sshfan", sshfan_once)
+            row.attempt("comparison", ssh_once)
+        row.notes.append("sshfan MB/s counts the whole run: connect, journal and merged output")
+        return judge(row, lambda s, c: s / c, lambda r: r >= 0.7)
+
+    def head_rss(self) -> Row:
+        """The head's peak RSS for 5,000 tasks against 500,000 (50,000 in --quick)."""
+        small, big = 5_000, 50_000 if self.quick else 500_000
+        row = Row(
+            f"head peak RSS, {big:,} tasks", "MiB", f"same, {small:,} tasks", "<=100 MiB, +<20"
+        )
+        hosts = self.hosts("hosts2x2.toml", ["h1", "h2"], slots=2)
+        small_tasks = self.write("rss_small.txt", "true\n" * small)
+        big_tasks = self.write("rss_big.txt", "true\n" * big)
+        walls: dict[int, list[float]] = {small: [], big: []}
+
+        def once(tasks: Path, n: int) -> float:
+            """Run n `true` tasks, check n jsonl records, return the head's peak MiB."""
+            with self.rundir() as d:
+                out = d / "out.jsonl"
+                ran = self.sshfan(tasks, out, hosts, fmt="jsonl", measure_rss=True)
+                with open(out, "rb") as f:
+                    lines = sum(1 for _ in f)
+                if lines != n:
+                    raise BenchError(f"sshfan: {lines} jsonl records, {n} expected")
+            walls[n].append(ran.wall)
+            return ran.peak_mib
+
+        # Memory does not wobble like time does: one round each in --quick, at most
+        # three otherwise (500,000 tasks take minutes).
+        rounds = 1 if self.quick else min(self.rounds, 3)
+        for i in range(rounds):
+            log(f"[{row.name}] round {i + 1}/{rounds}")
+            row.attempt("sshfan", lambda: once(big_tasks, big))
+            row.attempt("comparison", lambda: once(small_tasks, small))
+        for n, w in walls.items():
+            if w:
+                row.notes.append(
+                    f"{n:,} tasks: median wall {statistics.median(w):.1f} s "
+                    f"= {n / statistics.median(w):.0f} tasks/s (2 hosts x 2 slots)"
+                )
+        row.error = row.error or row.comparison_error
+        big_mib, small_mib = row.median("sshfan"), row.median("comparison")
+        if big_mib is not None and small_mib is not None:
+            row.ratio = big_mib / small_mib
+            row.met = big_mib <= 100 and big_mib - small_mib < 20
+            row.notes.append(f"growth {big_mib - small_mib:+.1f} MiB from {small:,} to {big:,}")
+        return row
+
+    def many_hosts(self) -> Row:
+        """100 host entries on one sshd: all connected and running within 5 s."""
+        n_hosts, n_tasks, sleep_s, limit = 100, 1000, 0.5, 5.0
+        row = Row(
+            f"{n_hosts} hosts on 1 sshd",
+            "s",
+            f"{n_hosts} plain ssh+python3 logins, 10 at once",
+            f"all {n_hosts} running <= {limit:.0f} s",
+        )
+        names = [f"h{i:03d}" for i in range(1, n_hosts + 1)]
+        hosts = self.hosts("hosts100.toml", names)
+        counts: list[int] = []
+
+        def once() -> float:
+            """Run once; return the latest first-task start over the hosts (s from launch)."""
+            launched = time.time()
+            # Each task prints when it started and sleeps until a deadline past the
+            # limit: enough work for every slot so that a late host still finds some,
+            # yet a run with few hosts up does not crawl through it all.
+            deadline = int(launched + limit + 3)
+            line = f"t=$(date +%s.%N); echo $t; [ ${{t%.*}} -ge {deadline} ] || sleep {sleep_s}\n"
+            tasks = self.write("hosts100.txt", line * n_tasks)
+            with self.rundir() as d:
+                out = d / "out.jsonl"
+                ran = self.sshfan(tasks, out, hosts, fmt="jsonl")
+                records = read_jsonl(out, n_tasks, "sshfan")
+            first: dict[str, float] = {}
+            for r in records:
+                started = float(str(r["stdout"]).split()[0]) - launched
+                host = str(r["host"])
+                first[host] = min(first.get(host, started), started)
+            counts.append(len(first))
+            row.notes.append(
+                f"round {len(counts)}: {len(first)} hosts ran tasks; first start on each host "
+                f"from {min(first.values()):.2f} to {max(first.values()):.2f} s; "
+                f"wall {ran.wall:.2f} s"
+            )
+            return max(first.values())
+
+        def logins() -> float:
+            """How long this machine takes for n_hosts plain logins that start python3."""
+            argv = [*self.server.ssh_argv(), "python3 -c pass"]
+            start = time.perf_counter()
+            # 10 at once: OpenSSH's MaxStartups begins dropping beyond 10 pending.
+            with concurrent.futures.ThreadPoolExecutor(10) as pool:
+                for ran in pool.map(lambda _: run(argv), range(n_hosts)):
+                    checked(ran, "ssh")
+            return time.perf_counter() - start
+
+        # 100 logins are slow on a small machine: in --quick one round and no floor.
+        rounds = 1 if self.quick else self.rounds
+        if self.quick:
+            row.comparison_error = "skipped in --quick"
+        for i in range(rounds):
+            log(f"[{row.name}] round {i + 1}/{rounds}")
+            row.attempt("sshfan", once)
+            row.attempt("comparison", logins)
+        if not self.quick:
+            row.notes.append(
+                "the comparison is the floor this machine sets: every login runs the user's "
+                "shell start-up and python3 on the same 2 CPUs as sshd and the head"
+            )
+        value = row.median("sshfan")
+        if value is not None and not row.error:
+            c = row.median("comparison")
+            row.ratio = value / c if c else None
+            row.met = value <= limit and min(counts) == n_hosts
+            row.detail = f"({min(counts)}/{n_hosts} hosts)"
+        return row
+
+    def delayed(self) -> Row:
+        """3,000 echo tasks through a +25 ms/way proxy against the same direct."""
+        n, delay = 3000, 0.025
+        row = Row(f"{n:,} tiny, +25 ms each way", "tasks/s", "same, no delay", ">= 0.8x")
+        direct = self.hosts("hosts2.toml", ["h1", "h2"])
+        with DelayProxy(self.server.port, delay) as proxy:
+            # The host key is known under "[127.0.0.1]:PORT": list it for the proxy's port.
+            known = self.server.known_hosts.read_text().replace(
+                f"]:{self.server.port} ", f"]:{proxy.port} "
+            )
+            known_path = self.write("known_hosts_proxy", known)
+            slow = self.hosts(
+                "hosts2_delay.toml", ["h1", "h2"], port=proxy.port, known_hosts=str(known_path)
+            )
+            for i in range(self.rounds):
+                log(f"[{row.name}] round {i + 1}/{self.rounds}")
+                row.attempt("sshfan", lambda: n / self.sshfan_echo(n, slow))
+                row.attempt("comparison", lambda: n / self.sshfan_echo(n, direct))
+            ssh = self.server.ssh_argv()
+            ssh = [a.replace(str(self.server.known_hosts), str(known_path)) for a in ssh]
+            ssh[ssh.index("-p") + 1] = str(proxy.port)
+            with contextlib.suppress(BenchError):
+                rtt = checked(run([*ssh, "true"]), "ssh").wall
+                plain = checked(run([*self.server.ssh_argv(), "true"]), "ssh").wall
+                row.notes.append(f"`ssh true`: {plain:.3f} s direct, {rtt:.3f} s through the proxy")
+            if not proxy.connections:
+                row.error = row.error or "nothing connected through the delay proxy"
+        return judge(row, lambda s, c: s / c, lambda r: r >= 0.8)
+
+    def first_result(self) -> Row:
+        """One host, one `echo hi`: the whole run from start, against a plain ssh."""
+        limit = 0.5
+        row = Row("first result, 1 host", "s", "ssh host 'python3 -c pass'", f"<= {limit} s")
+        hosts = self.hosts("hosts1.toml", ["h1"])
+        tasks = self.write("hi.txt", "echo hi\n")
+
+        def once() -> float:
+            """Run the single task; check its output; return the wall time."""
+            with self.rundir() as d:
+                out = d / "out.txt"
+                ran = self.sshfan(tasks, out, hosts)
+                check_text(out, b"hi\n", "sshfan")
+            return ran.wall
+
+        def ssh_once() -> float:
+            """A fresh plain ssh login that starts the remote python3, as a bootstrap must."""
+            return checked(run([*self.server.ssh_argv(), "python3 -c pass"]), "ssh").wall
+
+        for i in range(self.rounds):
+            log(f"[{row.name}] round {i + 1}/{self.rounds}")
+            row.attempt("sshfan", once)
+            row.attempt("comparison", ssh_once)
+        head = [sys.executable, "-m", "sshfan", "--help"]
+        walls = sorted(checked(run(head, env=self.env), "sshfan --help").wall for _ in range(3))
+        row.notes.append(
+            f"head start-up alone (`python -m sshfan --help`): median {walls[1]:.3f} s; "
+            "the comparison is a plain login starting python3 (the floor for a bootstrap)"
+        )
+        value, floor = row.median("sshfan"), row.median("comparison")
+        if value is not None and not row.error:
+            row.ratio = value / floor if floor else None
+            row.met = value <= limit
+        return row
+
+
+def judge(row: Row, ratio: Callable[[float, float], float], ok: Callable[[float], bool]) -> Row:
+    """Fill the row's ratio and verdict from its medians."""
+    s, c = row.median("sshfan"), row.median("comparison")
+    if s is not None and c is not None and not row.error:
+        row.ratio = ratio(s, c)
+        row.met = ok(row.ratio)
+    return row
+
+
+SCENARIOS: dict[str, Callable[[Bench], Row]] = {
+    "xargs": Bench.tiny_vs_xargs,
+    "parallel": Bench.tiny_vs_parallel,
+    "local": Bench.local_vs_xargs,
+    "makespan": Bench.makespan,
+    "throughput": Bench.throughput,
+    "rss": Bench.head_rss,
+    "delay": Bench.delayed,
+    "first": Bench.first_result,
+    # Last: 100 logins leave the machine busy for a while after they end.
+    "hosts100": Bench.many_hosts,
+}
+
+
+# ---------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------
+
+
+def table(rows: list[Row]) -> str:
+    """Render the rows as a fixed-width table with notes below."""
+    head = ("scenario", "sshfan", "comparison", "median", "ratio", "target", "met")
+    cells: list[tuple[str, ...]] = []
+    for r in rows:
+        comparison = (
+            r.comparison_error if r.comparison_error else fmt(r.median("comparison"), r.unit)
+        )
+        met = "-" if r.met is None else ("yes" if r.met else "NO")
+        sshfan = f"ERROR: {r.error}" if r.error else fmt(r.median("sshfan"), r.unit)
+        sshfan += f" {r.detail}" if r.detail and not r.error else ""
+        ratio = "-" if r.ratio is None else f"{r.ratio:.2f}x"
+        cells.append(
+            (r.name, sshfan[:60], r.comparison_label, comparison[:60], ratio, r.target, met)
+        )
+    widths = [max(len(c[i]) for c in [head, *cells]) for i in range(len(head))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(cell, widths, strict=True)) for cell in cells]
+    notes = [f"- {r.name}: {n}" for r in rows for n in r.notes]
+    notes += [f"- {r.name}: took {r.elapsed_s:.0f} s, load average then {r.load}" for r in rows]
+    notes += [f"- {r.name}: sshfan error: {r.error}" for r in rows if r.error and len(r.error) > 60]
+    return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: run the scenarios and print the table (or JSON)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="3 rounds, smaller sizes")
+    parser.add_argument("--json", action="store_true", help="JSON results on stdout")
+    parser.add_argument("--rounds", type=int, help="rounds per scenario (default 5, quick 3)")
+    parser.add_argument(
+        "--only", action="append", choices=sorted(SCENARIOS), help="run only these (repeatable)"
+    )
+    args = parser.parse_args(argv)
+    rounds = max(1, args.rounds or (3 if args.quick else 5))
+    names = [name for name in SCENARIOS if not args.only or name in args.only]
+    rows: list[Row] = []
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="sshfan-bench-") as tmp:
+        workdir = Path(tmp)
+        with SshServer(workdir / "sshd") as server:
+            log(f"sshd ({server.kind}) on {server.host}:{server.port}, user {server.user}")
+            bench = Bench(workdir, server, args.quick, rounds)
+            for name in names:
+                bench.settle()
+                begun = time.perf_counter()
+                bench.sshfan_runs.clear()
+                try:
+                    row = SCENARIOS[name](bench)
+                except Exception as exc:  # one scenario's crash must not end the bench
+                    row = Row(name, "", "", "", error=f"{type(exc).__name__}: {exc}")
+                row.elapsed_s = time.perf_counter() - begun
+                row.notes.append(cpu_note(name, bench.sshfan_runs))
+                row.load = load_average()
+                rows.append(row)
+    elapsed = time.perf_counter() - started
+    report = table(rows) + f"\n\n{len(rows)} scenarios, {rounds} rounds, {elapsed:.0f} s total"
+    if args.json:
+        print(report, file=sys.stderr)
+        result = {
+            "quick": args.quick,
+            "rounds": rounds,
+            "cpus": os.cpu_count(),
+            "elapsed_s": elapsed,
+            "results": [r.to_json() for r in rows],
+        }
+        print(json.dumps(result, indent=2))
+    else:
+        print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
