@@ -1481,6 +1481,7 @@ def _host_key_hint(spec: HostSpec, reason: str) -> str:
 # last record (the head killed mid-write) is cut off on --resume.
 
 JOURNAL_VERSION = 1
+_IOV_BATCH = 512  # buffers per writev: well under IOV_MAX (1024 on Linux)
 DONE_HEAD = struct.Struct(">I")
 TASK_LINE_MAX = 1024 * 1024  # a task line longer than this is refused as bad input
 
@@ -1558,12 +1559,14 @@ class Journal:
             return
         data = self._pending
         self._pending = []
-        written = os.writev(self._fd, data)
-        total = sum(len(d) for d in data)
-        if written < total:  # rare: a short write to a regular file
-            rest = b"".join(data)[written:]
-            while rest:
-                rest = rest[os.write(self._fd, rest) :]
+        for start in range(0, len(data), _IOV_BATCH):
+            part = data[start : start + _IOV_BATCH]
+            written = os.writev(self._fd, part)
+            total = sum(len(d) for d in part)
+            if written < total:  # rare: a short write to a regular file
+                rest = b"".join(part)[written:]
+                while rest:
+                    rest = rest[os.write(self._fd, rest) :]
         self._dirty = True
 
     def sync(self) -> None:
@@ -2090,10 +2093,10 @@ class _Run:
         self._check_done()
 
     def _merge_batch(self) -> None:
-        """Write the batch's results to the journal, then into the merged output."""
+        """Write the batch's records to the journal, then its results into the merged output."""
+        self.journal.flush()  # output pieces too: they must not pile up in memory
         if not self._to_merge:
             return
-        self.journal.flush()
         batch = self._to_merge
         self._to_merge = []
         for seq, offset, result in batch:

@@ -297,3 +297,13 @@ def test_read_tasks_numbers_lines_and_skips_blanks_and_done(tmp_path: Path) -> N
     tasks = list(sshfan.read_tasks(path, merged, done))
     assert [(t.seq, t.command) for t in tasks] == [(1, "echo a"), (4, "echo b"), (6, "echo d")]
     assert sshfan.scan_tasks(path)[0] == 4
+
+
+def test_journal_flushes_more_records_than_writev_takes_at_once(tmp_path: Path) -> None:
+    """A flush of thousands of queued records (past IOV_MAX buffers) writes them all."""
+    journal = Journal.create(tmp_path / "j", {"version": 1})
+    offsets = [journal.append(KIND_OUTPUT, bytes([n % 256]) * 10) for n in range(3000)]
+    journal.flush()
+    assert journal.read(offsets[2999] + sshfan.FRAME_HEADER.size, 10) == bytes([2999 % 256]) * 10
+    journal.close()
+    assert (tmp_path / "j").stat().st_size == journal.size
