@@ -297,6 +297,7 @@ FRAME_HEADER = struct.Struct(">4sBI")
 FRAME_MAX = 8 * 1024 * 1024
 BANNER_MAX = 64 * 1024
 OUTPUT_PIECE = 256 * 1024
+FLUSH_DELAY = 0.005  # seconds the stub may hold finished results to send them together
 PROTO_VERSION = 1
 
 KIND_HELLO = 1
@@ -467,6 +468,8 @@ class Stub:
         self.running = {}
         self.by_fd = {}
         self.outbox = []
+        self.outbox_bytes = 0
+        self.outbox_since = 0.0
         self.slots = 1
         self.timeout = None
         self.env = None
@@ -478,7 +481,24 @@ class Stub:
 
     def send(self, kind: int, payload: bytes) -> None:
         """Queue a frame for the next flush."""
+        if not self.outbox:
+            self.outbox_since = time.monotonic()
         self.outbox.append(encode_frame(kind, payload))
+        self.outbox_bytes += len(payload)
+
+    def flush_due(self) -> "float | None":
+        """Flush now if it is time; else return seconds until it will be (None: empty).
+
+        Results of tiny tasks are held up to FLUSH_DELAY and sent together: fewer SSH
+        packets for both ends to handle. Never while the queue is empty or nothing
+        runs, when the head is waiting on these results to send more work."""
+        if not self.outbox:
+            return None
+        left = self.outbox_since + FLUSH_DELAY - time.monotonic()
+        if left <= 0 or not self.queue or not self.running or self.outbox_bytes >= 65536:
+            self.flush()
+            return None
+        return left
 
     def flush(self) -> None:
         """Write every queued frame to the head in as few writes as possible."""
@@ -486,6 +506,7 @@ class Stub:
             return
         data = b"".join(self.outbox)
         self.outbox = []
+        self.outbox_bytes = 0
         view = memoryview(data)
         while view:
             written = os.write(self.proto_out, view)
@@ -510,6 +531,7 @@ class Stub:
             self.configured = True
         elif kind == KIND_PING:
             self.send(KIND_PONG, payload)
+            self.flush()
         elif kind == KIND_DROP:
             dropped = [seq for seq, _ in self.queue]
             self.queue.clear()
@@ -655,9 +677,10 @@ class Stub:
         self.selector.register(wake_r, selectors.EVENT_READ, "wake")
         while not (self.eof and not self.running):
             self.start_tasks()
-            self.flush()
             timeout = self.check_deadlines()
-            self.flush()
+            flush_in = self.flush_due()
+            if flush_in is not None:
+                timeout = flush_in if timeout is None else min(timeout, flush_in)
             if self.eof and not self.running:
                 break
             for key, _ in self.selector.select(timeout):
@@ -736,6 +759,7 @@ _SHIPPED_CONSTANTS = (
     "FRAME_MAX",
     "BANNER_MAX",
     "OUTPUT_PIECE",
+    "FLUSH_DELAY",
     "PROTO_VERSION",
     "KIND_HELLO",
     "KIND_CONFIG",
@@ -889,9 +913,10 @@ class Scheduler:
 class HostWindow:
     """How many tasks a host should hold: its slots plus enough queued to cover a round trip."""
 
-    # Head-side delay between a result arriving and the refill leaving (event loop,
-    # journal write); added to the measured round trip so the queue never runs dry.
-    LATENCY = 0.005
+    # Delay between a task finishing and its refill reaching the stub, beyond the
+    # measured round trip: the stub's FLUSH_DELAY plus the head's event loop and
+    # journal write. The window covers it so the stub's queue never runs dry.
+    LATENCY = 0.02
     MAX_AHEAD = 1024
     CHUNK_MAX = 2000  # tasks per TASKS frame
 
@@ -917,8 +942,13 @@ class HostWindow:
         return max(1, min(self.MAX_AHEAD, math.ceil(cover)))
 
     def want(self) -> int:
-        """How many more tasks to send now."""
-        return max(0, min(self.CHUNK_MAX, self.slots + self.ahead() - self.in_flight))
+        """How many more tasks to send now: none until half the queue ahead is used up,
+        then enough to fill it (one chunk, not a frame per finished task)."""
+        ahead = self.ahead()
+        missing = self.slots + ahead - self.in_flight
+        if missing < max(1, ahead // 2):
+            return 0
+        return min(self.CHUNK_MAX, missing)
 
 
 # ============================================================================
@@ -1021,23 +1051,24 @@ class HostSession:
             "workdir": self.spec.workdir or "~",
         }
         self._write(encode_frame(KIND_CONFIG, json.dumps(config).encode()))
-        self.rtt = await self.ping()
-        self.window.rtt = self.rtt
+        # Measure the round trip without waiting for it: work goes out at once, and the
+        # window deepens when the answer comes (one round trip less before the first task).
+        self._write(encode_frame(KIND_PING, b"%f" % time.perf_counter()))
         self.state = "ready"
 
     async def ping(self) -> float:
         """Measure one round trip through the stub."""
         loop = asyncio.get_running_loop()
         self._pong = loop.create_future()
-        started = time.perf_counter()
-        self._write(encode_frame(KIND_PING, b"%f" % started))
+        self._write(encode_frame(KIND_PING, b"%f" % time.perf_counter()))
         try:
-            await asyncio.wait_for(asyncio.shield(self._pong), max(self.spec.connect_timeout, 10.0))
+            return await asyncio.wait_for(
+                asyncio.shield(self._pong), max(self.spec.connect_timeout, 10.0)
+            )
         except asyncio.TimeoutError:
             error = HostError(self.name, "protocol", "no answer to a ping")
             self._fail(error)
             raise error from None
-        return time.perf_counter() - started
 
     async def _open_local(self, code: str) -> None:
         """Start the stub as a local subprocess (no SSH)."""
@@ -1192,8 +1223,10 @@ class HostSession:
             if not self._hello.done():
                 self._hello.set_result(hello)
         elif kind == KIND_PONG:
+            self.rtt = time.perf_counter() - float(payload)
+            self.window.rtt = self.rtt
             if self._pong is not None and not self._pong.done():
-                self._pong.set_result(0.0)
+                self._pong.set_result(self.rtt)
         elif kind == KIND_DROPPED:
             dropped = [
                 self.in_flight.pop(seq) for seq in json.loads(payload) if seq in self.in_flight
