@@ -115,7 +115,7 @@ class HostSpec:
     python: str = "python3"
     slots: int | None = None  # None: "auto", the CPU count the stub reports
     connect_timeout: float = 10.0
-    keepalive: float = 5.0  # seconds between SSH keepalives; 3 missed = host lost
+    keepalive: float = 15.0  # seconds a silent (frozen) host has before it counts as lost
     local: bool = False
     env: tuple[tuple[str, str], ...] = ()
     workdir: str | None = None
@@ -1101,8 +1101,10 @@ class HostSession:
         spec = self.spec
         options: dict[str, Any] = {
             "connect_timeout": spec.connect_timeout,
-            "keepalive_interval": spec.keepalive,
-            "keepalive_count_max": 3,
+            # A keepalive every third of the allowance; the host is lost when two go
+            # unanswered, that is about `keepalive` seconds after it fell silent.
+            "keepalive_interval": spec.keepalive / 3,
+            "keepalive_count_max": 2,
             "agent_forwarding": False,
             "encryption_algs": _preferred_ciphers(),
         }
