@@ -1151,7 +1151,7 @@ class HostSession:
         command = f"{shlex.quote(spec.python)} -c {shlex.quote(code)}"
         try:
             channel, _ = await self._conn.create_session(
-                lambda: _SshStubSession(self), command, encoding=None
+                lambda: _ssh_session_class()(self), command, encoding=None
             )
         except (OSError, asyncssh.Error) as exc:
             self._conn.close()
@@ -1387,8 +1387,9 @@ class _LocalStubProtocol(asyncio.SubprocessProtocol):
         self.session.on_closed(exc)
 
 
+@functools.cache
 def _ssh_session_class() -> type:
-    """Build the asyncssh session class lazily, so local-only runs never import asyncssh."""
+    """The asyncssh session class, built on first use: local-only runs never import asyncssh."""
     import asyncssh
 
     class _SshStubSession(asyncssh.SSHClientSession):  # type: ignore[type-arg]
@@ -1414,17 +1415,6 @@ def _ssh_session_class() -> type:
             self.session.on_closed(exc)
 
     return _SshStubSession
-
-
-def _SshStubSession(session: HostSession) -> Any:  # noqa: N802 - a class factory
-    """Make an SSH session object feeding SESSION."""
-    global _ssh_session_cls
-    if _ssh_session_cls is None:
-        _ssh_session_cls = _ssh_session_class()
-    return _ssh_session_cls(session)
-
-
-_ssh_session_cls: type | None = None
 
 
 def _preferred_ciphers() -> list[str]:
