@@ -2326,13 +2326,13 @@ async def run_async(
         if opts.slots:
             hosts = [dataclasses.replace(spec, slots=opts.slots) for spec in hosts]
         run = _Run(hosts, scheduler, journal, merged, opts, log, on_done, whole)
-        on_start(run)
         run.summary.total = count
         run.summary.hosts = [spec.name for spec in opts.hosts]
         run.summary.resumed = sum(1 for off in done if off >= 0)
         run.summary.resumed_failed = journal.failed_before
         run.summary.journal = str(journal.path)
         run.summary.output = opts.output
+        on_start(run)
         if count - run.summary.resumed <= 0:
             # Nothing left to run (empty file, or a finished run resumed): no host needed.
             leftover = scheduler.take("", 1)

@@ -237,3 +237,42 @@ def test_readme_api_example_runs(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     rows = sorted(line.split() for line in result.stdout.splitlines())
     assert rows == sorted([str(n + 1), "local", "0", str(n)] for n in range(8))
+
+
+def _run_in_terminal(args: list[str], cwd: Path) -> bytes:
+    """Run sshfan on a pseudo-terminal of 120x40 and return all it printed there."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: become the terminal's program
+        fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        os.chdir(cwd)
+        os.environ["PYTHONPATH"] = str(Path(sshfan.__file__).parent)
+        os.execv(sys.executable, [sys.executable, "-m", "sshfan", *args])
+    printed = b""
+    while True:
+        try:
+            data = os.read(fd, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        printed += data
+    os.waitpid(pid, 0)
+    os.close(fd)
+    return printed
+
+
+def test_progress_bar_on_a_terminal_and_not_with_no_progress(tmp_path: Path) -> None:
+    """On a terminal the bar shows done/total, rate and counts; --no-progress hides it."""
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text("".join(f"sleep 0.05; echo {n}\n" for n in range(40)))
+    shown = _run_in_terminal(["run", str(tasks), "-o", str(tmp_path / "o")], tmp_path).decode()
+    assert "/40 [" in shown and "task/s" in shown and "failed=" in shown
+    hidden = _run_in_terminal(
+        ["run", str(tasks), "-o", str(tmp_path / "o"), "--no-progress"], tmp_path
+    ).decode()
+    assert "task/s" not in hidden and "40 of 40 tasks done" in hidden
