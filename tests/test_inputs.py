@@ -488,7 +488,7 @@ def test_load_hosts_defaults(tmp_path: Path) -> None:
     assert plain == sshfan.HostSpec(name="plain", user="ci", port=2222, slots=3)
     assert plain.address is None and plain.identity is None and plain.known_hosts is None
     assert plain.python == "python3"
-    assert plain.connect_timeout == 10.0 and plain.keepalive == 5.0
+    assert plain.connect_timeout == 10.0 and plain.keepalive == 15.0
     assert plain.local is False and plain.env == () and plain.workdir is None
 
     assert here.local is True
