@@ -276,3 +276,31 @@ def test_progress_bar_on_a_terminal_and_not_with_no_progress(tmp_path: Path) -> 
         ["run", str(tasks), "-o", str(tmp_path / "o"), "--no-progress"], tmp_path
     ).decode()
     assert "task/s" not in hidden and "40 of 40 tasks done" in hidden
+
+
+def test_pipe_feeds_chunks_on_stdin_and_merges_in_order(
+    sshd: SshServer, tmp_path: Path, run_sshfan
+) -> None:
+    """--pipe cuts the data at line ends, feeds each chunk to one run, merges in chunk order."""
+    hosts = _hosts(sshd, tmp_path, ["h1", "h2"], slots=2)
+    data = tmp_path / "data.txt"
+    data.write_bytes(b"".join(b"line %d \xc3\xa9\n" % n for n in range(300_000)))
+    out = tmp_path / "out.txt"
+    base = ["run", str(data), "--hosts", str(hosts), "--pipe", "--no-progress"]
+    result = run_sshfan([*base, "-c", "tr a-z A-Z", "--block", "512k", "-o", str(out)])
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes() == data.read_bytes().upper().replace(b"\xc3\xa9", b"\xc3\xa9")
+    counts = run_sshfan([*base, "-c", "wc -l", "--lines", "70000", "-o", "-"])
+    assert [int(n) for n in counts.stdout.split()] == [70_000] * 4 + [20_000]
+
+
+def test_pipe_task_that_ignores_stdin_does_not_hang(tmp_path: Path, run_sshfan) -> None:
+    """A command that never reads its chunk still ends; the data is simply not consumed."""
+    data = tmp_path / "data.txt"
+    data.write_bytes(b"x" * 300_000 + b"\n")
+    result = run_sshfan(
+        ["run", str(data), "--pipe", "-c", "echo done", "-o", "-", "--no-progress"], timeout=60
+    )
+    assert result.returncode == 0 and result.stdout == b"done\n"
+    refused = run_sshfan(["run", str(data), "--pipe"])
+    assert refused.returncode == 2 and b"--pipe needs --command" in refused.stderr

@@ -231,3 +231,12 @@ def test_corrupt_frame_from_the_head_ends_the_stub_with_an_error(stub: StubProce
     kind, payload = stub.expect(sshfan.KIND_ERROR)
     assert b"bad magic" in payload
     assert stub.proc.wait(10) != 0
+
+
+def test_tasks_get_the_default_sigpipe_and_stdin_data(stub: StubProcess) -> None:
+    """The stub ignores SIGPIPE, its tasks do not (`yes | head` is quiet); stdin data arrives."""
+    stub.send(KIND_TASKS, encode_tasks([(1, b"yes | head -n 1"), (2, b"wc -c", b"x" * 200_000)]))
+    got = stub.results(2)
+    assert got[1][0] == 0 and got[1][2] == b"y\n" and got[1][3] == b""
+    assert got[2][2].strip() == b"200000"
+    assert stub.close() == 0

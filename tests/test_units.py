@@ -96,8 +96,9 @@ def test_decoder_rejects_oversized_frame_before_reading_it() -> None:
 
 def test_result_and_tasks_round_trip() -> None:
     """Task batches and results decode to what was encoded, binary included."""
-    tasks = [(7, b"printf '\\377'"), (2**40, "ünï".encode())]
+    tasks = [(7, b"printf '\\377'", b""), (2**40, "ünï".encode(), b"stdin\x00data")]
     assert sshfan.decode_tasks(encode_tasks(tasks)) == tasks
+    assert sshfan.decode_tasks(encode_tasks([(1, b"true")])) == [(1, b"true", b"")]
     payload = encode_result(5, -9, sshfan.FLAG_TIMED_OUT, 1.5, b"\xff\xfe", b"err")
     assert sshfan.decode_result(payload) == (5, -9, sshfan.FLAG_TIMED_OUT, 1.5, b"\xff\xfe", b"err")
     with pytest.raises(FrameError):
