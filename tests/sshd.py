@@ -246,7 +246,10 @@ class SshServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         _generate_key(self.host_key)
         _generate_key(self.client_key)
-        self.authorized_keys.write_bytes(self.client_key.with_name("client_key.pub").read_bytes())
+        # Appended: a test may point authorized_keys at a file that already trusts keys.
+        existing = self.authorized_keys.read_bytes() if self.authorized_keys.exists() else b""
+        public = self.client_key.with_name("client_key.pub").read_bytes()
+        self.authorized_keys.write_bytes(existing + public)
         self.authorized_keys.chmod(0o600)
         if self.kind == "openssh" and os.geteuid() == 0:
             os.makedirs("/run/sshd", mode=0o755, exist_ok=True)

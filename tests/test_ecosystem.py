@@ -304,3 +304,64 @@ def test_pipe_task_that_ignores_stdin_does_not_hang(tmp_path: Path, run_sshfan) 
     assert result.returncode == 0 and result.stdout == b"done\n"
     refused = run_sshfan(["run", str(data), "--pipe"])
     assert refused.returncode == 2 and b"--pipe needs --command" in refused.stderr
+
+
+def _ci_recipe_script(port: int) -> str:
+    """The README's CI recipe as one shell script, pointed at the test sshd's PORT."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## CI over localhost SSH", 1)[1]
+    yaml = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    steps: list[str] = []
+    for line in yaml.splitlines():
+        if line.startswith("    ") and not line.strip().startswith(("sudo ", "pip install")):
+            steps.append(line[4:])
+    script = "set -eu\n" + "\n".join(steps) + "\n"
+    assert "ssh-keyscan -H 127.0.0.1" in script and "[defaults]" in script, script
+    script = script.replace("ssh-keyscan -H 127.0.0.1", f"ssh-keyscan -H -p {port} 127.0.0.1")
+    return script.replace("[defaults]\n", f"[defaults]\nport = {port}\n")
+
+
+def test_readme_ci_recipe_runs_as_written(tmp_path: Path) -> None:
+    """The README's localhost-SSH CI recipe works step by step in a fresh HOME."""
+    import shutil
+
+    if not (shutil.which("ssh-keygen") and shutil.which("ssh-keyscan")):
+        pytest.skip("the recipe uses OpenSSH's ssh-keygen and ssh-keyscan, not installed here")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".ssh").mkdir(mode=0o700)
+    authorized = home / ".ssh" / "authorized_keys"
+    authorized.touch(mode=0o600)
+    server = SshServer(tmp_path / "server")
+    server.authorized_keys = authorized  # the server trusts what the recipe adds
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    wrapper = bin_dir / "sshfan"
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m sshfan "$@"\n')
+    wrapper.chmod(0o755)
+    work = tmp_path / "job"
+    work.mkdir()
+    (work / "smoke-tasks.txt").write_text("echo one\necho two\n")
+    env = dict(
+        os.environ,
+        HOME=str(home),
+        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        PYTHONPATH=str(Path(sshfan.__file__).parent),
+    )
+    # Key generation and authorisation first: the fallback server reads keys at start.
+    script = _ci_recipe_script(0)
+    keygen, rest = script.split("ssh-keyscan", 1)
+    subprocess.run(["sh", "-c", keygen], cwd=work, env=env, check=True, timeout=60)
+    server.start()
+    try:
+        result = subprocess.run(
+            ["sh", "-c", "set -eu\nssh-keyscan" + rest.replace("-p 0 ", f"-p {server.port} ")
+             .replace("port = 0", f"port = {server.port}")],
+            cwd=work, env=env, capture_output=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        server.stop()
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    records = [json.loads(line) for line in (work / "results.jsonl").read_text().splitlines()]
+    assert [r["stdout"] for r in records] == ["one\n", "two\n"]
+    assert {r["host"] for r in records} <= {"a", "b"}
