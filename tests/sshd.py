@@ -532,6 +532,12 @@ async def _serve(port: int, host_key: str, authorized_keys: str, user: str) -> N
             """Accept the authorised key for the expected user only."""
             return username == user and allowed.validate(key, "", "") is not None
 
+        def connection_requested(
+            self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
+        ) -> bool:
+            """Allow TCP forwarding to loopback only (ProxyJump through this server)."""
+            return dest_host in ("127.0.0.1", "localhost", "::1")
+
     async def pump_out(reader: asyncio.StreamReader, writer: asyncssh.SSHWriter) -> None:
         """Copy a child's output to the channel until the child closes it."""
         while chunk := await reader.read(65536):

@@ -365,3 +365,32 @@ def test_readme_ci_recipe_runs_as_written(tmp_path: Path) -> None:
     records = [json.loads(line) for line in (work / "results.jsonl").read_text().splitlines()]
     assert [r["stdout"] for r in records] == ["one\n", "two\n"]
     assert {r["host"] for r in records} <= {"a", "b"}
+
+
+def test_ssh_config_alias_and_proxyjump(sshd: SshServer, tmp_path: Path, run_sshfan) -> None:
+    """A host named only by a ~/.ssh/config alias connects as `ssh alias` would, ProxyJump too."""
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True, mode=0o700)
+    entry = (
+        f"  HostName 127.0.0.1\n  Port {sshd.port}\n  User {sshd.user}\n"
+        f"  IdentityFile {sshd.client_key}\n  UserKnownHostsFile {sshd.known_hosts}\n"
+    )
+    (home / ".ssh" / "config").write_text(
+        f"Host buildbox\n{entry}\nHost behindjump\n{entry}  ProxyJump buildbox\n"
+    )
+    hosts = tmp_path / "hosts.toml"
+    hosts.write_text(
+        f'[defaults]\nknown_hosts = "{sshd.known_hosts}"\nslots = 1\n'
+        '[[hosts]]\nname = "buildbox"\n[[hosts]]\nname = "behindjump"\n'
+    )
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text("".join(f"sleep 0.2; echo {n}\n" for n in range(6)))
+    out = tmp_path / "out.jsonl"
+    result = run_sshfan(
+        ["run", str(tasks), "--hosts", str(hosts), "-o", str(out), "--format", "jsonl"],
+        env={"HOME": str(home)},
+    )
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["stdout"] for r in records] == [f"{n}\n" for n in range(6)]
+    assert {r["host"] for r in records} == {"buildbox", "behindjump"}
