@@ -2870,22 +2870,30 @@ def _cli() -> Any:
     @app.command()
     def run(
         tasks: str = typer.Argument(
-            ..., help="Tasks file, one shell command per line ('-': stdin)."
+            ..., metavar="TASKS", help="Tasks file, one shell command per line ('-': stdin)."
         ),
         hosts: str | None = typer.Option(
-            None, "--hosts", "-H", help="Hosts file (TOML). Default: this machine, a slot per CPU."
+            None,
+            "--hosts",
+            "-H",
+            metavar="FILE",
+            help="Hosts file (TOML). Default: this machine, a slot per CPU.",
         ),
         output: str | None = typer.Option(
             None,
             "--output",
             "-o",
+            metavar="FILE",
             help="Merged output file ('-': stdout). Default: TASKS stem + .out",
         ),
-        fmt: str = typer.Option("text", "--format", "-f", help="Output format: text or jsonl."),
+        fmt: str = typer.Option(
+            "text", "--format", "-f", metavar="text|jsonl", help="Output format."
+        ),
         command: str | None = typer.Option(
             None,
             "--command",
             "-c",
+            metavar="TEMPLATE",
             help="Template: each line becomes its arguments. {} quoted line, {#} seq, "
             "{.} {/} {//} {/.} as in GNU parallel; without {} the line is appended.",
         ),
@@ -2894,17 +2902,31 @@ def _cli() -> Any:
             "--pipe",
             help="TASKS is data: cut it into chunks, each fed on stdin to one run of --command.",
         ),
-        lines: int | None = typer.Option(None, "--lines", help="--pipe: N lines per chunk."),
+        lines: int | None = typer.Option(
+            None, "--lines", metavar="N", help="--pipe: N lines per chunk."
+        ),
         block: str = typer.Option(
-            "1M", "--block", help="--pipe: about SIZE bytes per chunk, at a line end (k, M)."
+            "1M",
+            "--block",
+            metavar="SIZE",
+            help="--pipe: about SIZE bytes per chunk, at a line end (k, M).",
         ),
         slots: int | None = typer.Option(
-            None, "--slots", "-j", help="Tasks at once on every host (overrides the hosts file)."
+            None,
+            "--slots",
+            "-j",
+            metavar="N",
+            help="Tasks at once on every host (overrides the hosts file).",
         ),
         timeout: float | None = typer.Option(
-            None, "--timeout", help="Kill a task (its whole process group) after SECONDS."
+            None,
+            "--timeout",
+            metavar="SECONDS",
+            help="Kill a task (its whole process group) after SECONDS.",
         ),
-        retries: int = typer.Option(0, "--retries", help="Re-run a failed task up to N times."),
+        retries: int = typer.Option(
+            0, "--retries", metavar="N", help="Re-run a failed task up to N times."
+        ),
         halt_on_error: bool = typer.Option(
             False, "--halt-on-error", help="After a failure, start no new tasks; exit 1."
         ),
@@ -2912,11 +2934,14 @@ def _cli() -> Any:
             False, "--tag", help="Text output: prefix each line with host TAB seq TAB."
         ),
         joblog: str | None = typer.Option(
-            None, "--joblog", help="Also write GNU parallel's tab-separated joblog to FILE."
+            None,
+            "--joblog",
+            metavar="FILE",
+            help="Also write GNU parallel's tab-separated joblog to FILE.",
         ),
         resume: bool = typer.Option(False, "--resume", help="Skip tasks already in the journal."),
         journal: str | None = typer.Option(
-            None, "--journal", help="Journal path. Default: OUTPUT + .journal"
+            None, "--journal", metavar="FILE", help="Journal path. Default: OUTPUT + .journal"
         ),
         no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
     ) -> None:
