@@ -394,3 +394,10 @@ def test_ssh_config_alias_and_proxyjump(sshd: SshServer, tmp_path: Path, run_ssh
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["stdout"] for r in records] == [f"{n}\n" for n in range(6)]
     assert {r["host"] for r in records} == {"buildbox", "behindjump"}
+
+
+def test_shell_completion_script_is_offered(run_sshfan) -> None:
+    """typer's completion is wired in: --show-completion prints a bash completion function."""
+    shown = run_sshfan(["--show-completion", "bash"])
+    assert shown.returncode == 0
+    assert b"_sshfan_completion" in shown.stdout and b"complete " in shown.stdout
