@@ -3205,7 +3205,7 @@ def main() -> None:
     """Console entry point: usage errors become one line on stderr and exit 2."""
     app = _cli()
     try:
-        code = app(standalone_mode=False)
+        code = app(prog_name="sshfan", standalone_mode=False)  # also under python -m sshfan
     except KeyboardInterrupt:
         code = 130
     except Exception as exc:
