@@ -1052,8 +1052,8 @@ class HostSession:
         self.error: HostError | None = None
         self.stderr_tail = bytearray()
         self.exit_status: int | None = None
-        self.done_count = 0
-        self.failed_count = 0
+        self.dropping = False  # a DROP is on its way
+        self.may_drop = True  # False after a DROP found nothing, until the next result
         self.rtt: float | None = None
         self._conn: Any = None
         self._write: Callable[[bytes], None] = lambda data: None
@@ -1241,6 +1241,7 @@ class HostSession:
                 raise HostError(self.name, "protocol", f"result for task {seq} it was not given")
             self.window.in_flight -= 1
             self.window.observe(duration)
+            self.may_drop = True
             exit_code, signum = _status_fields(status)
             result = TaskResult(
                 seq=seq,
@@ -1285,6 +1286,8 @@ class HostSession:
                 self.in_flight.pop(seq) for seq in json.loads(payload) if seq in self.in_flight
             ]
             self.window.in_flight -= len(dropped)
+            self.dropping = False
+            self.may_drop = bool(dropped)  # nothing was queued: wait for a result first
             if self.run is not None:
                 self.run.scheduler.put_back(dropped)
         elif kind == KIND_ERROR:
@@ -1358,9 +1361,14 @@ class HostSession:
         return len(tasks)
 
     def drop_queued(self) -> None:
-        """Ask the stub to give back the tasks it has not started (--halt-on-error)."""
-        if self.state == "ready":
+        """Ask the stub to give back the tasks it has not started (halt, or for idle hosts)."""
+        if self.state == "ready" and not self.dropping:
+            self.dropping = True
             self._write(encode_frame(KIND_DROP, b""))
+
+    def queued(self) -> int:
+        """Tasks this host holds beyond its slots (not started yet, as far as the head knows)."""
+        return len(self.in_flight) - self.window.slots
 
     def finish(self) -> None:
         """No more work: close the stub's stdin so it exits once its tasks are done."""
@@ -2264,9 +2272,8 @@ class _Run:
             self.abort(f"cannot write results: {exc.filename or ''} {exc.strerror}".strip())
             return
         if not self.summary.interrupted:
-            session.refill(self.scheduler, self._others_alive(session))
-            if self.scheduler.has_work():
-                self._refill_all()
+            self._refill_all()
+            self._rebalance()
         self._check_done()
 
     def _merge_batch(self) -> None:
@@ -2312,10 +2319,25 @@ class _Run:
         """Give every ready host the tasks its window wants."""
         if self.summary.interrupted:
             return
-        for session in self.sessions:
+        # The emptiest hosts first: work given back by a busy host goes to an idle one.
+        for session in sorted(self.sessions, key=HostSession.queued):
             if not self.scheduler.has_work():
                 break
             session.refill(self.scheduler, self._others_alive(session))
+
+    def _rebalance(self) -> None:
+        """At the end of the file, take queued tasks back from busy hosts while one idles.
+
+        Each host holds tasks queued ahead of its slots; once no fresh task is left, a
+        long task queued behind another would keep an idle host idle (makespan)."""
+        if self.scheduler.has_work() or self.summary.halted or self.summary.interrupted:
+            return
+        ready = [s for s in self.sessions if s.state == "ready"]
+        if not any(s.queued() < 0 for s in ready):
+            return
+        for session in ready:
+            if session.queued() > 0 and session.may_drop:
+                session.drop_queued()
 
     def _check_done(self) -> None:
         """End the run when all work is done, or when no host is left to do it."""

@@ -401,3 +401,20 @@ def test_shell_completion_script_is_offered(run_sshfan) -> None:
     shown = run_sshfan(["--show-completion", "bash"])
     assert shown.returncode == 0
     assert b"_sshfan_completion" in shown.stdout and b"complete " in shown.stdout
+
+
+def test_idle_host_takes_back_a_task_queued_behind_a_long_one(
+    sshd: SshServer, tmp_path: Path, run_sshfan
+) -> None:
+    """At the end of the file, a task queued behind a long one moves to a host that idles."""
+    hosts = _hosts(sshd, tmp_path, ["h1", "h2"], slots=1)
+    tasks = tmp_path / "tasks.txt"
+    # One slot per host and one task queued ahead: the first host gets tasks 1 and 2.
+    tasks.write_text("sleep 4; echo long\nsleep 1; echo queued\necho a\necho b\n")
+    out = tmp_path / "out.jsonl"
+    args = ["run", str(tasks), "--hosts", str(hosts), "-o", str(out), "--format", "jsonl"]
+    result = run_sshfan(args)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["stdout"] for r in records] == ["long\n", "queued\n", "a\n", "b\n"]
+    assert records[0]["host"] != records[1]["host"]
