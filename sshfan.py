@@ -2988,9 +2988,23 @@ def _cli() -> Any:
                 output = "-" if tasks == "-" else Path(tasks).stem + ".out"
             specs = load_hosts(hosts) if hosts else [local_host()]
             opts = RunOptions(
-                tasks, specs, output, fmt, resume, timeout, retries, journal,
-                slots, halt_on_error, tag, joblog, command, pipe, lines, block_size,
-            )  # fmt: skip
+                tasks,
+                specs,
+                output,
+                fmt=fmt,
+                resume=resume,
+                timeout=timeout,
+                retries=retries,
+                journal=journal,
+                slots=slots,
+                halt_on_error=halt_on_error,
+                tag=tag,
+                joblog=joblog,
+                command=command,
+                pipe=pipe,
+                lines=lines,
+                block=block_size,
+            )
             code = _run_command(opts, progress=not no_progress and sys.stderr.isatty())
         except SshfanError as exc:
             print(f"sshfan: error: {exc}", file=sys.stderr)
@@ -3213,8 +3227,8 @@ def _print_results(path: Path, failed_only: bool, fmt: str) -> int:
     finally:
         journal.close()
     total = header.get("count", "?")
-    print(f"sshfan: {shown} shown; {sum(o >= 0 for o in done)} of {total} tasks recorded in {path}",
-          file=sys.stderr)  # fmt: skip
+    recorded = sum(offset >= 0 for offset in done)
+    print(f"sshfan: {shown} shown; {recorded} of {total} tasks recorded in {path}", file=sys.stderr)
     return 1 if failures else 0
 
 
