@@ -12,7 +12,6 @@ worker stub (shipped), scheduler, transports, journal and output, the run, CLI.
 from __future__ import annotations
 
 import array
-import ast
 import asyncio
 import base64
 import codecs
@@ -431,8 +430,8 @@ def decode_result(payload: bytes) -> tuple:
 # ============================================================================
 # Worker stub (shipped: standard library only, Python 3.6+)
 # ============================================================================
-# The stub's source is these functions and classes, read with inspect.getsource (classes:
-# from one parse of this file) and sent as text.
+# The stub's source is these functions and classes, cut from this file's text and sent
+# as text.
 # It moves the protocol's fds aside first (as execnet does), so that a stray print
 # in the stub or in Python's start-up cannot corrupt the frame stream.
 
@@ -839,25 +838,29 @@ _SHIPPED_OBJECTS = (
 
 
 @functools.cache
-def _module_definitions() -> dict[str, str]:
-    """Source text of each top-level function and class in this file, by name (one parse)."""
-    text = Path(__file__).read_text(encoding="utf-8")
-    lines = text.splitlines()
-    return {
-        node.name: "\n".join(lines[node.lineno - 1 : node.end_lineno]) + "\n"
-        for node in ast.parse(text).body
-        if isinstance(node, (ast.FunctionDef, ast.ClassDef))
-    }
+def _module_lines() -> list[str]:
+    """This file's lines, read once (the stub is shipped from its own source text)."""
+    return Path(__file__).read_text(encoding="utf-8").splitlines()
 
 
 def _source_of(obj: Any) -> str:
-    """The source of a shipped function (inspect.getsource) or class (one cached parse).
+    """The source of a shipped top-level function or class, found by a scan of the lines.
 
-    inspect.getsource re-parses the whole module for every class (150 ms of start-up
-    here), and cannot find classes at all when __main__ has no file (under cProfile)."""
+    The block runs from its `def`/`class` line to the last code line before the next
+    top-level statement. Parsing the whole file (ast, or inspect for classes) costs
+    30-150 ms of start-up here; a test checks this scan against ast's line numbers."""
+    lines = _module_lines()
     if inspect.isfunction(obj):
-        return inspect.getsource(obj)
-    return _module_definitions()[obj.__name__]
+        start = obj.__code__.co_firstlineno - 1
+    else:
+        header = re.compile(rf"class {re.escape(obj.__name__)}\b")
+        start = next(i for i, line in enumerate(lines) if header.match(line))
+    end = start + 1
+    while end < len(lines) and (not lines[end] or lines[end][0] in " \t#)]}"):
+        end += 1
+    while not lines[end - 1].strip() or lines[end - 1].startswith("#"):
+        end -= 1
+    return "\n".join(lines[start:end]) + "\n"
 
 
 @functools.cache

@@ -137,6 +137,20 @@ def test_stub_source_uses_only_stdlib_and_its_own_names() -> None:
     assert not unknown, f"the stub uses names it does not ship: {sorted(unknown)}"
 
 
+def test_shipped_blocks_match_the_parsed_definitions() -> None:
+    """The line scan that cuts each shipped object out of sshfan.py agrees with ast."""
+    text = Path(sshfan.__file__).read_text(encoding="utf-8")
+    lines = text.splitlines()
+    parsed = {
+        node.name: "\n".join(lines[node.lineno - 1 : node.end_lineno]) + "\n"
+        for node in ast.parse(text).body
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef))
+    }
+    for obj in sshfan._SHIPPED_OBJECTS:
+        assert sshfan._source_of(obj) == parsed[obj.__name__], obj.__name__
+    assert len(sshfan._SHIPPED_OBJECTS) >= 5
+
+
 def test_stub_source_runs_without_the_head_module(tmp_path: Path) -> None:
     """The shipped source compiles and defines its entry point in a bare interpreter."""
     script = tmp_path / "stub.py"
