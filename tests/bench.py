@@ -679,7 +679,7 @@ class Bench:
 
         def logins() -> float:
             """How long this machine takes for n_hosts plain logins that start python3."""
-            argv = [*self.server.ssh_argv(), "python3 -c pass"]
+            argv = [*self.server.ssh_argv(), "python3 -S -c pass"]
             start = time.perf_counter()
             # 10 at once: OpenSSH's MaxStartups begins dropping beyond 10 pending.
             with concurrent.futures.ThreadPoolExecutor(10) as pool:
@@ -740,7 +740,7 @@ class Bench:
     def first_result(self) -> Row:
         """One host, one `echo hi`: the whole run from start, against a plain ssh."""
         limit = 0.5
-        row = Row("first result, 1 host", "s", "ssh host 'python3 -c pass'", f"<= {limit} s")
+        row = Row("first result, 1 host", "s", "ssh host 'python3 -S -c pass'", f"<= {limit} s")
         hosts = self.hosts("hosts1.toml", ["h1"])
         tasks = self.write("hi.txt", "echo hi\n")
 
@@ -754,7 +754,7 @@ class Bench:
 
         def ssh_once() -> float:
             """A fresh plain ssh login that starts the remote python3, as a bootstrap must."""
-            return checked(run([*self.server.ssh_argv(), "python3 -c pass"]), "ssh").wall
+            return checked(run([*self.server.ssh_argv(), "python3 -S -c pass"]), "ssh").wall
 
         for i in range(self.rounds):
             log(f"[{row.name}] round {i + 1}/{self.rounds}")
