@@ -285,7 +285,8 @@ def load_hosts(path: str | os.PathLike[str]) -> list[HostSpec]:
 # | RESULT  | stub → head | seq u64, status i32, flags u8, duration f64, stdout    |
 # |         |             | length u32, stderr length u32, stdout, stderr          |
 # | ERROR   | stub → head | UTF-8 text: the stub cannot go on                      |
-# | DROP    | head → stub | empty: forget the tasks not started yet                |
+# | DROP    | head → stub | forget the tasks not started yet ("halt"), or start    |
+# |         |             | what free slots take, then forget the rest (empty)     |
 # | DROPPED | stub → head | JSON list of the seqs it forgot                        |
 #
 # Bytes before the first frame (a login banner from the worker's shell start-up
@@ -541,6 +542,10 @@ class Stub:
             self.send(KIND_PONG, payload)
             self.flush()
         elif kind == KIND_DROP:
+            # When rebalancing, tasks that can start now do: a DROP read together with the
+            # TASKS frame before it would otherwise hand everything back, again and again.
+            if payload != b"halt":
+                self.start_tasks()
             dropped = [entry[0] for entry in self.queue]
             self.queue.clear()
             self.send(KIND_DROPPED, json.dumps(dropped).encode("utf-8"))
@@ -959,6 +964,12 @@ class Scheduler:
             return False
         return bool(self._again) or not self._source_done
 
+    def left_over(self) -> int | None:
+        """Tasks waiting to be handed (again) once the file is read; None while it is not."""
+        if self.stopped or not self._source_done:
+            return None
+        return len(self._again)
+
     def exhausted(self) -> bool:
         """Whether every task has been handed out for good (nothing left, nothing to retry)."""
         return self._source_done and not self._again
@@ -1341,11 +1352,11 @@ class HostSession:
 
     # -- sending --------------------------------------------------------------
 
-    def refill(self, scheduler: Scheduler, others_alive: bool) -> int:
-        """Send this host as many tasks as its window wants; return how many."""
+    def refill(self, scheduler: Scheduler, others_alive: bool, cap: int | None = None) -> int:
+        """Send this host as many tasks as its window wants (at most CAP); return how many."""
         if self.state != "ready":
             return 0
-        want = self.window.want()
+        want = self.window.want() if cap is None else min(cap, self.window.want())
         if want <= 0:
             return 0
         tasks = scheduler.take(self.name, want, others_alive)
@@ -1366,15 +1377,26 @@ class HostSession:
         self._write(encode_frame(KIND_TASKS, encode_tasks(batch)))
         return len(tasks)
 
-    def drop_queued(self) -> None:
+    def drop_queued(self, halt: bool = False) -> None:
         """Ask the stub to give back the tasks it has not started (halt, or for idle hosts)."""
         if self.state == "ready" and not self.dropping:
             self.dropping = True
-            self._write(encode_frame(KIND_DROP, b""))
+            self._write(encode_frame(KIND_DROP, b"halt" if halt else b""))
 
     def queued(self) -> int:
         """Tasks this host holds beyond its slots (not started yet, as far as the head knows)."""
         return len(self.in_flight) - self.window.slots
+
+    def worth_dropping(self) -> bool:
+        """Whether taking back this host's queued tasks can pay: they would wait longer than
+        the round trip a DROP costs (unknown durations: assume it pays)."""
+        if self.queued() <= 0 or not self.may_drop:
+            return False
+        mean = self.window.mean_task
+        if mean is None:
+            return True
+        wait = self.queued() * mean / self.window.slots
+        return wait > 2 * (self.window.rtt + HostWindow.LATENCY)
 
     def finish(self) -> None:
         """No more work: close the stub's stdin so it exits once its tasks are done."""
@@ -2264,7 +2286,7 @@ class _Run:
                 summary.halted = True
                 self.scheduler.stopped = True
                 for other in self.sessions:
-                    other.drop_queued()
+                    other.drop_queued(halt=True)
                 self.log(
                     f"sshfan: task {result.seq} failed: --halt-on-error: no new tasks; "
                     "waiting for the running ones"
@@ -2326,10 +2348,15 @@ class _Run:
         if self.summary.interrupted:
             return
         # The emptiest hosts first: work given back by a busy host goes to an idle one.
-        for session in sorted(self.sessions, key=HostSession.queued):
+        # Once the file is read, what is left is shared by slots, not all to the first.
+        ready = sorted(self.sessions, key=HostSession.queued)
+        left = self.scheduler.left_over()
+        total_slots = sum(s.window.slots for s in ready if s.state == "ready") or 1
+        for session in ready:
             if not self.scheduler.has_work():
                 break
-            session.refill(self.scheduler, self._others_alive(session))
+            cap = None if left is None else -(-left * session.window.slots // total_slots)
+            session.refill(self.scheduler, self._others_alive(session), cap)
 
     def _rebalance(self) -> None:
         """At the end of the file, take queued tasks back from busy hosts while one idles.
@@ -2342,7 +2369,7 @@ class _Run:
         if not any(s.queued() < 0 for s in ready):
             return
         for session in ready:
-            if session.queued() > 0 and session.may_drop:
+            if session.worth_dropping():
                 session.drop_queued()
 
     def _check_done(self) -> None:

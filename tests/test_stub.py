@@ -240,3 +240,35 @@ def test_tasks_get_the_default_sigpipe_and_stdin_data(stub: StubProcess) -> None
     assert got[1][0] == 0 and got[1][2] == b"y\n" and got[1][3] == b""
     assert got[2][2].strip() == b"200000"
     assert stub.close() == 0
+
+
+def test_drop_read_with_the_tasks_before_it_still_starts_what_slots_take() -> None:
+    """A rebalancing DROP arriving in the same read as TASKS starts a free slot's task and
+    gives back only the rest (else head and stub can hand the same tasks back and forth)."""
+    stub = StubProcess(slots=1)
+    try:
+        tasks = encode_frame(KIND_TASKS, encode_tasks([(n, b"echo %d" % n) for n in (1, 2, 3)]))
+        stub.send_raw(tasks + encode_frame(sshfan.KIND_DROP, b""))
+        _, payload = stub.expect(sshfan.KIND_DROPPED)
+        assert json.loads(payload) == [2, 3]
+        got = stub.results(1)
+        assert got[1][0] == 0 and got[1][2] == b"1\n"
+        assert stub.close() == 0
+    finally:
+        stub.proc.kill()
+        stub.proc.wait()
+
+
+def test_halting_drop_starts_nothing_more() -> None:
+    """A DROP for --halt-on-error gives back every task not started, even with a free slot."""
+    stub = StubProcess(slots=1)
+    try:
+        tasks = encode_frame(KIND_TASKS, encode_tasks([(n, b"echo %d" % n) for n in (1, 2)]))
+        stub.send_raw(tasks + encode_frame(sshfan.KIND_DROP, b"halt"))
+        _, payload = stub.expect(sshfan.KIND_DROPPED)
+        assert json.loads(payload) == [1, 2]
+        assert stub.close() == 0
+        assert not [f for f in stub.frames if f[0] == KIND_RESULT]
+    finally:
+        stub.proc.kill()
+        stub.proc.wait()

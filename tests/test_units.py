@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import array
 import ast
+import asyncio
 import io
 import json
 import subprocess
@@ -229,6 +230,25 @@ def test_window_covers_the_round_trip_for_tiny_tasks_and_stays_shallow_for_long(
     assert long.ahead() == 1
     long.in_flight = 3
     assert long.want() == 0
+
+
+def test_queued_tasks_are_taken_back_only_when_their_wait_outlasts_a_round_trip() -> None:
+    """Rebalancing costs a round trip: worth it for long tasks queued behind a running one,
+    not for a few tiny ones (over a slow link that would hand them back and forth)."""
+
+    async def decide(mean_task: float, queued: int, rtt: float) -> bool:
+        """Whether a 1-slot host with QUEUED tasks beyond its slot would be asked for them."""
+        session = sshfan.HostSession(sshfan.HostSpec(name="h1"), None)
+        session.window.rtt = rtt
+        session.window.observe(mean_task)
+        for seq in range(1 + queued):
+            session.in_flight[seq] = Task(seq, "true")
+        return session.worth_dropping()
+
+    assert asyncio.run(decide(mean_task=1.5, queued=1, rtt=0.001))
+    assert not asyncio.run(decide(mean_task=0.001, queued=12, rtt=0.050))
+    assert asyncio.run(decide(mean_task=0.001, queued=500, rtt=0.050))
+    assert not asyncio.run(decide(mean_task=1.5, queued=0, rtt=0.001))
 
 
 # -- journal and merged output -------------------------------------------------
