@@ -1003,7 +1003,9 @@ class HostWindow:
         """Tasks to keep queued beyond the slots so that no slot waits on the head."""
         if self.mean_task is None:
             return self.slots
-        cover = self.slots * (self.rtt + self.LATENCY) / max(self.mean_task, 1e-4)
+        # Twice the cover: want() waits until half the queue ahead is used before it
+        # refills, and the half that is left must still last a round trip.
+        cover = 2 * self.slots * (self.rtt + self.LATENCY) / max(self.mean_task, 1e-4)
         return max(1, min(self.MAX_AHEAD, math.ceil(cover)))
 
     def want(self) -> int:
@@ -1411,10 +1413,14 @@ class HostSession:
                 self._write_eof()
 
     async def close(self, grace: float = 3.0) -> None:
-        """Wait briefly for the stub to exit, then drop the connection."""
+        """Wait briefly for the stub to exit, then drop the connection.
+
+        An SSH host with nothing in flight is dropped right after the EOF: its stub exits
+        on that EOF, and waiting for the channel to close would cost a round trip."""
         self.finish()
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self.closed), grace)
+        if self.in_flight or self.spec.local:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.closed), grace)
         self._drop()
 
     def _drop(self) -> None:
