@@ -363,17 +363,18 @@ class FrameDecoder:
         pos = 0
         size = len(buf)
         header = FRAME_HEADER.size
-        while size - pos >= header:
-            magic, kind, length = FRAME_HEADER.unpack_from(buf, pos)
-            if magic != FRAME_MAGIC:
-                raise FrameError(f"corrupt frame: bad magic {bytes(magic)!r}")
-            if length > FRAME_MAX:
-                raise FrameError(f"frame of {length} bytes exceeds the {FRAME_MAX}-byte cap")
-            if size - pos - header < length:
-                break
-            start = pos + header
-            frames.append((kind, bytes(buf[start : start + length])))
-            pos = start + length
+        with memoryview(buf) as view:  # one copy per payload (a bytearray slice is another)
+            while size - pos >= header:
+                magic, kind, length = FRAME_HEADER.unpack_from(buf, pos)
+                if magic != FRAME_MAGIC:
+                    raise FrameError(f"corrupt frame: bad magic {bytes(magic)!r}")
+                if length > FRAME_MAX:
+                    raise FrameError(f"frame of {length} bytes exceeds the {FRAME_MAX}-byte cap")
+                if size - pos - header < length:
+                    break
+                start = pos + header
+                frames.append((kind, bytes(view[start : start + length])))
+                pos = start + length
         if pos:
             del buf[:pos]
         return frames
