@@ -272,3 +272,24 @@ def test_halting_drop_starts_nothing_more() -> None:
     finally:
         stub.proc.kill()
         stub.proc.wait()
+
+
+def test_frames_sent_right_behind_the_source_reach_the_stub() -> None:
+    """The head may send CONFIG and tasks before the hello, in the same write as the source:
+    the bootstrap must read exactly the source and leave the frames to the stub."""
+    source = sshfan.stub_source().encode()
+    code = sshfan.bootstrap_code(len(source))
+    config = {"slots": 1, "timeout": None, "env": {}, "workdir": None}
+    data = (
+        source
+        + encode_frame(KIND_CONFIG, json.dumps(config).encode())
+        + encode_frame(KIND_TASKS, encode_tasks([(1, b"echo early")]))
+    )
+    proc = subprocess.run(
+        [sys.executable, "-S", "-c", code], input=data, capture_output=True, timeout=30
+    )
+    frames = FrameDecoder().feed(proc.stdout)
+    assert [kind for kind, _ in frames][0] == KIND_HELLO
+    results = [sshfan.decode_result(p) for kind, p in frames if kind == KIND_RESULT]
+    # EOF right behind the task kills it, so only its arrival is certain: it was seen.
+    assert [r[0] for r in results] == [1], proc.stderr.decode()
