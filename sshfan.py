@@ -1078,7 +1078,6 @@ class HostSession:
         self.exit_status: int | None = None
         self.dropping = False  # a DROP is on its way
         self.may_drop = True  # False after a DROP found nothing, until the next result
-        self.configured = False  # CONFIG sent: tasks may follow, even before the hello
         self.rtt: float | None = None
         self._conn: Any = None
         self._write: Callable[[bytes], None] = lambda data: None
@@ -1102,12 +1101,6 @@ class HostSession:
                 async with pacing:
                     await self._open_ssh(code)
             self._write(source)
-            if self.spec.slots and self.run is not None:
-                # Slots known: configure the stub and give it its first tasks now, behind
-                # its source, instead of a round trip later. If it never says hello they
-                # go back to the queue with the host.
-                self._configure(self.spec.slots)
-                self.refill(self.run.scheduler, self.run._others_alive(self))
             # Generous: a loaded machine can take seconds to start Python; a dead host is
             # caught sooner by the connect timeout or the channel closing.
             wait = max(2 * self.spec.connect_timeout, 30.0)
@@ -1124,8 +1117,7 @@ class HostSession:
             error = HostError(self.name, "bootstrap", f"{type(exc).__name__}: {exc}")
             self._fail(error)
             raise error from exc
-        if not self.configured:
-            self._configure(self.spec.slots or int(self.hello.get("cpus") or 1))
+        self._configure(self.spec.slots or int(self.hello.get("cpus") or 1))
         self.state = "ready"
 
     def _configure(self, slots: int) -> None:
@@ -1141,7 +1133,6 @@ class HostSession:
         # Measure the round trip without waiting for it: work goes out at once, and the
         # window deepens when the answer comes (one round trip less before the first task).
         self._write(encode_frame(KIND_PING, b"%f" % time.perf_counter()))
-        self.configured = True
 
     async def ping(self) -> float:
         """Measure one round trip through the stub."""
@@ -1376,7 +1367,7 @@ class HostSession:
 
     def refill(self, scheduler: Scheduler, others_alive: bool, cap: int | None = None) -> int:
         """Send this host as many tasks as its window wants (at most CAP); return how many."""
-        if self.state != "ready" and not (self.state == "connecting" and self.configured):
+        if self.state != "ready":
             return 0
         want = self.window.want() if cap is None else min(cap, self.window.want())
         if want <= 0:
