@@ -251,6 +251,39 @@ def test_queued_tasks_are_taken_back_only_when_their_wait_outlasts_a_round_trip(
     assert not asyncio.run(decide(mean_task=1.5, queued=0, rtt=0.001))
 
 
+def test_hosts_start_a_few_at_a_time_per_server_and_others_do_not_wait() -> None:
+    """At most CONNECT_PACE hosts of one SSH server start at once; another server's
+    hosts start beside them; a place is freed when a start ends."""
+
+    async def scenario() -> tuple[int, int, int]:
+        """Start 12 entries for one server and 2 for another; count who got in."""
+        pacing = sshfan.Pacing()
+        release = asyncio.Event()
+        inside: dict[str, int] = {"a": 0, "b": 0}
+
+        async def start(spec: sshfan.HostSpec, server: str) -> None:
+            """Hold a place until released."""
+            async with pacing.start(spec):
+                inside[server] += 1
+                await release.wait()
+
+        same = [sshfan.HostSpec(name=f"a{i}", address="10.0.0.1", port=22) for i in range(12)]
+        other = [sshfan.HostSpec(name=f"b{i}", address="10.0.0.2") for i in range(2)]
+        tasks = [asyncio.ensure_future(start(spec, "a")) for spec in same]
+        tasks += [asyncio.ensure_future(start(spec, "b")) for spec in other]
+        for _ in range(5):
+            await asyncio.sleep(0)
+        first = (inside["a"], inside["b"])
+        release.set()
+        await asyncio.gather(*tasks)
+        return first[0], first[1], inside["a"]
+
+    at_once, other_server, in_the_end = asyncio.run(scenario())
+    assert at_once == sshfan.CONNECT_PACE
+    assert other_server == 2
+    assert in_the_end == 12
+
+
 # -- journal and merged output -------------------------------------------------
 
 
