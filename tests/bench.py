@@ -670,10 +670,11 @@ class Bench:
                 host = str(r["host"])
                 first[host] = min(first.get(host, started), started)
             counts.append(len(first))
+            in_time = sum(1 for t in first.values() if t <= limit)
             row.notes.append(
-                f"round {len(counts)}: {len(first)} hosts ran tasks; first start on each host "
-                f"from {min(first.values()):.2f} to {max(first.values()):.2f} s; "
-                f"wall {ran.wall:.2f} s"
+                f"round {len(counts)}: {len(first)} hosts ran tasks, {in_time} of them "
+                f"within {limit:.0f} s; first start on each host from "
+                f"{min(first.values()):.2f} to {max(first.values()):.2f} s; wall {ran.wall:.2f} s"
             )
             return max(first.values())
 
