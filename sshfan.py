@@ -926,6 +926,7 @@ class Scheduler:
         self._source_done = False
         self.retries = retries
         self.stopped = False
+        self.drawn = 0  # fresh tasks taken from the source so far
 
     def take(self, host: str, count: int, others_alive: bool = False) -> list[Task]:
         """Up to COUNT tasks for HOST; a retry avoids the host it failed on if it can."""
@@ -947,6 +948,7 @@ class Scheduler:
                 self._source_done = True
             else:
                 taken.append(task)
+                self.drawn += 1
         for task in taken:
             task.attempts += 1
             task.pieces = []
@@ -983,6 +985,16 @@ class Scheduler:
         return self._source_done and not self._again
 
 
+def start_ahead(left: int, slots: int, all_slots: int) -> int:
+    """Tasks to queue beyond SLOTS before any duration is known: a quarter of this host's
+    share (by slots) of the LEFT tasks, at least its slots, at most START_MAX.
+
+    Over a slow link a first batch that covers a round trip saves a round trip of idle
+    slots; a larger one would leave later hosts short if the tasks turn out long."""
+    share = left * slots // max(1, all_slots)
+    return max(slots, min(HostWindow.START_MAX, share // 4))
+
+
 class HostWindow:
     """How many tasks a host should hold: its slots plus enough queued to cover a round trip."""
 
@@ -993,12 +1005,15 @@ class HostWindow:
     MAX_AHEAD = 1024
     CHUNK_MAX = 2000  # tasks per TASKS frame
 
+    START_MAX = 64  # tasks queued ahead before any duration is known, at most
+
     def __init__(self, slots: int, rtt: float = 0.001) -> None:
         """Start with nothing in flight and no estimate of task duration."""
         self.slots = slots
         self.rtt = rtt
         self.in_flight = 0
         self.mean_task: float | None = None
+        self.start_ahead = slots  # until a duration is known (see _Run.fair_start)
 
     def observe(self, duration: float) -> None:
         """Fold one finished task's duration into the running estimate."""
@@ -1010,7 +1025,7 @@ class HostWindow:
     def ahead(self) -> int:
         """Tasks to keep queued beyond the slots so that no slot waits on the head."""
         if self.mean_task is None:
-            return self.slots
+            return self.start_ahead
         # Twice the cover: want() waits until half the queue ahead is used before it
         # refills, and the half that is left must still last a round trip.
         cover = 2 * self.slots * (self.rtt + self.LATENCY) / max(self.mean_task, 1e-4)
@@ -2286,8 +2301,17 @@ class _Run:
             return
         if session.spec.slots is None and not session.spec.local:
             self.log(f"sshfan: {session.name}: slots = auto: {session.window.slots} CPUs")
+        session.window.start_ahead = self.fair_start(session)
         self._refill_all()
+        self._rebalance()  # a host that finds nothing left may take back queued work
         self._check_done()
+
+    def fair_start(self, session: HostSession) -> int:
+        """Tasks a new host queues ahead before it knows their durations (start_ahead)."""
+        fresh = self.summary.total - self.summary.resumed - self.scheduler.drawn
+        left = max(0, fresh) + len(self.scheduler._again)
+        slots = sum(s.window.slots for s in self.sessions if s.state in ("ready", "connecting"))
+        return start_ahead(left, session.window.slots, slots)
 
     def _sync_tick(self) -> None:
         """fsync the journal about once a second, so a machine crash loses at most that.

@@ -232,6 +232,19 @@ def test_window_covers_the_round_trip_for_tiny_tasks_and_stays_shallow_for_long(
     assert long.want() == 0
 
 
+def test_a_new_host_queues_a_quarter_of_its_share_before_durations_are_known() -> None:
+    """Many tasks: a deep first batch (capped); few long ones: no more than its slots."""
+    assert sshfan.start_ahead(left=3000, slots=1, all_slots=2) == HostWindow.START_MAX
+    assert sshfan.start_ahead(left=126, slots=2, all_slots=8) == 7
+    assert sshfan.start_ahead(left=20, slots=1, all_slots=10) == 1
+    assert sshfan.start_ahead(left=0, slots=4, all_slots=4) == 4
+    window = HostWindow(slots=1)
+    window.start_ahead = 10
+    assert window.want() == 11
+    window.observe(5.0)  # long tasks: the measured window takes over
+    assert window.ahead() == 1
+
+
 def test_queued_tasks_are_taken_back_only_when_their_wait_outlasts_a_round_trip() -> None:
     """Rebalancing costs a round trip: worth it for long tasks queued behind a running one,
     not for a few tiny ones (over a slow link that would hand them back and forth)."""
