@@ -980,6 +980,10 @@ class Scheduler:
             return None
         return len(self._again)
 
+    def requeued(self) -> int:
+        """Tasks given back or to retry, waiting to be handed out again."""
+        return len(self._again)
+
     def exhausted(self) -> bool:
         """Whether every task has been handed out for good (nothing left, nothing to retry)."""
         return self._source_done and not self._again
@@ -1131,16 +1135,26 @@ class HostSession:
             await self._open_local(code)
         else:
             await self._open_ssh(code)
+        # The run may have ended meanwhile (finish() abandoned this host). Checked, not
+        # left to cancellation: asyncio.wait_for (Python < 3.12) swallows a cancel that
+        # comes as its awaitable completes, and this host would then wait for a hello
+        # it will never read, holding the end of the run for the whole wait.
+        if self.state != "connecting":
+            self._drop()
+            raise HostError(self.name, "start", "the run ended before the host was up")
         self._write(source)
         # Generous: a loaded machine can take seconds to start Python; a dead host is
         # caught sooner by the connect timeout or the channel closing.
         wait = max(2 * self.spec.connect_timeout, 30.0)
-        try:
-            await asyncio.wait_for(asyncio.shield(self._hello), wait)
-        except asyncio.TimeoutError:
-            raise HostError(
-                self.name, "bootstrap", f"no answer from the stub in {wait:g} s"
-            ) from None
+        await asyncio.wait(
+            {self._hello, self.closed}, timeout=wait, return_when=asyncio.FIRST_COMPLETED
+        )
+        if self._hello.done():
+            self._hello.result()  # the host's failure, if it failed
+        elif self.closed.done():
+            raise HostError(self.name, "start", "the run ended before the host was up")
+        else:
+            raise HostError(self.name, "bootstrap", f"no answer from the stub in {wait:g} s")
 
     def _configure(self, slots: int) -> None:
         """Send the stub its CONFIG, and a PING to measure the round trip."""
@@ -2309,7 +2323,7 @@ class _Run:
     def fair_start(self, session: HostSession) -> int:
         """Tasks a new host queues ahead before it knows their durations (start_ahead)."""
         fresh = self.summary.total - self.summary.resumed - self.scheduler.drawn
-        left = max(0, fresh) + len(self.scheduler._again)
+        left = max(0, fresh) + self.scheduler.requeued()
         slots = sum(s.window.slots for s in self.sessions if s.state in ("ready", "connecting"))
         return start_ahead(left, session.window.slots, slots)
 

@@ -930,3 +930,24 @@ def test_stub_killed_everywhere_exits_3(
     assert b"--resume" in result.stderr
     assert b"Traceback" not in result.stderr
     assert 2 not in journal_done(Path(str(out) + ".journal"))
+
+
+def test_a_host_whose_run_ends_while_it_connects_gives_up_at_once() -> None:
+    """The run ending (finish) while a host is still connecting must not leave that host
+    waiting for a hello it will never read: it used to hold the end of the run for the
+    whole 30 s hello wait when the cancel of its opener was swallowed by wait_for."""
+    import asyncio
+
+    async def scenario() -> str:
+        """Open a local stub, end the run during the connect; open() must end well inside
+        the 30 s hello wait (wait_for raises TimeoutError otherwise)."""
+        spec = sshfan.HostSpec(name="local", local=True, python=sys.executable, slots=1)
+        session = sshfan.HostSession(spec, None)
+        opening = asyncio.ensure_future(session.open(sshfan.Pacing()))
+        await asyncio.sleep(0)  # open() is now starting the stub process
+        session.finish()
+        with pytest.raises(sshfan.HostError, match="the run ended"):
+            await asyncio.wait_for(opening, 20)
+        return session.state
+
+    assert asyncio.run(scenario()) == "abandoned"
