@@ -2437,10 +2437,10 @@ class _Run:
             return
         # The emptiest hosts first: work given back by a busy host goes to an idle one.
         # Once the file is read, what is left is shared by slots, not all to the first.
-        ready = sorted(self.sessions, key=HostSession.queued)
+        emptiest_first = sorted(self.sessions, key=HostSession.queued)
         left = self.scheduler.left_over()
-        total_slots = sum(s.window.slots for s in ready if s.state == "ready") or 1
-        for session in ready:
+        total_slots = sum(s.window.slots for s in self.sessions if s.state == "ready") or 1
+        for session in emptiest_first:
             if not self.scheduler.has_work():
                 break
             cap = None if left is None else -(-left * session.window.slots // total_slots)
