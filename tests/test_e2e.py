@@ -161,6 +161,21 @@ def check_jsonl(output: bytes, wanted: list[Expected], hosts: set[str]) -> list[
     return records
 
 
+def jsonl_run_args(tasks: Path, hosts: Path, out: Path) -> list[str]:
+    """`sshfan run` arguments for TASKS on HOSTS into OUT as jsonl, without a progress bar."""
+    return [
+        "run",
+        str(tasks),
+        "--hosts",
+        str(hosts),
+        "-o",
+        str(out),
+        "--format",
+        "jsonl",
+        "--no-progress",
+    ]
+
+
 def hosts_file(tmp_path: Path, text: str, name: str = "hosts.toml") -> Path:
     """Write a hosts file into tmp_path and return its path."""
     path = tmp_path / name
@@ -252,19 +267,7 @@ def test_all_succeeding_exits_zero(sshd: SshServer, run_sshfan: RunSshfan, tmp_p
     tasks.write_text("\n".join(good) + "\n")
     hosts = hosts_file(tmp_path, sshd.hosts_toml(["h1", "h2"], slots=3))
     out = tmp_path / "good.jsonl"
-    result = run_sshfan(
-        [
-            "run",
-            str(tasks),
-            "--hosts",
-            str(hosts),
-            "-o",
-            str(out),
-            "--format",
-            "jsonl",
-            "--no-progress",
-        ]
-    )
+    result = run_sshfan(jsonl_run_args(tasks, hosts, out))
     check_exit(result, 0)
     check_jsonl(out.read_bytes(), run_locally(good), {"h1", "h2"})
 
@@ -287,19 +290,7 @@ def test_work_spreads_over_hosts(sshd: SshServer, run_sshfan: RunSshfan, tmp_pat
     tasks.write_text("\n".join(lines) + "\n")
     hosts = hosts_file(tmp_path, sshd.hosts_toml(["h1", "h2"], slots=1))
     out = tmp_path / "slow.jsonl"
-    result = run_sshfan(
-        [
-            "run",
-            str(tasks),
-            "--hosts",
-            str(hosts),
-            "-o",
-            str(out),
-            "--format",
-            "jsonl",
-            "--no-progress",
-        ]
-    )
+    result = run_sshfan(jsonl_run_args(tasks, hosts, out))
     check_exit(result, 0)
     # The reference runs the lines without their sleep: the same output in no time.
     quick = run_locally([line.removeprefix("sleep 1; ") for line in lines])

@@ -251,6 +251,23 @@ def numbered_tasks(path: Path, count: int, line: str) -> Path:
     return path
 
 
+def start_marked_run(
+    server: SshServer, host: str, count: int, tmp_path: Path, spawn: Callable[..., Head]
+) -> tuple[Head, Path, Path, Path, Path, Path]:
+    """Start COUNT numbered tasks on one 2-slot host, each noting its start in a file;
+    once 4 results are journaled return the head, tasks, hosts, output, journal, notes."""
+    mark = tmp_path / "started.log"
+    tasks = numbered_tasks(
+        tmp_path / "tasks.txt", count, f"echo {{n}} >> {mark}; sleep 0.2; echo {{n}}"
+    )
+    hosts = write_file(tmp_path / "hosts.toml", host_block(server, host, slots=2))
+    out = tmp_path / "out.txt"
+    journal = Path(str(out) + ".journal")
+    head = spawn(run_args(tasks, hosts, out))
+    wait_for("4 results in the journal", lambda: len(journal_done(journal)) >= 4)
+    return head, tasks, hosts, out, journal, mark
+
+
 def expected_numbers(count: int) -> bytes:
     """Return the text output of tasks that each print their number."""
     return "".join(f"{n}\n" for n in range(1, count + 1)).encode()
@@ -506,15 +523,8 @@ def test_head_killed_then_resume(
     """After SIGKILL of the head, --resume runs only what was not journaled; output complete."""
     server = sshd_factory()
     count = 30
-    mark = tmp_path / "started.log"
-    tasks = numbered_tasks(
-        tmp_path / "tasks.txt", count, f"echo {{n}} >> {mark}; sleep 0.2; echo {{n}}"
-    )
-    hosts = write_file(tmp_path / "hosts.toml", host_block(server, "solo", slots=2))
-    out = tmp_path / "out.txt"
-    journal = Path(str(out) + ".journal")
-    head = spawn(run_args(tasks, hosts, out))
-    wait_for("4 results in the journal", lambda: len(journal_done(journal)) >= 4)
+    started = start_marked_run(server, "solo", count, tmp_path, spawn)
+    head, tasks, hosts, out, journal, mark = started
     head.proc.kill()
     head.wait()
     journaled = set(journal_done(journal))
@@ -567,15 +577,8 @@ def test_all_hosts_lost_then_resume_elsewhere(
     """The only host dies: exit 3, journal kept; --resume on another host finishes the rest."""
     first = sshd_factory()
     count = 20
-    mark = tmp_path / "started.log"
-    tasks = numbered_tasks(
-        tmp_path / "tasks.txt", count, f"echo {{n}} >> {mark}; sleep 0.2; echo {{n}}"
-    )
-    hosts = write_file(tmp_path / "hosts.toml", host_block(first, "doomed", slots=2))
-    out = tmp_path / "out.txt"
-    journal = Path(str(out) + ".journal")
-    head = spawn(run_args(tasks, hosts, out))
-    wait_for("4 results in the journal", lambda: len(journal_done(journal)) >= 4)
+    started = start_marked_run(first, "doomed", count, tmp_path, spawn)
+    head, tasks, hosts, out, journal, mark = started
     first.kill()
     result = head.wait(30.0)
     check_exit(result, 3)
