@@ -26,6 +26,7 @@ import io
 import itertools
 import json
 import math
+import mmap
 import os
 import queue
 import random
@@ -447,8 +448,9 @@ class StubTask:
         self.pid = pid
         self.started = time.monotonic()
         self.deadline = deadline
-        self.out = bytearray()
-        self.err = bytearray()
+        # Per stream (index 1: stdout, 2: stderr): a pooled piece buffer, and its fill.
+        self.bufs = [None, None, None]
+        self.fill = [0, 0, 0]
         self.open_fds = 2
         self.status = None
         self.flags = 0
@@ -480,6 +482,7 @@ class Stub:
         self.outbox = []
         self.outbox_bytes = 0
         self.outbox_since = 0.0
+        self.pool = []  # free piece buffers (memoryviews of anonymous maps), reused
         self.slots = 1
         self.timeout = None
         self.env = None
@@ -517,10 +520,24 @@ class Stub:
         data = b"".join(self.outbox)
         self.outbox = []
         self.outbox_bytes = 0
-        view = memoryview(data)
-        while view:
-            written = os.write(self.proto_out, view)
-            view = view[written:]
+        self.write_all([data])
+
+    def write_all(self, parts: list) -> None:
+        """Write PARTS (bytes-like) to the head in order, with as few writes as it takes."""
+        while parts:
+            written = os.writev(self.proto_out, parts)
+            while parts and written >= len(parts[0]):
+                written -= len(parts[0])
+                parts.pop(0)
+            if written:
+                parts[0] = memoryview(parts[0])[written:]
+
+    def send_piece(self, seq: int, stream: int, view: Any) -> None:
+        """Ship a full piece of a task's output straight from its buffer, uncopied."""
+        self.flush()  # frames queued before it go first
+        size = OUTPUT_HEAD.size + len(view)
+        header = FRAME_HEADER.pack(FRAME_MAGIC, KIND_OUTPUT, size)
+        self.write_all([header + OUTPUT_HEAD.pack(seq, stream), view])
 
     def handle(self, kind: int, payload: bytes) -> None:
         """Act on one frame from the head."""
@@ -632,21 +649,39 @@ class Stub:
             task.stdin_fd = None
 
     def read_task_output(self, fd: int) -> None:
-        """Read what a task wrote; ship full pieces; note EOF."""
+        """Read what a task wrote into its piece buffer; ship full pieces; note EOF.
+
+        The kernel copies the output into the buffer and from it into the head's pipe:
+        no Python copies and no fresh allocations on the way. The buffers are anonymous
+        maps, so a task that prints a line makes only one page of its buffer resident."""
         task, stream = self.by_fd[fd]
+        buf = task.bufs[stream]
+        if buf is None:
+            buf = self.pool.pop() if self.pool else memoryview(mmap.mmap(-1, OUTPUT_PIECE))
+            task.bufs[stream] = buf
+        fill = task.fill[stream]
         try:
-            data = os.read(fd, 65536)
+            count = os.readv(fd, [buf[fill:]])
         except OSError:
-            data = b""
-        if data:
-            buf = task.out if stream == 1 else task.err
-            buf += data
-            if len(buf) >= OUTPUT_PIECE:
-                self.send(KIND_OUTPUT, OUTPUT_HEAD.pack(task.seq, stream) + bytes(buf))
-                del buf[:]
+            count = 0
+        if count:
+            fill += count
+            if fill == OUTPUT_PIECE:
+                self.send_piece(task.seq, stream, buf)
+                fill = 0
+            task.fill[stream] = fill
             return
         self.close_fd(fd)
         self.maybe_finish(task)
+
+    def take_output(self, task: StubTask, stream: int) -> bytes:
+        """The output of STREAM not yet shipped; its buffer goes back to the pool."""
+        buf = task.bufs[stream]
+        if buf is None:
+            return b""
+        task.bufs[stream] = None
+        self.pool.append(buf)
+        return bytes(buf[: task.fill[stream]])
 
     def close_fd(self, fd: int) -> None:
         """Stop watching one of a task's pipes."""
@@ -677,13 +712,12 @@ class Stub:
         self.close_stdin(task)
         del self.running[task.pid]
         duration = time.monotonic() - task.started
-        result = encode_result(
-            task.seq, task.status, task.flags, duration, bytes(task.out), bytes(task.err)
-        )
+        out, err = self.take_output(task, 1), self.take_output(task, 2)
+        result = encode_result(task.seq, task.status, task.flags, duration, out, err)
         if len(result) > OUTPUT_PIECE:
-            for stream, buf in ((1, task.out), (2, task.err)):
-                if buf:
-                    self.send(KIND_OUTPUT, OUTPUT_HEAD.pack(task.seq, stream) + bytes(buf))
+            for stream, data in ((1, out), (2, err)):
+                if data:
+                    self.send(KIND_OUTPUT, OUTPUT_HEAD.pack(task.seq, stream) + data)
             result = encode_result(task.seq, task.status, task.flags, duration, b"", b"")
         self.send(KIND_RESULT, result)
 
@@ -805,7 +839,7 @@ def stub_main() -> None:
 
 
 _SHIPPED_IMPORTS = (
-    "import collections, contextlib, json, os, selectors, signal, socket, struct\n"
+    "import collections, contextlib, json, mmap, os, selectors, signal, socket, struct\n"
     "import subprocess, sys, time\n"
 )
 

@@ -160,6 +160,30 @@ def test_runs_tasks_with_exact_output_status_and_signals(stub: StubProcess) -> N
     assert stub.close() == 0
 
 
+def test_large_outputs_of_concurrent_tasks_arrive_byte_exact() -> None:
+    """Outputs spanning many pieces, on both streams and from tasks running side by side,
+    come back whole and unmixed while the stub reuses its piece buffers."""
+    process = StubProcess(slots=3)
+    tasks = [
+        (1, b"seq 1 300000; seq 5 9 >&2"),
+        (2, b"seq 7 150000 >&2; echo x"),
+        (3, b"echo small"),
+        (4, b"seq 2 2 400000"),
+    ]
+    process.send(KIND_TASKS, encode_tasks(tasks))
+    got = process.results(len(tasks))
+
+    def numbers(start: int, stop: int, step: int = 1) -> bytes:
+        """What `seq` prints."""
+        return "".join(f"{n}\n" for n in range(start, stop + 1, step)).encode()
+
+    assert got[1][2] == numbers(1, 300000) and got[1][3] == numbers(5, 9)
+    assert got[2][3] == numbers(7, 150000) and got[2][2] == b"x\n"
+    assert got[3][2] == b"small\n"
+    assert got[4][2] == numbers(2, 400000, 2)
+    assert process.close() == 0
+
+
 def test_ping_is_answered(stub: StubProcess) -> None:
     """A PING comes back as a PONG with the same bytes."""
     stub.send(KIND_PING, b"hello?")
