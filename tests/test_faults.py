@@ -798,6 +798,29 @@ def test_retries_exhausted(sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Pat
     assert count.read_text().split() == ["try"] * 3
 
 
+def test_local_host_retries_on_its_other_stubs(run_sshfan: RunSshfan, tmp_path: Path) -> None:
+    """The local host runs over several stubs that count as one host: a failed task is
+    retried there (not held back for a host other than `local`), and one row reports it."""
+    flag = tmp_path / "failed-once"
+    parents = tmp_path / "parents.log"
+    lines = [f"echo $PPID >> {parents}; sleep 0.05"] * 12
+    lines.append(f"test -e {flag} || {{ touch {flag}; exit 1; }}; echo ok")
+    tasks = write_file(tmp_path / "tasks.txt", "\n".join(lines) + "\n")
+    out = tmp_path / "out.jsonl"
+    args = ["run", str(tasks), "-o", str(out), "--no-progress", "-j", "2", "--format", "jsonl"]
+    result = run_sshfan([*args, "--retries", "1"], timeout=NO_HANG)
+    check_exit(result, 0)
+    records = jsonl_records(out)
+    assert [r["seq"] for r in records] == list(range(1, 14))
+    assert (records[-1]["attempts"], records[-1]["stdout"]) == (2, "ok\n")
+    assert {r["host"] for r in records} == {"local"}
+    assert len(set(parents.read_text().split())) == 2, "two slots: two stubs"
+    summary_rows = [
+        line for line in result.stderr.decode().splitlines() if line.split()[:1] == ["local"]
+    ]
+    assert len(summary_rows) == 1, result.stderr.decode()
+
+
 # ---------------------------------------------------------------------------
 # 8: protocol damage
 # ---------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import ast
 import asyncio
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,8 @@ from sshfan import (
     encode_frame,
     encode_result,
     encode_tasks,
+    lanes,
+    local_host,
 )
 
 # -- framing -------------------------------------------------------------------
@@ -200,6 +203,17 @@ def test_scheduler_retry_avoids_the_failed_host_when_it_can() -> None:
     assert [t.attempts for t in scheduler.take("b", 1, others_alive=True)] == [3]
     assert not scheduler.should_retry(task, "b")  # 1 run + 2 retries used up
     assert not scheduler.has_work()
+
+
+def test_a_local_host_spreads_its_slots_over_a_few_stubs() -> None:
+    """Up to LOCAL_LANES stubs share a local host's slots; an SSH host keeps one stub."""
+    assert [lane.slots for lane in lanes(local_host(1))] == [1]
+    assert [lane.slots for lane in lanes(local_host(5))] == [2, 1, 1, 1]
+    assert [lane.slots for lane in lanes(local_host(10))] == [3, 3, 2, 2]
+    assert {lane.name for lane in lanes(local_host(10))} == {"local"}
+    assert sum(lane.slots for lane in lanes(local_host())) == len(os.sched_getaffinity(0))
+    remote = sshfan.HostSpec(name="far", slots=8)
+    assert lanes(remote) == [remote]
 
 
 def test_scheduler_reads_the_source_lazily() -> None:
