@@ -398,7 +398,10 @@ def test_ssh_config_alias_and_proxyjump(sshd: SshServer, tmp_path: Path, run_ssh
 
 def test_shell_completion_script_is_offered(run_sshfan) -> None:
     """typer's completion is wired in: --show-completion prints a bash completion function."""
-    shown = run_sshfan(["--show-completion", "bash"])
+    # The shell is named, not detected from the parent processes: under a runner whose
+    # parent is not a shell (a detached job, some CI agents) detection finds none.
+    no_detection = {"_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"}
+    shown = run_sshfan(["--show-completion", "bash"], env=no_detection)
     assert shown.returncode == 0
     assert b"_sshfan_completion" in shown.stdout and b"complete " in shown.stdout
 
