@@ -1151,6 +1151,7 @@ class HostSession:
         self.exit_status: int | None = None
         self.dropping = False  # a DROP is on its way
         self.may_drop = True  # False after a DROP found nothing, until the next result
+        self.progress_at = time.monotonic()  # its last result, or work sent to it idle
         self.rtt: float | None = None
         self._conn: Any = None
         self._write: Callable[[bytes], None] = lambda data: None
@@ -1362,6 +1363,7 @@ class HostSession:
             self.window.in_flight -= 1
             self.window.observe(duration)
             self.may_drop = True
+            self.progress_at = time.monotonic()
             exit_code, signum = _status_fields(status)
             result = TaskResult(
                 seq=seq,
@@ -1465,6 +1467,8 @@ class HostSession:
         tasks = scheduler.take(self.name, want, others_alive)
         if not tasks:
             return 0
+        if not self.in_flight:
+            self.progress_at = time.monotonic()
         for task in tasks:
             self.in_flight[task.seq] = task
         self.window.in_flight += len(tasks)
@@ -1490,16 +1494,24 @@ class HostSession:
         """Tasks this host holds beyond its slots (not started yet, as far as the head knows)."""
         return len(self.in_flight) - self.window.slots
 
-    def worth_dropping(self) -> bool:
+    def worth_dropping(self, now: float) -> bool:
         """Whether taking back this host's queued tasks can pay: they would wait longer than
-        the round trip a DROP costs (unknown durations: assume it pays)."""
+        the round trip a DROP costs (unknown durations: assume it pays).
+
+        The wait is what the mean duration predicts, or, if longer, how long the host has
+        gone without a result: a long task after short ones holds the queue behind it
+        before the mean knows about it."""
         if self.queued() <= 0 or not self.may_drop:
             return False
         mean = self.window.mean_task
         if mean is None:
             return True
-        wait = self.queued() * mean / self.window.slots
-        return wait > 2 * (self.window.rtt + HostWindow.LATENCY)
+        wait = max(self.queued() * mean / self.window.slots, now - self.progress_at)
+        return wait > self.drop_cost()
+
+    def drop_cost(self) -> float:
+        """Seconds a DROP and the hand-over cost: twice a round trip and its latency."""
+        return 2 * (self.window.rtt + HostWindow.LATENCY)
 
     def finish(self) -> None:
         """No more work: close the stub's stdin so it exits once its tasks are done."""
@@ -2325,6 +2337,7 @@ class _Run:
         self._finished: asyncio.Future[None] | None = None
         self._to_merge: list[tuple[int, int, TaskResult]] = []
         self._syncing: asyncio.Future[None] | None = None
+        self._recheck: asyncio.TimerHandle | None = None  # a _rebalance to come
         self._interrupts = 0
 
     async def execute(self) -> RunSummary:
@@ -2344,6 +2357,8 @@ class _Run:
             await self._finished
         finally:
             syncer.cancel()
+            if self._recheck is not None:
+                self._recheck.cancel()
             for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                     loop.remove_signal_handler(signum)
@@ -2512,9 +2527,23 @@ class _Run:
         ready = [s for s in self.sessions if s.state == "ready"]
         if not any(s.queued() < 0 for s in ready):
             return
+        now = time.monotonic()
+        recheck = math.inf
         for session in ready:
-            if session.worth_dropping():
+            if session.worth_dropping(now):
                 session.drop_queued()
+            elif session.queued() > 0 and session.may_drop:
+                recheck = min(recheck, session.progress_at + session.drop_cost() - now)
+        if recheck < math.inf and self._recheck is None:
+            # No result may come for a while (a long task): look again once it pays.
+            self._recheck = asyncio.get_running_loop().call_later(
+                max(recheck, 0.001), self._rebalance_later
+            )
+
+    def _rebalance_later(self) -> None:
+        """The timer set by _rebalance: look again, now that queues have waited longer."""
+        self._recheck = None
+        self._rebalance()
 
     def _check_done(self) -> None:
         """End the run when all work is done, or when no host is left to do it."""

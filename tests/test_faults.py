@@ -821,6 +821,23 @@ def test_local_host_retries_on_its_other_stubs(run_sshfan: RunSshfan, tmp_path: 
     assert len(summary_rows) == 1, result.stderr.decode()
 
 
+def test_tasks_queued_behind_a_long_task_move_to_an_idle_stub(
+    run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """After short tasks, a long one holds the tasks queued behind it; once its host
+    has gone quiet, an idle host takes them back (the long task waits to see them)."""
+    marks = [tmp_path / "m1", tmp_path / "m2"]
+    seen = " && ".join(f"[ -e {m} ]" for m in marks)
+    lines = [f"echo q{n}" for n in range(1, 11)]
+    lines.append(f"for i in $(seq 300); do {seen} && break; sleep 0.1; done; {seen} && echo saw")
+    lines += [f"touch {m}" for m in marks]
+    tasks = write_file(tmp_path / "tasks.txt", "\n".join(lines) + "\n")
+    out = tmp_path / "out.txt"
+    result = run_sshfan(["run", str(tasks), "-o", str(out), "--no-progress", "-j", "2"])
+    check_exit(result, 0)
+    assert out.read_text().split() == [f"q{n}" for n in range(1, 11)] + ["saw"]
+
+
 # ---------------------------------------------------------------------------
 # 8: protocol damage
 # ---------------------------------------------------------------------------

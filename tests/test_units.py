@@ -263,19 +263,23 @@ def test_queued_tasks_are_taken_back_only_when_their_wait_outlasts_a_round_trip(
     """Rebalancing costs a round trip: worth it for long tasks queued behind a running one,
     not for a few tiny ones (over a slow link that would hand them back and forth)."""
 
-    async def decide(mean_task: float, queued: int, rtt: float) -> bool:
-        """Whether a 1-slot host with QUEUED tasks beyond its slot would be asked for them."""
+    async def decide(mean_task: float, queued: int, rtt: float, silent: float = 0.0) -> bool:
+        """Whether a 1-slot host with QUEUED tasks beyond its slot would be asked for them,
+        SILENT seconds after its last result."""
         session = sshfan.HostSession(sshfan.HostSpec(name="h1"), None)
         session.window.rtt = rtt
         session.window.observe(mean_task)
         for seq in range(1 + queued):
             session.in_flight[seq] = Task(seq, "true")
-        return session.worth_dropping()
+        return session.worth_dropping(session.progress_at + silent)
 
     assert asyncio.run(decide(mean_task=1.5, queued=1, rtt=0.001))
     assert not asyncio.run(decide(mean_task=0.001, queued=12, rtt=0.050))
     assert asyncio.run(decide(mean_task=0.001, queued=500, rtt=0.050))
     assert not asyncio.run(decide(mean_task=1.5, queued=0, rtt=0.001))
+    # Short tasks so far, but no result for a second: a long one holds the queue.
+    assert not asyncio.run(decide(mean_task=0.001, queued=3, rtt=0.001, silent=0.01))
+    assert asyncio.run(decide(mean_task=0.001, queued=3, rtt=0.001, silent=1.0))
 
 
 def test_hosts_start_a_few_at_a_time_per_server_and_others_do_not_wait() -> None:
