@@ -16,6 +16,7 @@ import asyncio
 import base64
 import codecs
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -2014,14 +2015,23 @@ def render_result(
     out.write(b"}\n")
 
 
+COPY_IN_THREAD = 1024 * 1024  # output bytes in the journal from which a thread copies them
+
+
 class MergedOutput:
     """Writes finished tasks to the merged output in seq order as they come in."""
 
     BLANK = 0  # offset 0 is the journal's header, never a task: marks a blank line
     WAITING = -1
 
-    def __init__(self, out: IO[bytes], fmt: str, journal: Journal, tag: bool = False) -> None:
-        """Render into OUT in FMT, reading out-of-order results back from JOURNAL."""
+    def __init__(
+        self, out: IO[bytes], fmt: str, journal: Journal, tag: bool = False, copier: bool = False
+    ) -> None:
+        """Render into OUT in FMT, reading out-of-order results back from JOURNAL.
+
+        With COPIER, large text outputs are copied from the journal by a thread (the
+        kernel does the copy, without the GIL) while the event loop goes on receiving;
+        what comes after them in seq order queues behind them. finish() waits for it."""
         self.out = out
         self.fmt = fmt
         self.tag = tag
@@ -2031,6 +2041,11 @@ class MergedOutput:
         # 8 bytes per waiting task, however large its output.
         self._waiting = array.array("q")
         self._head = 0
+        self._copier = copier and fmt == "text" and not tag
+        self._thread: concurrent.futures.ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self._backlog = 0  # results handed to the thread and not yet written
+        self._error: OSError | None = None
 
     def put(self, seq: int, offset: int, result: TaskResult | None = None) -> None:
         """Record that SEQ is done (its DONE record at OFFSET); write what is now in order."""
@@ -2054,7 +2069,49 @@ class MergedOutput:
             return
         if result is None:
             result = self.journal.load_result(offset)
+        if self._copier:
+            self._raise_error()
+            with self._lock:
+                if self._backlog or sum(p[2] for p in result.pieces) >= COPY_IN_THREAD:
+                    self._backlog += 1
+                    if self._thread is None:
+                        self._thread = concurrent.futures.ThreadPoolExecutor(1, "sshfan-output")
+                    self._thread.submit(self._render_in_thread, result)
+                    return
         render_result(self.out, self.fmt, result, self.journal, self.tag)
+
+    def _render_in_thread(self, result: TaskResult) -> None:
+        """Render one result on the copier thread; keep an error for the loop to raise."""
+        try:
+            if self._error is None:
+                render_result(self.out, self.fmt, result, self.journal, self.tag)
+                self.out.flush()
+        except OSError as exc:
+            self._error = exc
+        finally:
+            with self._lock:
+                self._backlog -= 1
+
+    def _raise_error(self) -> None:
+        """Raise the copier thread's write error here, once."""
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def flush(self) -> None:
+        """Flush the output, unless the copier thread is writing it (it flushes itself)."""
+        with self._lock:
+            busy = self._backlog
+        if not busy:
+            self.out.flush()
+
+    def finish(self) -> None:
+        """Wait until everything put so far is written; raise a write error it met."""
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)
+            self._thread = None
+        self._raise_error()
+        self.out.flush()
 
     def _advance(self) -> None:
         """Move past the just-rendered seq."""
@@ -2368,7 +2425,12 @@ class _Run:
             await asyncio.gather(*(s.close() for s in self.sessions), return_exceptions=True)
             if self._syncing is not None:
                 await asyncio.gather(self._syncing, return_exceptions=True)
-            self._merge_batch()
+            try:
+                self._merge_batch()
+                if self.merged is not None:
+                    self.merged.finish()
+            except OSError as exc:
+                self.abort(f"cannot write results: {exc.filename or ''} {exc.strerror}".strip())
             self.journal.close()
         self.summary.elapsed_s = time.monotonic() - started
         return self.summary
@@ -2473,7 +2535,7 @@ class _Run:
                 self.merged.put(seq, offset, result)
             self.on_done(whole_result(result, self.journal) if self.whole else result)
         if self.merged is not None:
-            self.merged.out.flush()
+            self.merged.flush()
 
     def on_host_lost(self, session: HostSession, tasks: list[Task]) -> None:
         """A host failed to start or was lost: requeue its tasks, warn, maybe end the run."""
@@ -2701,11 +2763,13 @@ async def run_async(
     """Run the tasks described by OPTS, rendering into OUT; return the summary."""
     tasks_path, count, journal, done, resumed = prepare_run(opts)
     joblog = None
+    merged = None
     try:
         if opts.joblog:
             joblog = _open_joblog(opts.joblog, append=resumed)
             on_done = _with_joblog(on_done, joblog)
-        merged = MergedOutput(out, opts.fmt, journal, opts.tag) if out is not None else None
+        if out is not None:
+            merged = MergedOutput(out, opts.fmt, journal, opts.tag, copier=True)
         if opts.pipe:
             command = opts.command or "cat"
             tasks = read_chunks(tasks_path, merged, done, command, opts.lines, opts.block)
@@ -2731,6 +2795,9 @@ async def run_async(
             return run.summary
         return await run.execute()
     finally:
+        if merged is not None:  # a run that ended early: its copies end before the journal
+            with contextlib.suppress(OSError):
+                merged.finish()
         journal.close()
         if joblog is not None:
             joblog.close()

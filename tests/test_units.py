@@ -340,6 +340,72 @@ def test_merged_output_is_in_seq_order_whatever_the_finish_order(tmp_path: Path)
     assert merged.waiting() == 0
 
 
+def _big_result(journal: Journal, seq: int, fill: bytes, size: int, tail: bytes) -> TaskResult:
+    """A finished task whose stdout went to the journal in output pieces, then TAIL."""
+    pieces = []
+    for start in range(0, size, sshfan.OUTPUT_PIECE):
+        chunk = fill * min(sshfan.OUTPUT_PIECE, size - start)
+        offset = journal.append(KIND_OUTPUT, sshfan.OUTPUT_HEAD.pack(seq, 1) + chunk)
+        pieces.append((offset + sshfan.FRAME_HEADER.size + sshfan.OUTPUT_HEAD.size, 1, len(chunk)))
+    result = _result(seq, tail)
+    result.pieces = pieces
+    return result
+
+
+def test_large_outputs_are_copied_by_a_thread_and_stay_in_seq_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the copier, a large output is copied off the event loop's thread; what
+    follows it in seq order waits behind it, and finish() leaves the file complete."""
+    threads: dict[int, str] = {}
+    render = sshfan.render_result
+
+    def recording_render(out, fmt, result, journal, tag=False) -> None:
+        """Note which thread rendered each seq."""
+        threads[result.seq] = sshfan.threading.current_thread().name
+        render(out, fmt, result, journal, tag)
+
+    monkeypatch.setattr(sshfan, "render_result", recording_render)
+    journal = Journal.create(tmp_path / "j", {"version": 1})
+    results = {
+        1: _result(1, b"one\n"),
+        2: _big_result(journal, 2, b"b", 3 * 1024 * 1024, b"B-tail\n"),
+        3: _result(3, b"three\n"),
+        4: _big_result(journal, 4, b"d", sshfan.COPY_IN_THREAD, b""),
+        5: _result(5, b"five\n"),
+    }
+    journal.flush()
+    with open(tmp_path / "out", "wb") as out:
+        merged = MergedOutput(out, "text", journal, copier=True)
+        for seq in (3, 1, 5, 2, 4):
+            offset = journal.add_result(results[seq])
+            journal.flush()  # as the run does: records are written before they are rendered
+            merged.put(seq, offset, results[seq])
+        merged.finish()
+    expected = b"one\n" + b"b" * 3 * 1024 * 1024 + b"B-tail\n" + b"three\n"
+    expected += b"d" * sshfan.COPY_IN_THREAD + b"five\n"
+    assert (tmp_path / "out").read_bytes() == expected
+    assert threads[1] == sshfan.threading.current_thread().name
+    assert threads[2].startswith("sshfan-output")
+    journal.close()
+
+
+def test_a_write_error_on_the_copier_thread_reaches_the_run(tmp_path: Path) -> None:
+    """A copy that fails on the thread raises its OSError in the caller, not silently."""
+    journal = Journal.create(tmp_path / "j", {"version": 1})
+    big = _big_result(journal, 1, b"x", sshfan.COPY_IN_THREAD, b"")
+    journal.flush()
+    (tmp_path / "out").write_bytes(b"")
+    with open(tmp_path / "out", "rb") as read_only:  # every write to it fails
+        merged = MergedOutput(read_only, "text", journal, copier=True)
+        offset = journal.add_result(big)
+        journal.flush()
+        with pytest.raises(OSError):
+            merged.put(1, offset, big)
+            merged.finish()
+    journal.close()
+
+
 def test_journal_reopen_finds_done_tasks_and_cuts_a_torn_tail(tmp_path: Path) -> None:
     """A journal cut mid-record (the head killed) reopens with every whole record."""
     path = tmp_path / "j"
