@@ -321,6 +321,7 @@ FRAME_HEADER = struct.Struct(">4sBI")
 FRAME_MAX = 8 * 1024 * 1024
 BANNER_MAX = 64 * 1024
 OUTPUT_PIECE = 256 * 1024
+COLLECT_FROM = 64 * 1024  # payloads from this size are collected piecewise (FrameDecoder)
 FLUSH_DELAY = 0.005  # seconds the stub may hold finished results to send them together
 PROTO_VERSION = 1
 
@@ -363,9 +364,20 @@ class FrameDecoder:
         self._buf = bytearray()
         self._synced = not skip_banner
         self.banner = b""
+        # A large payload is collected as the pieces it arrives in and joined once whole:
+        # one copy of each byte, where growing the buffer and slicing it out cost two.
+        self._parts = []
+        self._need = 0  # bytes still missing from that payload
+        self._have = 0  # bytes of it collected so far
+        self._kind = 0
 
     def feed(self, data: bytes) -> list:
         """Add bytes; return the frames now complete, as (kind, payload) pairs."""
+        frames = []
+        if self._need:
+            data = self._collect(bytes(data) if isinstance(data, bytearray) else data, frames)
+            if not data:
+                return frames
         buf = self._buf
         buf += data
         if not self._synced:
@@ -377,11 +389,10 @@ class FrameDecoder:
                     del buf[: len(buf) - keep]
                 if len(self.banner) >= BANNER_MAX:
                     raise FrameError(f"no sshfan frame in the first {BANNER_MAX} bytes")
-                return []
+                return frames
             self.banner = (self.banner + bytes(buf[:at]))[-BANNER_MAX:]
             del buf[:at]
             self._synced = True
-        frames = []
         pos = 0
         size = len(buf)
         header = FRAME_HEADER.size
@@ -392,18 +403,38 @@ class FrameDecoder:
                     raise FrameError(f"corrupt frame: bad magic {bytes(magic)!r}")
                 if length > FRAME_MAX:
                     raise FrameError(f"frame of {length} bytes exceeds the {FRAME_MAX}-byte cap")
-                if size - pos - header < length:
-                    break
                 start = pos + header
+                if size - start < length:
+                    if length >= COLLECT_FROM:
+                        self._kind = kind
+                        self._parts = [bytes(view[start:size])]
+                        self._have = size - start
+                        self._need = length - self._have
+                        pos = size
+                    break
                 frames.append((kind, bytes(view[start : start + length])))
                 pos = start + length
         if pos:
             del buf[:pos]
         return frames
 
+    def _collect(self, data: Any, frames: list) -> Any:
+        """Take what the large payload still needs from DATA (a view, not a copy);
+        complete its frame if it can; return the rest of DATA."""
+        view = memoryview(data)
+        take = min(len(view), self._need)
+        self._parts.append(view[:take])
+        self._need -= take
+        self._have += take
+        if not self._need:
+            frames.append((self._kind, b"".join(self._parts)))
+            self._parts = []
+            self._have = 0
+        return view[take:]
+
     def pending(self) -> int:
         """How many bytes are buffered towards an incomplete frame."""
-        return len(self._buf)
+        return len(self._buf) + self._have
 
 
 def encode_tasks(tasks: list) -> bytes:
@@ -869,6 +900,7 @@ _SHIPPED_CONSTANTS = (
     "FRAME_MAX",
     "BANNER_MAX",
     "OUTPUT_PIECE",
+    "COLLECT_FROM",
     "FLUSH_DELAY",
     "PROTO_VERSION",
     "KIND_HELLO",

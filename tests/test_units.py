@@ -45,18 +45,27 @@ def _stream() -> tuple[bytes, list[tuple[int, bytes]]]:
         (KIND_RESULT, encode_result(1, 0, 0, 0.25, b"out\n", b"")),
         (KIND_OUTPUT, b"\x00" * 9 + bytes(range(256)) * 40),
         (KIND_RESULT, b""),
+        # Payloads collected piecewise: just at the size, larger, and back to back.
+        (KIND_OUTPUT, bytes(range(251)) * (sshfan.COLLECT_FROM // 251 + 1)),
+        (KIND_OUTPUT, b"\x01" * 9 + bytes(range(7, 256)) * 1200),
+        (KIND_TASKS, encode_tasks([(seq, b"x" * 900) for seq in range(1, 200)])),
+        (KIND_RESULT, encode_result(2, 1, 0, 0.5, b"", b"err\n")),
     ]
     return b"".join(encode_frame(k, p) for k, p in frames), frames
 
 
-@pytest.mark.parametrize("piece", [1, 7, 4096])
+@pytest.mark.parametrize("piece", [1, 7, 4096, 32768, 100_003])
 def test_decoder_reassembles_frames_split_anywhere(piece: int) -> None:
-    """Frames fed in pieces of 1, 7 and 4096 bytes come out whole and in order."""
+    """Frames fed in pieces of 1 byte to 100 kB come out whole and in order."""
     data, frames = _stream()
     decoder = FrameDecoder(skip_banner=False)
     got = []
+    decoded = 0  # payload bytes out so far: never more than went in
     for start in range(0, len(data), piece):
-        got += decoder.feed(data[start : start + piece])
+        new = decoder.feed(data[start : start + piece])
+        decoded += sum(len(payload) for _, payload in new)
+        assert decoded + decoder.pending() <= start + piece
+        got += new
     assert got == frames
     assert decoder.pending() == 0
 
