@@ -276,13 +276,8 @@ def parse_hosts(text: str, where: str = "hosts file") -> list[HostSpec]:
 def load_hosts(path: str | os.PathLike[str]) -> list[HostSpec]:
     """Read and parse a hosts file, turning every reading problem into a UsageError."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UsageError(f"{path}: hosts file not found") from None
-    except IsADirectoryError:
-        raise UsageError(f"{path}: is a directory, not a hosts file") from None
-    except PermissionError:
-        raise UsageError(f"{path}: hosts file is not readable (permission denied)") from None
+        with _reading(path, "hosts file"):
+            text = Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise UsageError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except OSError as exc:
@@ -2167,34 +2162,38 @@ class MergedOutput:
         return sum(1 for off in self._waiting[self._head :] if off != self.WAITING)
 
 
+@contextlib.contextmanager
+def _reading(path: str | os.PathLike[str], what: str) -> Iterator[None]:
+    """Turn a missing, directory or unreadable input file into one clear line (exit 2)."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise UsageError(f"{path}: {what} not found") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path}: is a directory, not a {what}") from None
+    except PermissionError:
+        raise UsageError(f"{path}: {what} is not readable (permission denied)") from None
+
+
 def scan_tasks(path: Path) -> tuple[int, str]:
     """Check a tasks file (UTF-8, sane line lengths); return its task count and sha256."""
     digest = hashlib.sha256()
     count = 0
-    try:
-        with open(path, "rb") as handle:
-            for number, line in enumerate(handle, 1):
-                digest.update(line)
-                if len(line) > TASK_LINE_MAX:
-                    raise UsageError(
-                        f"{path}:{number}: task line longer than {TASK_LINE_MAX} bytes"
-                    )
-                try:
-                    text = line.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    raise UsageError(
-                        f"{path}:{number}: not valid UTF-8 (byte {exc.start + 1} of the line)"
-                    ) from None
-                if "\0" in text:
-                    raise UsageError(f"{path}:{number}: task contains a NUL byte")
-                if text.strip():
-                    count += 1
-    except FileNotFoundError:
-        raise UsageError(f"{path}: tasks file not found") from None
-    except IsADirectoryError:
-        raise UsageError(f"{path}: is a directory, not a tasks file") from None
-    except PermissionError:
-        raise UsageError(f"{path}: tasks file is not readable (permission denied)") from None
+    with _reading(path, "tasks file"), open(path, "rb") as handle:
+        for number, line in enumerate(handle, 1):
+            digest.update(line)
+            if len(line) > TASK_LINE_MAX:
+                raise UsageError(f"{path}:{number}: task line longer than {TASK_LINE_MAX} bytes")
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise UsageError(
+                    f"{path}:{number}: not valid UTF-8 (byte {exc.start + 1} of the line)"
+                ) from None
+            if "\0" in text:
+                raise UsageError(f"{path}:{number}: task contains a NUL byte")
+            if text.strip():
+                count += 1
     return count, digest.hexdigest()
 
 
@@ -2268,19 +2267,13 @@ def scan_chunks(path: Path, lines: int | None, block: int) -> tuple[int, str]:
     """Count a --pipe data file's chunks and hash it (refusing chunks too big to ship)."""
     digest = hashlib.sha256()
     count = 0
-    try:
+    with _reading(path, "data file"):
         for count, chunk in enumerate(_pipe_chunks(path, lines, block), 1):  # noqa: B007
             digest.update(chunk)
             if len(chunk) > 2 * PIPE_BLOCK_MAX:
                 raise UsageError(
                     f"{path}: chunk {count} is {len(chunk)} bytes: use fewer --lines or --block"
                 )
-    except FileNotFoundError:
-        raise UsageError(f"{path}: data file not found") from None
-    except IsADirectoryError:
-        raise UsageError(f"{path}: is a directory, not a data file") from None
-    except PermissionError:
-        raise UsageError(f"{path}: data file is not readable (permission denied)") from None
     return count, digest.hexdigest()
 
 
