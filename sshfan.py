@@ -135,8 +135,8 @@ def lanes(spec: HostSpec) -> list[HostSpec]:
     """The stubs that serve one host: one for an SSH host, up to LOCAL_LANES for a local one.
 
     A stub starts its tasks one at a time, and each start holds it until the child has
-    exec'd (0.35 ms here), so one stub tops out near 2,500 tasks a second whatever the
-    CPU count. Locally another stub costs only a Python start-up, so a local host's
+    exec'd (0.1-0.35 ms here), so one stub tops out near 2,000 tasks a second whatever
+    the CPU count. Locally another stub costs only a Python start-up, so a local host's
     slots are spread over several; they share the host's name in every report."""
     if not spec.local:
         return [spec]
