@@ -325,6 +325,49 @@ def test_host_lost_mid_run(
     assert b"Traceback" not in result.stderr
 
 
+def test_host_lost_mid_output_leaves_no_partial_output(
+    sshd_factory: MakeServer, spawn: Callable[..., Head], tmp_path: Path
+) -> None:
+    """A host killed while a task streams megabytes: the task runs again on the other
+    host and the merged output holds each task's output once, whole, in order."""
+    alpha, bravo = sshd_factory(), sshd_factory()
+    marker = "61.73"  # alpha's tasks stall here, half-way through their output
+    mark = tmp_path / "alpha-streaming"
+    count = 6
+    # bravo's tasks first wait (up to 30 s) for alpha to be streaming, so that alpha
+    # gets work however the two logins race.
+    wait = f"i=0; while [ ! -e {mark} ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done"
+    lines = [
+        f"if [ $WHO = bravo ]; then {wait}; fi; seq {n}00000 {n}99999; "
+        f"if [ $WHO = alpha ]; then touch {mark}; sleep {marker}; fi; seq {n}000000 {n}099999"
+        for n in range(1, count + 1)
+    ]
+    tasks = write_file(tmp_path / "tasks.txt", "\n".join(lines) + "\n")
+    hosts = write_file(
+        tmp_path / "hosts.toml",
+        host_block(alpha, "alpha", slots=1, keepalive=1, env={"WHO": "alpha"})
+        + host_block(bravo, "bravo", slots=1, keepalive=1, env={"WHO": "bravo"}),
+    )
+    out = tmp_path / "out.txt"
+    head = spawn(run_args(tasks, hosts, out))
+    try:
+        wait_for("alpha streaming a task's output", mark.exists)
+        alpha.kill()
+        result = head.wait(45.0)
+        assert_no_procs_soon(f"sleep {marker}")
+    finally:
+        kill_marked(f"sleep {marker}")
+        alpha.stop()
+    check_exit(result, 0)
+    expected = b"".join(
+        "".join(f"{i}\n" for i in range(n * 100000, n * 100000 + 100000)).encode()
+        + "".join(f"{i}\n" for i in range(n * 1000000, n * 1000000 + 100000)).encode()
+        for n in range(1, count + 1)
+    )
+    assert out.read_bytes() == expected
+    assert b"lost host alpha" in result.stderr
+
+
 # ---------------------------------------------------------------------------
 # 3: hosts failing at start
 # ---------------------------------------------------------------------------
