@@ -726,9 +726,10 @@ class Stub:
         buf = task.bufs[stream]
         if buf is None:
             return b""
+        data = bytes(buf[: task.fill[stream]])
         task.bufs[stream] = None
         self.pool.append(buf)
-        return bytes(buf[: task.fill[stream]])
+        return data
 
     def close_fd(self, fd: int) -> None:
         """Stop watching one of a task's pipes."""
