@@ -20,6 +20,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import functools
+import gc
 import hashlib
 import hmac
 import inspect
@@ -354,9 +355,13 @@ def encode_frame(kind: int, payload: bytes) -> bytes:
 class FrameDecoder:
     """Turn bytes arriving in pieces of any size into (kind, payload) frames."""
 
-    def __init__(self, skip_banner: bool = True) -> None:
-        """Start empty; with skip_banner, text before the first frame is tolerated."""
+    def __init__(self, skip_banner: bool = True, parts_of: int = -1) -> None:
+        """Start empty; with skip_banner, text before the first frame is tolerated.
+
+        A large frame of kind PARTS_OF comes out as the list of pieces it arrived in,
+        not joined: its reader can write them out with one writev and no copy."""
         self._buf = bytearray()
+        self.parts_of = parts_of
         self._synced = not skip_banner
         self.banner = b""
         # A large payload is collected as the pieces it arrives in and joined once whole:
@@ -422,7 +427,8 @@ class FrameDecoder:
         self._need -= take
         self._have += take
         if not self._need:
-            frames.append((self._kind, b"".join(self._parts)))
+            parts = self._parts
+            frames.append((self._kind, parts if self._kind == self.parts_of else b"".join(parts)))
             self._parts = []
             self._have = 0
         return view[take:]
@@ -1170,7 +1176,7 @@ class HostSession:
         self.spec = spec
         self.name = spec.name
         self.run = run
-        self.decoder = FrameDecoder()
+        self.decoder = FrameDecoder(parts_of=KIND_OUTPUT)
         self.in_flight: dict[int, Task] = {}
         self.window = HostWindow(spec.slots or 1)
         self.hello: dict[str, Any] = {}
@@ -1382,7 +1388,7 @@ class HostSession:
         if self.run is not None and frames:
             self.run.after_batch(self)
 
-    def _on_frame(self, kind: int, payload: bytes) -> None:
+    def _on_frame(self, kind: int, payload: bytes | list) -> None:
         """Dispatch one frame from the stub."""
         if kind == KIND_RESULT:
             seq, status, flags, duration, out, err = decode_result(payload)
@@ -1410,14 +1416,18 @@ class HostSession:
             if self.run is not None:
                 self.run.on_result(self, task, result, cancelled=bool(flags & FLAG_CANCELLED))
         elif kind == KIND_OUTPUT:
-            seq, stream = OUTPUT_HEAD.unpack_from(payload, 0)
+            # A large piece comes as the list of packets it arrived in (see FrameDecoder).
+            parts = payload if isinstance(payload, list) else [payload]
+            head = parts[0] if len(parts[0]) >= OUTPUT_HEAD.size else b"".join(parts)
+            seq, stream = OUTPUT_HEAD.unpack_from(head, 0)
             task = self.in_flight.get(seq)
             if task is None:
                 raise HostError(self.name, "protocol", f"output for task {seq} it was not given")
             if self.run is not None:
-                offset = self.run.journal.append(KIND_OUTPUT, payload)
+                offset = self.run.journal.append(KIND_OUTPUT, parts)
                 skip = FRAME_HEADER.size + OUTPUT_HEAD.size
-                task.pieces.append((offset + skip, stream, len(payload) - OUTPUT_HEAD.size))
+                size = self.run.journal.size - offset - skip
+                task.pieces.append((offset + skip, stream, size))
         elif kind == KIND_HELLO:
             hello = json.loads(payload)
             if hello.get("proto") != PROTO_VERSION:
@@ -1813,12 +1823,15 @@ class Journal:
             journal.size = offset
         return journal, header, done
 
-    def append(self, kind: int, payload: bytes) -> int:
-        """Queue a record for the next flush; return the offset it will have."""
+    def append(self, kind: int, payload: bytes | list) -> int:
+        """Queue a record, its payload whole or as a list of pieces, for the next flush;
+        return the offset it will have."""
         offset = self.size
-        self._pending.append(FRAME_HEADER.pack(FRAME_MAGIC, kind, len(payload)))
-        self._pending.append(payload)
-        self.size += FRAME_HEADER.size + len(payload)
+        parts = payload if isinstance(payload, list) else [payload]
+        length = sum(map(len, parts))
+        self._pending.append(FRAME_HEADER.pack(FRAME_MAGIC, kind, length))
+        self._pending.extend(parts)
+        self.size += FRAME_HEADER.size + length
         return offset
 
     def flush(self) -> None:
@@ -3414,6 +3427,9 @@ def _run_command(opts: RunOptions, progress: bool) -> int:
         _check_writable_dir(Path(opts.output), "output")
     bar = _Progress() if progress else None
     out: IO[bytes] = _LazyOutput(opts.output)
+    # What exists now (modules, classes, the parsed hosts) lives for the whole run: take
+    # it out of the collector's sight, so full collections stop walking it (~1.5%).
+    gc.freeze()
     try:
         summary = asyncio.run(
             run_async(

@@ -70,6 +70,24 @@ def test_decoder_reassembles_frames_split_anywhere(piece: int) -> None:
     assert decoder.pending() == 0
 
 
+@pytest.mark.parametrize("piece", [1, 4096, 32768])
+def test_decoder_hands_large_frames_of_one_kind_out_as_their_pieces(piece: int) -> None:
+    """With parts_of, a large frame of that kind comes out as pieces that join to its
+    payload (the head writes them as they are); every other frame comes out whole."""
+    data, frames = _stream()
+    decoder = FrameDecoder(skip_banner=False, parts_of=KIND_OUTPUT)
+    got, listed = [], 0
+    for start in range(0, len(data), piece):
+        for kind, payload in decoder.feed(data[start : start + piece]):
+            if isinstance(payload, list):
+                assert kind == KIND_OUTPUT and len(payload) > 1
+                listed += 1
+                payload = b"".join(payload)
+            got.append((kind, payload))
+    assert got == frames
+    assert listed == 2  # the two output frames of COLLECT_FROM bytes or more
+
+
 def test_decoder_skips_a_login_banner_before_the_first_frame() -> None:
     """Text printed by shell start-up files before the stub's first frame is skipped."""
     data, frames = _stream()
