@@ -2383,6 +2383,8 @@ class RunSummary:
     lost_per_host: dict[str, int] = dataclasses.field(default_factory=dict)
     skipped_hosts: dict[str, str] = dataclasses.field(default_factory=dict)
     lost_hosts: dict[str, str] = dataclasses.field(default_factory=dict)
+    # A host served by several stubs (the local host's lanes) that lost some, not all.
+    lost_stubs: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     failures: list[TaskResult] = dataclasses.field(default_factory=list)
     interrupted: bool = False
     halted: bool = False
@@ -2580,12 +2582,23 @@ class _Run:
         """A host failed to start or was lost: requeue its tasks, warn, maybe end the run."""
         error = session.error
         reason = f"{error.stage}: {error.reason}" if error else "unknown reason"
-        if session.state == "failed":
+        lanes = [s for s in self.sessions if s.name == session.name]
+        serving = [s for s in lanes if s.state in ("connecting", "ready", "done")]
+        if serving:  # one of a local host's stubs: the host itself goes on
+            self.summary.lost_stubs.setdefault(session.name, []).append(reason)
+            lost = self.summary.lost_per_host.get(session.name, 0) + len(tasks)
+            self.summary.lost_per_host[session.name] = lost
+            self.log(
+                f"sshfan: warning: host {session.name} lost one of its {len(lanes)} stubs "
+                f"({reason}); {len(tasks)} task(s) requeued"
+            )
+        elif session.state == "failed":
             self.summary.skipped_hosts[session.name] = reason
             self.log(f"sshfan: warning: skipping host {session.name}: {reason}")
         else:
             self.summary.lost_hosts[session.name] = reason
-            self.summary.lost_per_host[session.name] = len(tasks)
+            lost = self.summary.lost_per_host.get(session.name, 0) + len(tasks)
+            self.summary.lost_per_host[session.name] = lost
             self.log(
                 f"sshfan: warning: lost host {session.name} ({reason}); "
                 f"{len(tasks)} task(s) requeued"
@@ -3152,6 +3165,9 @@ def format_summary(summary: RunSummary) -> list[str]:
                 status = f"lost: {summary.lost_hosts[name]}"
             elif name in summary.skipped_hosts:
                 status = f"skipped: {summary.skipped_hosts[name]}"
+            elif name in summary.lost_stubs:
+                reasons = summary.lost_stubs[name]
+                status = f"ok (lost {len(reasons)} of its stubs: {reasons[-1]})"
             lines.append(
                 f"  {name:<20} {stats.count:>7} {summary.failed_per_host.get(name, 0):>7} "
                 f"{summary.lost_per_host.get(name, 0):>5} {median:>9}  {status}"

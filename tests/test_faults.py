@@ -864,6 +864,28 @@ def test_local_host_retries_on_its_other_stubs(run_sshfan: RunSshfan, tmp_path: 
     assert len(summary_rows) == 1, result.stderr.decode()
 
 
+def test_losing_one_local_stub_is_not_losing_the_local_host(
+    run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """A task kills its own stub: its lane is lost, the tasks it held run on the other
+    lane, and the summary reports the local host as ok, with the lost stub noted."""
+    flag = tmp_path / "killed-once"
+    lines = [f"sleep 0.05; echo {n}" for n in range(1, 7)]
+    lines.append(f"test -e {flag} || {{ touch {flag}; kill -9 $PPID; }}; echo 7")
+    lines += [f"sleep 0.05; echo {n}" for n in range(8, 13)]
+    tasks = write_file(tmp_path / "tasks.txt", "\n".join(lines) + "\n")
+    out = tmp_path / "out.txt"
+    result = run_sshfan(["run", str(tasks), "-o", str(out), "--no-progress", "-j", "2"])
+    check_exit(result, 0)
+    assert flag.exists(), "the stub was killed"
+    assert out.read_text().split() == [str(n) for n in range(1, 13)]
+    stderr = result.stderr.decode()
+    assert "lost host local" not in stderr, stderr
+    row = [line for line in stderr.splitlines() if line.split()[:1] == ["local"]]
+    assert len(row) == 1 and "ok (lost 1 of its stubs" in row[0], stderr
+    assert row[0].split()[3] != "0", "the lost stub's tasks are counted as lost"
+
+
 def test_tasks_queued_behind_a_long_task_move_to_an_idle_stub(
     run_sshfan: RunSshfan, tmp_path: Path
 ) -> None:
