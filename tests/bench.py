@@ -64,6 +64,23 @@ class Ran:
     stderr: str
     cpu: float = 0.0  # user + system of the command and the children it waited for
     peak_mib: float = 0.0
+    busy: float = 0.0  # CPU seconds the whole machine used meanwhile (sshd, logins too)
+    idle: float = 0.0  # CPU seconds the machine's CPUs sat idle meanwhile
+
+
+def machine_cpu() -> tuple[float, float]:
+    """Busy and idle CPU seconds so far, summed over the machine's CPUs (/proc/stat).
+
+    Busy is user + nice + system + irq + softirq: time given to other guests (steal)
+    is not this machine's work."""
+    try:
+        with open("/proc/stat") as stat:
+            ticks = [int(x) for x in stat.readline().split()[1:8]]
+    except (OSError, ValueError):
+        return 0.0, 0.0
+    user, nice, system, idle, iowait, irq, softirq = ticks
+    hz = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq) / hz, (idle + iowait) / hz
 
 
 def _vmhwm_kib(pid: int) -> int:
@@ -101,6 +118,7 @@ def run(
         fin = stack.enter_context(open(stdin, "rb")) if stdin else subprocess.DEVNULL
         fout = stack.enter_context(open(stdout, "wb")) if stdout else subprocess.DEVNULL
         ferr = stack.enter_context(tempfile.TemporaryFile())
+        busy0, idle0 = machine_cpu()
         start = time.perf_counter()
         proc = subprocess.Popen(
             argv, stdin=fin, stdout=fout, stderr=ferr, cwd=cwd, env=env, start_new_session=True
@@ -133,6 +151,7 @@ def run(
         finally:
             timer.cancel()
         wall = time.perf_counter() - start
+        busy1, idle1 = machine_cpu()
         proc.returncode = os.waitstatus_to_exitcode(status)
         if expired.is_set():
             raise BenchError(f"{Path(argv[0]).name} timed out after {timeout:.0f}s")
@@ -141,7 +160,15 @@ def run(
         ferr.seek(0)
         err = ferr.read().decode(errors="replace")
     cpu = usage.ru_utime + usage.ru_stime
-    return Ran(wall, proc.returncode, err[-4000:].strip(), cpu, peak_kib / 1024)
+    return Ran(
+        wall,
+        proc.returncode,
+        err[-4000:].strip(),
+        cpu,
+        peak_kib / 1024,
+        busy1 - busy0,
+        idle1 - idle0,
+    )
 
 
 def checked(ran: Ran, what: str) -> Ran:
@@ -300,6 +327,23 @@ def cpu_note(name: str, runs: list[Ran]) -> str:
     return f"sshfan {who} CPU {cpu:.1f} s over {wall:.1f} s wall ({100 * cpu / wall:.0f}%)"
 
 
+def machine_note(sshfan_runs: list[Ran], other_runs: list[Ran], other: str) -> str:
+    """Compare the CPU the whole machine used, and left idle, during each side's runs."""
+    if not sshfan_runs or not other_runs:
+        return f"no machine CPU figures ({len(sshfan_runs)} sshfan, {len(other_runs)} {other} runs)"
+
+    def per_run(runs: list[Ran]) -> str:
+        """Median busy and idle CPU seconds over RUNS."""
+        busy = statistics.median(r.busy for r in runs)
+        idle = statistics.median(r.idle for r in runs)
+        return f"{busy:.2f} s busy, {idle:.2f} s idle"
+
+    return (
+        f"machine CPU per run (medians, every process): sshfan {per_run(sshfan_runs)}; "
+        f"{other} {per_run(other_runs)}"
+    )
+
+
 def log(message: str) -> None:
     """Progress on stderr."""
     print(message, file=sys.stderr, flush=True)
@@ -339,6 +383,7 @@ class Bench:
         )
         self._runs = 0
         self.sshfan_runs: list[Ran] = []  # every sshfan run, for CPU notes
+        self.xargs_runs: list[Ran] = []  # every xargs run, for machine CPU notes
 
     def settle(self, limit: float = 15.0) -> None:
         """Wait until the sshd has no sessions left from an earlier scenario."""
@@ -407,6 +452,7 @@ class Bench:
             out = d / "out.txt"
             argv = ["xargs", "-P", str(procs), "-I{}", "sh", "-c", "{}"]
             ran = checked(run(argv, stdin=tasks, stdout=out), "xargs")
+            self.xargs_runs.append(ran)
             check_unordered(out, echo_output(n), "xargs")
         return ran.wall
 
@@ -419,10 +465,12 @@ class Bench:
         hosts = self.hosts("hosts2.toml", ["h1", "h2"])
         if shutil.which("xargs") is None:
             row.comparison_error = "not installed"
+        self.xargs_runs = []
         for i in range(self.rounds):
             log(f"[{row.name}] round {i + 1}/{self.rounds}")
             row.attempt("sshfan", lambda: self.sshfan_echo(n, hosts))
             row.attempt("comparison", lambda: self.xargs_echo(n, 2))
+        row.notes.append(machine_note(self.sshfan_runs, self.xargs_runs, "xargs"))
         return judge(row, lambda s, c: s / c, lambda r: r <= 1.3)
 
     def tiny_vs_parallel(self) -> Row:
@@ -508,10 +556,12 @@ class Bench:
         row = Row(f"{n:,} tiny, local", "s", f"xargs -P {self.cpus} (local)", "<= 1.15x")
         if shutil.which("xargs") is None:
             row.comparison_error = "not installed"
+        self.xargs_runs = []
         for i in range(self.rounds):
             log(f"[{row.name}] round {i + 1}/{self.rounds}")
             row.attempt("sshfan", lambda: self.sshfan_echo(n, None))
             row.attempt("comparison", lambda: self.xargs_echo(n, self.cpus))
+        row.notes.append(machine_note(self.sshfan_runs, self.xargs_runs, "xargs"))
         return judge(row, lambda s, c: s / c, lambda r: r <= 1.15)
 
     def makespan(self) -> Row:
