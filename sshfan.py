@@ -319,6 +319,7 @@ BANNER_MAX = 64 * 1024
 OUTPUT_PIECE = 256 * 1024
 COLLECT_FROM = 64 * 1024  # payloads from this size are collected piecewise (FrameDecoder)
 FLUSH_DELAY = 0.005  # seconds the stub may hold finished results to send them together
+WARDEN_NAP = 0.05  # seconds the warden sleeps between reads: it only acts once at the end
 PROTO_VERSION = 1
 
 KIND_HELLO = 1
@@ -543,6 +544,8 @@ class Stub:
         self.selector = selectors.DefaultSelector()
         self.devnull = os.open(os.devnull, os.O_RDONLY)
         self.eof = False
+        self.warden = None  # the pipe to the warden (start_warden), if there is one
+        self.warden_notes = []
         self.configured = False
 
     def send(self, kind: int, payload: bytes) -> None:
@@ -658,7 +661,29 @@ class Stub:
             os.set_blocking(in_w, False)
         return proc.pid, out_r, err_r, in_w
 
+    def note(self, sign: bytes, pid: int) -> None:
+        """Queue a note for the warden: task group PID started (+) or is handled (-)."""
+        if self.warden is not None:
+            self.warden_notes.append(sign + str(pid).encode() + b"\n")
+
+    def tell_warden(self) -> None:
+        """Send the warden its queued notes: one write a loop turn, not one a task."""
+        if not self.warden_notes:
+            return
+        data = b"".join(self.warden_notes)
+        self.warden_notes = []
+        try:
+            while data:
+                data = data[os.write(self.warden, data) :]
+        except OSError:  # the warden is gone: carry on without it
+            self.warden = None
+
     def start_tasks(self) -> None:
+        """Start queued tasks while slots are free; tell the warden of them at once."""
+        self.start_queued()
+        self.tell_warden()
+
+    def start_queued(self) -> None:
         """Start queued tasks while slots are free."""
         while self.queue and len(self.running) < self.slots and self.configured:
             seq, command, data = self.queue.popleft()
@@ -671,6 +696,7 @@ class Stub:
                 continue
             task = StubTask(seq, pid, deadline)
             self.running[pid] = task
+            self.note(b"+", pid)
             for fd, stream in ((out_fd, 1), (err_fd, 2)):
                 self.by_fd[fd] = (task, stream)
                 self.selector.register(fd, selectors.EVENT_READ, "task")
@@ -765,6 +791,7 @@ class Stub:
             return
         self.close_stdin(task)
         del self.running[task.pid]
+        self.note(b"-", task.pid)
         duration = time.monotonic() - task.started
         out, err = self.take_output(task, 1), self.take_output(task, 2)
         result = encode_result(task.seq, task.status, task.flags, duration, out, err)
@@ -843,7 +870,53 @@ class Stub:
                 elif key.fd in self.by_fd:
                     self.read_task_output(key.fd)
             self.reap()
+        self.tell_warden()
         self.flush()
+
+
+def start_warden(close: tuple) -> "int | None":
+    """Fork the warden, which kills the tasks' process groups if the stub dies without
+    doing it (SIGKILL, the OOM killer); return the pipe to it (None: no warden).
+
+    The stub writes b"+PGID" when a task starts and b"-PGID" once it is done with it.
+    When the pipe closes with groups still listed, the stub is gone: the warden kills
+    them and exits. It holds none of the stub's pipes to the head (CLOSE and 0-2), so
+    the head still sees the stub die, and it reads only every WARDEN_NAP seconds."""
+    try:
+        r, w = os.pipe()
+        pid = os.fork()
+    except OSError:
+        return None
+    if pid:
+        os.close(r)
+        return w
+    try:
+        os.close(w)
+        for fd in close:
+            os.close(fd)
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)  # it ends when the stub does, not before
+        groups = set()
+        rest = b""
+        while True:
+            data = os.read(r, 1 << 16)
+            if not data:
+                break
+            *lines, rest = (rest + data).split(b"\n")
+            for line in lines:
+                if line[:1] == b"+":
+                    groups.add(int(line[1:]))
+                else:
+                    groups.discard(int(line[1:]))
+            time.sleep(WARDEN_NAP)
+        for group in groups:
+            with contextlib.suppress(OSError):
+                os.killpg(group, signal.SIGKILL)
+    finally:
+        os._exit(0)
 
 
 def stub_main() -> None:
@@ -853,7 +926,10 @@ def stub_main() -> None:
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
     os.dup2(2, 1)  # a stray print goes to stderr, never into the frame stream
+    os.close(devnull)
+    warden = start_warden((proto_in, proto_out))
     stub = Stub(proto_in, proto_out)
+    stub.warden = warden
 
     def on_signal(signum: int, frame: Any) -> None:
         """Kill the tasks' process groups and leave when told to stop."""
@@ -904,6 +980,7 @@ _SHIPPED_CONSTANTS = (
     "OUTPUT_PIECE",
     "COLLECT_FROM",
     "FLUSH_DELAY",
+    "WARDEN_NAP",
     "PROTO_VERSION",
     "KIND_HELLO",
     "KIND_CONFIG",
@@ -928,6 +1005,7 @@ _SHIPPED_OBJECTS = (
     encode_result,
     StubTask,
     Stub,
+    start_warden,
     stub_main,
 )
 

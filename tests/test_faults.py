@@ -747,6 +747,38 @@ def test_head_killed_leaves_no_orphans(
 
 
 @pytest.mark.parametrize("where", ["ssh", "local"])
+def test_a_stub_killed_outright_leaves_no_task_behind(
+    where: str, sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """SIGKILL a stub while its task runs a child: the stub cannot clean up, so its
+    warden kills the task's process group; the task reruns on the other host (or
+    stub), the run ends 0, and no task process, stub or warden is left."""
+    sleeper = "43.5" if where == "ssh" else "43.6"
+    flag = tmp_path / "killed-once"
+    if where == "ssh":
+        blocks = host_block(sshd, "one", slots=1) + host_block(sshd, "two", slots=1)
+    else:
+        blocks = LOCAL_BLOCK  # 2 slots: two stubs
+    hosts = write_file(tmp_path / "hosts.toml", blocks)
+    killer = (
+        f"test -e {flag} || {{ touch {flag}; sleep {sleeper} & sleep 0.3; "
+        f"kill -9 $PPID; sleep {sleeper}; }}; echo ok"
+    )
+    lines = ["echo 1", killer, "echo 3", "echo 4"]
+    tasks = write_file(tmp_path / "tasks.txt", "\n".join(lines) + "\n")
+    out = tmp_path / "out.txt"
+    try:
+        result = run_sshfan(run_args(tasks, hosts, out), timeout=NO_HANG)
+        check_exit(result, 0)
+        assert flag.exists(), "the killer task ran"
+        assert out.read_text().split() == ["1", "ok", "3", "4"]
+        assert_no_procs_soon(sleeper)
+        assert_no_procs_soon("sshfan-stub")  # stubs and their wardens are gone too
+    finally:
+        kill_marked(f"sleep {sleeper}")
+
+
+@pytest.mark.parametrize("where", ["ssh", "local"])
 def test_timeout_kills_task_and_children(
     where: str, sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path
 ) -> None:
