@@ -927,9 +927,7 @@ def stub_main() -> None:
     os.dup2(devnull, 0)
     os.dup2(2, 1)  # a stray print goes to stderr, never into the frame stream
     os.close(devnull)
-    warden = start_warden((proto_in, proto_out))
     stub = Stub(proto_in, proto_out)
-    stub.warden = warden
 
     def on_signal(signum: int, frame: Any) -> None:
         """Kill the tasks' process groups and leave when told to stop."""
@@ -953,6 +951,9 @@ def stub_main() -> None:
     try:
         stub.send(KIND_HELLO, json.dumps(hello).encode("utf-8"))
         stub.flush()
+        # After the hello, not before: the fork (about 1 ms) overlaps the round trip
+        # to the head, instead of delaying the first task by as much.
+        stub.warden = start_warden((proto_in, proto_out))
         stub.serve()
     except BaseException as exc:  # tell the head why, then make sure nothing is left running
         stub.kill_all()
