@@ -680,11 +680,6 @@ class Stub:
 
     def start_tasks(self) -> None:
         """Start queued tasks while slots are free; tell the warden of them at once."""
-        self.start_queued()
-        self.tell_warden()
-
-    def start_queued(self) -> None:
-        """Start queued tasks while slots are free."""
         while self.queue and len(self.running) < self.slots and self.configured:
             seq, command, data = self.queue.popleft()
             deadline = time.monotonic() + self.timeout if self.timeout else None
@@ -705,6 +700,7 @@ class Stub:
                 task.stdin_data = memoryview(data)
                 self.by_stdin[in_fd] = task
                 self.selector.register(in_fd, selectors.EVENT_WRITE, "stdin")
+        self.tell_warden()
 
     def feed_task_input(self, fd: int) -> None:
         """Write the next part of a task's stdin data; close its stdin when all is written."""
