@@ -320,6 +320,7 @@ OUTPUT_PIECE = 256 * 1024
 COLLECT_FROM = 64 * 1024  # payloads from this size are collected piecewise (FrameDecoder)
 FLUSH_DELAY = 0.005  # seconds the stub may hold finished results to send them together
 WARDEN_NAP = 0.05  # seconds the warden sleeps between reads: it only acts once at the end
+KILL_GRACE = 2.0  # seconds a killed task's pipes may stay open before the stub closes them
 PROTO_VERSION = 1
 
 KIND_HELLO = 1
@@ -511,6 +512,7 @@ class StubTask:
         self.killed_at = None
         self.stdin_fd = None
         self.stdin_data = memoryview(b"")
+        self.pipes = set()  # its pipes as /proc shows them ("pipe:[inode]"), see kill_strays
 
     def kill(self, flag: int) -> None:
         """Kill the task's whole process group (SIGKILL) and remember why."""
@@ -519,6 +521,39 @@ class StubTask:
             self.killed_at = time.monotonic()
         with contextlib.suppress(OSError):
             os.killpg(self.pid, signal.SIGKILL)
+
+
+def kill_strays(sessions: set, pipes: set) -> int:
+    """SIGKILL every process in one of SESSIONS or holding one of PIPES; return how many.
+
+    A task's process group is not all it may start: GNU timeout moves itself to a group
+    of its own (still in the task's session, which start_new_session made), and setsid
+    leaves the session too, yet both can hold the task's output pipes open forever.
+    Linux's /proc shows both; elsewhere this finds nothing and the pipes are closed."""
+    me = os.getpid()
+    killed = 0
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return killed
+    for entry in entries:
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open("/proc/" + entry + "/stat", "rb") as handle:
+                fields = handle.read().rsplit(b")", 1)[1].split()
+            if fields[0] == b"Z":
+                continue
+            hit = int(fields[3]) in sessions
+            if not hit and pipes:
+                where = "/proc/" + entry + "/fd/"
+                hit = any(os.readlink(where + fd) in pipes for fd in os.listdir(where))
+            if hit:
+                os.kill(int(entry), signal.SIGKILL)
+                killed += 1
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile, or another user's
+    return killed
 
 
 class Stub:
@@ -694,6 +729,7 @@ class Stub:
             self.note(b"+", pid)
             for fd, stream in ((out_fd, 1), (err_fd, 2)):
                 self.by_fd[fd] = (task, stream)
+                task.pipes.add(f"pipe:[{os.fstat(fd).st_ino}]")
                 self.selector.register(fd, selectors.EVENT_READ, "task")
             if in_fd is not None:
                 task.stdin_fd = in_fd
@@ -802,29 +838,44 @@ class Stub:
         """Kill tasks past their deadline; return seconds until the next deadline."""
         now = time.monotonic()
         wait = None
+        due = []
+        stuck = []
         for task in self.running.values():
             if task.killed_at is not None:
-                if task.open_fds and now - task.killed_at > 2.0:
-                    # Something outside the process group still holds the pipes.
-                    for fd in [fd for fd, entry in self.by_fd.items() if entry[0] is task]:
-                        self.close_fd(fd)
-                    self.maybe_finish(task)
+                if task.open_fds and now - task.killed_at > KILL_GRACE:
+                    stuck.append(task)
                     continue
-                left = task.killed_at + 2.0 - now
+                left = task.killed_at + KILL_GRACE - now
             elif task.deadline is not None and now >= task.deadline:
-                task.kill(FLAG_TIMED_OUT)
-                left = 2.0
+                due.append(task)
+                left = KILL_GRACE
             elif task.deadline is not None:
                 left = task.deadline - now
             else:
                 continue
             wait = left if wait is None else min(wait, left)
+        if due:
+            self.kill_tasks(due, FLAG_TIMED_OUT)
+        for task in stuck:
+            # Still held open after the kill: by a process that /proc cannot show us
+            # (another user's, or not Linux). Look once more, then stop waiting for it.
+            self.kill_tasks([task], 0)
+            for fd in [fd for fd, entry in self.by_fd.items() if entry[0] is task]:
+                self.close_fd(fd)
+            self.maybe_finish(task)
         return wait
 
+    def kill_tasks(self, tasks: list, flag: int) -> None:
+        """Kill TASKS with all they started: process groups, sessions, pipe holders."""
+        if not tasks:
+            return
+        for task in tasks:
+            task.kill(flag)
+        kill_strays(set(task.pid for task in tasks), set().union(*(t.pipes for t in tasks)))
+
     def kill_all(self) -> None:
-        """Kill every running task's process group (the head went away)."""
-        for task in list(self.running.values()):
-            task.kill(FLAG_CANCELLED)
+        """Kill every running task and what it started (the head went away)."""
+        self.kill_tasks(list(self.running.values()), FLAG_CANCELLED)
 
     def serve(self) -> None:
         """Main loop: read frames and task output, start tasks, ship results."""
@@ -911,6 +962,8 @@ def start_warden(close: tuple) -> "int | None":
         for group in groups:
             with contextlib.suppress(OSError):
                 os.killpg(group, signal.SIGKILL)
+        if groups:
+            kill_strays(groups, set())  # what left the group but not the session
     finally:
         os._exit(0)
 
@@ -978,6 +1031,7 @@ _SHIPPED_CONSTANTS = (
     "COLLECT_FROM",
     "FLUSH_DELAY",
     "WARDEN_NAP",
+    "KILL_GRACE",
     "PROTO_VERSION",
     "KIND_HELLO",
     "KIND_CONFIG",
@@ -1001,6 +1055,7 @@ _SHIPPED_OBJECTS = (
     decode_tasks,
     encode_result,
     StubTask,
+    kill_strays,
     Stub,
     start_warden,
     stub_main,

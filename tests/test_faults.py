@@ -812,6 +812,42 @@ def test_timeout_kills_task_and_children(
     assert 0.9 <= float(second["duration_s"]) < 10.0  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("where", ["ssh", "local"])
+def test_timeout_kills_children_outside_the_process_group(
+    where: str, sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """GNU timeout moves itself to a group of its own, setsid to a session of its own;
+    both still hold the task's pipes. Each timed-out task is killed with all of them and
+    counts as one timed-out task (the stub used to crash on it, on every host, forever)."""
+    mark = "44.5" if where == "ssh" else "44.6"
+    block = host_block(sshd, "solo", slots=3) if where == "ssh" else LOCAL_BLOCK
+    hosts = write_file(tmp_path / "hosts.toml", block)
+    lines = [
+        "echo before",
+        f"timeout 60 sleep {mark}1",
+        f"setsid sleep {mark}2",
+        f"sh -c 'setsid sleep {mark}3 & sleep {mark}4'",
+        "echo after",
+    ]
+    tasks = write_file(tmp_path / "tasks.txt", "\n".join(lines) + "\n")
+    out = tmp_path / "out.jsonl"
+    try:
+        result = run_sshfan(
+            run_args(tasks, hosts, out, "--format", "jsonl", "--timeout", "1"), timeout=NO_HANG
+        )
+        assert_no_procs_soon(f"sleep {mark}")
+    finally:
+        kill_marked(f"sleep {mark}")
+    check_exit(result, 1)
+    records = jsonl_records(out)
+    assert_each_once_in_order(records, [1, 2, 3, 4, 5])
+    assert [r["timed_out"] for r in records] == [False, True, True, True, False]
+    assert (records[0]["stdout"], records[4]["stdout"]) == ("before\n", "after\n")
+    assert all(r["attempts"] == 1 for r in records), records
+    assert b"3 timed out" in result.stderr, result.stderr.decode()
+    assert b"warning" not in result.stderr and b"Traceback" not in result.stderr
+
+
 # ---------------------------------------------------------------------------
 # 7: --retries
 # ---------------------------------------------------------------------------

@@ -249,6 +249,25 @@ def test_eof_on_stdin_kills_running_tasks_and_exits(tmp_path: Path) -> None:
     assert not _alive(child)
 
 
+def test_eof_kills_what_a_task_started_in_a_session_of_its_own(tmp_path: Path) -> None:
+    """A child that left the task's session (setsid) but holds its output pipe dies too."""
+    process = StubProcess(slots=1)
+    pidfile = tmp_path / "pid"
+    command = f"setsid sh -c 'echo $$ > {pidfile}; exec sleep 30'; echo never"
+    process.send(KIND_TASKS, encode_tasks([(1, command.encode())]))
+    deadline = time.monotonic() + 10
+    while not (pidfile.exists() and pidfile.read_text().strip()):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    child = int(pidfile.read_text())
+    assert _alive(child)
+    assert process.close() == 0
+    deadline = time.monotonic() + 5
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child)
+
+
 def test_corrupt_frame_from_the_head_ends_the_stub_with_an_error(stub: StubProcess) -> None:
     """The stub does not guess at garbage: it reports an ERROR frame and exits."""
     stub.send_raw(b"this is not a frame at all")
