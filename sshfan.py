@@ -306,6 +306,9 @@ def load_hosts(path: str | os.PathLike[str]) -> list[HostSpec]:
 # | DROP    | head → stub | forget the tasks not started yet ("halt"), or start    |
 # |         |             | what free slots take, then forget the rest (empty)     |
 # | DROPPED | stub → head | JSON list of the seqs it forgot                        |
+# | INPUT   | head → stub | seq u64, bytes: the first part of the stdin of a task  |
+# |         |             | whose TASKS entry follows (a --pipe chunk too large    |
+# |         |             | for one frame goes in several; the entry has the rest) |
 #
 # Bytes before the first frame (a login banner from the worker's shell start-up
 # files) are skipped; after it, anything that is not a frame is a protocol error.
@@ -333,10 +336,13 @@ KIND_RESULT = 8
 KIND_ERROR = 9
 KIND_DROP = 10
 KIND_DROPPED = 11
+KIND_INPUT = 12
 KIND_DONE = 20  # journal only: a finished task's record
 KIND_JOURNAL = 21  # journal only: the header record
 
 TASK_HEAD = struct.Struct(">QII")
+INPUT_HEAD = struct.Struct(">Q")
+INPUT_PIECE = 1024 * 1024  # stdin bytes per INPUT frame (well under FRAME_MAX)
 OUTPUT_HEAD = struct.Struct(">QB")
 RESULT_HEAD = struct.Struct(">QiBdII")
 FLAG_TIMED_OUT = 1
@@ -565,6 +571,7 @@ class Stub:
         self.proto_out = proto_out
         self.decoder = FrameDecoder(skip_banner=False)
         self.queue = collections.deque()
+        self.input = {}  # seq: stdin parts (INPUT frames) waiting for the task's entry
         self.running = {}
         self.by_fd = {}
         self.by_stdin = {}
@@ -633,7 +640,13 @@ class Stub:
     def handle(self, kind: int, payload: bytes) -> None:
         """Act on one frame from the head."""
         if kind == KIND_TASKS:
-            self.queue.extend(decode_tasks(payload))
+            for seq, command, data in decode_tasks(payload):
+                if seq in self.input:
+                    data = b"".join(self.input.pop(seq) + [data])
+                self.queue.append((seq, command, data))
+        elif kind == KIND_INPUT:
+            (seq,) = INPUT_HEAD.unpack_from(payload, 0)
+            self.input.setdefault(seq, []).append(payload[INPUT_HEAD.size :])
         elif kind == KIND_CONFIG:
             config = json.loads(payload.decode("utf-8"))
             self.slots = max(1, int(config.get("slots") or 1))
@@ -1043,10 +1056,11 @@ _SHIPPED_CONSTANTS = (
     "KIND_ERROR",
     "KIND_DROP",
     "KIND_DROPPED",
+    "KIND_INPUT",
     "FLAG_TIMED_OUT",
     "FLAG_CANCELLED",
 )
-_SHIPPED_STRUCTS = ("FRAME_HEADER", "TASK_HEAD", "OUTPUT_HEAD", "RESULT_HEAD")
+_SHIPPED_STRUCTS = ("FRAME_HEADER", "TASK_HEAD", "INPUT_HEAD", "OUTPUT_HEAD", "RESULT_HEAD")
 _SHIPPED_OBJECTS = (
     FrameError,
     encode_frame,
@@ -1237,6 +1251,7 @@ class HostWindow:
         self.in_flight = 0
         self.mean_task: float | None = None
         self.start_ahead = slots  # until a duration is known (see _Run.fair_start)
+        self.max_ahead = self.MAX_AHEAD  # fewer for large --pipe chunks (memory)
 
     def observe(self, duration: float) -> None:
         """Fold one finished task's duration into the running estimate."""
@@ -1248,11 +1263,11 @@ class HostWindow:
     def ahead(self) -> int:
         """Tasks to keep queued beyond the slots so that no slot waits on the head."""
         if self.mean_task is None:
-            return self.start_ahead
+            return min(self.start_ahead, self.max_ahead)
         # Twice the cover: want() waits until half the queue ahead is used before it
         # refills, and the half that is left must still last a round trip.
         cover = 2 * self.slots * (self.rtt + self.LATENCY) / max(self.mean_task, 1e-4)
-        return max(1, min(self.MAX_AHEAD, math.ceil(cover)))
+        return max(1, min(self.max_ahead, math.ceil(cover)))
 
     def want(self) -> int:
         """How many more tasks to send now: none until half the queue ahead is used up,
@@ -1309,6 +1324,8 @@ class HostSession:
         self.decoder = FrameDecoder(parts_of=KIND_OUTPUT)
         self.in_flight: dict[int, Task] = {}
         self.window = HostWindow(spec.slots or 1)
+        if run is not None:
+            self.window.max_ahead = run.max_ahead
         self.hello: dict[str, Any] = {}
         self.state = "connecting"  # connecting, ready, closing, done, lost, failed
         self.error: HostError | None = None
@@ -1644,7 +1661,18 @@ class HostSession:
         batch: list[tuple[int, bytes, bytes]] = []
         size = 0
         for task in tasks:  # frames stay under FRAME_MAX even with --pipe's data
-            entry = (task.seq, task.command.encode("utf-8"), task.data)
+            data = task.data
+            if len(data) > INPUT_PIECE:  # a large chunk: all but its tail in INPUT frames
+                if batch:
+                    self._write(encode_frame(KIND_TASKS, encode_tasks(batch)))
+                    batch, size = [], 0
+                view = memoryview(data)
+                tail = len(data) - (len(data) - 1) % INPUT_PIECE - 1
+                for start in range(0, tail, INPUT_PIECE):
+                    piece = INPUT_HEAD.pack(task.seq) + view[start : start + INPUT_PIECE]
+                    self._write(encode_frame(KIND_INPUT, piece))
+                data = data[tail:]
+            entry = (task.seq, task.command.encode("utf-8"), data)
             if batch and size + len(entry[1]) + len(entry[2]) > FRAME_MAX // 2:
                 self._write(encode_frame(KIND_TASKS, encode_tasks(batch)))
                 batch, size = [], 0
@@ -2388,36 +2416,53 @@ def read_tasks(
                 yield Task(seq, command)
 
 
-PIPE_BLOCK_MAX = 2 * 1024 * 1024  # a --pipe chunk travels in one frame (FRAME_MAX)
+PIPE_READ = 1024 * 1024  # bytes read at a time while looking for the end of a long record
+PIPE_AHEAD_BYTES = 16 * 1024 * 1024  # --pipe data a host holds queued beyond its slots, about
 
 
 def _pipe_chunks(path: Path, lines: int | None, block: int) -> Iterator[bytes]:
-    """Cut a data file into --pipe chunks: LINES lines each, or about BLOCK bytes ending at a
-    line boundary (a line longer than BLOCK is cut at BLOCK more bytes)."""
+    """Cut a data file into --pipe chunks: LINES lines each, or records (lines) up to BLOCK
+    bytes, as GNU parallel cuts them: a chunk ends at the last line end within BLOCK bytes,
+    a line longer than BLOCK goes whole, and the rest of the file, once it fits, is the last."""
     with open(path, "rb") as handle:
+        if lines:
+            while chunk := b"".join(itertools.islice(handle, lines)):
+                yield chunk
+            return
+        buf = bytearray()
+        eof = False
         while True:
-            if lines:
-                chunk = b"".join(itertools.islice(handle, lines))
-            else:
-                chunk = handle.read(block)
-                if chunk and not chunk.endswith(b"\n"):
-                    chunk += handle.readline(block)
-            if not chunk:
+            # More than BLOCK bytes say whether the chunk is the file's last one.
+            while len(buf) <= block and not eof:
+                more = handle.read(max(block + 1 - len(buf), PIPE_READ))
+                eof = not more
+                buf += more
+            if not buf:
                 return
-            yield chunk
+            if len(buf) <= block:
+                yield bytes(buf)
+                return
+            end = buf.rfind(b"\n", 0, block)
+            if end < 0:  # one record longer than the block: it goes whole, never cut
+                start = block
+                while (end := buf.find(b"\n", start)) < 0 and not eof:
+                    start = len(buf)
+                    more = handle.read(PIPE_READ)
+                    eof = not more
+                    buf += more
+                if end < 0:
+                    end = len(buf) - 1
+            yield bytes(buf[: end + 1])
+            del buf[: end + 1]
 
 
 def scan_chunks(path: Path, lines: int | None, block: int) -> tuple[int, str]:
-    """Count a --pipe data file's chunks and hash it (refusing chunks too big to ship)."""
+    """Count a --pipe data file's chunks and hash it."""
     digest = hashlib.sha256()
     count = 0
     with _reading(path, "data file"):
         for count, chunk in enumerate(_pipe_chunks(path, lines, block), 1):  # noqa: B007
             digest.update(chunk)
-            if len(chunk) > 2 * PIPE_BLOCK_MAX:
-                raise UsageError(
-                    f"{path}: chunk {count} is {len(chunk)} bytes: use fewer --lines or --block"
-                )
     return count, digest.hexdigest()
 
 
@@ -2557,6 +2602,10 @@ class _Run:
         self.merged = merged
         self.timeout = opts.timeout
         self.halt_on_error = opts.halt_on_error
+        # --pipe chunks wait in memory on both ends: queue few of them when they are large.
+        self.max_ahead = HostWindow.MAX_AHEAD
+        if opts.pipe and not opts.lines:
+            self.max_ahead = max(1, min(self.max_ahead, PIPE_AHEAD_BYTES // opts.block))
         self.whole = whole  # hand on_done whole outputs (read back from the journal)
         self.log = log
         self.on_done = on_done
@@ -3389,7 +3438,8 @@ def _cli() -> Any:
             "1M",
             "--block",
             metavar="SIZE",
-            help="--pipe: about SIZE bytes per chunk, at a line end (k, M).",
+            help="--pipe: chunks of whole lines up to SIZE bytes; a longer line goes whole. "
+            "1k is 1000, 1K 1024 (also m M g G), as in GNU parallel.",
         ),
         slots: int | None = typer.Option(
             None,
@@ -3644,18 +3694,27 @@ class _LazyOutput(io.RawIOBase):
         super().close()
 
 
+BLOCK_MAX = 2**31 - 1  # GNU parallel's ceiling too (it warns and uses 2G-1 above it)
+
+
 def _parse_size(text: str) -> int:
-    """A --block size: bytes, or with a k/M suffix (powers of 1024), up to PIPE_BLOCK_MAX."""
-    units = {"": 1, "k": 1024, "m": 1024 * 1024}
-    number, unit = text.strip(), ""
-    if number and number[-1].lower() in "km":
-        number, unit = number[:-1], number[-1].lower()
+    """A --block size as GNU parallel reads it: 1k is 1000, 1K 1024 (also m/M ... p/P)."""
+    number, scale = text.strip(), 1
+    if number and number[-1].lower() in "kmgtp":
+        power = "kmgtp".index(number[-1].lower()) + 1
+        scale = (1000 if number[-1].islower() else 1024) ** power
+        number = number[:-1]
     try:
-        size = int(float(number) * units[unit])
+        value = float(number) * scale
     except ValueError:
-        raise UsageError(f"--block: not a size: {text!r} (e.g. 512k, 1M)") from None
-    if not 0 < size <= PIPE_BLOCK_MAX:
-        raise UsageError(f"--block: must be between 1 byte and 2M, not {text}")
+        value = math.nan
+    if not math.isfinite(value):
+        raise UsageError(f"--block: not a size: {text!r} (e.g. 512k, 1M, 3.1k)")
+    size = int(value)
+    if size < 1:
+        raise UsageError(f"--block: must be at least 1 byte, not {text}")
+    if size > BLOCK_MAX:
+        raise UsageError(f"--block: at most 2G-1 bytes (as GNU parallel), not {text}")
     return size
 
 
