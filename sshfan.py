@@ -19,6 +19,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import fnmatch
 import functools
 import gc
 import hashlib
@@ -227,8 +228,11 @@ def _make_spec(values: dict[str, Any], own_python: bool) -> HostSpec:
     return HostSpec(**fields)
 
 
-def parse_hosts(text: str, where: str = "hosts file") -> list[HostSpec]:
-    """Parse a hosts file's TOML text into host specs, or raise UsageError naming the spot."""
+def parse_hosts(
+    text: str, where: str = "hosts file", logins: list[dict[str, Any]] | None = None
+) -> list[HostSpec]:
+    """Parse a hosts file's TOML text into host specs, or raise UsageError naming the spot;
+    LOGINS (hosts from the command line, as values) follow, with the file's [defaults]."""
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -246,7 +250,7 @@ def parse_hosts(text: str, where: str = "hosts file") -> list[HostSpec]:
     hosts = doc.get("hosts", [])
     if not isinstance(hosts, list) or not all(isinstance(h, dict) for h in hosts):
         raise UsageError(f"{where}: 'hosts' must be an array of tables: [[hosts]]")
-    if not hosts:
+    if not hosts and not logins:
         raise UsageError(f"{where}: no hosts: add at least one [[hosts]] table with a name")
     base: dict[str, Any] = {}
     for key, value in defaults.items():
@@ -269,13 +273,51 @@ def parse_hosts(text: str, where: str = "hosts file") -> list[HostSpec]:
             raise UsageError(f"{at}: duplicate host name '{values['name']}'")
         if host.get("local") and "address" in host:
             raise UsageError(f"{at}: host '{values['name']}' is local and cannot have 'address'")
-        names.add(values["name"])
-        specs.append(_make_spec(values, own_python="python" in host))
+        for each in _expand_host(values, at):
+            if each["name"] in names:
+                raise UsageError(f"{at}: duplicate host name '{each['name']}'")
+            names.add(each["name"])
+            specs.append(_make_spec(each, own_python="python" in host))
+    for login in logins or []:
+        if login["name"] in names:
+            raise UsageError(f"host '{login['name']}' is both in {where} and on the command line")
+        specs.append(_make_spec({**base, **login}, own_python="python" in login))
     return specs
 
 
-def load_hosts(path: str | os.PathLike[str]) -> list[HostSpec]:
-    """Read and parse a hosts file, turning every reading problem into a UsageError."""
+def _expand_host(values: dict[str, Any], at: str) -> list[dict[str, Any]]:
+    """One [[hosts]] table as the hosts its ranges name: `name = "web[01-12]"` is twelve
+    hosts; an `address` range pairs with the name's, a plain address serves them all."""
+    expanded: dict[str, list[str]] = {}
+    for key in ("name", "address"):
+        if key in values:
+            try:
+                expanded[key] = expand_range(values[key])
+            except ValueError as exc:
+                raise UsageError(
+                    f"{at}: key '{key}': bad range in {values[key]!r}: {exc}"
+                ) from None
+    names = expanded["name"]
+    addresses = expanded.get("address", [])
+    if len(addresses) > 1 and len(addresses) != len(names):
+        raise UsageError(
+            f"{at}: key 'address' names {len(addresses)} hosts but 'name' {len(names)}; "
+            "a range in 'address' needs one of the same size in 'name'"
+        )
+    hosts = []
+    for index, name in enumerate(names):
+        each = {**values, "name": name}
+        if addresses:
+            each["address"] = addresses[index if len(addresses) > 1 else 0]
+        hosts.append(each)
+    return hosts
+
+
+def load_hosts(
+    path: str | os.PathLike[str], logins: list[dict[str, Any]] | None = None
+) -> list[HostSpec]:
+    """Read and parse a hosts file (then LOGINS, see parse_hosts), turning every reading
+    problem into a UsageError."""
     try:
         with _reading(path, "hosts file"):
             text = Path(path).read_text(encoding="utf-8")
@@ -283,7 +325,286 @@ def load_hosts(path: str | os.PathLike[str]) -> list[HostSpec]:
         raise UsageError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except OSError as exc:
         raise UsageError(f"{path}: cannot read hosts file: {exc.strerror}") from None
-    return parse_hosts(text, str(path))
+    return parse_hosts(text, str(path), logins)
+
+
+# -- hosts on the command line: ranges, GNU parallel's sshlogins, picking a subset ------
+
+RANGE_MAX = 100_000  # names one range may expand to: a typo like [1-1000000] is refused
+
+
+def expand_range(text: str) -> list[str]:
+    """Expand ClusterShell/pdsh ranges: `web[01-12]` (padding kept), `db[1,3,5-7]`, and
+    several brackets (`r[1-2]n[1-3]`, left varies slowest); ValueError says where it is bad."""
+    pieces: list[list[str]] = []
+    literal = ""
+    at = 0
+    while at < len(text):
+        char = text[at]
+        if char == "]":
+            raise ValueError(f"at character {at + 1}: ']' without '['")
+        if char != "[":
+            literal += char
+            at += 1
+            continue
+        end = text.find("]", at)
+        if end < 0:
+            raise ValueError(f"at character {at + 1}: '[' without ']'")
+        pieces.append([literal])
+        literal = ""
+        pieces.append(_range_values(text[at + 1 : end], at + 2))
+        at = end + 1
+    pieces.append([literal])
+    total = math.prod(len(p) for p in pieces)
+    if total > RANGE_MAX:
+        raise ValueError(f"expands to {total} names, more than {RANGE_MAX}")
+    return ["".join(parts) for parts in itertools.product(*pieces)]
+
+
+def _range_values(inner: str, column: int) -> list[str]:
+    """The values of one bracket's contents (`01-12`, `1,3,5-7`, `1-9/2`) at COLUMN."""
+    values: list[str] = []
+    for item in inner.split(","):
+        where = f"at character {column}"
+        column += len(item) + 1
+        match = re.fullmatch(r"(\d+)(?:-(\d+)(?:/(\d+))?)?", item.strip())
+        if not match:
+            what = f"'{item}'" if item else "an empty item"
+            raise ValueError(f"{where}: {what} is not a number or a range like 1-5 or 01-12")
+        first, last, step = match.group(1), match.group(2), match.group(3)
+        width = len(first) if first.startswith("0") else 1
+        if last is None:
+            values.append(first)
+            continue
+        if int(last) < int(first):
+            raise ValueError(f"{where}: range {first}-{last} goes backwards")
+        if step is not None and int(step) < 1:
+            raise ValueError(f"{where}: step {step} must be at least 1")
+        span = range(int(first), int(last) + 1, int(step or 1))
+        if len(values) + len(span) > RANGE_MAX:
+            raise ValueError(f"{where}: range {first}-{last} has more than {RANGE_MAX} values")
+        values.extend(str(number).zfill(width) for number in span)
+    return values
+
+
+def split_outside_brackets(text: str) -> list[str]:
+    """Split a list on commas and newlines, but not inside `[...]` (`web[1,3],db1`)."""
+    parts = [""]
+    depth = 0
+    for char in text:
+        depth += char == "["
+        depth -= char == "]" and depth > 0
+        if char in ",\n" and not depth:
+            parts.append("")
+        else:
+            parts[-1] += char
+    return [part.strip() for part in parts if part.strip()]
+
+
+def _ssh_prefix(words: list[str], where: str) -> dict[str, Any]:
+    """Host keys from an sshlogin's `ssh -p PORT -l USER -i KEY` prefix; refuse the rest."""
+    if os.path.basename(words[0]) != "ssh":
+        raise UsageError(
+            f"{where}: runs '{words[0]}': sshfan speaks SSH itself and cannot use another "
+            "program; put its settings in ~/.ssh/config or the hosts file"
+        )
+    values: dict[str, Any] = {}
+    flags = {"-p": "port", "-l": "user", "-i": "identity"}
+    rest = words[1:]
+    while rest:
+        flag = rest.pop(0)
+        if flag not in flags or not rest:
+            raise UsageError(
+                f"{where}: ssh option '{flag}' is not supported here (only -p, -l and -i; "
+                "put others in ~/.ssh/config)"
+            )
+        values[flags[flag]] = rest.pop(0)
+    if "identity" in values:
+        values["identity"] = (values["identity"],)
+    return values
+
+
+def parse_sshlogin(text: str, where: str) -> list[dict[str, Any]]:
+    """One GNU parallel sshlogin, `[N/][user@]host[:port]` or `[N/]:` for this machine (with
+    ranges), as hosts-file values named as written; UsageError (exit 2) names WHERE."""
+    login = text.strip()
+    values: dict[str, Any] = {}
+    if login.startswith("@"):
+        raise UsageError(
+            f"{where}: '{login}': host groups (@group/) are not supported; "
+            "pick hosts with --only/--exclude"
+        )
+    slots = re.match(r"(\d+)/", login)
+    if slots:
+        if int(slots.group(1)) < 1:
+            raise UsageError(f"{where}: '{login}': slots must be at least 1, not 0")
+        values["slots"] = int(slots.group(1))
+        login = login[slots.end() :]
+    if login == ":":
+        return [{**values, "name": ":", "local": True}]
+    words = login.split()
+    if len(words) > 1:
+        values.update(_ssh_prefix(words[:-1], f"{where}: '{text.strip()}'"))
+        login = words[-1]
+    user, at, host = login.rpartition("@")
+    if at:
+        if ":" in user:
+            raise UsageError(
+                f"{where}: '{login}': passwords are not supported; use a key or ssh-agent"
+            )
+        values["user"] = user
+    port = ""
+    ipv6 = re.fullmatch(r"\[([0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*)\](?::(\w+))?", host)
+    if ipv6:
+        hosts, port = [ipv6.group(1)], ipv6.group(2) or ""
+    elif host.count(":") >= 2:  # a bare IPv6 address has no port
+        hosts = [host]
+    else:
+        host, colon, port = host.partition(":")
+        if colon and not port:
+            raise UsageError(f"{where}: '{login}': ':' without a port")
+        try:
+            hosts = expand_range(host)
+        except ValueError as exc:
+            raise UsageError(f"{where}: '{login}': bad range in '{host}': {exc}") from None
+    if not all(hosts) or any(re.search(r"[\s@/]", name) for name in hosts):
+        raise UsageError(f"{where}: '{text.strip()}' is not [N/][user@]host[:port]")
+    if port:
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise UsageError(f"{where}: '{login}': port must be 1-65535, not '{port}'")
+        values["port"] = int(port)
+    elif "port" in values:
+        if not str(values["port"]).isdigit() or not 0 < int(values["port"]) < 65536:
+            raise UsageError(f"{where}: port must be 1-65535, not '{values['port']}'")
+        values["port"] = int(values["port"])
+    prefix = f"{user}@" if at else ""
+    suffix = f":{port}" if port else ""
+    if len(words) > 1:  # named as written, ssh command and all
+        head = " ".join(words[:-1]) + " "
+        prefix = head + prefix
+    shown = "[{}]" if ipv6 else "{}"
+    return [
+        {**values, "name": prefix + shown.format(name) + suffix, "address": name} for name in hosts
+    ]
+
+
+def parse_sshlogins(text: str, where: str) -> list[dict[str, Any]]:
+    """A -S value: sshlogins separated by commas or newlines (commas in ranges stay)."""
+    logins: list[dict[str, Any]] = []
+    for part in split_outside_brackets(text):
+        if part in ("..", "-"):
+            logins += read_sshloginfile(part)
+        else:
+            logins += parse_sshlogin(part, where)
+    return logins
+
+
+def sshloginfile_path(name: str) -> str:
+    """Where GNU parallel finds an sshloginfile: `..` and `.` are its standard files, a
+    name not found in the current directory is looked for in ~/.parallel."""
+    if name == "..":
+        xdg = Path(os.environ.get("XDG_CONFIG_HOME", "~/.config"), "parallel", "sshloginfile")
+        xdg = xdg.expanduser()
+        return str(xdg) if xdg.exists() else os.path.expanduser("~/.parallel/sshloginfile")
+    if name == ".":
+        return "/etc/parallel/sshloginfile"
+    if name != "-" and not os.path.exists(name):
+        fallback = os.path.expanduser(os.path.join("~/.parallel", name))
+        if os.path.exists(fallback):
+            return fallback
+    return name
+
+
+def read_sshloginfile(name: str) -> list[dict[str, Any]]:
+    """Read GNU parallel's sshloginfile format: an sshlogin a line, `#` comments, blanks."""
+    path = sshloginfile_path(name)
+    try:
+        if path == "-":
+            text = sys.stdin.read()
+        else:
+            with _reading(path, "sshloginfile"):
+                text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read sshloginfile: {exc.strerror}") from None
+    logins: list[dict[str, Any]] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip() and not line.lstrip().startswith("#"):
+            for part in split_outside_brackets(line):
+                logins += parse_sshlogin(part, f"{path}:{number}")
+    return logins
+
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    """Whether NAME matches one of the glob PATTERNS (whose `[...]` are ranges, as in -S)."""
+    for pattern in patterns:
+        for each in expand_range(pattern):
+            if fnmatch.fnmatchcase(name, each.replace("[", "[[]")):
+                return True
+    return False
+
+
+def pick_hosts(specs: list[HostSpec], only: list[str], exclude: list[str]) -> list[HostSpec]:
+    """Keep the hosts that --only names (all if none) and --exclude does not; exit 2 if none."""
+    picked: list[HostSpec] = []
+    for option, patterns in (("--only", only), ("--exclude", exclude)):
+        for pattern in patterns:
+            try:
+                expand_range(pattern)
+            except ValueError as exc:
+                raise UsageError(f"{option} '{pattern}': bad range: {exc}") from None
+    for spec in specs:
+        if only and not _matches(spec.name, only):
+            continue
+        if exclude and _matches(spec.name, exclude):
+            continue
+        picked.append(spec)
+    if not picked:
+        chosen = " ".join(
+            [*(f"--only '{p}'" for p in only), *(f"--exclude '{p}'" for p in exclude)]
+        )
+        names = ", ".join(spec.name for spec in specs[:10]) + (", ..." if len(specs) > 10 else "")
+        raise UsageError(f"{chosen}: no host left (hosts: {names})")
+    return picked
+
+
+@dataclasses.dataclass
+class HostSources:
+    """Where a run's hosts come from: a hosts file, -S sshlogins, sshloginfiles, a subset."""
+
+    hosts_file: str | None = None
+    sshlogins: list[str] = dataclasses.field(default_factory=list)
+    sshloginfiles: list[str] = dataclasses.field(default_factory=list)
+    only: list[str] = dataclasses.field(default_factory=list)
+    exclude: list[str] = dataclasses.field(default_factory=list)
+
+    def split_patterns(self) -> None:
+        """Let --only/--exclude be given comma-separated as well as repeated."""
+        self.only = [p for value in self.only for p in split_outside_brackets(value)]
+        self.exclude = [p for value in self.exclude for p in split_outside_brackets(value)]
+
+
+def load_host_sources(sources: HostSources) -> list[HostSpec]:
+    """The hosts a command runs on: the hosts file's, then -S's, then --slf's (the file's
+    [defaults] apply to all), narrowed by --only/--exclude; this machine if none is given."""
+    sources.split_patterns()
+    logins: list[dict[str, Any]] = []
+    for value in sources.sshlogins:
+        logins += parse_sshlogins(value, "-S")
+    for name in sources.sshloginfiles:
+        logins += read_sshloginfile(name)
+    # The same sshlogin twice is one host, as in GNU parallel (a later N/ wins).
+    merged: dict[str, dict[str, Any]] = {}
+    for login in logins:
+        merged[login["name"]] = {**merged.get(login["name"], {}), **login}
+    if sources.hosts_file:
+        specs = load_hosts(sources.hosts_file, list(merged.values()))
+    elif merged:
+        specs = [_make_spec(values, own_python=False) for values in merged.values()]
+    else:
+        specs = [local_host()]
+    return pick_hosts(specs, sources.only, sources.exclude)
 
 
 # ============================================================================
@@ -3388,6 +3709,47 @@ def _cli() -> Any:
             typer.echo(f"sshfan {__version__}")
             raise typer.Exit()
 
+    # Hosts on the command line: the same options for run, check and all.
+    def sshlogin_option() -> Any:
+        """-S/--sshlogin, GNU parallel's."""
+        return typer.Option(
+            None,
+            "--sshlogin",
+            "-S",
+            metavar="LOGINS",
+            help="Hosts as GNU parallel writes them, comma-separated: host, user@host:port, "
+            "N/host (N slots), ':' (this machine), ranges such as web[01-12]; repeatable; "
+            "--hosts' defaults apply.",
+        )
+
+    def slf_option() -> Any:
+        """--slf/--sshloginfile, GNU parallel's."""
+        return typer.Option(
+            None,
+            "--sshloginfile",
+            "--slf",
+            metavar="FILE",
+            help="Hosts from a GNU parallel sshloginfile (one sshlogin a line); repeatable.",
+        )
+
+    def only_option() -> Any:
+        """--only: a subset of the hosts."""
+        return typer.Option(
+            None,
+            "--only",
+            metavar="PATTERN",
+            help="Only the hosts whose name matches a glob (web*, db[1-3]); repeatable.",
+        )
+
+    def exclude_option() -> Any:
+        """--exclude: leave hosts out."""
+        return typer.Option(
+            None,
+            "--exclude",
+            metavar="PATTERN",
+            help="Leave out the hosts whose name matches a glob; repeatable.",
+        )
+
     @app.callback()
     def main_options(
         version: bool = typer.Option(
@@ -3408,6 +3770,10 @@ def _cli() -> Any:
             metavar="FILE",
             help="Hosts file (TOML). Default: this machine, a slot per CPU.",
         ),
+        sshlogin: list[str] | None = sshlogin_option(),
+        sshloginfile: list[str] | None = slf_option(),
+        only: list[str] | None = only_option(),
+        exclude: list[str] | None = exclude_option(),
         output: str | None = typer.Option(
             None,
             "--output",
@@ -3494,7 +3860,9 @@ def _cli() -> Any:
             block_size = _parse_size(block)
             if output is None:
                 output = "-" if tasks == "-" else Path(tasks).stem + ".out"
-            specs = load_hosts(hosts) if hosts else [local_host()]
+            specs = load_host_sources(
+                HostSources(hosts, sshlogin or [], sshloginfile or [], only or [], exclude or [])
+            )
             opts = RunOptions(
                 tasks,
                 specs,
@@ -3541,11 +3909,21 @@ def _cli() -> Any:
 
     @app.command()
     def check(
-        hosts: str = typer.Option(..., "--hosts", "-H", help="Hosts file (TOML)."),
+        hosts: str | None = typer.Option(
+            None, "--hosts", "-H", metavar="FILE", help="Hosts file (TOML)."
+        ),
+        sshlogin: list[str] | None = sshlogin_option(),
+        sshloginfile: list[str] | None = slf_option(),
+        only: list[str] | None = only_option(),
+        exclude: list[str] | None = exclude_option(),
     ) -> None:
         """Connect to every host and report Python, CPUs, slots and round-trip time."""
         try:
-            specs = load_hosts(hosts)
+            if not (hosts or sshlogin or sshloginfile):
+                raise UsageError("check: give the hosts: --hosts FILE, -S or --slf")
+            specs = load_host_sources(
+                HostSources(hosts, sshlogin or [], sshloginfile or [], only or [], exclude or [])
+            )
         except SshfanError as exc:
             print(f"sshfan: error: {exc}", file=sys.stderr)
             raise typer.Exit(exc.exit_code) from None

@@ -1,0 +1,304 @@
+"""Hosts on the command line: -S/--slf (GNU parallel's syntax), ranges, --only/--exclude.
+
+Units check the parsers; the end-to-end tests run over the suite's sshd, several host
+entries on the one server standing in for several machines, and compare with GNU
+parallel where the two share an option.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from sshd import HOST, SshServer
+
+import sshfan
+
+RunSshfan = Callable[..., "subprocess.CompletedProcess[bytes]"]
+
+
+def usage_error(call: Callable[[], object]) -> str:
+    """Call CALL, which must raise UsageError; return its message."""
+    with pytest.raises(sshfan.UsageError) as info:
+        call()
+    return str(info.value)
+
+
+# ---------------------------------------------------------------------------
+# ranges
+# ---------------------------------------------------------------------------
+
+
+def test_ranges_expand_as_clustershell_writes_them() -> None:
+    """Padding is kept, lists and spans mix, several brackets multiply (left slowest)."""
+    assert sshfan.expand_range("web[01-03]") == ["web01", "web02", "web03"]
+    assert sshfan.expand_range("web[8-10]") == ["web8", "web9", "web10"]
+    assert sshfan.expand_range("db[1,3,5-7]") == ["db1", "db3", "db5", "db6", "db7"]
+    assert sshfan.expand_range("r[1-2]n[1-2]") == ["r1n1", "r1n2", "r2n1", "r2n2"]
+    assert sshfan.expand_range("plain") == ["plain"]
+
+
+@pytest.mark.parametrize(
+    ("text", "spot"),
+    [
+        ("web[3-1]", "character 5: range 3-1 goes backwards"),
+        ("web[1-3", "character 4: '[' without ']'"),
+        ("web]", "character 4: ']' without '['"),
+        ("web[]", "character 5: an empty item"),
+        ("web[1,x]", "character 7: 'x' is not a number"),
+    ],
+)
+def test_bad_ranges_name_the_spot(text: str, spot: str) -> None:
+    """A bad range is refused with the character where it goes wrong."""
+    with pytest.raises(ValueError, match=re.escape(spot)):
+        sshfan.expand_range(text)
+
+
+def test_hosts_file_ranges_in_name_and_address() -> None:
+    """A name range makes one host per name; an address range pairs with it."""
+    specs = sshfan.parse_hosts(
+        '[[hosts]]\nname = "web[01-02]"\naddress = "10.0.0.[5-6]"\n'
+        '[[hosts]]\nname = "db[1,3]"\naddress = "db.example"\n'
+    )
+    assert [(s.name, s.address) for s in specs] == [
+        ("web01", "10.0.0.5"),
+        ("web02", "10.0.0.6"),
+        ("db1", "db.example"),
+        ("db3", "db.example"),
+    ]
+
+
+def test_hosts_file_bad_ranges_are_usage_errors() -> None:
+    """A bad range names the file line and key; a range that makes a name twice is a duplicate."""
+    text = '[[hosts]]\nname = "a"\n\n[[hosts]]\nname = "web[2-1]"\n'
+    assert "hosts.toml:4: key 'name': bad range in 'web[2-1]'" in usage_error(
+        lambda: sshfan.parse_hosts(text, "hosts.toml")
+    )
+    text = '[[hosts]]\nname = "n[1-2]"\naddress = "10.0.0.[1-3]"\n'
+    assert "'address' names 3 hosts but 'name' 2" in usage_error(lambda: sshfan.parse_hosts(text))
+    text = '[[hosts]]\nname = "n2"\n[[hosts]]\nname = "n[1-3]"\n'
+    assert "duplicate host name 'n2'" in usage_error(lambda: sshfan.parse_hosts(text))
+
+
+# ---------------------------------------------------------------------------
+# sshlogins
+# ---------------------------------------------------------------------------
+
+
+def test_sshlogins_as_gnu_parallel_writes_them() -> None:
+    """N/, user@, :port, ':' and ranges; names are what the user wrote (minus N/)."""
+    logins = sshfan.parse_sshlogins("2/root@web[1-2]:2222,:,db1\n4/:,[::1]:22", "-S")
+    assert logins == [
+        {"slots": 2, "user": "root", "port": 2222, "name": "root@web1:2222", "address": "web1"},
+        {"slots": 2, "user": "root", "port": 2222, "name": "root@web2:2222", "address": "web2"},
+        {"name": ":", "local": True},
+        {"name": "db1", "address": "db1"},
+        {"slots": 4, "name": ":", "local": True},
+        {"port": 22, "name": "[::1]:22", "address": "::1"},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("login", "says"),
+    [
+        ("@grp/a", "host groups (@group/) are not supported"),
+        ("u:secret@h", "passwords are not supported"),
+        ("h:", "':' without a port"),
+        ("h:http", "port must be 1-65535, not 'http'"),
+        ("0/h", "slots must be at least 1"),
+        ("myssh -p 2 h", "runs 'myssh'"),
+        ("ssh -o Foo=1 h", "ssh option '-o' is not supported"),
+        ("web[1-", "bad range in 'web[1-'"),
+    ],
+)
+def test_sshlogins_refused_with_one_line(login: str, says: str) -> None:
+    """What sshfan cannot honour is refused, naming the option and the login."""
+    message = usage_error(lambda: sshfan.parse_sshlogins(login, "-S"))
+    assert message.startswith("-S: ") and says in message, message
+
+
+def test_sshloginfile_format(tmp_path: Path) -> None:
+    """Comments and blank lines are skipped; `ssh -p -l` prefixes become port and user."""
+    slf = tmp_path / "hosts.slf"
+    slf.write_text("# my hosts\n\nweb[1-2]\n  8/bob@db1\n4/ssh -p 2222 -l ann srv\n16/:\n")
+    assert sshfan.read_sshloginfile(str(slf)) == [
+        {"name": "web1", "address": "web1"},
+        {"name": "web2", "address": "web2"},
+        {"slots": 8, "user": "bob", "name": "bob@db1", "address": "db1"},
+        {
+            "slots": 4,
+            "port": 2222,
+            "user": "ann",
+            "name": "ssh -p 2222 -l ann srv",
+            "address": "srv",
+        },
+        {"slots": 16, "name": ":", "local": True},
+    ]
+    slf.write_text("ok\n\n@group/bad\n")
+    assert usage_error(lambda: sshfan.read_sshloginfile(str(slf))).startswith(f"{slf}:3: ")
+    missing = tmp_path / "nope.slf"
+    assert f"{missing}: sshloginfile not found" in usage_error(
+        lambda: sshfan.read_sshloginfile(str(missing))
+    )
+
+
+def test_command_line_hosts_take_the_files_defaults(tmp_path: Path) -> None:
+    """-S and --slf hosts follow the file's, with its [defaults]; a repeat is one host."""
+    hosts = tmp_path / "hosts.toml"
+    hosts.write_text('[defaults]\nuser = "ci"\nport = 2200\nslots = 3\n[[hosts]]\nname = "a"\n')
+    slf = tmp_path / "more.slf"
+    slf.write_text("c\n")
+    specs = sshfan.load_host_sources(
+        sshfan.HostSources(str(hosts), ["b,2/bob@c2:22", "4/b"], [str(slf)])
+    )
+    assert [(s.name, s.user, s.port, s.slots) for s in specs] == [
+        ("a", "ci", 2200, 3),
+        ("b", "ci", 2200, 4),  # given twice: one host, the later N/ wins (as parallel)
+        ("bob@c2:22", "bob", 22, 2),
+        ("c", "ci", 2200, 3),
+    ]
+    only_defaults = tmp_path / "defaults.toml"
+    only_defaults.write_text('[defaults]\nuser = "ci"\n')
+    specs = sshfan.load_host_sources(sshfan.HostSources(str(only_defaults), [":"]))
+    assert [(s.name, s.local) for s in specs] == [(":", True)]
+    assert "host 'a' is both in" in usage_error(
+        lambda: sshfan.load_host_sources(sshfan.HostSources(str(hosts), ["a"]))
+    )
+
+
+def test_only_and_exclude_pick_by_glob_and_range() -> None:
+    """Patterns are globs whose brackets are ranges; comma-separated or repeated."""
+    names = ["web01", "web02", "web03", "db1", "db2"]
+    specs = [sshfan.HostSpec(name) for name in names]
+
+    def picked(only: list[str], exclude: list[str]) -> list[str]:
+        """Names left by these patterns."""
+        sources = sshfan.HostSources(only=only, exclude=exclude)
+        sources.split_patterns()
+        return [s.name for s in sshfan.pick_hosts(specs, sources.only, sources.exclude)]
+
+    assert picked(["web*"], []) == ["web01", "web02", "web03"]
+    assert picked(["web[01,03],db2"], []) == ["web01", "web03", "db2"]
+    assert picked(["web*", "db1"], ["web02"]) == ["web01", "web03", "db1"]
+    assert picked([], ["db?"]) == ["web01", "web02", "web03"]
+    assert "no host left" in usage_error(lambda: picked(["mail*"], []))
+    assert "--only 'web[2-1]': bad range" in usage_error(lambda: picked(["web[2-1]"], []))
+
+
+# ---------------------------------------------------------------------------
+# end to end
+# ---------------------------------------------------------------------------
+
+
+def defaults_file(sshd: SshServer, tmp_path: Path, hosts: str = "") -> Path:
+    """A hosts file with the test server's [defaults] (user, port, key), and HOSTS after."""
+    path = tmp_path / "hosts.toml"
+    path.write_text(sshd.hosts_toml([]) + hosts)
+    return path
+
+
+def tasks_file(tmp_path: Path, count: int) -> Path:
+    """COUNT tasks that each print their number."""
+    path = tmp_path / "tasks.txt"
+    path.write_text("".join(f"echo task {n}\n" for n in range(1, count + 1)))
+    return path
+
+
+def jsonl_hosts(path: Path) -> list[str]:
+    """The host of each record of a jsonl output, in order."""
+    return [json.loads(line)["host"] for line in path.read_text().splitlines()]
+
+
+def test_run_with_sshlogins_and_file_defaults(
+    sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """-S hosts with the file's defaults run the tasks; names are as written."""
+    defaults = defaults_file(sshd, tmp_path)
+    tasks = tasks_file(tmp_path, 12)
+    out = tmp_path / "out.jsonl"
+    logins = f"{HOST}:{sshd.port},{sshd.user}@{HOST}:{sshd.port}"
+    args = ["run", str(tasks), "-H", str(defaults), "-S", logins, "-S", ":", "-o", str(out)]
+    result = run_sshfan([*args, "--format", "jsonl", "--no-progress"])
+    assert result.returncode == 0, result.stderr.decode()
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["stdout"] for r in records] == [f"task {n}\n" for n in range(1, 13)]
+    names = {f"{HOST}:{sshd.port}", f"{sshd.user}@{HOST}:{sshd.port}", ":"}
+    assert {r["host"] for r in records} <= names
+    summary = result.stderr.decode()
+    assert all(name in summary for name in names), summary
+
+
+def test_run_with_sshloginfile_and_ssh_config(
+    sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """A range in an sshloginfile names hosts that ~/.ssh/config sends to the server."""
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "config").write_text(
+        f"Host web*\n  HostName {HOST}\n  Port {sshd.port}\n  User {sshd.user}\n"
+        f"  IdentityFile {sshd.client_key}\n  UserKnownHostsFile {sshd.known_hosts}\n"
+    )
+    slf = tmp_path / "hosts.slf"
+    slf.write_text("# two machines\n2/web[01-02]\n")
+    tasks = tasks_file(tmp_path, 8)
+    out = tmp_path / "out.jsonl"
+    args = ["run", str(tasks), "--slf", str(slf), "-o", str(out), "-f", "jsonl", "--no-progress"]
+    result = run_sshfan(args, env={"HOME": str(home)})
+    assert result.returncode == 0, result.stderr.decode()
+    assert set(jsonl_hosts(out)) <= {"web01", "web02"}
+    assert "web01" in result.stderr.decode() and "web02" in result.stderr.decode()
+    check = run_sshfan(["check", "--slf", str(slf), "--exclude", "web02"], env={"HOME": str(home)})
+    assert check.returncode == 0, check.stderr.decode()
+    rows = [row.split()[0] for row in check.stdout.decode().splitlines()[1:]]
+    assert rows == ["web01"]
+
+
+def test_only_and_exclude_on_a_ranged_hosts_file(
+    sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """--only/--exclude narrow a hosts file whose names are a range; nothing left is exit 2."""
+    hosts = defaults_file(sshd, tmp_path, f'\n[[hosts]]\nname = "n[1-4]"\naddress = "{HOST}"\n')
+    tasks = tasks_file(tmp_path, 6)
+    out = tmp_path / "out.jsonl"
+    base = ["run", str(tasks), "-H", str(hosts), "-o", str(out), "-f", "jsonl", "--no-progress"]
+    result = run_sshfan([*base, "--only", "n[1-3]", "--exclude", "n2,n3"])
+    assert result.returncode == 0, result.stderr.decode()
+    assert set(jsonl_hosts(out)) == {"n1"}
+    assert "n4" not in result.stderr.decode()
+    out.unlink()
+    result = run_sshfan([*base, "--only", "x*"])
+    assert result.returncode == 2
+    assert result.stderr.decode().splitlines() == [
+        "sshfan: error: --only 'x*': no host left (hosts: n1, n2, n3, n4)"
+    ]
+    assert not out.exists()
+    result = run_sshfan([*base, "-S", "h[1-x]"])
+    assert result.returncode == 2
+    assert "-S: 'h[1-x]': bad range in 'h[1-x]': at character 3" in result.stderr.decode()
+
+
+@pytest.mark.skipif(shutil.which("parallel") is None, reason="GNU parallel is not installed")
+def test_sshlogin_output_matches_gnu_parallel(
+    sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """The same -S and tasks give parallel -k's bytes."""
+    lines = ["echo one", "printf 'two\\n2\\n'", "echo $((3*3))"]
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text("\n".join(lines) + "\n")
+    login = f"{sshd.user}@{HOST}:{sshd.port}"
+    ssh = " ".join(sshd.ssh_argv()[:-1])  # the server's options, without the destination
+    wanted = subprocess.run(
+        ["parallel", "--will-cite", "-k", "--ssh", ssh, "-S", login],
+        input=tasks.read_bytes(),
+        capture_output=True,
+        check=True,
+    ).stdout
+    defaults = defaults_file(sshd, tmp_path)
+    result = run_sshfan(["run", str(tasks), "-H", str(defaults), "-S", login, "-o", "-"])
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout == wanted
