@@ -8,6 +8,7 @@ parallel where the two share an option.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -282,7 +283,10 @@ def test_only_and_exclude_on_a_ranged_hosts_file(
     assert "-S: 'h[1-x]': bad range in 'h[1-x]': at character 3" in result.stderr.decode()
 
 
-@pytest.mark.skipif(shutil.which("parallel") is None, reason="GNU parallel is not installed")
+@pytest.mark.skipif(
+    shutil.which("parallel") is None and not os.environ.get("SSHFAN_REQUIRE_PARALLEL"),
+    reason="GNU parallel is not installed",
+)
 def test_sshlogin_output_matches_gnu_parallel(
     sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path
 ) -> None:
