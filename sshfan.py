@@ -2246,31 +2246,67 @@ TASK_LINE_MAX = 1024 * 1024  # a task line longer than this is refused as bad in
 class Journal:
     """Append-only record of finished tasks, from which the merged output is rendered."""
 
-    def __init__(self, path: Path, fd: int, size: int) -> None:
+    def __init__(self, path: Path, fd: int, size: int, writable: bool = True) -> None:
         """Wrap an open journal file descriptor whose current size is SIZE."""
         self.path = path
         self._fd = fd
         self.size = size
+        self.writable = writable
+        self._written = size  # the end of the whole records on disk
         self._pending: list[bytes] = []
         self._dirty = False
+        # A write or fsync that failed: no record may follow it (it would sit behind a
+        # torn one), so every later flush, and close, raises it again.
+        self._error: OSError | None = None
+        # What must happen before the first record after the header is written (see
+        # create and reopen); None once done, or when there is nothing to do.
+        self._commit: Callable[[], None] | None = None
+        self._settle: Callable[[], None] | None = None  # at close, if never committed
+        self.recorded = False  # whether a record after the header was written by this run
         self.failed_before = 0  # failed tasks found in the journal when it was reopened
 
     @classmethod
     def create(cls, path: Path, header: dict[str, Any]) -> Journal:
-        """Start a new journal at PATH (replacing any old one) with a header record."""
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+        """Start a new journal for PATH with a header record.
+
+        It is written beside PATH under a temporary name and renamed over any old
+        journal only when the first task's record comes: a run that ends before any
+        task finished leaves an earlier journal (and so --resume of it) as it was."""
+        temp = path.with_name(path.name + ".new")
+        fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
         journal = cls(path, fd, 0)
         journal.append(KIND_JOURNAL, json.dumps(header).encode())
         journal.flush()
-        journal.sync()
+        journal.recorded = False
+        journal._commit = functools.partial(journal._rename_into_place, temp)
+        journal._settle = functools.partial(journal._settle_new, temp)
         return journal
 
     @classmethod
     def reopen(cls, path: Path) -> tuple[Journal, dict[str, Any], array.array[int]]:
-        """Open an existing journal: its header and each done task's record offset by seq."""
+        """Open an existing journal to append to (--resume): its header and each done
+        task's record offset by seq. A torn last record is cut before the first write."""
         fd = os.open(path, os.O_RDWR | os.O_APPEND)
+        journal, header, done = cls._scan(path, fd, writable=True)
+        end = journal.size
+        if os.fstat(fd).st_size > end:  # a record torn when the head died
+            journal._commit = functools.partial(os.ftruncate, fd, end)
+        return journal, header, done
+
+    @classmethod
+    def open_read(cls, path: Path) -> tuple[Journal, dict[str, Any], array.array[int]]:
+        """Open a journal only to read it (`sshfan results`), never changing it: a run
+        may be appending to it, and what looks like a torn record is its write."""
+        fd = os.open(path, os.O_RDONLY)
+        return cls._scan(path, fd, writable=False)
+
+    @classmethod
+    def _scan(
+        cls, path: Path, fd: int, writable: bool
+    ) -> tuple[Journal, dict[str, Any], array.array[int]]:
+        """Read FD's whole records: the journal (sized to them), its header, done offsets."""
         end = os.fstat(fd).st_size
-        journal = cls(path, fd, end)
+        journal = cls(path, fd, end, writable)
         done = array.array("q")
         offset = 0
         header: dict[str, Any] = {}
@@ -2297,10 +2333,31 @@ class Journal:
         if not header:
             os.close(fd)
             raise UsageError(f"{path}: not an sshfan journal")
-        if offset < end:  # a record torn when the head died: drop it
-            os.ftruncate(fd, offset)
-            journal.size = offset
+        journal.size = journal._written = offset
         return journal, header, done
+
+    @property
+    def committed(self) -> bool:
+        """Whether the journal at PATH is this run's (a record of its own was written)."""
+        return self._commit is None
+
+    def _rename_into_place(self, temp: Path) -> None:
+        """Make the new journal (header durable) the one at PATH, replacing an old one."""
+        os.fsync(self._fd)
+        os.replace(temp, self.path)
+        _sync_directory(self.path)
+
+    def _settle_new(self, temp: Path) -> None:
+        """At close of a journal that recorded no task: keep it only if no old one is there
+        (an old journal stays what --resume continues)."""
+        if self.path.exists():
+            temp.unlink(missing_ok=True)
+        else:
+            self._rename_into_place(temp)
+
+    def _named(self, exc: OSError) -> OSError:
+        """EXC with the journal's path as its file name (a writev error has none)."""
+        return OSError(exc.errno, exc.strerror or str(exc), str(self.path))
 
     def append(self, kind: int, payload: bytes | list) -> int:
         """Queue a record, its payload whole or as a list of pieces, for the next flush;
@@ -2315,25 +2372,45 @@ class Journal:
 
     def flush(self) -> None:
         """Write queued records to the file (one write; the OS holds them if we die)."""
+        if self._error is not None:
+            raise self._error
         if not self._pending:
             return
         data = self._pending
         self._pending = []
-        for start in range(0, len(data), _IOV_BATCH):
-            part = data[start : start + _IOV_BATCH]
-            written = os.writev(self._fd, part)
-            total = sum(len(d) for d in part)
-            if written < total:  # rare: a short write to a regular file
-                rest = b"".join(part)[written:]
-                while rest:
-                    rest = rest[os.write(self._fd, rest) :]
+        try:
+            if self._commit is not None:
+                commit, self._commit = self._commit, None
+                self._settle = None
+                commit()
+            for start in range(0, len(data), _IOV_BATCH):
+                part = data[start : start + _IOV_BATCH]
+                written = os.writev(self._fd, part)
+                total = sum(len(d) for d in part)
+                if written < total:  # a short write to a regular file: the disk is full
+                    rest = b"".join(part)[written:]
+                    while rest:
+                        rest = rest[os.write(self._fd, rest) :]
+        except OSError as exc:
+            self._error = self._named(exc)
+            # Cut what was half written, so that the journal ends with a whole record
+            # and --resume can go on from it.
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self._written)
+            raise self._error from None
+        self._written = self.size
         self._dirty = True
+        self.recorded = True
 
     def sync(self) -> None:
-        """Make written records durable on disk."""
-        if self._dirty:
+        """Make written records durable on disk (a failure is raised by the next flush)."""
+        if self._dirty and self._error is None:
             self._dirty = False  # first: a write racing this fsync marks it dirty again
-            os.fsync(self._fd)
+            try:
+                os.fsync(self._fd)
+            except OSError as exc:
+                self._error = self._named(exc)
+                raise self._error from None
 
     @property
     def fd(self) -> int:
@@ -2390,12 +2467,31 @@ class Journal:
         return self.append(KIND_DONE, payload)
 
     def close(self) -> None:
-        """Flush, sync and close the file."""
-        if self._fd >= 0:
-            self.flush()
-            os.fsync(self._fd)
+        """Flush, sync and close the file; raise a write error met on the way."""
+        if self._fd < 0:
+            return
+        try:
+            if self.writable:
+                self.flush()
+                if self._settle is not None:
+                    settle, self._settle = self._settle, None
+                    settle()
+                os.fsync(self._fd)
+        except OSError as exc:
+            raise (exc if exc.filename else self._named(exc)) from None
+        finally:
             os.close(self._fd)
             self._fd = -1
+
+
+def _sync_directory(path: Path) -> None:
+    """fsync PATH's directory, so that a rename in it survives a machine crash."""
+    with contextlib.suppress(OSError):  # not every filesystem can: the rename stands
+        fd = os.open(path.parent if str(path.parent) else ".", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _stream_chunks(result: TaskResult, journal: Journal, stream: int) -> Iterator[bytes]:
@@ -2545,14 +2641,22 @@ class MergedOutput:
     WAITING = -1
 
     def __init__(
-        self, out: IO[bytes], fmt: str, journal: Journal, tag: bool = False, copier: bool = False
+        self,
+        out: IO[bytes],
+        fmt: str,
+        journal: Journal,
+        tag: bool = False,
+        copier: bool = False,
+        name: str = "",
     ) -> None:
-        """Render into OUT in FMT, reading out-of-order results back from JOURNAL.
+        """Render into OUT (called NAME in errors) in FMT, reading out-of-order results
+        back from JOURNAL.
 
         With COPIER, large text outputs are copied from the journal by a thread (the
         kernel does the copy, without the GIL) while the event loop goes on receiving;
         what comes after them in seq order queues behind them. finish() waits for it."""
         self.out = out
+        self.name = name or str(getattr(out, "name", "the output"))
         self.fmt = fmt
         self.tag = tag
         self.journal = journal
@@ -2566,6 +2670,7 @@ class MergedOutput:
         self._lock = threading.Lock()
         self._backlog = 0  # results handed to the thread and not yet written
         self._error: OSError | None = None
+        self.written = False  # whether anything was written (the output opened)
 
     def put(self, seq: int, offset: int, result: TaskResult | None = None) -> None:
         """Record that SEQ is done (its DONE record at OFFSET); write what is now in order."""
@@ -2587,6 +2692,7 @@ class MergedOutput:
         """Render one result (from memory if given, else from the journal)."""
         if offset == self.BLANK:
             return
+        self.written = True
         if result is None:
             result = self.journal.load_result(offset)
         if self._copier:
@@ -2598,7 +2704,16 @@ class MergedOutput:
                         self._thread = concurrent.futures.ThreadPoolExecutor(1, "sshfan-output")
                     self._thread.submit(self._render_in_thread, result)
                     return
-        render_result(self.out, self.fmt, result, self.journal, self.tag)
+        try:
+            render_result(self.out, self.fmt, result, self.journal, self.tag)
+        except OSError as exc:
+            raise self._named(exc) from None
+
+    def _named(self, exc: BaseException) -> OSError:
+        """EXC as an OSError naming the output (a buffered write's error names no file)."""
+        if isinstance(exc, OSError):
+            return exc if exc.filename else OSError(exc.errno, exc.strerror or str(exc), self.name)
+        return OSError(0, f"{type(exc).__name__}: {exc}", self.name)
 
     def _render_in_thread(self, result: TaskResult) -> None:
         """Render one result on the copier thread; keep an error for the loop to raise."""
@@ -2606,8 +2721,8 @@ class MergedOutput:
             if self._error is None:
                 render_result(self.out, self.fmt, result, self.journal, self.tag)
                 self.out.flush()
-        except OSError as exc:
-            self._error = exc
+        except Exception as exc:  # any: an error lost on this thread would leave a gap
+            self._error = self._named(exc)
         finally:
             with self._lock:
                 self._backlog -= 1
@@ -2623,15 +2738,34 @@ class MergedOutput:
         with self._lock:
             busy = self._backlog
         if not busy:
-            self.out.flush()
+            try:
+                self.out.flush()
+            except OSError as exc:
+                raise self._named(exc) from None
 
-    def finish(self) -> None:
-        """Wait until everything put so far is written; raise a write error it met."""
+    def open(self) -> None:
+        """Open (create or empty) the output now, before anything is rendered into it."""
+        if self._thread is None:
+            self.written = True
+            try:
+                self.out.write(b"")
+            except OSError as exc:
+                raise self._named(exc) from None
+
+    def wait(self) -> None:
+        """Wait for the copier thread to end (the journal must stay open until then)."""
         if self._thread is not None:
             self._thread.shutdown(wait=True)
             self._thread = None
+
+    def finish(self) -> None:
+        """Wait until everything put so far is written; raise a write error it met."""
+        self.wait()
         self._raise_error()
-        self.out.flush()
+        try:
+            self.out.flush()
+        except OSError as exc:
+            raise self._named(exc) from None
 
     def _advance(self) -> None:
         """Move past the just-rendered seq."""
@@ -2964,15 +3098,15 @@ class _Run:
                 opener.cancel()
             await asyncio.gather(*openers, return_exceptions=True)
             await asyncio.gather(*(s.close() for s in self.sessions), return_exceptions=True)
-            if self._syncing is not None:
+            if self._syncing is not None:  # (its error, if any, is kept by the journal)
                 await asyncio.gather(self._syncing, return_exceptions=True)
-            try:
-                self._merge_batch()
-                if self.merged is not None:
-                    self.merged.finish()
-            except OSError as exc:
-                self.abort(f"cannot write results: {exc.filename or ''} {exc.strerror}".strip())
-            self.journal.close()
+            # In this order, each step whatever the one before did: the copier thread
+            # reads the journal, so the journal is closed only once the output is done.
+            for step in (self._merge_batch, self._finish_output, self.journal.close):
+                try:
+                    step()
+                except OSError as exc:
+                    self.abort(_write_error(exc))
         self.summary.elapsed_s = time.monotonic() - started
         return self.summary
 
@@ -3028,36 +3162,22 @@ class _Run:
         offset = self.journal.add_result(result)
         self._to_merge.append((result.seq, offset, result))
         summary = self.summary
-        stats = summary.per_host.get(session.name)
-        if stats is None:
-            stats = summary.per_host[session.name] = DurationStats()
-        stats.add(result.duration_s)
-        if result.timed_out:
-            summary.timed_out += 1
-        elif result.exit_code:
-            summary.failed += 1
-        else:
-            summary.ok += 1
-        if not result.ok:
-            summary.failed_per_host[session.name] = summary.failed_per_host.get(session.name, 0) + 1
-            if len(summary.failures) < 5:
-                summary.failures.append(result)
-            if self.halt_on_error and not summary.halted:
-                summary.halted = True
-                self.scheduler.stopped = True
-                for other in self.sessions:
-                    other.drop_queued(halt=True)
-                self.log(
-                    f"sshfan: task {result.seq} failed: --halt-on-error: no new tasks; "
-                    "waiting for the running ones"
-                )
+        if not result.ok and self.halt_on_error and not summary.halted:
+            summary.halted = True
+            self.scheduler.stopped = True
+            for other in self.sessions:
+                other.drop_queued(halt=True)
+            self.log(
+                f"sshfan: task {result.seq} failed: --halt-on-error: no new tasks; "
+                "waiting for the running ones"
+            )
 
     def after_batch(self, session: HostSession) -> None:
         """After a batch of frames from one host: journal, render, refill, maybe finish."""
         try:
             self._merge_batch()
         except OSError as exc:  # the journal or output cannot be written: stop the run
-            self.abort(f"cannot write results: {exc.filename or ''} {exc.strerror}".strip())
+            self.abort(_write_error(exc))
             return
         if not self.summary.interrupted:
             self._refill_all()
@@ -3067,16 +3187,45 @@ class _Run:
     def _merge_batch(self) -> None:
         """Write the batch's records to the journal, then its results into the merged output."""
         self.journal.flush()  # output pieces too: they must not pile up in memory
+        if self.merged is not None and self.journal.recorded and not self.merged.written:
+            # This run has results now: the earlier output goes (kept until then, so a
+            # run that ends before any task finished leaves it as it was).
+            self.merged.open()
         if not self._to_merge:
             return
         batch = self._to_merge
         self._to_merge = []
+        for _seq, _offset, result in batch:
+            self._count(result)  # a task counts as done once its record is written
         for seq, offset, result in batch:
             if self.merged is not None:
                 self.merged.put(seq, offset, result)
             self.on_done(whole_result(result, self.journal) if self.whole else result)
         if self.merged is not None:
             self.merged.flush()
+
+    def _count(self, result: TaskResult) -> None:
+        """Count a journaled task in the summary."""
+        summary = self.summary
+        stats = summary.per_host.get(result.host)
+        if stats is None:
+            stats = summary.per_host[result.host] = DurationStats()
+        stats.add(result.duration_s)
+        if result.timed_out:
+            summary.timed_out += 1
+        elif result.exit_code:
+            summary.failed += 1
+        else:
+            summary.ok += 1
+        if not result.ok:
+            summary.failed_per_host[result.host] = summary.failed_per_host.get(result.host, 0) + 1
+            if len(summary.failures) < 5:
+                summary.failures.append(result)
+
+    def _finish_output(self) -> None:
+        """Wait until the merged output has everything put so far; raise its write error."""
+        if self.merged is not None:
+            self.merged.finish()
 
     def on_host_lost(self, session: HostSession, tasks: list[Task]) -> None:
         """A host failed to start or was lost: requeue its tasks, warn, maybe end the run."""
@@ -3182,9 +3331,12 @@ class _Run:
             self._finished.set_result(None)
 
     def abort(self, message: str) -> None:
-        """A failure of the head itself: stop the run (exit 3, journal kept)."""
-        self.log(f"sshfan: error: {message}")
-        self.summary.fatal = message
+        """A failure of the head itself: stop the run (exit 3, journal kept).
+
+        The first failure is the one reported (by the summary); what follows from it,
+        such as later batches meeting the same full disk, adds nothing."""
+        if not self.summary.fatal:
+            self.summary.fatal = message
         self.scheduler.stopped = True
         self._finish(complete=False)
 
@@ -3203,6 +3355,12 @@ class _Run:
         self.summary.interrupted = True
         self.scheduler.stopped = True
         self._check_done()
+
+
+def _write_error(exc: OSError) -> str:
+    """One line for a failed write to the journal or the output, naming the file."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    return f"cannot write results: {where}{exc.strerror or exc}"
 
 
 def _journal_path(output: str, tasks: str, journal: str | None) -> Path:
@@ -3321,7 +3479,8 @@ async def run_async(
             joblog = _open_joblog(opts.joblog, append=resumed)
             on_done = _with_joblog(on_done, joblog)
         if out is not None:
-            merged = MergedOutput(out, opts.fmt, journal, opts.tag, copier=True)
+            name = "stdout" if opts.output == "-" else opts.output
+            merged = MergedOutput(out, opts.fmt, journal, opts.tag, copier=True, name=name)
         if opts.pipe:
             command = opts.command or "cat"
             tasks = read_chunks(tasks_path, merged, done, command, opts.lines, opts.block)
@@ -3343,14 +3502,30 @@ async def run_async(
             # Nothing left to run (empty file, or a finished run resumed): no host needed.
             leftover = scheduler.take("", 1)
             run.summary.complete = not leftover
-            journal.close()
+            try:
+                if merged is not None:
+                    if run.summary.complete and not merged.written:
+                        merged.open()  # an empty run still writes its (empty) output
+                    merged.finish()  # before the journal closes: the copier reads it
+                journal.close()
+            except OSError as exc:
+                run.abort(_write_error(exc))
             return run.summary
-        return await run.execute()
-    finally:
-        if merged is not None:  # a run that ended early: its copies end before the journal
-            with contextlib.suppress(OSError):
+        summary = await run.execute()
+        if merged is not None and summary.complete and not merged.written:
+            try:
+                merged.open()  # every task was blank: the output exists, empty
                 merged.finish()
-        journal.close()
+            except OSError as exc:
+                run.abort(_write_error(exc))
+        return summary
+    finally:
+        # Reached with a result already decided (or an exception on its way): only make
+        # sure no copy is still reading the journal when it closes.
+        if merged is not None:
+            merged.wait()
+        with contextlib.suppress(OSError):
+            journal.close()  # a no-op unless the run ended by an exception
         if joblog is not None:
             joblog.close()
         if opts.tasks == "-":
@@ -4001,6 +4176,7 @@ def _run_command(opts: RunOptions, progress: bool) -> int:
         _check_writable_dir(Path(opts.output), "output")
     bar = _Progress() if progress else None
     out: IO[bytes] = _LazyOutput(opts.output)
+    summary: RunSummary | None = None
     # What exists now (modules, classes, the parsed hosts) lives for the whole run: take
     # it out of the collector's sight, so full collections stop walking it (~1.5%).
     gc.freeze()
@@ -4014,11 +4190,18 @@ def _run_command(opts: RunOptions, progress: bool) -> int:
                 on_start=bar.started if bar else lambda run: None,
             )
         )
-        out.write(b"")  # the run happened: its output exists even if it is empty
     finally:
         if bar is not None:
             bar.close()
-        out.close()
+        try:
+            out.close()
+        except OSError as exc:
+            if summary is not None and not summary.fatal:
+                # (Otherwise reported already: the run ended on this file's error.)
+                summary.fatal = _write_error(
+                    exc if exc.filename else OSError(exc.errno, exc.strerror, opts.output)
+                )
+                summary.complete = False
     for line in format_summary(summary):
         print(line, file=sys.stderr)
     return summary.exit_code
@@ -4041,8 +4224,8 @@ class _LazyOutput(io.RawIOBase):
             else:
                 try:
                     self._file = open(self.path, "wb")  # noqa: SIM115 - closed in close()
-                except OSError as exc:
-                    raise UsageError(f"{self.path}: cannot write output: {exc.strerror}") from None
+                except OSError as exc:  # (checked before the run: this is a change since)
+                    raise OSError(exc.errno, exc.strerror, self.path) from None
         return self._file
 
     def writable(self) -> bool:
@@ -4063,12 +4246,14 @@ class _LazyOutput(io.RawIOBase):
             self._file.flush()
 
     def close(self) -> None:
-        """Flush and close the file (stdout stays open)."""
+        """Flush and close the file (stdout stays open); raise a write error it meets."""
         if not self.closed and self._file is not None:
-            self._file.flush()
-            if self._file is not sys.stdout.buffer:
-                self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            try:
+                file.flush()
+            finally:
+                if file is not sys.stdout.buffer:
+                    file.close()
         super().close()
 
 
@@ -4098,7 +4283,7 @@ def _parse_size(text: str) -> int:
 
 def _print_results(path: Path, failed_only: bool, fmt: str) -> int:
     """Print the journal's finished tasks in seq order; 1 if any shown task failed."""
-    journal, header, done = Journal.reopen(path)
+    journal, header, done = Journal.open_read(path)  # a run may be writing it: never cut
     out = sys.stdout.buffer
     shown = failures = 0
     try:
@@ -4119,7 +4304,7 @@ def _print_results(path: Path, failed_only: bool, fmt: str) -> int:
             line = f"{result.seq:>6} {result.host:<16} {status:>5} {result.duration_s:>8.3f}  "
             out.write((line + result.command + "\n").encode())
             if not result.ok:
-                tail = whole_result(result, journal).stderr[-2000:].decode("utf-8", "replace")
+                tail = _stderr_tail(result, journal, 2000).decode("utf-8", "replace")
                 for text in tail.strip().splitlines()[-3:]:
                     out.write(f"{'':>6} stderr: {text}\n".encode())
     finally:
@@ -4128,6 +4313,21 @@ def _print_results(path: Path, failed_only: bool, fmt: str) -> int:
     recorded = sum(offset >= 0 for offset in done)
     print(f"sshfan: {shown} shown; {recorded} of {total} tasks recorded in {path}", file=sys.stderr)
     return 1 if failures else 0
+
+
+def _stderr_tail(result: TaskResult, journal: Journal, size: int) -> bytes:
+    """The last SIZE bytes of a task's stderr, read back from its last pieces only (its
+    stdout may be gigabytes)."""
+    parts = [result.stderr]
+    have = len(result.stderr)
+    for offset, stream, length in reversed(result.pieces):
+        if have >= size:
+            break
+        if stream == 2:
+            take = min(length, size - have)
+            parts.append(journal.read(offset + length - take, take))
+            have += take
+    return b"".join(reversed(parts))[-size:]
 
 
 def _print_err(line: str) -> None:

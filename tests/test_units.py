@@ -434,7 +434,8 @@ def test_a_write_error_on_the_copier_thread_reaches_the_run(tmp_path: Path) -> N
 
 
 def test_journal_reopen_finds_done_tasks_and_cuts_a_torn_tail(tmp_path: Path) -> None:
-    """A journal cut mid-record (the head killed) reopens with every whole record."""
+    """A journal cut mid-record (the head killed) reopens with every whole record; the torn
+    one is cut before the first new record, not before (a run may yet write nothing)."""
     path = tmp_path / "j"
     journal = Journal.create(path, {"version": 1, "tasks_sha256": "x"})
     offsets = [journal.add_result(_result(seq, b"x" * seq)) for seq in (2, 1, 4)]
@@ -442,13 +443,67 @@ def test_journal_reopen_finds_done_tasks_and_cuts_a_torn_tail(tmp_path: Path) ->
     whole = path.stat().st_size
     with open(path, "ab") as handle:
         handle.write(encode_frame(sshfan.KIND_DONE, b"\x00" * 50)[:30])
+    torn = path.read_bytes()
     reopened, header, done = Journal.reopen(path)
     assert header["tasks_sha256"] == "x"
     assert [done[s] for s in (1, 2, 4)] == [offsets[1], offsets[0], offsets[2]]
     assert done[3] == -1
-    assert path.stat().st_size == whole
     assert reopened.load_result(offsets[2]).stdout == b"xxxx"
+    assert path.read_bytes() == torn
+    at = reopened.add_result(_result(3, b"yyy"))
     reopened.close()
+    assert at == whole and path.stat().st_size > whole
+    again, _header, done = Journal.open_read(path)
+    assert again.load_result(done[3]).stdout == b"yyy"
+    again.close()
+
+
+def test_a_new_journal_replaces_the_old_one_only_at_its_first_record(tmp_path: Path) -> None:
+    """Journal.create keeps an earlier journal (same inode, same bytes) until the new run
+    records a result; a run that records nothing leaves it as it was."""
+    path = tmp_path / "j"
+    old = Journal.create(path, {"version": 1, "run": "old"})
+    old.add_result(_result(1, b"old"))
+    old.close()
+    before, inode = path.read_bytes(), path.stat().st_ino
+    idle = Journal.create(path, {"version": 1, "run": "idle"})
+    idle.flush()
+    idle.close()
+    assert path.read_bytes() == before and path.stat().st_ino == inode
+    assert not (tmp_path / "j.new").exists()
+    new = Journal.create(path, {"version": 1, "run": "new"})
+    assert path.read_bytes() == before
+    new.add_result(_result(1, b"new"))
+    new.flush()
+    _journal, header, done = Journal.open_read(path)
+    assert header["run"] == "new" and _journal.load_result(done[1]).stdout == b"new"
+    _journal.close()
+    new.close()
+
+
+def test_a_failed_journal_write_is_named_and_leaves_whole_records(tmp_path: Path) -> None:
+    """A write that fails (here: the file size limit) is raised naming the journal, every
+    later flush raises it too, and the file ends with a whole record (--resume can go on)."""
+    path = tmp_path / "j"
+    journal = Journal.create(path, {"version": 1})
+    journal.add_result(_result(1, b"a" * 100))
+    journal.flush()
+    good = journal.size
+    journal.add_result(_result(2, b"b" * 100))
+    os.close(journal._fd)  # the next write meets EBADF, as a full disk meets ENOSPC
+    journal._fd = os.open(path, os.O_RDONLY)
+    with pytest.raises(OSError) as caught:
+        journal.flush()
+    assert caught.value.filename == str(path)
+    journal.add_result(_result(3, b"c"))
+    with pytest.raises(OSError):
+        journal.flush()
+    with pytest.raises(OSError):
+        journal.close()
+    assert path.stat().st_size == good
+    _journal, _header, done = Journal.open_read(path)
+    assert [seq for seq, at in enumerate(done) if at >= 0] == [1]
+    _journal.close()
 
 
 def test_jsonl_streams_large_and_binary_output_from_journal_pieces(tmp_path: Path) -> None:
