@@ -31,6 +31,7 @@ import json
 import math
 import mmap
 import os
+import posixpath
 import queue
 import random
 import re
@@ -1468,6 +1469,7 @@ class Task:
     avoid: str | None = None  # a host this retry should not go back to
     data: bytes = b""  # stdin for the task (--pipe); empty: /dev/null
     pieces: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)
+    arg: str | None = None  # the line, when --command made COMMAND from it (--results)
 
 
 class Scheduler:
@@ -1620,6 +1622,8 @@ class TaskResult:
     stdout: bytes = b""
     stderr: bytes = b""
     pieces: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)
+    arg: str | None = None  # the tasks file's line, when --command made COMMAND from it
+    returned: list[str] = dataclasses.field(default_factory=list)  # --return files fetched
 
     @property
     def ok(self) -> bool:
@@ -1644,6 +1648,10 @@ class HostSession:
         self.run = run
         self.decoder = FrameDecoder(parts_of=KIND_OUTPUT)
         self.in_flight: dict[int, Task] = {}
+        # Tasks done on the worker whose --return files (or --cleanup) are under way.
+        self.fetching: dict[int, Task] = {}
+        self.files: HostFiles | None = None  # an SSH host's file mover, when the run moves files
+        self._movers: set[asyncio.Future[None]] = set()
         self.window = HostWindow(spec.slots or 1)
         if run is not None:
             self.window.max_ahead = run.max_ahead
@@ -1835,6 +1843,8 @@ class HostSession:
         self._write = channel.write
         self._write_eof = channel.write_eof
         self._abort = self._conn.abort
+        if self.run is not None and self.run.files:
+            self.files = HostFiles(self.name, self._conn, spec.workdir, self.run.files)
 
     # -- receiving ------------------------------------------------------------
 
@@ -1880,8 +1890,12 @@ class HostSession:
                 stdout=out,
                 stderr=err,
                 pieces=task.pieces,
+                arg=task.arg,
             )
-            if self.run is not None:
+            if self.files is not None and not flags & FLAG_CANCELLED:
+                self.fetching[seq] = task  # it counts as done once its files are back
+                self._spawn(self._fetch(task, result))
+            elif self.run is not None:
                 self.run.on_result(self, task, result, cancelled=bool(flags & FLAG_CANCELLED))
         elif kind == KIND_OUTPUT:
             # A large piece comes as the list of packets it arrived in (see FrameDecoder).
@@ -1979,6 +1993,10 @@ class HostSession:
         for task in tasks:
             self.in_flight[task.seq] = task
         self.window.in_flight += len(tasks)
+        if self.files is not None:  # each task goes to the stub once its files are there
+            for task in tasks:
+                self._spawn(self._stage(task))
+            return len(tasks)
         batch: list[tuple[int, bytes, bytes]] = []
         size = 0
         for task in tasks:  # frames stay under FRAME_MAX even with --pipe's data
@@ -2001,6 +2019,82 @@ class HostSession:
             size += len(entry[1]) + len(entry[2]) + TASK_HEAD.size
         self._write(encode_frame(KIND_TASKS, encode_tasks(batch)))
         return len(tasks)
+
+    # -- files (--transferfile, --return, --cleanup, --basefile) ---------------
+
+    def _spawn(self, work: Any) -> None:
+        """Run a file mover for this host; it is cancelled if the host goes."""
+        future = asyncio.ensure_future(work)
+        self._movers.add(future)
+        future.add_done_callback(self._movers.discard)
+
+    def _ours(self, task: Task, table: dict[int, Task]) -> bool:
+        """Whether TASK is still this host's (not requeued since: the host lost, halted)."""
+        return self.state == "ready" and table.get(task.seq) is task
+
+    async def _stage(self, task: Task) -> None:
+        """Send TASK's files, then TASK to the stub: it never starts before they are there."""
+        assert self.files is not None
+        try:
+            await self.files.send_for(task)
+        except TransferError as exc:
+            if self._ours(task, self.in_flight):
+                del self.in_flight[task.seq]
+                self.window.in_flight -= 1
+                message = f"sshfan: {exc}\n".encode("utf-8", "replace")
+                failed = TaskResult(
+                    seq=task.seq,
+                    command=task.command,
+                    host=self.name,
+                    exit_code=1,
+                    signal=None,
+                    timed_out=False,
+                    duration_s=0.0,
+                    attempts=task.attempts,
+                    stderr=message,
+                    arg=task.arg,
+                )
+                self._report(task, failed)
+            return
+        except HostError as exc:
+            self._fail(exc)
+            return
+        except Exception as exc:  # a bug must not leave the task waiting forever
+            self._fail(HostError(self.name, "files", f"{type(exc).__name__}: {exc}"))
+            return
+        if not self._ours(task, self.in_flight):
+            return
+        if self.run is not None and self.run.scheduler.stopped:  # halted meanwhile: not sent
+            del self.in_flight[task.seq]
+            self.window.in_flight -= 1
+            self.run.scheduler.put_back([task])
+            self.run.after_batch(self)
+            return
+        entry = (task.seq, task.command.encode("utf-8"), task.data)
+        self._write(encode_frame(KIND_TASKS, encode_tasks([entry])))
+
+    async def _fetch(self, task: Task, result: TaskResult) -> None:
+        """Fetch TASK's --return files and clean up (--cleanup); then the result counts."""
+        assert self.files is not None
+        try:
+            await self.files.fetch_for(task, result)
+            if self.files.options.cleanup:
+                await self.files.clean_for(task)
+        except HostError as exc:
+            self._fail(exc)
+            return
+        except Exception as exc:  # a bug must not leave the task waiting forever
+            self._fail(HostError(self.name, "files", f"{type(exc).__name__}: {exc}"))
+            return
+        if self._ours(task, self.fetching):
+            del self.fetching[task.seq]
+            self._report(task, result)
+
+    def _report(self, task: Task, result: TaskResult) -> None:
+        """Hand a result finished off the frame path (files moved) to the run."""
+        if self.run is not None:
+            self.run.on_result(self, task, result, cancelled=False)
+            self.run.after_batch(self)
 
     def drop_queued(self, halt: bool = False) -> None:
         """Ask the stub to give back the tasks it has not started (halt, or for idle hosts)."""
@@ -2052,6 +2146,13 @@ class HostSession:
         if self.in_flight or self.spec.local:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self.closed), grace)
+        for mover in list(self._movers):
+            mover.cancel()
+        if self.files is not None:
+            if self.files.options.cleanup and self.state in ("closing", "done"):
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.files.clean_bases(), grace)
+            self.files.close()
         self._drop()
 
     def _drop(self) -> None:
@@ -2074,9 +2175,12 @@ class HostSession:
             return
         self.state = "failed" if self.state == "connecting" else "lost"
         self.error = error
-        tasks = list(self.in_flight.values())
+        tasks = [*self.in_flight.values(), *self.fetching.values()]
         self.in_flight.clear()
+        self.fetching.clear()
         self.window.in_flight = 0
+        for mover in list(self._movers):
+            mover.cancel()
         for waiter in (self._hello, self._pong):
             if waiter is not None and not waiter.done():
                 waiter.set_exception(error)
@@ -2227,6 +2331,270 @@ def _host_key_hint(spec: HostSpec, reason: str) -> str:
         f"unknown host: no key for it in {files} ({reason}); add its key with "
         f"'ssh-keyscan{port} {address} >> {files}', or set known_hosts = false for loopback CI"
     )
+
+
+# ============================================================================
+# Files to and from workers (GNU parallel's --transferfile, --return, --basefile)
+# ============================================================================
+# Files travel over SFTP on the host's own SSH connection, in a channel beside the
+# stub's: a 100 MB file then never holds up the frames (results, pings) of the tasks
+# running meanwhile, the stub stays small, and OpenSSH's sftp-server does the file
+# work on the worker. Each file is written under a temporary name and renamed, on
+# both ends: a reader never sees half a file, and a file sent onto itself (a worker
+# sharing the head's directory) is never truncated while it is read.
+
+
+@dataclasses.dataclass(frozen=True)
+class FileOptions:
+    """The run's file options, as GNU parallel names them (templates use its placeholders)."""
+
+    transfer: tuple[str, ...] = ()  # --transferfile TEMPLATE: sent before the task
+    returns: tuple[str, ...] = ()  # --return TEMPLATE: fetched after the task
+    cleanup: bool = False  # --cleanup: remove them (and basefiles) on the worker after
+    basefiles: tuple[str, ...] = ()  # --basefile FILE: sent once per host, first
+
+    def __bool__(self) -> bool:
+        """Whether any file moves at all (--cleanup alone moves nothing)."""
+        return bool(self.transfer or self.returns or self.basefiles)
+
+
+class TransferError(SshfanError):
+    """One file could not be moved: the task that needed it fails, naming the file."""
+
+
+def fill_file_template(template: str, line: str, seq: int) -> str:
+    """A --transferfile/--return TEMPLATE for one task: placeholders filled, unquoted.
+
+    The values are exactly those of --command's placeholders (render_template); a file
+    name is not shell text, so each value's quoting is undone."""
+
+    def value(match: re.Match[str]) -> str:
+        """The plain value of one placeholder."""
+        quoted = render_template(match.group(0), line, seq)
+        return shlex.split(quoted)[0] if quoted else ""
+
+    return _PLACEHOLDER.sub(value, template)
+
+
+def transfer_paths(path: str) -> tuple[str, str]:
+    """Where a transferred file is on the head and on the worker, as rsync -R puts it
+    for GNU parallel: (local path, remote path relative to the workdir or absolute).
+
+    `/tmp/./foo/bar` is /tmp/foo/bar here and foo/bar under the workdir there; without
+    the `/./` marker the path is the same on both ends (relative to each end's dir)."""
+    if "/./" in path:
+        head, rest = path.split("/./", 1)
+        return f"{head}/{rest}", rest
+    return path, path
+
+
+def _remote_workdir(workdir: str | None) -> str:
+    """The task's working dir as an SFTP path (SFTP starts in the login dir; no ~ there)."""
+    if not workdir or workdir == "~":
+        return ""
+    if workdir.startswith("~/"):
+        return workdir[2:]
+    return workdir
+
+
+def _part_name(path: str, tag: str) -> str:
+    """The temporary name a file is written under beside PATH, then renamed to PATH."""
+    directory, name = os.path.split(path)
+    return os.path.join(directory, f".{name}.sshfan-{tag}.part")
+
+
+def _why(exc: BaseException) -> str:
+    """A short reason for a failed file operation (SFTP or local)."""
+    reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+    return reason or type(exc).__name__
+
+
+class HostFiles:
+    """Moves one SSH host's files: basefiles once, each task's files before and after it."""
+
+    PARALLEL = 4  # files moving at once per host: enough to fill a link, bounded memory
+
+    def __init__(self, name: str, conn: Any, workdir: str | None, options: FileOptions) -> None:
+        """Move files over CONN (an asyncssh connection) for host NAME."""
+        self.name = name
+        self.options = options
+        self.workdir = _remote_workdir(workdir)
+        self._conn = conn
+        self._sftp: Any = None
+        self._starting: asyncio.Future[Any] | None = None
+        self._bases: asyncio.Future[None] | None = None
+        self._moving = asyncio.Semaphore(self.PARALLEL)
+
+    def remote(self, path: str) -> str:
+        """PATH (relative to the workdir, or absolute) as the worker's SFTP server sees it."""
+        return posixpath.join(self.workdir, path) if self.workdir else path
+
+    async def sftp(self) -> Any:
+        """The SFTP client on the host's connection, started on first use."""
+        import asyncssh
+
+        if self._sftp is not None:
+            return self._sftp
+        if self._starting is None:
+            self._starting = asyncio.ensure_future(self._conn.start_sftp_client())
+        try:
+            self._sftp = await asyncio.shield(self._starting)
+            return self._sftp
+        except (OSError, asyncssh.Error) as exc:
+            raise HostError(
+                self.name,
+                "sftp",
+                f"cannot start SFTP ({_why(exc)}): the worker's sshd needs an sftp Subsystem",
+            ) from None
+
+    # -- before a task --------------------------------------------------------
+
+    async def send_for(self, task: Task) -> None:
+        """Send the basefiles (the first time) and TASK's --transferfile files."""
+        if self.options.basefiles:
+            if self._bases is None:
+                self._bases = asyncio.ensure_future(self._send_bases())
+            await asyncio.shield(self._bases)
+        line = task.command if task.arg is None else task.arg
+        for template in self.options.transfer:
+            name = fill_file_template(template, line, task.seq)
+            local, remote = transfer_paths(name)
+            try:
+                await self._put(local, remote, str(task.seq))
+            except TransferError as exc:
+                raise TransferError(f"--transferfile {name!r}: {exc}") from None
+
+    async def _send_bases(self) -> None:
+        """Send every --basefile; a failure fails the host (no task could run there)."""
+        for name in self.options.basefiles:
+            local, remote = transfer_paths(name)
+            try:
+                await self._put(local, remote, "base")
+            except TransferError as exc:
+                raise HostError(self.name, "basefile", f"{name!r}: {exc}") from None
+
+    async def _put(self, local: str, remote: str, tag: str) -> None:
+        """Copy LOCAL to REMOTE on the worker: parent dirs made, temp name, mode, rename."""
+        import asyncssh
+
+        try:
+            mode = os.stat(local).st_mode
+        except OSError as exc:
+            raise TransferError(f"cannot read {local}: {_why(exc)}") from None
+        sftp = await self.sftp()
+        target = self.remote(remote)
+        part = _part_name(target, tag)
+        async with self._moving:
+            try:
+                parent = posixpath.dirname(target)
+                if parent:
+                    await sftp.makedirs(parent, exist_ok=True)
+                await sftp.put(local, part)
+                await sftp.chmod(part, mode & 0o7777)
+                await sftp.posix_rename(part, target)
+            except (OSError, asyncssh.Error) as exc:
+                with contextlib.suppress(OSError, asyncssh.Error):
+                    await sftp.remove(part)
+                raise TransferError(
+                    f"cannot send it to {self.name}:{target}: {_why(exc)}"
+                ) from None
+
+    # -- after a task ---------------------------------------------------------
+
+    async def fetch_for(self, task: Task, result: TaskResult) -> None:
+        """Fetch TASK's --return files into place; a missing one fails the result."""
+        line = task.command if task.arg is None else task.arg
+        problems = []
+        for template in self.options.returns:
+            name = fill_file_template(template, line, task.seq)
+            local, remote = transfer_paths(name)
+            try:
+                await self._get(remote, local, str(task.seq))
+            except TransferError as exc:
+                problems.append(f"sshfan: --return {name!r}: {exc}\n")
+            else:
+                result.returned.append(local)
+        if problems:
+            if result.ok:
+                result.exit_code = 1
+            result.stderr += "".join(problems).encode("utf-8", "replace")
+
+    async def _get(self, remote: str, local: str, tag: str) -> None:
+        """Copy REMOTE from the worker to LOCAL: to a temp name, synced, then renamed."""
+        import asyncssh
+
+        sftp = await self.sftp()
+        source = self.remote(remote)
+        part = _part_name(local, tag)
+        async with self._moving:
+            try:
+                parent = os.path.dirname(local)
+                if parent:
+                    os.makedirs(parent, exist_ok=True)
+                await sftp.get(source, part)
+                await asyncio.get_running_loop().run_in_executor(None, _sync_file, part)
+                os.replace(part, local)
+            except asyncssh.SFTPNoSuchFile:
+                with contextlib.suppress(OSError):
+                    os.unlink(part)
+                raise TransferError(f"{self.name}:{source} was not created by the task") from None
+            except (OSError, asyncssh.Error) as exc:
+                with contextlib.suppress(OSError):
+                    os.unlink(part)
+                raise TransferError(f"cannot fetch {self.name}:{source}: {_why(exc)}") from None
+            except BaseException:  # cancelled (the run stops): no half file left behind
+                with contextlib.suppress(OSError):
+                    os.unlink(part)
+                raise
+
+    # -- cleaning up ------------------------------------------------------------
+
+    async def clean_for(self, task: Task) -> None:
+        """--cleanup: remove TASK's transferred and returned files on the worker."""
+        line = task.command if task.arg is None else task.arg
+        names = [
+            fill_file_template(template, line, task.seq)
+            for template in (*self.options.transfer, *self.options.returns)
+        ]
+        await self._remove([transfer_paths(name)[1] for name in names])
+
+    async def clean_bases(self) -> None:
+        """--cleanup: remove the basefiles at the end of the host's run."""
+        if self._bases is not None and self._bases.done() and not self._bases.exception():
+            await self._remove([transfer_paths(name)[1] for name in self.options.basefiles])
+
+    async def _remove(self, paths: list[str]) -> None:
+        """Remove files and then their parent dirs that are left empty (as parallel does,
+        but never the workdir itself, where the stub runs); errors are ignored."""
+        import asyncssh
+
+        sftp = await self.sftp()
+        for path in paths:
+            with contextlib.suppress(OSError, asyncssh.Error):
+                await sftp.remove(self.remote(path))
+            parent = posixpath.dirname(path)
+            while parent and parent not in ("/", "."):
+                try:
+                    await sftp.rmdir(self.remote(parent))
+                except (OSError, asyncssh.Error):
+                    break  # not empty (or not ours): the dirs above it are not either
+                parent = posixpath.dirname(parent)
+
+    def close(self) -> None:
+        """Stop the SFTP client (the connection itself is the session's)."""
+        if self._sftp is not None:
+            self._sftp.exit()
+        if self._starting is not None and not self._starting.done():
+            self._starting.cancel()
+
+
+def _sync_file(path: str) -> None:
+    """fsync a fetched file before it is renamed into place (no empty file after a crash)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # ============================================================================
@@ -2445,6 +2813,8 @@ class Journal:
             stdout=tails[: meta["n_out"]],
             stderr=tails[meta["n_out"] :],
             pieces=[tuple(p) for p in meta["pieces"]],  # type: ignore[misc]
+            arg=meta.get("arg"),
+            returned=meta.get("returned", []),
         )
 
     def add_result(self, result: TaskResult) -> int:
@@ -2462,6 +2832,10 @@ class Journal:
             "n_out": len(result.stdout),
             "n_err": len(result.stderr),
         }
+        if result.arg is not None:
+            meta["arg"] = result.arg
+        if result.returned:
+            meta["returned"] = result.returned
         encoded = json.dumps(meta).encode()
         payload = b"".join((DONE_HEAD.pack(len(encoded)), encoded, result.stdout, result.stderr))
         return self.append(KIND_DONE, payload)
@@ -2789,6 +3163,61 @@ class MergedOutput:
         return sum(1 for off in self._waiting[self._head :] if off != self.WAITING)
 
 
+def _results_name_max(directory: Path) -> int:
+    """The length GNU parallel cuts a too-long --results directory name to.
+
+    parallel finds the longest name the file system takes by a bisection that stops
+    within 5 bytes (max_file_name_length); the same search over NAME_MAX gives its cut."""
+    try:
+        limit = os.pathconf(directory, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    low, high = 128, 2048
+    while high - low > 5:
+        test = (low + high) // 2
+        if test <= limit:
+            low = test
+        else:
+            high = test
+    return low
+
+
+def results_dirname(arg: str, name_max: int) -> bytes:
+    """A task's directory under --results DIR/1/, named from its line as parallel names it:
+    backslash, tab, NUL and slash written as \\\\ \\t \\0 \\_ (args_as_dirname)."""
+    text = arg.replace("\\", "\\\\").replace("\t", "\\t").replace("\0", "\\0")
+    name = text.replace("/", "\\_").encode("utf-8", "surrogateescape")
+    return name if len(name) <= name_max else name[:name_max]
+
+
+class ResultsTree:
+    """--results DIR: each task's stdout, stderr, seq and exitval files, in GNU parallel's
+    tree (DIR/1/LINE/...), written from the journal after its DONE record."""
+
+    def __init__(self, root: str) -> None:
+        """Write under ROOT (created if missing)."""
+        self.root = os.fsencode(root)
+        self.name_max = 0  # found on first use
+
+    def write(self, result: TaskResult, journal: Journal) -> None:
+        """Write one finished task's files (replacing those of an earlier run of it)."""
+        if not self.name_max:
+            os.makedirs(self.root, exist_ok=True)
+            self.name_max = _results_name_max(Path(os.fsdecode(self.root)))
+        arg = result.command if result.arg is None else result.arg
+        directory = os.path.join(self.root, b"1", results_dirname(arg, self.name_max))
+        os.makedirs(directory, exist_ok=True)
+        for name, chunks in (
+            (b"seq", [str(result.seq).encode()]),
+            (b"stdout", _stream_chunks(result, journal, 1)),
+            (b"stderr", _stream_chunks(result, journal, 2)),
+            (b"exitval", [str(result.exit_code).encode()]),
+        ):
+            with open(os.path.join(directory, name), "wb") as handle:
+                for chunk in chunks:
+                    handle.write(chunk)
+
+
 @contextlib.contextmanager
 def _reading(path: str | os.PathLike[str], what: str) -> Iterator[None]:
     """Turn a missing, directory or unreadable input file into one clear line (exit 2)."""
@@ -2866,7 +3295,7 @@ def read_tasks(
                 if merged is not None:
                     merged.put(seq, done[seq])
             elif template is not None:
-                yield Task(seq, render_template(template, command, seq))
+                yield Task(seq, render_template(template, command, seq), arg=command)
             else:
                 yield Task(seq, command)
 
@@ -3062,6 +3491,8 @@ class _Run:
         if opts.pipe and not opts.lines:
             self.max_ahead = max(1, min(self.max_ahead, PIPE_AHEAD_BYTES // opts.block))
         self.whole = whole  # hand on_done whole outputs (read back from the journal)
+        self.results = ResultsTree(opts.results) if opts.results else None
+        self.files = opts.files if opts.files else None  # files to move for SSH hosts
         self.log = log
         self.on_done = on_done
         self.summary = RunSummary()
@@ -3200,6 +3631,8 @@ class _Run:
         for seq, offset, result in batch:
             if self.merged is not None:
                 self.merged.put(seq, offset, result)
+            if self.results is not None:
+                self.results.write(result, self.journal)
             self.on_done(whole_result(result, self.journal) if self.whole else result)
         if self.merged is not None:
             self.merged.flush()
@@ -3312,7 +3745,7 @@ class _Run:
         """End the run when all work is done, or when no host is left to do it."""
         if self._finished is None or self._finished.done():
             return
-        in_flight = sum(len(s.in_flight) for s in self.sessions)
+        in_flight = sum(len(s.in_flight) + len(s.fetching) for s in self.sessions)
         if self.summary.interrupted:
             self._finish(complete=False)
         elif not self.scheduler.has_work() and not in_flight:
@@ -3414,6 +3847,9 @@ class RunOptions:
     pipe: bool = False  # TASKS is data: chunks of it go to COMMAND's stdin
     lines: int | None = None  # --pipe: lines per chunk
     block: int = 1024 * 1024  # --pipe: bytes per chunk (to the next line end)
+    # Files as GNU parallel moves them (see the "Files to and from workers" section).
+    results: str | None = None  # --results DIR
+    files: FileOptions = dataclasses.field(default_factory=FileOptions)
 
 
 def prepare_run(opts: RunOptions) -> tuple[Path, int, Journal, array.array[int], bool]:
@@ -3497,6 +3933,15 @@ async def run_async(
         run.summary.resumed_failed = journal.failed_before
         run.summary.journal = str(journal.path)
         run.summary.output = opts.output
+        if run.results is not None:  # earlier runs' tasks too: the tree is rebuilt as a whole
+            try:
+                for offset in done:
+                    if offset >= 0:
+                        run.results.write(journal.load_result(offset), journal)
+            except OSError as exc:
+                raise UsageError(
+                    f"--results: cannot write {exc.filename}: {exc.strerror}"
+                ) from None
         on_start(run)
         if count - run.summary.resumed <= 0:
             # Nothing left to run (empty file, or a finished run resumed): no host needed.
@@ -4010,6 +4455,43 @@ def _cli() -> Any:
             metavar="FILE",
             help="Also write GNU parallel's tab-separated joblog to FILE.",
         ),
+        # -- files, as GNU parallel moves them --
+        results: str | None = typer.Option(
+            None,
+            "--results",
+            "--res",
+            metavar="DIR",
+            help="Also write each task's stdout, stderr, seq, exitval in DIR/1/LINE/.",
+        ),
+        transferfile: list[str] | None = typer.Option(
+            None,
+            "--transferfile",
+            "--tf",
+            metavar="TEMPLATE",
+            help="Send this file to an SSH worker before the task (e.g. {}). Repeatable.",
+        ),
+        return_: list[str] | None = typer.Option(
+            None,
+            "--return",
+            metavar="TEMPLATE",
+            help="Fetch this file from an SSH worker after the task (e.g. {.}.out). Repeatable.",
+        ),
+        cleanup: bool = typer.Option(
+            False, "--cleanup", help="Remove transferred, returned and base files on workers."
+        ),
+        trc: list[str] | None = typer.Option(
+            None,
+            "--trc",
+            metavar="TEMPLATE",
+            help="--transferfile {} --return TEMPLATE --cleanup, as in GNU parallel.",
+        ),
+        basefile: list[str] | None = typer.Option(
+            None,
+            "--basefile",
+            "--bf",
+            metavar="FILE",
+            help="Send FILE to each SSH worker once, before its first task. Repeatable.",
+        ),
         resume: bool = typer.Option(False, "--resume", help="Skip tasks already in the journal."),
         journal: str | None = typer.Option(
             None, "--journal", metavar="FILE", help="Journal path. Default: OUTPUT + .journal"
@@ -4055,7 +4537,15 @@ def _cli() -> Any:
                 pipe=pipe,
                 lines=lines,
                 block=block_size,
+                results=results,
+                files=FileOptions(
+                    transfer=tuple(transferfile or ()) + (("{}",) if trc else ()),
+                    returns=tuple(return_ or ()) + tuple(trc or ()),
+                    cleanup=cleanup or bool(trc),
+                    basefiles=tuple(basefile or ()),
+                ),
             )
+            _check_file_options(opts)
             code = _run_command(opts, progress=not no_progress and sys.stderr.isatty())
         except SshfanError as exc:
             print(f"sshfan: error: {exc}", file=sys.stderr)
@@ -4255,6 +4745,29 @@ class _LazyOutput(io.RawIOBase):
                 if file is not sys.stdout.buffer:
                     file.close()
         super().close()
+
+
+def _check_file_options(opts: RunOptions) -> None:
+    """Refuse (exit 2) file options that cannot work, before anything is opened."""
+    if opts.results is not None:
+        if opts.pipe:
+            raise UsageError("--results cannot be used with --pipe (its chunks have no names)")
+        if not opts.results:
+            raise UsageError("--results: needs a directory")
+        try:
+            os.makedirs(opts.results, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"--results: cannot create {opts.results}: {exc.strerror}") from None
+    files = opts.files
+    if opts.pipe and (files.transfer or files.returns):
+        raise UsageError("--transferfile/--return cannot be used with --pipe (no file names)")
+    for name, templates in (("--transferfile", files.transfer), ("--return", files.returns)):
+        if any(not template.strip() for template in templates):
+            raise UsageError(f"{name}: needs a file name template")
+    for name in files.basefiles:
+        local = transfer_paths(name)[0]
+        if not os.path.isfile(local) or not os.access(local, os.R_OK):
+            raise UsageError(f"--basefile {name}: no readable file {local}")
 
 
 BLOCK_MAX = 2**31 - 1  # GNU parallel's ceiling too (it warns and uses 2G-1 above it)

@@ -412,6 +412,8 @@ class SshServer:
                     # CI runs the tests as root; key logins must work for it.
                     "PermitRootLogin prohibit-password",
                     "LogLevel ERROR",
+                    # As a stock sshd has it: sshfan moves --transferfile/--return files by SFTP.
+                    "Subsystem sftp internal-sftp",
                     "",
                 ]
             )
@@ -538,6 +540,13 @@ async def _serve(port: int, host_key: str, authorized_keys: str, user: str) -> N
             """Allow TCP forwarding to loopback only (ProxyJump through this server)."""
             return dest_host in ("127.0.0.1", "localhost", "::1")
 
+    class _Sftp(asyncssh.SFTPServer):
+        """SFTP as OpenSSH's sftp-server serves it: relative paths start in the login dir."""
+
+        def map_path(self, path: bytes) -> bytes:
+            """Resolve a relative path from the user's home directory."""
+            return path if path.startswith(b"/") else os.path.join(os.fsencode(home), path)
+
     async def pump_out(reader: asyncio.StreamReader, writer: asyncssh.SSHWriter) -> None:
         """Copy a child's output to the channel until the child closes it."""
         while chunk := await reader.read(65536):
@@ -609,7 +618,7 @@ async def _serve(port: int, host_key: str, authorized_keys: str, user: str) -> N
         process_factory=handle,
         encoding=None,
         allow_scp=False,
-        sftp_factory=None,
+        sftp_factory=_Sftp,
     )
     await asyncio.Event().wait()
 

@@ -1,0 +1,343 @@
+"""Files to and from workers (--transferfile, --return, --cleanup, --trc, --basefile) and
+--results DIR, end to end over the test sshd, and compared with GNU parallel.
+
+The worker is the loopback sshd, so its files and the head's share one file system: the
+hosts get a `workdir` of their own (tmp/worker) and the head runs in tmp/head, so that a
+file on the worker is never the head's file by accident.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from sshd import SshServer
+
+from sshfan import fill_file_template, results_dirname, transfer_paths
+
+RunSshfan = Callable[..., "subprocess.CompletedProcess[bytes]"]
+
+# Names a shell and a transfer must both get right: spaces, both quotes, a subdirectory.
+ODD_NAMES = ["in/x y.txt", 'in/it\'s "q".txt', "plain.txt"]
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    """Every file under ROOT by relative path, with its bytes (directories implied)."""
+    return {
+        str(path.relative_to(root)): path.read_bytes()
+        for path in sorted(root.rglob("*"))
+        if path.is_file()
+    }
+
+
+def setup_dirs(tmp_path: Path, sshd: SshServer, hosts: int = 2) -> tuple[Path, Path, Path]:
+    """The head's dir, the worker's dir, and a hosts file whose hosts work in the latter."""
+    head, worker = tmp_path / "head", tmp_path / "worker"
+    head.mkdir()
+    worker.mkdir()
+    names = [f"w{n}" for n in range(1, hosts + 1)]
+    hosts_path = tmp_path / "hosts.toml"
+    hosts_path.write_text(sshd.hosts_toml(names, slots=2, workdir=str(worker)))
+    return head, worker, hosts_path
+
+
+def records(path: Path) -> dict[int, dict]:
+    """The jsonl output's records by seq."""
+    return {r["seq"]: r for r in map(json.loads, path.read_text().splitlines())}
+
+
+# ---------------------------------------------------------------------------
+# pure parts
+# ---------------------------------------------------------------------------
+
+
+def test_transfer_paths_follow_rsync_relative_marker() -> None:
+    """The man page's table for --transferfile (work dir /home/user): /./ cuts the path."""
+    assert transfer_paths("/tmp/foo/bar") == ("/tmp/foo/bar", "/tmp/foo/bar")
+    assert transfer_paths("tmp/foo/bar") == ("tmp/foo/bar", "tmp/foo/bar")
+    assert transfer_paths("/tmp/./foo/bar") == ("/tmp/foo/bar", "foo/bar")
+    assert transfer_paths("tmp/./foo/bar") == ("tmp/foo/bar", "foo/bar")
+    # --trc out/./{}.out on in/file: in/file.out there, out/in/file.out here
+    assert transfer_paths("out/./in/file.out") == ("out/in/file.out", "in/file.out")
+
+
+def test_file_templates_are_filled_unquoted() -> None:
+    """File names take --command's placeholder values, without shell quoting."""
+    line = "dir/it's a.b.txt"
+    assert fill_file_template("{}", line, 7) == line
+    assert fill_file_template("{.}.out", line, 7) == "dir/it's a.b.out"
+    assert fill_file_template("{/}", line, 7) == "it's a.b.txt"
+    assert fill_file_template("{//}/{#}.log", line, 7) == "dir/7.log"
+    assert fill_file_template("fixed name", line, 7) == "fixed name"
+
+
+def test_results_dirname_quotes_as_parallel() -> None:
+    """args_as_dirname: \\ tab NUL / become \\\\ \\t \\0 \\_; a long name is cut."""
+    assert results_dirname("a/b\\c\td", 255) == b"a\\_b\\\\c\\td"
+    assert results_dirname("x" * 300, 255) == b"x" * 255
+
+
+# ---------------------------------------------------------------------------
+# --results, compared with GNU parallel
+# ---------------------------------------------------------------------------
+
+RESULT_LINES = [
+    "echo hi",
+    "sh -c 'echo err >&2; exit 3'",
+    'echo "a/b c"',
+    "printf 'back\\\\slash'",
+    "echo 'tab\there'",
+    "printf 'no newline'",
+]
+
+
+@pytest.mark.skipif(shutil.which("parallel") is None, reason="GNU parallel is not installed")
+def test_results_tree_matches_parallel(run_sshfan: RunSshfan, tmp_path: Path) -> None:
+    """The same tasks give parallel's --results tree, plus sshfan's exitval files; a
+    --resume rebuilds it from the journal, earlier runs' tasks too."""
+    tasks = tmp_path / "tasks"
+    tasks.write_text("".join(line + "\n" for line in RESULT_LINES))
+    with open(tasks, "rb") as stdin:
+        subprocess.run(
+            ["parallel", "--results", str(tmp_path / "P")],
+            stdin=stdin,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=tmp_path,
+            check=False,
+        )
+    result = run_sshfan(["run", str(tasks), "--results", "S", "-o", "out", "--no-progress"])
+    assert result.returncode == 1, result.stderr
+    wanted = tree(tmp_path / "P")
+    assert wanted  # parallel wrote something to compare with
+    got = tree(tmp_path / "S")
+    exitvals = {path: got.pop(path) for path in list(got) if path.endswith("/exitval")}
+    assert got == wanted
+    assert exitvals["1/echo hi/exitval"] == b"0"
+    assert exitvals["1/sh -c 'echo err >&2; exit 3'/exitval"] == b"3"
+    assert len(exitvals) == len(RESULT_LINES)
+
+    shutil.rmtree(tmp_path / "S")
+    again = run_sshfan(["run", str(tasks), "--results", "S", "-o", "out", "--resume"])
+    assert again.returncode == 1, again.stderr
+    assert tree(tmp_path / "S") == {**wanted, **exitvals}
+
+
+@pytest.mark.skipif(shutil.which("parallel") is None, reason="GNU parallel is not installed")
+def test_results_tree_with_command_names_dirs_by_line(
+    run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """With --command, the directory is the line (parallel's argument), not the command."""
+    lines = tmp_path / "lines"
+    lines.write_text("one\ntwo/three\n")
+    subprocess.run(
+        ["parallel", "--results", str(tmp_path / "P"), "echo", "::::", str(lines)],
+        stdout=subprocess.DEVNULL,
+        check=True,
+    )
+    result = run_sshfan(["run", str(lines), "-c", "echo {}", "--results", "S", "-o", "out"])
+    assert result.returncode == 0, result.stderr
+    got = {k: v for k, v in tree(tmp_path / "S").items() if not k.endswith("/exitval")}
+    assert got == tree(tmp_path / "P")
+
+
+def test_results_with_pipe_is_refused(run_sshfan: RunSshfan, tmp_path: Path) -> None:
+    """--pipe chunks have no names to make directories of: exit 2, one line."""
+    (tmp_path / "data").write_text("a\n")
+    result = run_sshfan(["run", "data", "--pipe", "-c", "cat", "--results", "R"])
+    assert result.returncode == 2
+    assert b"--results" in result.stderr and b"Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------------------
+# transfers over SSH
+# ---------------------------------------------------------------------------
+
+
+def test_transfer_and_return_odd_names(
+    sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """--trc: each file goes there, its .out comes back, nothing is left on the worker."""
+    head, worker, hosts = setup_dirs(tmp_path, sshd)
+    (head / "in").mkdir()
+    for name in ODD_NAMES:
+        (head / name).write_bytes(f"data of {name}\n".encode() * 1000)
+    (head / "tasks").write_text("".join(name + "\n" for name in ODD_NAMES))
+    result = run_sshfan(
+        [
+            "run",
+            "tasks",
+            "-H",
+            str(hosts),
+            "-c",
+            f"test $(pwd) = {worker} && tr a-z A-Z < {{}} > {{}}.out",
+            "--trc",
+            "{}.out",
+            "-o",
+            "out",
+            "--format",
+            "jsonl",
+        ],
+        cwd=head,
+    )
+    assert result.returncode == 0, result.stderr
+    for name in ODD_NAMES:
+        assert (head / f"{name}.out").read_bytes() == f"DATA OF {name.upper()}\n".encode() * 1000
+    assert tree(worker) == {}  # the files, the .out files, and in/ are all gone
+    assert not list(head.rglob("*.part"))
+    assert {r["host"] for r in records(head / "out").values()} <= {"w1", "w2"}
+
+
+def test_missing_return_and_transfer_fail_the_task(
+    sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """A --return file the task did not make, or a --transferfile file that is not there,
+    fails that task (exit 1) with a message naming the file; the others succeed."""
+    head, worker, hosts = setup_dirs(tmp_path, sshd)
+    (head / "a.txt").write_text("a\n")
+    (head / "b.txt").write_text("b\n")
+    (head / "tasks").write_text("a.txt\nb.txt\nnot here.txt\n")
+    result = run_sshfan(
+        [
+            "run",
+            "tasks",
+            "-H",
+            str(hosts),
+            "-c",
+            "case {} in a.txt) cp {} {.}.out;; esac; echo ran {}",
+            "--tf",
+            "{}",
+            "--return",
+            "{.}.out",
+            "-o",
+            "out",
+            "--format",
+            "jsonl",
+        ],
+        cwd=head,
+    )
+    assert result.returncode == 1, result.stderr
+    got = records(head / "out")
+    assert got[1]["exit_code"] == 0 and (head / "a.out").read_text() == "a\n"
+    assert got[2]["exit_code"] == 1 and got[2]["stdout"] == "ran b.txt\n"
+    assert "--return 'b.out'" in got[2]["stderr"] and "not created" in got[2]["stderr"]
+    assert not (head / "b.out").exists()
+    assert got[3]["exit_code"] == 1 and got[3]["stdout"] == ""  # it never ran
+    assert "--transferfile 'not here.txt'" in got[3]["stderr"]
+    assert not list(head.rglob("*.part")) and not list(worker.rglob("*.part"))
+
+
+def test_basefile_with_cleanup_leaves_nothing(
+    sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """--basefile reaches every host before its first task (executable as sent), and with
+    --cleanup neither it nor the transferred files stay on the worker."""
+    head, worker, hosts = setup_dirs(tmp_path, sshd)
+    (head / "lib").mkdir()
+    script = head / "lib" / "tool.sh"
+    script.write_text('#!/bin/sh\necho tool on "$1"\n')
+    script.chmod(0o755)
+    for n in range(6):
+        (head / f"f{n}").write_text(str(n))
+    (head / "tasks").write_text("".join(f"f{n}\n" for n in range(6)))
+    result = run_sshfan(
+        [
+            "run",
+            "tasks",
+            "-H",
+            str(hosts),
+            "-c",
+            "./lib/tool.sh $(cat {})",
+            "--bf",
+            "lib/tool.sh",
+            "--tf",
+            "{}",
+            "--cleanup",
+            "-o",
+            "out",
+        ],
+        cwd=head,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (head / "out").read_text() == "".join(f"tool on {n}\n" for n in range(6))
+    assert tree(worker) == {} and list(worker.iterdir()) == []
+    assert script.read_text().startswith("#!/bin/sh")  # the head's own copy is untouched
+
+
+def test_missing_basefile_is_usage_error(run_sshfan: RunSshfan, tmp_path: Path) -> None:
+    """A --basefile that is not there: exit 2 naming it, before anything runs."""
+    (tmp_path / "tasks").write_text("echo x\n")
+    result = run_sshfan(["run", "tasks", "--bf", "nope.sh", "-o", "out"])
+    assert result.returncode == 2
+    assert b"nope.sh" in result.stderr and b"Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_local_host_transfers_nothing(run_sshfan: RunSshfan, tmp_path: Path) -> None:
+    """On a local host the files are already where the task runs: nothing moves."""
+    (tmp_path / "a.txt").write_text("a\n")
+    (tmp_path / "tasks").write_text("a.txt\n")
+    hosts = tmp_path / "hosts.toml"
+    hosts.write_text(f'[[hosts]]\nname = "here"\nlocal = true\nworkdir = "{tmp_path}"\n')
+    args = ["run", "tasks", "-H", str(hosts), "-c", "cat {} > {.}.out", "--trc", "{.}.out"]
+    result = run_sshfan([*args, "-o", "out"])
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "a.out").read_text() == "a\n"
+    assert (tmp_path / "a.txt").exists()  # --cleanup removes files on workers only
+
+
+def test_head_killed_during_return_then_resume(
+    sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """SIGKILL of the head while a --return file streams in: no half file under its name;
+    --resume runs the task again and the file ends complete (equal to the worker's)."""
+    head, worker, hosts = setup_dirs(tmp_path, sshd, hosts=1)
+    (head / "tasks").write_text("big\n")
+    args = [
+        sys.executable,
+        "-m",
+        "sshfan",
+        "run",
+        "tasks",
+        "-H",
+        str(hosts),
+        "-c",
+        "head -c 100000000 /dev/urandom > {}.bin",
+        "--return",
+        "{}.bin",
+        "-o",
+        "out",
+        "--no-progress",
+    ]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    proc = subprocess.Popen(
+        args, cwd=head, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    part = head / ".big.bin.sshfan-1.part"
+    deadline = time.monotonic() + 120
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            if part.exists() and part.stat().st_size > 0:
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.002)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the return finished before the kill"
+    assert not (head / "big.bin").exists()  # the partial file never has the final name
+
+    result = run_sshfan([*args[3:], "--resume"], cwd=head)
+    assert result.returncode == 0, result.stderr
+    assert (head / "big.bin").read_bytes() == (worker / "big.bin").read_bytes()
+    assert (head / "big.bin").stat().st_size == 100_000_000
+    assert not part.exists()
