@@ -23,6 +23,7 @@ import fnmatch
 import functools
 import gc
 import hashlib
+import heapq
 import hmac
 import inspect
 import io
@@ -1470,22 +1471,36 @@ class Task:
     data: bytes = b""  # stdin for the task (--pipe); empty: /dev/null
     pieces: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)
     arg: str | None = None  # the line, when --command made COMMAND from it (--results)
+    long: bool = False  # known long from an earlier run: handed out first, to a free slot
 
 
 class Scheduler:
-    """Hands out tasks: requeued and retried ones first, then the tasks file in order."""
+    """Hands out tasks: requeued and retried ones first, then the tasks known to be long
+    (longest first), then the rest of the tasks file in order."""
 
-    def __init__(self, source: Iterator[Task], retries: int = 0) -> None:
-        """Draw fresh tasks lazily from SOURCE; allow RETRIES re-runs of a failed task."""
+    def __init__(
+        self, source: Iterator[Task], retries: int = 0, longest: list[Task] | None = None
+    ) -> None:
+        """Draw fresh tasks lazily from SOURCE; allow RETRIES re-runs of a failed task;
+        hand out LONGEST (taken out of SOURCE's order) before the rest."""
         self._source = source
         self._again: deque[Task] = deque()
+        self._longest: deque[Task] = deque(longest or ())
+        self._pulled = {task.seq for task in self._longest}  # skipped when SOURCE reaches them
+        self.ordered = bool(self._longest)  # some tasks go out of file order (LPT)
         self._source_done = False
         self.retries = retries
         self.stopped = False
         self.drawn = 0  # fresh tasks taken from the source so far
 
-    def take(self, host: str, count: int, others_alive: bool = False) -> list[Task]:
-        """Up to COUNT tasks for HOST; a retry avoids the host it failed on if it can."""
+    def take(
+        self, host: str, count: int, others_alive: bool = False, long_room: int = 0
+    ) -> list[Task]:
+        """Up to COUNT tasks for HOST; a retry avoids the host it failed on if it can.
+
+        Known-long tasks go out only LONG_ROOM at a time (the host's slots not already
+        running one): queued behind one another on a single host, they would undo the
+        longest-first order. A host whose every slot got a long task takes nothing more."""
         taken: list[Task] = []
         if self.stopped:
             return taken
@@ -1498,10 +1513,19 @@ class Scheduler:
                 else:
                     taken.append(task)
             self._again.extendleft(reversed(skipped))
+        longs = 0
+        while self._longest and longs < long_room and len(taken) < count:
+            taken.append(self._longest.popleft())
+            self.drawn += 1
+            longs += 1
+        if longs and longs >= long_room:
+            count = len(taken)
         while len(taken) < count and not self._source_done:
             task = next(self._source, None)
             if task is None:
                 self._source_done = True
+            elif task.seq in self._pulled:
+                self._pulled.discard(task.seq)
             else:
                 taken.append(task)
                 self.drawn += 1
@@ -1528,13 +1552,13 @@ class Scheduler:
         """Whether any task is still waiting to be handed out."""
         if self.stopped:
             return False
-        return bool(self._again) or not self._source_done
+        return bool(self._again) or bool(self._longest) or not self._source_done
 
     def left_over(self) -> int | None:
         """Tasks waiting to be handed (again) once the file is read; None while it is not."""
         if self.stopped or not self._source_done:
             return None
-        return len(self._again)
+        return len(self._again) + len(self._longest)
 
     def requeued(self) -> int:
         """Tasks given back or to retry, waiting to be handed out again."""
@@ -1542,7 +1566,7 @@ class Scheduler:
 
     def exhausted(self) -> bool:
         """Whether every task has been handed out for good (nothing left, nothing to retry)."""
-        return self._source_done and not self._again
+        return self._source_done and not self._again and not self._longest
 
 
 def start_ahead(left: int, slots: int, all_slots: int) -> int:
@@ -1985,7 +2009,12 @@ class HostSession:
         want = self.window.want() if cap is None else min(cap, self.window.want())
         if want <= 0:
             return 0
-        tasks = scheduler.take(self.name, want, others_alive)
+        long_room = self.window.slots
+        if scheduler.ordered:  # slots running a known-long task take nothing behind it
+            long_room -= sum(task.long for task in self.in_flight.values())
+            if long_room <= 0:
+                return 0
+        tasks = scheduler.take(self.name, want, others_alive, long_room)
         if not tasks:
             return 0
         if not self.in_flight:
@@ -3300,6 +3329,34 @@ def read_tasks(
                 yield Task(seq, command)
 
 
+def known_long_tasks(
+    path: Path, done: array.array[int], history: DurationHistory, template: str | None = None
+) -> list[Task]:
+    """The tasks of the file that HISTORY knows to be long, longest first (for LPT).
+
+    A pass over the file of its own, made only when the history holds something: the
+    run itself streams the file, and this keeps only the tasks it finds (a bounded few)."""
+    found: list[tuple[float, Task]] = []
+    if not history.known:
+        return []
+    with open(path, "rb") as handle:
+        for seq, raw in enumerate(handle, 1):
+            command = raw.decode("utf-8").rstrip("\n")
+            if command.endswith("\r"):
+                command = command[:-1]
+            if not command.strip() or (seq < len(done) and done[seq] >= 0):
+                continue
+            line = command
+            if template is not None:
+                command = render_template(template, line, seq)
+            duration = history.known.get(history.key(command))
+            if duration is not None:
+                arg = line if template is not None else None
+                found.append((duration, Task(seq, command, arg=arg, long=True)))
+    found.sort(key=lambda pair: (-pair[0], pair[1].seq))
+    return [task for _, task in found]
+
+
 PIPE_READ = 1024 * 1024  # bytes read at a time while looking for the end of a long record
 PIPE_AHEAD_BYTES = 16 * 1024 * 1024  # --pipe data a host holds queued beyond its slots, about
 
@@ -3426,6 +3483,96 @@ class DurationStats:
         return _median(self.sample) if self.sample else None
 
 
+class DurationHistory:
+    """The long tasks of earlier runs and how long they took, so that a later run of the
+    same (or an overlapping) task list can start them first (longest processing time first).
+
+    Kept per task text (a hash of the command as run), not per tasks file, so a list that
+    shares tasks with an earlier one benefits too. One small file in the user's cache
+    directory, most recent first and bounded (MAX entries); it is a cache: unreadable or
+    unwritable means no history, and concurrent runs keep the last writer's view."""
+
+    MAGIC = b"sshfan-durations 1\n"
+    RECORD = struct.Struct("<8sf")  # 8-byte hash of the command, seconds
+    MAX = 4096  # tasks remembered in all: the file stays under 50 KiB
+    PER_RUN = 1024  # longest tasks one run keeps track of (a bounded heap)
+    # A task worth starting first: at least twice the run's median and this long; shorter
+    # ones gain nothing measurable from going first, and would cost a pass over the file.
+    LONG_MIN = 0.1
+
+    def __init__(self, path: Path | None) -> None:
+        """A history read from PATH by load() (None: remember nothing)."""
+        self.path = path
+        self.known: dict[bytes, float] = {}
+        self._longest: list[tuple[float, bytes]] = []  # this run's, a min-heap
+        self._measured: dict[bytes, float] = {}  # this run's durations of known tasks
+
+    @staticmethod
+    def default_path() -> Path:
+        """$XDG_CACHE_HOME/sshfan/durations, or ~/.cache/sshfan/durations."""
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        return Path(base) / "sshfan" / "durations"
+
+    @staticmethod
+    def key(command: str) -> bytes:
+        """The history's key for a task: a short hash of its command text."""
+        return hashlib.blake2b(command.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+
+    def load(self) -> None:
+        """Read the history file, if there is a sound one."""
+        if self.path is None:
+            return
+        try:
+            data = self.path.read_bytes()
+        except OSError:
+            return
+        body = data[len(self.MAGIC) :]
+        if not data.startswith(self.MAGIC) or len(body) % self.RECORD.size:
+            return
+        for key, seconds in self.RECORD.iter_unpack(body):
+            self.known.setdefault(key, seconds)
+
+    def record(self, command: str, duration: float) -> None:
+        """Note one finished task's duration (cheap unless it is among the run's longest)."""
+        heap = self._longest
+        if len(heap) >= self.PER_RUN and duration <= heap[0][0] and not self.known:
+            return
+        key = self.key(command)
+        if key in self.known:
+            self._measured[key] = duration
+        if duration < self.LONG_MIN:
+            return
+        if len(heap) < self.PER_RUN:
+            heapq.heappush(heap, (duration, key))
+        elif duration > heap[0][0]:
+            heapq.heapreplace(heap, (duration, key))
+
+    def save(self, median: float | None) -> None:
+        """Write the history back: this run's long tasks first, then the older entries it
+        did not measure again; known tasks that ran short this time are forgotten."""
+        if self.path is None or median is None:
+            return
+        threshold = max(self.LONG_MIN, 2 * median)
+        fresh = {key: d for d, key in sorted(self._longest, reverse=True) if d >= threshold}
+        if not fresh and not self._measured:
+            return  # nothing learnt: leave the file alone
+        entries = dict(fresh)
+        for key, seconds in self.known.items():
+            if key not in entries and key not in self._measured and len(entries) < self.MAX:
+                entries[key] = seconds
+        records = b"".join(
+            self.RECORD.pack(k, d) for k, d in itertools.islice(entries.items(), self.MAX)
+        )
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(self.MAGIC + records)
+            os.replace(tmp, self.path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
 @dataclasses.dataclass
 class RunSummary:
     """What a run did: counts, hosts, where results went, and its exit code."""
@@ -3502,6 +3649,7 @@ class _Run:
         self._syncing: asyncio.Future[None] | None = None
         self._recheck: asyncio.TimerHandle | None = None  # a _rebalance to come
         self._interrupts = 0
+        self.history: DurationHistory | None = None  # durations to learn for later runs
 
     async def execute(self) -> RunSummary:
         """Run every task; return the summary (the exit code says how it ended)."""
@@ -3592,6 +3740,8 @@ class _Run:
             return
         offset = self.journal.add_result(result)
         self._to_merge.append((result.seq, offset, result))
+        if self.history is not None:
+            self.history.record(task.command, result.duration_s)
         summary = self.summary
         if not result.ok and self.halt_on_error and not summary.halted:
             summary.halted = True
@@ -3850,6 +4000,8 @@ class RunOptions:
     # Files as GNU parallel moves them (see the "Files to and from workers" section).
     results: str | None = None  # --results DIR
     files: FileOptions = dataclasses.field(default_factory=FileOptions)
+    # Where task durations are remembered between runs (longest first); None: nowhere.
+    history: Path | None = dataclasses.field(default_factory=DurationHistory.default_path)
 
 
 def prepare_run(opts: RunOptions) -> tuple[Path, int, Journal, array.array[int], bool]:
@@ -3917,12 +4069,18 @@ async def run_async(
         if out is not None:
             name = "stdout" if opts.output == "-" else opts.output
             merged = MergedOutput(out, opts.fmt, journal, opts.tag, copier=True, name=name)
+        history = None
+        longest: list[Task] = []
         if opts.pipe:
             command = opts.command or "cat"
             tasks = read_chunks(tasks_path, merged, done, command, opts.lines, opts.block)
         else:
             tasks = read_tasks(tasks_path, merged, done, opts.command)
-        scheduler = Scheduler(tasks, opts.retries)
+            history = DurationHistory(opts.history)
+            history.load()
+            if not opts.halt_on_error:  # --halt-on-error keeps file order, as parallel's --halt
+                longest = known_long_tasks(tasks_path, done, history, opts.command)
+        scheduler = Scheduler(tasks, opts.retries, longest)
         hosts = opts.hosts
         if opts.slots:
             hosts = [dataclasses.replace(spec, slots=opts.slots) for spec in hosts]
@@ -3942,6 +4100,7 @@ async def run_async(
                 raise UsageError(
                     f"--results: cannot write {exc.filename}: {exc.strerror}"
                 ) from None
+        run.history = history
         on_start(run)
         if count - run.summary.resumed <= 0:
             # Nothing left to run (empty file, or a finished run resumed): no host needed.
@@ -3957,6 +4116,9 @@ async def run_async(
                 run.abort(_write_error(exc))
             return run.summary
         summary = await run.execute()
+        if history is not None:
+            samples = [d for stats in summary.per_host.values() for d in stats.sample]
+            history.save(_median(samples) if samples else None)
         if merged is not None and summary.complete and not merged.written:
             try:
                 merged.open()  # every task was blank: the output exists, empty

@@ -5,9 +5,14 @@ No timing is asserted here: the figures live in docs/performance.md, from tests/
 
 from __future__ import annotations
 
+import array
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+import pytest
+
+from sshfan import DurationHistory, Scheduler, Task, known_long_tasks
 
 RunSshfan = Callable[..., "subprocess.CompletedProcess[bytes]"]
 
@@ -34,3 +39,123 @@ def test_local_run_imports_no_asyncssh_tqdm(tmp_path: Path, run_sshfan: RunSshfa
     modules = imported_modules(done.stderr)
     assert "asyncio" in modules  # the import listing was captured
     assert not {m for m in modules if m.split(".")[0] in ("asyncssh", "tqdm")}
+
+
+# -- longest first (LPT) from the duration history ------------------------------------
+
+
+def tasks_of(seqs: range) -> Iterator[Task]:
+    """Fresh tasks numbered as SEQS, as read_tasks would stream them."""
+    return (Task(seq, f"echo {seq}") for seq in seqs)
+
+
+def test_scheduler_hands_known_long_tasks_first_one_per_free_slot() -> None:
+    """Known-long tasks go first, at most one per free slot; the file's other tasks follow
+    in order and the pulled ones are not handed out twice."""
+    longest = [Task(9, "echo 9", long=True), Task(4, "echo 4", long=True)]
+    scheduler = Scheduler(tasks_of(range(1, 11)), longest=longest)
+    first = scheduler.take("a", 5, long_room=1)  # one free slot: one long task and no more
+    assert [t.seq for t in first] == [9]
+    second = scheduler.take("b", 5, long_room=2)  # the other long one, then short ones
+    assert [t.seq for t in second] == [4, 1, 2, 3, 5]
+    rest = scheduler.take("c", 100, long_room=2)
+    assert [t.seq for t in rest] == [6, 7, 8, 10]
+    assert scheduler.exhausted() and not scheduler.has_work()
+    assert scheduler.drawn == 10
+
+
+def test_scheduler_keeps_long_tasks_while_no_slot_is_free() -> None:
+    """With no room for a long task, a host gets the file's tasks; the long one waits."""
+    scheduler = Scheduler(tasks_of(range(1, 4)), longest=[Task(3, "echo 3", long=True)])
+    assert [t.seq for t in scheduler.take("a", 2, long_room=0)] == [1, 2]
+    assert scheduler.has_work() and scheduler.left_over() is None
+    assert [t.seq for t in scheduler.take("a", 2, long_room=0)] == []  # 3 is pulled out
+    assert scheduler.left_over() == 1 and not scheduler.exhausted()
+    assert [t.seq for t in scheduler.take("a", 2, long_room=1)] == [3]
+    assert scheduler.exhausted()
+
+
+def test_history_round_trip_forgets_tasks_that_ran_short(tmp_path: Path) -> None:
+    """Long tasks are remembered by their text; one that ran short since is forgotten."""
+    path = tmp_path / "cache" / "durations"
+    first = DurationHistory(path)
+    first.load()
+    for n in range(20):
+        first.record(f"short {n}", 0.01)
+    first.record("long a", 1.5)
+    first.record("long b", 0.9)
+    first.save(0.01)
+    second = DurationHistory(path)
+    second.load()
+    assert set(second.known) == {second.key("long a"), second.key("long b")}
+    assert second.known[second.key("long a")] == pytest.approx(1.5)
+    second.record("long a", 0.01)  # no longer long
+    second.save(0.01)
+    third = DurationHistory(path)
+    third.load()
+    assert set(third.known) == {third.key("long b")}
+
+
+def test_history_stays_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """However many long tasks runs see, the file keeps the MAX most recent."""
+    monkeypatch.setattr(DurationHistory, "MAX", 10)
+    monkeypatch.setattr(DurationHistory, "PER_RUN", 6)
+    path = tmp_path / "durations"
+    for run in range(4):
+        history = DurationHistory(path)
+        history.load()
+        for n in range(8):
+            history.record(f"run {run} task {n}", 1.0 + n)
+        history.save(0.01)
+    history = DurationHistory(path)
+    history.load()
+    assert len(history.known) == 10
+    assert path.stat().st_size == len(DurationHistory.MAGIC) + 10 * DurationHistory.RECORD.size
+    latest = {history.key(f"run 3 task {n}") for n in range(2, 8)}  # the run's 6 longest
+    assert latest <= set(history.known)
+
+
+def test_history_ignores_a_bad_file(tmp_path: Path) -> None:
+    """A damaged history is no history (a cache), never an error."""
+    path = tmp_path / "durations"
+    path.write_bytes(DurationHistory.MAGIC + b"\x01\x02\x03")
+    history = DurationHistory(path)
+    history.load()
+    assert history.known == {}
+
+
+def test_known_long_tasks_skips_done_and_blank_lines(tmp_path: Path) -> None:
+    """The pass over the file finds known tasks (rendered with --command), longest first,
+    leaving out blank lines and tasks already journaled."""
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text("a\n\nb\nc\nd\n")
+    history = DurationHistory(None)
+    for name, seconds in (("a", 2.0), ("b", 1.0), ("d", 3.0)):
+        history.known[history.key(f"run {name}")] = seconds
+    done = array.array("q", [-1] * 6)
+    done[5] = 0  # d is done already
+    found = known_long_tasks(tasks, done, history, "run {}")
+    assert [(t.seq, t.command, t.long) for t in found] == [(1, "run a", True), (3, "run b", True)]
+
+
+def test_second_run_starts_the_long_task_first(tmp_path: Path, run_sshfan: RunSshfan) -> None:
+    """On the second run of a list, its long task (last in the file) starts first on the
+    one slot, and the output is still exact and in the file's order."""
+    started = tmp_path / "started.txt"
+    lines = [f"echo {n} >> {started}; echo out {n}" for n in range(1, 6)]
+    lines.append(f"echo 6 >> {started}; sleep 0.3; echo out 6")
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out.txt"
+    expected = b"".join(b"out %d\n" % n for n in range(1, 7))
+    for _ in range(2):
+        started.write_text("")
+        done = run_sshfan(["run", str(tasks), "-o", str(out), "--slots", "1"])
+        assert done.returncode == 0, done.stderr.decode(errors="replace")
+        assert out.read_bytes() == expected
+    assert started.read_text().split() == ["6", "1", "2", "3", "4", "5"]
+    # --halt-on-error keeps the file's order, as GNU parallel's --halt does
+    started.write_text("")
+    done = run_sshfan(["run", str(tasks), "-o", str(out), "--slots", "1", "--halt-on-error"])
+    assert done.returncode == 0 and out.read_bytes() == expected
+    assert started.read_text().split() == ["1", "2", "3", "4", "5", "6"]
