@@ -4909,6 +4909,9 @@ class _LazyOutput(io.RawIOBase):
         super().close()
 
 
+_RESULTS_FILES = (".csv", ".tsv", ".json")  # --results names that parallel writes as one file
+
+
 def _check_file_options(opts: RunOptions) -> None:
     """Refuse (exit 2) file options that cannot work, before anything is opened."""
     if opts.results is not None:
@@ -4916,6 +4919,12 @@ def _check_file_options(opts: RunOptions) -> None:
             raise UsageError("--results cannot be used with --pipe (its chunks have no names)")
         if not opts.results:
             raise UsageError("--results: needs a directory")
+        if _PLACEHOLDER.search(opts.results) or opts.results.lower().endswith(_RESULTS_FILES):
+            # GNU parallel writes other layouts for these; not the same answer: refused.
+            raise UsageError(
+                f"--results {opts.results}: only a plain directory is supported "
+                "(no {} names, no .csv/.tsv/.json files)"
+            )
         try:
             os.makedirs(opts.results, exist_ok=True)
         except OSError as exc:
