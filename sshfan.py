@@ -2370,7 +2370,9 @@ def _host_key_hint(spec: HostSpec, reason: str) -> str:
 # running meanwhile, the stub stays small, and OpenSSH's sftp-server does the file
 # work on the worker. Each file is written under a temporary name and renamed, on
 # both ends: a reader never sees half a file, and a file sent onto itself (a worker
-# sharing the head's directory) is never truncated while it is read.
+# sharing the head's directory) is never truncated while it is read. A symlink is
+# sent as the file it points to, as scp does (parallel's rsync -l would send the link,
+# which dangles on a worker that lacks its target).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2518,7 +2520,7 @@ class HostFiles:
                 parent = posixpath.dirname(target)
                 if parent:
                     await sftp.makedirs(parent, exist_ok=True)
-                await sftp.put(local, part)
+                await sftp.put(local, part, follow_symlinks=True)
                 await sftp.chmod(part, mode & 0o7777)
                 await sftp.posix_rename(part, target)
             except (OSError, asyncssh.Error) as exc:
@@ -2560,7 +2562,7 @@ class HostFiles:
                 parent = os.path.dirname(local)
                 if parent:
                     os.makedirs(parent, exist_ok=True)
-                await sftp.get(source, part)
+                await sftp.get(source, part, follow_symlinks=True)
                 await asyncio.get_running_loop().run_in_executor(None, _sync_file, part)
                 os.replace(part, local)
             except asyncssh.SFTPNoSuchFile:

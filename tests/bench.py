@@ -669,6 +669,64 @@ class Bench:
         row.notes.append("sshfan MB/s counts the whole run: connect, journal and merged output")
         return judge(row, lambda s, c: s / c, lambda r: r >= 0.7)
 
+    def files(self) -> Row:
+        """A 100 MB file sent to a host and back (--tf, --return) against scp there and back."""
+        size = 100_000_000
+        row = Row("100 MB file there and back", "MB/s", "scp up, then scp down", ">= 0.7x")
+        worker = self.dir / "worker"
+        worker.mkdir(exist_ok=True)
+        hosts = self.hosts("hosts-files.toml", ["h1"], workdir=str(worker))
+        data = self.dir / "payload.bin"
+        if not data.exists():
+            with open(data, "wb") as out:  # random: neither side may gain by compression
+                for _ in range(size // MIB + 1):
+                    out.write(os.urandom(MIB))
+                out.truncate(size)
+        tasks = self.write("files.txt", "payload.bin\n")
+        scp = shutil.which("scp")
+        if scp is None:
+            row.comparison_error = "not installed"
+        login = self.server.ssh_argv()
+        options = [scp or "scp", "-q", "-P", login[2], *login[3:-1]]
+
+        def sshfan_once() -> float:
+            """One task that renames the file it was sent; its result comes back; MB/s."""
+            with self.rundir() as d:
+                (d / "payload.bin").symlink_to(data)
+                argv = [sys.executable, "-m", "sshfan", "run", str(tasks), "-o", "out"]
+                argv += ["--no-progress", "--hosts", str(hosts), "-c", "mv {} {}.back"]
+                argv += ["--tf", "{}", "--return", "{}.back"]
+                ran = checked(run(argv, cwd=d, env=self.env), "sshfan")
+                self.sshfan_runs.append(ran)
+                if (d / "payload.bin.back").stat().st_size != size:
+                    raise BenchError("the returned file has the wrong size")
+                for left in worker.iterdir():
+                    left.unlink()
+            return 2 * size / ran.wall / 1e6
+
+        def scp_once() -> float:
+            """scp the file to the host and back (two logins, as two commands would be)."""
+            with self.rundir() as d:
+                remote = f"{login[-1]}:{worker}/payload.bin"
+                up = checked(run([*options, str(data), remote]), "scp up")
+                down = checked(run([*options, remote, str(d / "back.bin")]), "scp down")
+                if (d / "back.bin").stat().st_size != size:
+                    raise BenchError("scp brought back the wrong size")
+                for left in worker.iterdir():
+                    left.unlink()
+            return 2 * size / (up.wall + down.wall) / 1e6
+
+        for i in range(self.rounds):
+            log(f"[{row.name}] round {i + 1}/{self.rounds}")
+            row.attempt("sshfan", sshfan_once)
+            if scp is not None:
+                row.attempt("comparison", scp_once)
+        row.notes.append(
+            "sshfan MB/s counts the whole run (connect, stub, both transfers, journal); "
+            "the source is symlinked in, the returned file fsynced before its rename"
+        )
+        return judge(row, lambda s, c: s / c, lambda r: r >= 0.7)
+
     def head_rss(self) -> Row:
         """The head's peak RSS for 5,000 tasks against 500,000 (50,000 in --quick)."""
         small, big = 5_000, 50_000 if self.quick else 500_000
@@ -865,6 +923,7 @@ SCENARIOS: dict[str, Callable[[Bench], Row]] = {
     "makespan": Bench.makespan,
     "lpt": Bench.makespan_learnt,
     "throughput": Bench.throughput,
+    "files": Bench.files,
     "rss": Bench.head_rss,
     "delay": Bench.delayed,
     "first": Bench.first_result,

@@ -247,6 +247,9 @@ def test_basefile_with_cleanup_leaves_nothing(
     script.chmod(0o755)
     for n in range(6):
         (head / f"f{n}").write_text(str(n))
+    (tmp_path / "elsewhere").write_text("0")
+    (head / "f0").unlink()
+    (head / "f0").symlink_to(tmp_path / "elsewhere")  # sent as the file it points to
     (head / "tasks").write_text("".join(f"f{n}\n" for n in range(6)))
     result = run_sshfan(
         [
@@ -255,7 +258,7 @@ def test_basefile_with_cleanup_leaves_nothing(
             "-H",
             str(hosts),
             "-c",
-            "./lib/tool.sh $(cat {})",
+            "test ! -L {} && ./lib/tool.sh $(cat {})",
             "--bf",
             "lib/tool.sh",
             "--tf",
