@@ -2210,6 +2210,8 @@ class HostSession:
         self.window.in_flight = 0
         for mover in list(self._movers):
             mover.cancel()
+        if self.files is not None:
+            self.files.close()
         for waiter in (self._hello, self._pong):
             if waiter is not None and not waiter.done():
                 waiter.set_exception(error)
@@ -2591,7 +2593,8 @@ class HostFiles:
 
     async def clean_bases(self) -> None:
         """--cleanup: remove the basefiles at the end of the host's run."""
-        if self._bases is not None and self._bases.done() and not self._bases.exception():
+        bases = self._bases
+        if bases is not None and bases.done() and not bases.cancelled() and not bases.exception():
             await self._remove([transfer_paths(name)[1] for name in self.options.basefiles])
 
     async def _remove(self, paths: list[str]) -> None:
@@ -2612,11 +2615,17 @@ class HostFiles:
                 parent = posixpath.dirname(parent)
 
     def close(self) -> None:
-        """Stop the SFTP client (the connection itself is the session's)."""
+        """Stop the SFTP client (the connection itself is the session's) and what it runs."""
         if self._sftp is not None:
             self._sftp.exit()
-        if self._starting is not None and not self._starting.done():
-            self._starting.cancel()
+            self._sftp = None
+        for future in (self._starting, self._bases):
+            if future is None:
+                continue
+            if not future.done():
+                future.cancel()
+            elif not future.cancelled():
+                future.exception()  # seen: its waiters reported it (or none was left)
 
 
 def _sync_file(path: str) -> None:
