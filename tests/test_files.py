@@ -344,3 +344,68 @@ def test_head_killed_during_return_then_resume(
     assert (head / "big.bin").read_bytes() == (worker / "big.bin").read_bytes()
     assert (head / "big.bin").stat().st_size == 100_000_000
     assert not part.exists()
+
+
+def test_host_lost_during_return_runs_the_task_elsewhere(
+    sshd_factory: Callable[..., SshServer], run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """The worker dies while a --return file streams in: the task runs again on the other
+    host, and the file that ends here is that run's, whole (no mix, no part file left)."""
+    servers = {"alpha": sshd_factory(), "bravo": sshd_factory()}
+    head = tmp_path / "head"
+    head.mkdir()
+    blocks = []
+    for name, server in servers.items():
+        (tmp_path / name).mkdir()
+        blocks.append(
+            "\n".join(
+                [
+                    "[[hosts]]",
+                    f'name = "{name}"',
+                    f'address = "{server.host}"',
+                    f"port = {server.port}",
+                    f'user = "{server.user}"',
+                    f'identity = "{server.client_key}"',
+                    f'known_hosts = "{server.known_hosts}"',
+                    f'workdir = "{tmp_path / name}"',
+                    "slots = 1",
+                    "keepalive = 2",
+                ]
+            )
+        )
+    (tmp_path / "hosts.toml").write_text("\n\n".join(blocks) + "\n")
+    (head / "tasks").write_text("a\nb\n")
+    args = [sys.executable, "-m", "sshfan", "run", "tasks", "-H", str(tmp_path / "hosts.toml")]
+    args += ["-c", "head -c 64000000 /dev/urandom > {}.bin", "--return", "{}.bin", "-o", "out"]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    proc = subprocess.Popen(
+        args, cwd=head, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    killed = cut = ""
+    deadline = time.monotonic() + 120
+    try:
+        while not killed and proc.poll() is None and time.monotonic() < deadline:
+            for part in head.glob(".*.part"):
+                stem = part.name.split(".")[1]  # .a.bin.sshfan-1.part -> a
+                owners = [n for n in servers if (tmp_path / n / f"{stem}.bin").exists()]
+                if len(owners) == 1 and part.stat().st_size > 0:
+                    killed, cut = owners[0], stem
+                    servers[killed].kill()
+                    break
+            time.sleep(0.002)
+        _, stderr = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert killed, "no return was seen streaming in"
+    assert proc.returncode == 0, stderr.decode(errors="replace")
+    assert f"lost host {killed}".encode() in stderr
+    survivor = next(n for n in servers if n != killed)
+    assert (tmp_path / survivor / f"{cut}.bin").exists()  # the cut task ran again there
+    for stem in ("a", "b"):
+        here = (head / f"{stem}.bin").read_bytes()
+        assert len(here) == 64_000_000
+        if (tmp_path / survivor / f"{stem}.bin").exists():
+            assert here == (tmp_path / survivor / f"{stem}.bin").read_bytes()
+    assert not list(head.glob(".*.part"))
