@@ -626,9 +626,12 @@ def load_host_sources(sources: HostSources) -> list[HostSpec]:
 # | RESULT  | stub → head | seq u64, status i32, flags u8, duration f64, stdout    |
 # |         |             | length u32, stderr length u32, stdout, stderr          |
 # | ERROR   | stub → head | UTF-8 text: the stub cannot go on                      |
-# | DROP    | head → stub | forget the tasks not started yet ("halt"), or start    |
-# |         |             | what free slots take, then forget the rest (empty)     |
+# | DROP    | head → stub | forget the tasks not started yet ("halt"; "kill" kills |
+# |         |             | the running ones too), or start what free slots take,  |
+# |         |             | then forget the rest (empty)                           |
 # | DROPPED | stub → head | JSON list of the seqs it forgot                        |
+# | RELEASE | head → stub | seq u64: the head has seen that task's result and does |
+# |         |             | not halt; a stub holding for it (CONFIG's hold) goes on |
 # | INPUT   | head → stub | seq u64, bytes: the first part of the stdin of a task  |
 # |         |             | whose TASKS entry follows (a --pipe chunk too large    |
 # |         |             | for one frame goes in several; the entry has the rest) |
@@ -660,6 +663,7 @@ KIND_ERROR = 9
 KIND_DROP = 10
 KIND_DROPPED = 11
 KIND_INPUT = 12
+KIND_RELEASE = 13
 KIND_DONE = 20  # journal only: a finished task's record
 KIND_JOURNAL = 21  # journal only: the header record
 
@@ -895,6 +899,11 @@ class Stub:
         self.decoder = FrameDecoder(skip_banner=False)
         self.queue = collections.deque()
         self.input = {}  # seq: stdin parts (INPUT frames) waiting for the task's entry
+        # With --halt the stub starts nothing after a task that counts towards the halt
+        # (CONFIG's hold: "fail", "success" or "done") until the head has seen its result
+        # and released it: a queued task cannot start before the head could say halt.
+        self.hold = None
+        self.held = set()
         self.running = {}
         self.by_fd = {}
         self.by_stdin = {}
@@ -924,12 +933,18 @@ class Stub:
         """Flush now if it is time; else return seconds until it will be (None: empty).
 
         Results of tiny tasks are held up to FLUSH_DELAY and sent together: fewer SSH
-        packets for both ends to handle. Never while the queue is empty or nothing
-        runs, when the head is waiting on these results to send more work."""
+        packets for both ends to handle. Never while the queue is empty, nothing runs
+        or the queue is held, when the head is waiting on these results to go on."""
         if not self.outbox:
             return None
         left = self.outbox_since + FLUSH_DELAY - time.monotonic()
-        if left <= 0 or not self.queue or not self.running or self.outbox_bytes >= 65536:
+        if (
+            left <= 0
+            or not self.queue
+            or not self.running
+            or self.held
+            or self.outbox_bytes >= 65536
+        ):
             self.flush()
             return None
         return left
@@ -977,6 +992,7 @@ class Stub:
             if config.get("env"):
                 self.env = dict(os.environ)
                 self.env.update(config["env"])
+            self.hold = config.get("hold")
             self.workdir = config.get("workdir")
             if self.workdir:
                 self.workdir = os.path.expanduser(self.workdir)
@@ -989,11 +1005,15 @@ class Stub:
         elif kind == KIND_DROP:
             # When rebalancing, tasks that can start now do: a DROP read together with the
             # TASKS frame before it would otherwise hand everything back, again and again.
-            if payload != b"halt":
+            if payload not in (b"halt", b"kill"):
                 self.start_tasks()
             dropped = [entry[0] for entry in self.queue]
             self.queue.clear()
+            if payload == b"kill":
+                self.kill_all()
             self.send(KIND_DROPPED, json.dumps(dropped).encode("utf-8"))
+        elif kind == KIND_RELEASE:
+            self.held.discard(INPUT_HEAD.unpack_from(payload, 0)[0])
         else:
             raise FrameError(f"unexpected frame kind {kind} from the head")
 
@@ -1049,9 +1069,17 @@ class Stub:
         except OSError:  # the warden is gone: carry on without it
             self.warden = None
 
+    def finished(self, seq: int, status: int, flags: int) -> None:
+        """Note a task's end: with --halt, hold the queue if it counts towards the halt."""
+        if self.hold is None or flags & FLAG_CANCELLED:
+            return
+        failed = status != 0 or flags & FLAG_TIMED_OUT
+        if self.hold == "done" or (self.hold == "fail") == bool(failed):
+            self.held.add(seq)
+
     def start_tasks(self) -> None:
         """Start queued tasks while slots are free; tell the warden of them at once."""
-        while self.queue and len(self.running) < self.slots and self.configured:
+        while self.queue and len(self.running) < self.slots and self.configured and not self.held:
             seq, command, data = self.queue.popleft()
             deadline = time.monotonic() + self.timeout if self.timeout else None
             try:
@@ -1059,6 +1087,7 @@ class Stub:
             except OSError as exc:
                 message = f"sshfan: cannot start task: {exc}\n".encode()
                 self.send(KIND_RESULT, encode_result(seq, 127, 0, 0.0, b"", message))
+                self.finished(seq, 127, 0)
                 continue
             task = StubTask(seq, pid, deadline)
             self.running[pid] = task
@@ -1169,6 +1198,7 @@ class Stub:
                     self.send(KIND_OUTPUT, OUTPUT_HEAD.pack(task.seq, stream) + data)
             result = encode_result(task.seq, task.status, task.flags, duration, b"", b"")
         self.send(KIND_RESULT, result)
+        self.finished(task.seq, task.status, task.flags)
 
     def check_deadlines(self) -> "float | None":
         """Kill tasks past their deadline; return seconds until the next deadline."""
@@ -1380,6 +1410,7 @@ _SHIPPED_CONSTANTS = (
     "KIND_DROP",
     "KIND_DROPPED",
     "KIND_INPUT",
+    "KIND_RELEASE",
     "FLAG_TIMED_OUT",
     "FLAG_CANCELLED",
 )
@@ -1569,6 +1600,56 @@ class Scheduler:
         return self._source_done and not self._again and not self._longest
 
 
+@dataclasses.dataclass(frozen=True)
+class HaltPolicy:
+    """GNU parallel's --halt WHEN,WHY=N[%]: stop the run once N (or N%) tasks failed,
+    succeeded or finished; "soon" lets running tasks end, "now" kills them."""
+
+    when: str = "soon"  # soon or now
+    why: str = "fail"  # fail, success or done
+    count: int = 1  # tasks, or a percentage of the run's tasks with percent
+    percent: bool = False
+
+    _OLD_FORMS = {
+        "1": "soon,fail=1",
+        "2": "now,fail=1",
+        "-1": "soon,success=1",
+        "-2": "now,success=1",
+    }
+
+    @classmethod
+    def parse(cls, text: str) -> HaltPolicy | None:
+        """Read --halt as GNU parallel does (also its old forms 0, 1, 2, -1, -2, N%)."""
+        spec = text.strip()
+        if spec in ("never", "0"):
+            return None
+        spec = cls._OLD_FORMS.get(spec, spec)
+        if re.fullmatch(r"\d+%", spec):
+            spec = "soon,fail=" + spec
+        match = re.fullmatch(r"(soon|now),(fail|success|done)=(\d+)(%?)", spec)
+        if not match or int(match.group(3)) < 1 or (match.group(4) and int(match.group(3)) > 100):
+            raise UsageError(
+                f"--halt: not a halt condition: {text!r} (e.g. soon,fail=1, now,success=1, "
+                "soon,fail=10%)"
+            )
+        when, why, count, percent = match.groups()
+        return cls(when, why, int(count), bool(percent))
+
+    def __str__(self) -> str:
+        """The policy as --halt takes it."""
+        return f"{self.when},{self.why}={self.count}{'%' if self.percent else ''}"
+
+    def counts(self, ok: bool) -> bool:
+        """Whether a finished task (OK or not) counts towards the halt."""
+        return self.why == "done" or (self.why == "success") == ok
+
+    def reached(self, counted: int, total: int) -> bool:
+        """Whether COUNTED such tasks (of TOTAL in the run) halt it."""
+        if self.percent:
+            return counted * 100 >= self.count * max(1, total)
+        return counted >= self.count
+
+
 def start_ahead(left: int, slots: int, all_slots: int) -> int:
     """Tasks to queue beyond SLOTS before any duration is known: a quarter of this host's
     share (by slots) of the LEFT tasks, at least its slots, at most START_MAX.
@@ -1754,6 +1835,7 @@ class HostSession:
             "timeout": self.run.timeout if self.run else None,
             "env": dict(self.spec.env),
             "workdir": self.spec.workdir or "~",
+            "hold": self.run.halt.why if self.run and self.run.halt else None,
         }
         self._write(encode_frame(KIND_CONFIG, json.dumps(config).encode()))
         # Measure the round trip without waiting for it: work goes out at once, and the
@@ -1920,7 +2002,7 @@ class HostSession:
                 self.fetching[seq] = task  # it counts as done once its files are back
                 self._spawn(self._fetch(task, result))
             elif self.run is not None:
-                self.run.on_result(self, task, result, cancelled=bool(flags & FLAG_CANCELLED))
+                self._hand_on(task, result, cancelled=bool(flags & FLAG_CANCELLED))
         elif kind == KIND_OUTPUT:
             # A large piece comes as the list of packets it arrived in (see FrameDecoder).
             parts = payload if isinstance(payload, list) else [payload]
@@ -2122,14 +2204,24 @@ class HostSession:
     def _report(self, task: Task, result: TaskResult) -> None:
         """Hand a result finished off the frame path (files moved) to the run."""
         if self.run is not None:
-            self.run.on_result(self, task, result, cancelled=False)
+            self._hand_on(task, result, cancelled=False)
             self.run.after_batch(self)
 
-    def drop_queued(self, halt: bool = False) -> None:
-        """Ask the stub to give back the tasks it has not started (halt, or for idle hosts)."""
-        if self.state == "ready" and not self.dropping:
+    def _hand_on(self, task: Task, result: TaskResult, cancelled: bool) -> None:
+        """Give a result to the run; with --halt, release the stub's queue if it goes on."""
+        assert self.run is not None
+        self.run.on_result(self, task, result, cancelled=cancelled)
+        halt = self.run.halt
+        if halt and not cancelled and halt.counts(result.ok) and not self.run.summary.halted:
+            # The stub holds its queue for this result (Stub.finished): go on.
+            self._write(encode_frame(KIND_RELEASE, INPUT_HEAD.pack(result.seq)))
+
+    def drop_queued(self, halt: str = "") -> None:
+        """Ask the stub to give back the tasks it has not started: for idle hosts, or
+        HALT ("halt": start none of them; "kill": and kill the running ones)."""
+        if self.state == "ready" and (halt or not self.dropping):  # a halt never waits
             self.dropping = True
-            self._write(encode_frame(KIND_DROP, b"halt" if halt else b""))
+            self._write(encode_frame(KIND_DROP, halt.encode()))
 
     def queued(self) -> int:
         """Tasks this host holds beyond its slots (not started yet, as far as the head knows)."""
@@ -3605,6 +3697,7 @@ class RunSummary:
     failures: list[TaskResult] = dataclasses.field(default_factory=list)
     interrupted: bool = False
     halted: bool = False
+    halt: str = ""  # the --halt condition that stopped the run
     complete: bool = False
     fatal: str = ""
     output: str = ""
@@ -3616,8 +3709,12 @@ class RunSummary:
         """The exit code DESIGN.md gives this outcome."""
         if self.interrupted:
             return 130
-        if self.halted:
+        if self.halted and ",success=" in self.halt:
+            return 0  # what was asked for happened (GNU parallel exits 0 too)
+        if self.halted and ",fail=" in self.halt:
             return 1
+        if self.halted:  # done=N: as GNU parallel, 0 unless a task failed
+            return 1 if self.failed or self.timed_out or self.resumed_failed else 0
         if not self.complete:
             return 3
         return 1 if self.failed or self.timed_out or self.resumed_failed else 0
@@ -3643,7 +3740,8 @@ class _Run:
         self.journal = journal
         self.merged = merged
         self.timeout = opts.timeout
-        self.halt_on_error = opts.halt_on_error
+        self.halt = opts.halt or (HaltPolicy() if opts.halt_on_error else None)
+        self._halt_counted = 0
         # --pipe chunks wait in memory on both ends: queue few of them when they are large.
         self.max_ahead = HostWindow.MAX_AHEAD
         if opts.pipe and not opts.lines:
@@ -3754,15 +3852,27 @@ class _Run:
         if self.history is not None:
             self.history.record(task.command, result.duration_s)
         summary = self.summary
-        if not result.ok and self.halt_on_error and not summary.halted:
-            summary.halted = True
-            self.scheduler.stopped = True
-            for other in self.sessions:
-                other.drop_queued(halt=True)
-            self.log(
-                f"sshfan: task {result.seq} failed: --halt-on-error: no new tasks; "
-                "waiting for the running ones"
-            )
+        halt = self.halt
+        if halt is not None and not summary.halted and halt.counts(result.ok):
+            self._halt_counted += 1
+            if halt.reached(self._halt_counted, summary.total - summary.resumed):
+                self._halt(result)
+
+    def _halt(self, result: TaskResult) -> None:
+        """The --halt condition is met: no task starts anywhere; with "now" kill the running."""
+        assert self.halt is not None
+        self.summary.halted = True
+        self.summary.halt = str(self.halt)
+        self.scheduler.stopped = True
+        for other in self.sessions:
+            other.drop_queued("kill" if self.halt.when == "now" else "halt")
+        how = "failed" if not result.ok else "succeeded"
+        then = (
+            "killing the running ones"
+            if self.halt.when == "now"
+            else "waiting for the running ones"
+        )
+        self.log(f"sshfan: task {result.seq} {how}: --halt {self.halt}: no new tasks; {then}")
 
     def after_batch(self, session: HostSession) -> None:
         """After a batch of frames from one host: journal, render, refill, maybe finish."""
@@ -4001,7 +4111,8 @@ class RunOptions:
     retries: int = 0
     journal: str | None = None
     slots: int | None = None  # overrides every host's slots
-    halt_on_error: bool = False
+    halt_on_error: bool = False  # --halt soon,fail=1
+    halt: HaltPolicy | None = None
     tag: bool = False
     joblog: str | None = None
     command: str | None = None  # a template: each line becomes its arguments
@@ -4089,7 +4200,7 @@ async def run_async(
             tasks = read_tasks(tasks_path, merged, done, opts.command)
             history = DurationHistory(opts.history)
             history.load()
-            if not opts.halt_on_error:  # --halt-on-error keeps file order, as parallel's --halt
+            if not (opts.halt_on_error or opts.halt):  # --halt keeps file order, as parallel
                 longest = known_long_tasks(tasks_path, done, history, opts.command)
         scheduler = Scheduler(tasks, opts.retries, longest)
         hosts = opts.hosts
@@ -4471,7 +4582,10 @@ def format_summary(summary: RunSummary) -> list[str]:
         detail = f": {tail[0][:200]}" if tail else ""
         lines.append(f"  failed: task {result.seq} on {result.host} ({why}){detail}")
     if summary.halted:
-        lines.append("sshfan: halted after a failure (--halt-on-error); --resume runs the rest")
+        left = summary.total - done - summary.resumed
+        lines.append(
+            f"sshfan: halted (--halt {summary.halt}): {left} task(s) not run; --resume runs them"
+        )
     where = "stdout" if summary.output == "-" else summary.output
     lines.append(f"sshfan: output: {where}; journal: {summary.journal}")
     if summary.exit_code in (3, 130):
@@ -4617,7 +4731,14 @@ def _cli() -> Any:
             0, "--retries", metavar="N", help="Re-run a failed task up to N times."
         ),
         halt_on_error: bool = typer.Option(
-            False, "--halt-on-error", help="After a failure, start no new tasks; exit 1."
+            False, "--halt-on-error", help="Short for --halt soon,fail=1."
+        ),
+        halt: str | None = typer.Option(
+            None,
+            "--halt",
+            metavar="WHEN,WHY=N",
+            help="As GNU parallel: once N (or N%) tasks fail|success|done, start no new task; "
+            "soon: let the running ones end; now: kill them. E.g. soon,fail=1, now,success=1.",
         ),
         tag: bool = typer.Option(
             False, "--tag", help="Text output: prefix each line with host TAB seq TAB."
@@ -4704,6 +4825,7 @@ def _cli() -> Any:
                 journal=journal,
                 slots=slots,
                 halt_on_error=halt_on_error,
+                halt=HaltPolicy.parse(halt) if halt is not None else None,
                 tag=tag,
                 joblog=joblog,
                 command=command,

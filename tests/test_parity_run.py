@@ -118,3 +118,103 @@ def test_chunks_larger_than_a_frame_reach_the_task_whole(
     assert [len(c) for c in chunks] == [len(line) + 1, 18, 3 * 1024 * 1024 + 1]
     sums = [row.split()[0].decode() for row in result.stdout.splitlines()]
     assert sums == [hashlib.sha256(c).hexdigest() for c in chunks]
+
+
+def test_a_stub_holds_its_queue_after_a_failure_until_released(tmp_path: Path) -> None:
+    """With hold = "fail" nothing queued starts after a failed task until the head says."""
+    from test_stub import StubProcess
+
+    stub = StubProcess(slots=1, hold="fail")
+    try:
+        marker = tmp_path / "second-ran"
+        tasks = [(1, b"exit 3"), (2, b"touch " + str(marker).encode()), (3, b"true")]
+        stub.send(sshfan.KIND_TASKS, sshfan.encode_tasks(tasks))
+        assert stub.results(1)[1][0] == 3
+        # The stub starts queued tasks before it reads a frame: by its PONG, an unheld
+        # queue would have started task 2.
+        stub.send(sshfan.KIND_PING, b"x")
+        stub.expect(sshfan.KIND_PONG)
+        assert not marker.exists()
+        stub.send(sshfan.KIND_RELEASE, sshfan.INPUT_HEAD.pack(1))
+        assert sorted(stub.results(2)) == [2, 3]
+        assert marker.exists()
+        assert stub.close() == 0
+    finally:
+        stub.proc.kill()
+        stub.proc.wait()
+
+
+HALT_TASKS = [0, 1, 0, 1, 0, 0]  # exit codes, task by task
+
+
+def _halt_files(tmp_path: Path, tag: str) -> tuple[Path, Path]:
+    """A tasks file whose task N touches file N and exits as HALT_TASKS says; its directory."""
+    where = tmp_path / tag
+    where.mkdir()
+    tasks = where / "tasks.txt"
+    tasks.write_text(
+        "".join(f"touch {where}/ran{n}; exit {code}\n" for n, code in enumerate(HALT_TASKS, 1))
+    )
+    return tasks, where
+
+
+def _ran(where: Path) -> list[int]:
+    """Which tasks ran (the files they touched)."""
+    return sorted(int(p.name[3:]) for p in where.glob("ran*"))
+
+
+@needs_parallel
+@pytest.mark.parametrize(
+    "halt",
+    ["soon,fail=1", "now,fail=1", "soon,fail=2", "soon,success=2", "now,success=1", "2"]
+    + ["soon,done=3", "soon,fail=30%"],
+)
+def test_halt_with_one_slot_runs_the_tasks_gnu_parallel_runs(
+    tmp_path: Path, run_sshfan, halt: str
+) -> None:
+    """-j 1: the same tasks run as under GNU parallel --halt, and none after it halts."""
+    tasks, theirs = _halt_files(tmp_path, "parallel")
+    result = subprocess.run(
+        [PARALLEL, "--will-cite", "-j1", "--halt", halt],
+        stdin=tasks.open("rb"),
+        capture_output=True,
+        check=False,
+    )
+    parallel_failed = result.returncode != 0
+    tasks, ours = _halt_files(tmp_path, "sshfan")
+    mine = run_sshfan(["run", str(tasks), "-j", "1", "--halt", halt, "-o", "-", "--no-progress"])
+    assert _ran(ours) == _ran(theirs), mine.stderr
+    assert (mine.returncode == 1) == parallel_failed, mine.stderr
+    assert mine.returncode in (0, 1) and b"--halt" in mine.stderr
+
+
+def test_halt_on_error_over_ssh_starts_nothing_after_the_failure(
+    sshd: SshServer, tmp_path: Path, run_sshfan
+) -> None:
+    """--halt-on-error with one slot: tasks exiting 0 1 0 run the first two only, over SSH."""
+    hosts = tmp_path / "hosts.toml"
+    hosts.write_text(sshd.hosts_toml(["h1"], slots=1))
+    tasks, where = _halt_files(tmp_path, "ssh")
+    result = run_sshfan(
+        ["run", str(tasks), "--hosts", str(hosts), "--halt-on-error", "-o", "-", "--no-progress"]
+    )
+    assert result.returncode == 1, result.stderr
+    assert _ran(where) == [1, 2]
+    assert b"4 task(s) not run" in result.stderr
+
+
+def test_halt_now_kills_the_running_tasks_and_bad_halts_are_refused(
+    tmp_path: Path, run_sshfan
+) -> None:
+    """now,fail=1 kills what runs beside the failure; a malformed --halt is exit 2."""
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text(f"sleep 30; touch {tmp_path}/slept\nsleep 0.2; exit 5\n" + "true\n" * 5)
+    result = run_sshfan(
+        ["run", str(tasks), "-j", "2", "--halt", "now,fail=1", "-o", "-", "--no-progress"]
+    )
+    assert result.returncode == 1, result.stderr
+    assert not (tmp_path / "slept").exists()
+    assert b"--halt now,fail=1" in result.stderr
+    for bad in ("later,fail=1", "soon,fail=0", "soon,fail=1.5", "soon,oops=1", "soon,fail=101%"):
+        refused = run_sshfan(["run", str(tasks), "--halt", bad])
+        assert refused.returncode == 2 and refused.stderr.count(b"\n") == 1, refused.stderr

@@ -30,7 +30,13 @@ from sshfan import (
 class StubProcess:
     """A stub subprocess driven frame by frame, as the head drives it."""
 
-    def __init__(self, slots: int = 2, timeout: float | None = None, banner: bool = False) -> None:
+    def __init__(
+        self,
+        slots: int = 2,
+        timeout: float | None = None,
+        banner: bool = False,
+        **config: object,
+    ) -> None:
         """Start the stub with the bootstrap line, ship its source, read its hello."""
         source = sshfan.stub_source().encode()
         code = sshfan.bootstrap_code(len(source))
@@ -45,7 +51,7 @@ class StubProcess:
         self.send_raw(source)
         kind, payload = self.expect(KIND_HELLO)
         self.hello = json.loads(payload)
-        config = {"slots": slots, "timeout": timeout, "env": {}, "workdir": None}
+        config = {"slots": slots, "timeout": timeout, "env": {}, "workdir": None, **config}
         self.send(KIND_CONFIG, json.dumps(config).encode())
 
     def send_raw(self, data: bytes) -> None:
