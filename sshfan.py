@@ -635,6 +635,8 @@ def load_host_sources(sources: HostSources) -> list[HostSpec]:
 # | INPUT   | head → stub | seq u64, bytes: the first part of the stdin of a task  |
 # |         |             | whose TASKS entry follows (a --pipe chunk too large    |
 # |         |             | for one frame goes in several; the entry has the rest) |
+# | CANCEL  | head → stub | seq u64: kill that task (a --speculate copy that lost);|
+# |         |             | its RESULT comes flagged CANCELLED, at once if queued  |
 #
 # Bytes before the first frame (a login banner from the worker's shell start-up
 # files) are skipped; after it, anything that is not a frame is a protocol error.
@@ -664,6 +666,7 @@ KIND_DROP = 10
 KIND_DROPPED = 11
 KIND_INPUT = 12
 KIND_RELEASE = 13
+KIND_CANCEL = 14
 KIND_DONE = 20  # journal only: a finished task's record
 KIND_JOURNAL = 21  # journal only: the header record
 
@@ -1014,8 +1017,26 @@ class Stub:
             self.send(KIND_DROPPED, json.dumps(dropped).encode("utf-8"))
         elif kind == KIND_RELEASE:
             self.held.discard(INPUT_HEAD.unpack_from(payload, 0)[0])
+        elif kind == KIND_CANCEL:
+            (seq,) = INPUT_HEAD.unpack_from(payload, 0)
+            self.cancel(seq)
         else:
             raise FrameError(f"unexpected frame kind {kind} from the head")
+
+    def cancel(self, seq: int) -> None:
+        """Kill task SEQ with all it started (its RESULT follows, flagged CANCELLED), or
+        answer at once if it has not started; a task already finished is left alone (its
+        RESULT is on its way, and the head expects exactly one)."""
+        for task in self.running.values():
+            if task.seq == seq:
+                self.kill_tasks([task], FLAG_CANCELLED)
+                return
+        for entry in self.queue:
+            if entry[0] == seq:
+                self.queue.remove(entry)
+                self.input.pop(seq, None)
+                self.send(KIND_RESULT, encode_result(seq, -9, FLAG_CANCELLED, 0.0, b"", b""))
+                return
 
     def spawn(self, command: bytes, data: bytes = b"") -> tuple:
         """Start `/bin/sh -c COMMAND` in its own session; return pid, pipes, stdin pipe or None.
@@ -1411,6 +1432,7 @@ _SHIPPED_CONSTANTS = (
     "KIND_DROPPED",
     "KIND_INPUT",
     "KIND_RELEASE",
+    "KIND_CANCEL",
     "FLAG_TIMED_OUT",
     "FLAG_CANCELLED",
 )
@@ -1503,6 +1525,7 @@ class Task:
     pieces: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)
     arg: str | None = None  # the line, when --command made COMMAND from it (--results)
     long: bool = False  # known long from an earlier run: handed out first, to a free slot
+    sent: float = 0.0  # when it went to its host (time.monotonic), for --speculate
 
 
 class Scheduler:
@@ -1753,6 +1776,7 @@ class HostSession:
         self.run = run
         self.decoder = FrameDecoder(parts_of=KIND_OUTPUT)
         self.in_flight: dict[int, Task] = {}
+        self.cancelled: set[int] = set()  # seqs told to CANCEL whose RESULT has not come yet
         # Tasks done on the worker whose --return files (or --cleanup) are under way.
         self.fetching: dict[int, Task] = {}
         self.files: HostFiles | None = None  # an SSH host's file mover, when the run moves files
@@ -1976,6 +2000,9 @@ class HostSession:
         """Dispatch one frame from the stub."""
         if kind == KIND_RESULT:
             seq, status, flags, duration, out, err = decode_result(payload)
+            if seq in self.cancelled:  # the answer to a CANCEL (or a result that crossed it)
+                self.cancelled.discard(seq)
+                return
             task = self.in_flight.pop(seq, None)
             if task is None:
                 raise HostError(self.name, "protocol", f"result for task {seq} it was not given")
@@ -2009,6 +2036,8 @@ class HostSession:
             head = parts[0] if len(parts[0]) >= OUTPUT_HEAD.size else b"".join(parts)
             seq, stream = OUTPUT_HEAD.unpack_from(head, 0)
             task = self.in_flight.get(seq)
+            if task is None and seq in self.cancelled:
+                return  # a cancelled copy's output: not journaled
             if task is None:
                 raise HostError(self.name, "protocol", f"output for task {seq} it was not given")
             if self.run is not None:
@@ -2031,9 +2060,9 @@ class HostSession:
             if self._pong is not None and not self._pong.done():
                 self._pong.set_result(self.rtt)
         elif kind == KIND_DROPPED:
-            dropped = [
-                self.in_flight.pop(seq) for seq in json.loads(payload) if seq in self.in_flight
-            ]
+            seqs = json.loads(payload)
+            self.cancelled.difference_update(seqs)  # dropped before its CANCEL came: no RESULT
+            dropped = [self.in_flight.pop(seq) for seq in seqs if seq in self.in_flight]
             self.window.in_flight -= len(dropped)
             self.dropping = False
             self.may_drop = bool(dropped)  # nothing was queued: wait for a result first
@@ -2099,9 +2128,15 @@ class HostSession:
         tasks = scheduler.take(self.name, want, others_alive, long_room)
         if not tasks:
             return 0
+        return self.send_tasks(tasks)
+
+    def send_tasks(self, tasks: list[Task]) -> int:
+        """Send TASKS to the stub and count them in flight; return how many."""
+        now = time.monotonic()
         if not self.in_flight:
-            self.progress_at = time.monotonic()
+            self.progress_at = now
         for task in tasks:
+            task.sent = now
             self.in_flight[task.seq] = task
         self.window.in_flight += len(tasks)
         if self.files is not None:  # each task goes to the stub once its files are there
@@ -2222,6 +2257,24 @@ class HostSession:
         if self.state == "ready" and (halt or not self.dropping):  # a halt never waits
             self.dropping = True
             self._write(encode_frame(KIND_DROP, halt.encode()))
+
+    def cancel(self, seq: int) -> None:
+        """Have the stub kill task SEQ (a --speculate copy that lost); it is done here at once,
+        and the RESULT the stub still sends for it is ignored."""
+        if self.in_flight.pop(seq, None) is None:
+            return
+        self.window.in_flight -= 1
+        self.cancelled.add(seq)
+        if self.state in ("ready", "closing"):
+            with contextlib.suppress(Exception):
+                self._write(encode_frame(KIND_CANCEL, INPUT_HEAD.pack(seq)))
+
+    def running_since(self) -> list[tuple[float, Task]]:
+        """The tasks that are running now as far as the head can tell (the first SLOTS sent,
+        when nothing waits behind them), with when each was sent."""
+        if self.state != "ready" or self.queued() > 0:
+            return []
+        return [(task.sent, task) for task in self.in_flight.values()]
 
     def queued(self) -> int:
         """Tasks this host holds beyond its slots (not started yet, as far as the head knows)."""
@@ -3533,6 +3586,8 @@ def read_chunks(
 
 CONNECT_PACE = 8  # hosts starting at once per SSH server: under MaxStartups (10) by default
 CONNECT_MAX = 64  # hosts starting at once in all
+SPECULATE_AFTER = 2.0  # --speculate: a copy once a task ran this many median durations
+SPECULATE_MIN = 0.1  # seconds beyond that, so that tiny tasks are not copied
 
 
 class Pacing:
@@ -3698,6 +3753,8 @@ class RunSummary:
     interrupted: bool = False
     halted: bool = False
     halt: str = ""  # the --halt condition that stopped the run
+    backups: int = 0  # --speculate: backup copies started
+    backups_won: int = 0  # ... and how many of them finished first
     complete: bool = False
     fatal: str = ""
     output: str = ""
@@ -3759,6 +3816,11 @@ class _Run:
         self._recheck: asyncio.TimerHandle | None = None  # a _rebalance to come
         self._interrupts = 0
         self.history: DurationHistory | None = None  # durations to learn for later runs
+        # Not with --halt: a stub holds its queue for results the head ignores from a copy.
+        self.speculate = opts.speculate and not self.files and self.halt is None
+        # --speculate: a task running twice -> (the session of its first copy, the backup's)
+        self.copies: dict[int, tuple[HostSession, HostSession]] = {}
+        self._spec_timer: asyncio.TimerHandle | None = None  # a _speculate to come
 
     async def execute(self) -> RunSummary:
         """Run every task; return the summary (the exit code says how it ended)."""
@@ -3779,6 +3841,8 @@ class _Run:
             syncer.cancel()
             if self._recheck is not None:
                 self._recheck.cancel()
+            if self._spec_timer is not None:
+                self._spec_timer.cancel()
             for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                     loop.remove_signal_handler(signum)
@@ -3841,6 +3905,13 @@ class _Run:
         """A task finished on SESSION: retry it, or journal it as done."""
         if cancelled:
             return  # killed because the run is stopping: it is not done; --resume reruns it
+        pair = self.copies.pop(task.seq, None) if self.copies else None
+        if pair is not None:  # --speculate: the first copy to finish wins, the other is killed
+            for other in pair:
+                if other is not session:
+                    other.cancel(task.seq)
+            if session is pair[1]:
+                self.summary.backups_won += 1
         if not result.ok and self.scheduler.should_retry(task, session.name):
             self.log(
                 f"sshfan: task {task.seq} failed on {session.name} "
@@ -3884,6 +3955,7 @@ class _Run:
         if not self.summary.interrupted:
             self._refill_all()
             self._rebalance()
+            self._speculate()
         self._check_done()
 
     def _merge_batch(self) -> None:
@@ -3933,6 +4005,8 @@ class _Run:
 
     def on_host_lost(self, session: HostSession, tasks: list[Task]) -> None:
         """A host failed to start or was lost: requeue its tasks, warn, maybe end the run."""
+        if self.copies:  # a task whose other copy runs on is left to that copy
+            tasks = [task for task in tasks if not self._other_copy_runs(session, task.seq)]
         error = session.error
         reason = f"{error.stage}: {error.reason}" if error else "unknown reason"
         lanes = [s for s in self.sessions if s.name == session.name]
@@ -4011,6 +4085,67 @@ class _Run:
         """The timer set by _rebalance: look again, now that queues have waited longer."""
         self._recheck = None
         self._rebalance()
+
+    def _other_copy_runs(self, session: HostSession, seq: int) -> bool:
+        """--speculate: forget SESSION's copy of task SEQ; whether another copy still runs."""
+        pair = self.copies.pop(seq, None)
+        return pair is not None and any(s is not session and seq in s.in_flight for s in pair)
+
+    def _speculate(self) -> None:
+        """--speculate: once nothing is left to hand out, start a backup copy of each task
+        running far past the typical duration on an idle slot of another host.
+
+        Far past: SPECULATE_AFTER times the median finished duration plus SPECULATE_MIN
+        (so that a run of tiny tasks does not copy its last few). The first copy to finish
+        wins (on_result); the other is cancelled, its process group killed by its stub."""
+        if not self.speculate or self.scheduler.has_work() or self.summary.halted:
+            return
+        if self._finished is None or self._finished.done():
+            return
+        idle = [
+            s for s in self.sessions if s.state == "ready" and len(s.in_flight) < s.window.slots
+        ]
+        samples = [d for stats in self.summary.per_host.values() for d in stats.sample]
+        if not idle or not samples:
+            return
+        after = SPECULATE_AFTER * _median(samples) + SPECULATE_MIN
+        now = time.monotonic()
+        running = [
+            (sent, task, origin)
+            for origin in self.sessions
+            for sent, task in origin.running_since()
+            if task.seq not in self.copies
+        ]
+        for sent, task, origin in sorted(running, key=lambda entry: entry[0]):
+            if now - sent < after:  # the oldest first: every later one is younger still
+                if self._spec_timer is None:
+                    self._spec_timer = asyncio.get_running_loop().call_later(
+                        sent + after - now, self._speculate_later
+                    )
+                break
+            helper = next(
+                (
+                    s
+                    for s in idle
+                    if s.name != origin.name
+                    and len(s.in_flight) < s.window.slots
+                    and task.seq not in s.cancelled
+                ),
+                None,
+            )
+            if helper is None:
+                continue
+            helper.send_tasks([dataclasses.replace(task, pieces=[])])
+            self.copies[task.seq] = (origin, helper)
+            self.summary.backups += 1
+            self.log(
+                f"sshfan: task {task.seq} is slow on {origin.name}: a copy starts on {helper.name}"
+            )
+
+    def _speculate_later(self) -> None:
+        """The timer set by _speculate: look again, now that tasks have run longer."""
+        self._spec_timer = None
+        self._speculate()
 
     def _check_done(self) -> None:
         """End the run when all work is done, or when no host is left to do it."""
@@ -4124,6 +4259,7 @@ class RunOptions:
     files: FileOptions = dataclasses.field(default_factory=FileOptions)
     # Where task durations are remembered between runs (longest first); None: nowhere.
     history: Path | None = dataclasses.field(default_factory=DurationHistory.default_path)
+    speculate: bool = False  # start backup copies of straggling tasks (they may run twice)
 
 
 def prepare_run(opts: RunOptions) -> tuple[Path, int, Journal, array.array[int], bool]:
@@ -4586,6 +4722,11 @@ def format_summary(summary: RunSummary) -> list[str]:
         lines.append(
             f"sshfan: halted (--halt {summary.halt}): {left} task(s) not run; --resume runs them"
         )
+    if summary.backups:
+        lines.append(
+            f"sshfan: --speculate: {summary.backups} backup copies started, "
+            f"{summary.backups_won} finished first"
+        )
     where = "stdout" if summary.output == "-" else summary.output
     lines.append(f"sshfan: output: {where}; journal: {summary.journal}")
     if summary.exit_code in (3, 130):
@@ -4740,6 +4881,12 @@ def _cli() -> Any:
             help="As GNU parallel: once N (or N%) tasks fail|success|done, start no new task; "
             "soon: let the running ones end; now: kill them. E.g. soon,fail=1, now,success=1.",
         ),
+        speculate: bool = typer.Option(
+            False,
+            "--speculate",
+            help="At the end, copy a task running far past the usual time to an idle host; "
+            "the first copy to finish wins, the other is killed (tasks may run twice).",
+        ),
         tag: bool = typer.Option(
             False, "--tag", help="Text output: prefix each line with host TAB seq TAB."
         ),
@@ -4839,8 +4986,13 @@ def _cli() -> Any:
                     cleanup=cleanup or bool(trc),
                     basefiles=tuple(basefile or ()),
                 ),
+                speculate=speculate,
             )
             _check_file_options(opts)
+            if speculate and opts.files:
+                raise UsageError(
+                    "--speculate cannot be combined with --transferfile, --return or --basefile"
+                )
             code = _run_command(opts, progress=not no_progress and sys.stderr.isatty())
         except SshfanError as exc:
             print(f"sshfan: error: {exc}", file=sys.stderr)

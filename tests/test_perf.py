@@ -6,13 +6,30 @@ No timing is asserted here: the figures live in docs/performance.md, from tests/
 from __future__ import annotations
 
 import array
+import contextlib
+import json
+import os
+import re
+import signal
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from sshd import SshServer
 
-from sshfan import DurationHistory, Scheduler, Task, known_long_tasks
+from sshfan import (
+    FLAG_CANCELLED,
+    INPUT_HEAD,
+    KIND_CANCEL,
+    KIND_TASKS,
+    DurationHistory,
+    Scheduler,
+    Task,
+    encode_tasks,
+    known_long_tasks,
+)
 
 RunSshfan = Callable[..., "subprocess.CompletedProcess[bytes]"]
 
@@ -159,3 +176,92 @@ def test_second_run_starts_the_long_task_first(tmp_path: Path, run_sshfan: RunSs
     done = run_sshfan(["run", str(tasks), "-o", str(out), "--slots", "1", "--halt-on-error"])
     assert done.returncode == 0 and out.read_bytes() == expected
     assert started.read_text().split() == ["1", "2", "3", "4", "5", "6"]
+
+
+# -- --speculate: backup copies of stragglers -------------------------------------------
+
+
+def procs_with(marker: str) -> list[int]:
+    """Pids of live non-zombie processes whose argv contains MARKER."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes()
+            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state != "Z" and marker.encode() in argv:
+            found.append(int(entry))
+    return found
+
+
+def test_speculate_copies_a_straggler_and_kills_the_loser(
+    sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """A task stuck on a slow host is copied to the idle one: that copy's result is the
+    task's one result, the slow copy is killed with its group, and the output is exact."""
+    marker = f"{31 + os.getpid() % 1000 / 1000:.3f}"  # h2's tasks sleep this long
+    lines = [f"sleep ${{SLOW:-0.25}}; echo out {n}" for n in range(1, 13)]
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text("\n".join(lines) + "\n")
+    hosts = tmp_path / "hosts.toml"
+    hosts.write_text(sshd.hosts_toml(["h1", "h2"]) + f'env = {{ SLOW = "{marker}" }}\n')
+    out = tmp_path / "out.txt"
+    try:
+        done = run_sshfan(["run", str(tasks), "-H", str(hosts), "-o", str(out), "--speculate"])
+        err = done.stderr.decode(errors="replace")
+        assert done.returncode == 0, err
+        assert out.read_bytes() == b"".join(b"out %d\n" % n for n in range(1, 13))
+        assert "warning" not in err and "protocol" not in err, err
+        assert "backup copies started, " in err, err
+        started, won = re.search(r"(\d+) backup copies started, (\d+) finished first", err).groups()
+        assert started == won and int(won) >= 1
+        # exactly one journaled result per task, each from the fast host
+        listed = run_sshfan(["results", str(out), "--format", "jsonl"])
+        records = [json.loads(line) for line in listed.stdout.splitlines()]
+        assert sorted(r["seq"] for r in records) == list(range(1, 13))
+        assert {r["host"] for r in records} == {"h1"}
+        deadline = time.monotonic() + 10
+        while procs_with(marker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not procs_with(marker), "the losing copy was left running"
+    finally:
+        for pid in procs_with(marker):  # never leave a 30 s sleeper to other tests
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_stub_cancel_kills_a_running_task_and_answers_a_queued_one(tmp_path: Path) -> None:
+    """CANCEL kills a running task's whole group at once (the stub goes on serving) and
+    answers for a queued one without starting it: one RESULT each, flagged CANCELLED."""
+    from test_stub import StubProcess
+
+    marker = f"{41 + os.getpid() % 1000 / 1000:.3f}"
+    stub = StubProcess(slots=1)
+    try:
+        child = f"sleep {marker} & sleep {marker}; wait"  # a group of two processes
+        tasks = [(1, child.encode(), b""), (2, b"echo never", b""), (3, b"echo three", b"")]
+        stub.send(KIND_TASKS, encode_tasks(tasks))
+        deadline = time.monotonic() + 10
+        while len(procs_with(marker)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(procs_with(marker)) == 3  # the shell and its two sleeps
+        stub.send(KIND_CANCEL, INPUT_HEAD.pack(2))  # queued: answered, never run
+        stub.send(KIND_CANCEL, INPUT_HEAD.pack(1))  # running: killed with its group
+        results = stub.results(3)
+        assert results[2][:3] == (-9, FLAG_CANCELLED, b"")
+        assert results[1][1] & FLAG_CANCELLED
+        assert results[3][:3] == (0, 0, b"three\n")  # the stub went on after both
+        assert not procs_with(marker)
+        stub.send(KIND_CANCEL, INPUT_HEAD.pack(3))  # finished already: no second RESULT
+        stub.send(KIND_TASKS, encode_tasks([(4, b"echo four", b"")]))
+        assert stub.results(1) == {4: (0, 0, b"four\n", b"")}
+        assert stub.close() == 0
+    finally:
+        for pid in procs_with(marker):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if stub.proc.poll() is None:
+            stub.proc.kill()
