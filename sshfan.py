@@ -1910,6 +1910,7 @@ class HostSession:
         import asyncssh
 
         spec = self.spec
+        target = ssh_target(spec)
         options: dict[str, Any] = {
             "connect_timeout": spec.connect_timeout,
             # A keepalive every third of the allowance; the host is lost when two go
@@ -1918,47 +1919,73 @@ class HostSession:
             "keepalive_count_max": 2,
             "agent_forwarding": False,
             "encryption_algs": _preferred_ciphers(),
+            # A key with a passphrase is used through ssh-agent, as OpenSSH does (preflight
+            # has made sure an agent holds the hosts file's); asyncssh would refuse it.
+            "ignore_encrypted": True,
         }
         if spec.user:
             options["username"] = spec.user
         if spec.port:
             options["port"] = spec.port
-        if spec.identity:
-            options["client_keys"] = [os.path.expanduser(p) for p in spec.identity]
+        if target.identities:
+            # OpenSSH skips an IdentityFile of ssh config that does not exist; asyncssh
+            # would fail on it (the hosts file's are checked before the run).
+            options["client_keys"] = [p for p in target.identities if os.path.exists(p)]
         address = spec.address or spec.name
-        record_key = ""
-        if spec.known_hosts is False:
+        entries = (
+            []
+            if target.strict == "off"
+            else known_host_entries(target.known_hosts, target.key_name)
+        )
+        record = False
+        if target.strict == "off":
             options["known_hosts"] = None
-        elif spec.known_hosts == "accept-new":  # as OpenSSH's StrictHostKeyChecking=accept-new
-            record_key = os.path.expanduser(_ACCEPT_NEW_FILE)
-            if _known_host_lines(record_key, address, spec.port):
-                options["known_hosts"] = record_key  # seen before: the key must match
-                record_key = ""
-            else:
-                options["known_hosts"] = None  # first contact: trust it, then record it
-        elif isinstance(spec.known_hosts, str):
-            options["known_hosts"] = os.path.expanduser(spec.known_hosts)
+        elif entries or target.strict == "yes":
+            # Only the keys OpenSSH would find for the name (no fallback to the bare host
+            # or to the address, which asyncssh's own lookup tries): none means unknown.
+            options["known_hosts"] = _trusted_keys(entries)
+        else:  # StrictHostKeyChecking accept-new or no: trust a first-seen key, record it
+            options["known_hosts"] = None
+            record = True
         try:
-            self._conn = await asyncio.wait_for(
-                asyncssh.connect(address, **options), spec.connect_timeout + 5
-            )
-        except asyncio.TimeoutError:
-            raise HostError(
-                self.name, "connect", f"timed out after {spec.connect_timeout:g} s"
-            ) from None
+            try:
+                self._conn = await self._connect(address, options, target)
+            except asyncssh.HostKeyNotVerifiable as exc:
+                if target.strict != "no" or not entries:
+                    raise
+                # StrictHostKeyChecking no: OpenSSH warns of a changed key and goes on.
+                if self.run is not None:
+                    hint = _host_key_hint(target, exc.reason)
+                    self.run.log(
+                        f"sshfan: warning: {self.name}: host key: {hint}; connecting anyway"
+                    )
+                self._conn = await self._connect(address, {**options, "known_hosts": None}, target)
         except asyncssh.HostKeyNotVerifiable as exc:
-            raise HostError(self.name, "host key", _host_key_hint(spec, exc.reason)) from None
-        except asyncssh.PermissionDenied as exc:
-            raise HostError(self.name, "auth", f"permission denied ({exc.reason})") from None
+            raise HostError(self.name, "host key", _host_key_hint(target, exc.reason)) from None
+        except asyncssh.PermissionDenied:
+            raise HostError(self.name, "auth", _auth_failure(target, options)) from None
         except asyncssh.Error as exc:
-            raise HostError(self.name, "connect", exc.reason) from None
-        except (OSError, ValueError) as exc:
-            reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-            raise HostError(self.name, "connect", reason) from None
-        if record_key:
-            _record_host_key(record_key, address, spec.port, self._conn.get_server_host_key())
-            if self.run is not None:
-                self.run.log(f"sshfan: {self.name}: new host key recorded in {record_key}")
+            raise HostError(self.name, "connect", f"{target.where}: {exc.reason}") from None
+        except OSError as exc:
+            raise HostError(self.name, *_connect_failure(target, exc)) from None
+        except asyncssh.KeyImportError as exc:
+            files = ", ".join(target.identities) or "the default keys"
+            raise HostError(self.name, "auth", f"cannot use identity {files}: {exc}") from None
+        except ValueError as exc:
+            raise HostError(self.name, "connect", f"{target.where}: {exc}") from None
+        if record:
+            try:
+                recorded = _record_host_key(target, self._conn.get_server_host_key())
+            except OSError as exc:  # as OpenSSH: say so, and go on with the trusted key
+                recorded = None
+                if self.run is not None:
+                    self.run.log(
+                        f"sshfan: warning: {self.name}: cannot record the new host key in "
+                        f"{exc.filename or target.record_in}: {exc.strerror}"
+                    )
+            if recorded and self.run is not None:
+                name = target.key_name
+                self.run.log(f"sshfan: {self.name}: new host key for {name} recorded in {recorded}")
         # -S: no site module; the stub needs only the standard library, and site's .pth
         # files cost a worker 20-30 ms of start-up.
         command = f"{shlex.quote(spec.python)} -S -c {shlex.quote(code)}"
@@ -1975,6 +2002,18 @@ class HostSession:
         self._abort = self._conn.abort
         if self.run is not None and self.run.files:
             self.files = HostFiles(self.name, self._conn, spec.workdir, self.run.files)
+
+    async def _connect(self, address: str, options: dict[str, Any], target: SshTarget) -> Any:
+        """asyncssh.connect, within the connect timeout (and a margin for the key exchange)."""
+        import asyncssh
+
+        timeout = self.spec.connect_timeout
+        try:
+            return await asyncio.wait_for(asyncssh.connect(address, **options), timeout + 5)
+        except asyncio.TimeoutError:
+            raise HostError(
+                self.name, "connect", f"{target.where}: timed out after {timeout:g} s"
+            ) from None
 
     # -- receiving ------------------------------------------------------------
 
@@ -2443,6 +2482,51 @@ def _exc_reason(exc: BaseException) -> str:
     return getattr(exc, "reason", None) or str(exc) or type(exc).__name__
 
 
+def _connect_failure(target: SshTarget, exc: OSError) -> tuple[str, str]:
+    """The stage and cause of an OSError met while connecting, named as OpenSSH names them."""
+    import errno
+
+    if isinstance(exc, socket.gaierror):
+        return "connect", f"cannot resolve {target.host}: {exc.strerror}"
+    if exc.filename:  # a file read on this machine: an identity or its certificate
+        return "auth", f"cannot read {exc.filename}: {exc.strerror}"
+    text = str(exc)
+    refused = f"[Errno {errno.ECONNREFUSED}]"
+    # Several addresses (IPv6 and IPv4) all refusing come as one "Multiple exceptions".
+    if exc.errno == errno.ECONNREFUSED or (
+        text.startswith("Multiple exceptions") and text.count(refused) == text.count("[Errno")
+    ):
+        return "connect", f"{target.where}: connection refused"
+    return "connect", f"{target.where}: {exc.strerror or text}"
+
+
+_DEFAULT_IDENTITIES = (
+    "id_ed25519_sk",
+    "id_ecdsa_sk",
+    "id_ed448",
+    "id_ed25519",
+    "id_ecdsa",
+    "id_rsa",
+    "id_dsa",
+)
+
+
+def _auth_failure(target: SshTarget, options: dict[str, Any]) -> str:
+    """Say that the server took none of the keys offered, and which they were."""
+    keys = options.get("client_keys")
+    if keys is None:  # asyncssh's default files, as OpenSSH's
+        found = (Path("~", ".ssh", name).expanduser() for name in _DEFAULT_IDENTITIES)
+        keys = [str(path) for path in found if path.exists()]
+    offered = list(keys)
+    if os.environ.get("SSH_AUTH_SOCK"):
+        offered.append("the keys in ssh-agent")
+    tried = ", ".join(offered) if offered else "none (no identity file, no ssh-agent)"
+    return (
+        f"permission denied for {target.user}@{target.where}: "
+        f"the server accepted none of the keys offered: {tried}"
+    )
+
+
 def _ssh_pattern(pattern: str) -> re.Pattern[str]:
     """An OpenSSH host pattern as a regex: only * and ? are wildcards ([ ] are literal)."""
     return re.compile(
@@ -2450,63 +2534,364 @@ def _ssh_pattern(pattern: str) -> re.Pattern[str]:
     )
 
 
-def _known_host_lines(path: str, address: str, port: int | None) -> list[int]:
-    """Line numbers of a known_hosts file with an entry for ADDRESS:PORT (plain or hashed)."""
-    name = address if not port or port == 22 else f"[{address}]:{port}"
-    found = []
+@dataclasses.dataclass(frozen=True)
+class SshTarget:
+    """An SSH host as OpenSSH sees it once ~/.ssh/config is applied: where, and whose key."""
+
+    host: str  # HostName: what is connected to
+    port: int
+    user: str
+    key_name: str  # its name in known_hosts: HostKeyAlias, HOST, or [HOST]:PORT
+    known_hosts: tuple[str, ...]  # the files its key is looked up in, expanded
+    record_in: str | None  # the file a first-seen key is added to (the first user file)
+    strict: str  # StrictHostKeyChecking: "yes", "accept-new", "no"; "off": no checking
+    hash_names: bool  # HashKnownHosts: record new names hashed
+    identities: tuple[str, ...]  # identity files named for it (hosts file, else IdentityFile)
+
+    @property
+    def where(self) -> str:
+        """Address and port as OpenSSH's messages write them."""
+        return f"{self.host} port {self.port}"
+
+
+# OpenSSH's defaults (ssh_config(5)); "ask" cannot ask in a batch run, so it is "yes".
+_USER_KNOWN_HOSTS = ("~/.ssh/known_hosts", "~/.ssh/known_hosts2")
+_GLOBAL_KNOWN_HOSTS = ("/etc/ssh/ssh_known_hosts", "/etc/ssh/ssh_known_hosts2")
+_STRICT_VALUES = {
+    "yes": "yes",
+    "true": "yes",
+    "ask": "yes",
+    "accept-new": "accept-new",
+    "no": "no",
+    "off": "no",
+    "false": "no",
+}
+
+
+@functools.cache
+def _ssh_config_class() -> type:
+    """asyncssh's ssh config parser, taught the host key options it does not read itself."""
+    from asyncssh.config import SSHClientConfig, SSHConfig
+
+    class _OpenSshConfig(SSHClientConfig):  # type: ignore[misc]
+        """~/.ssh/config as asyncssh reads it, plus StrictHostKeyChecking and HashKnownHosts."""
+
+        # OpenSSH expands %d, %h, %p, ... in these file names too.
+        _percent_expand = {*SSHClientConfig._percent_expand, "UserKnownHostsFile"}
+        _handlers = {
+            **SSHClientConfig._handlers,
+            "stricthostkeychecking": ("StrictHostKeyChecking", SSHConfig._set_string),
+            "hashknownhosts": ("HashKnownHosts", SSHConfig._set_bool),
+        }
+
+    return _OpenSshConfig
+
+
+def _ssh_config_path() -> Path | None:
+    """The ssh config file asyncssh reads (~/.ssh/config), if there is a readable one."""
+    path = Path("~", ".ssh", "config").expanduser()
+    return path if os.access(path, os.R_OK) else None
+
+
+def ssh_target(spec: HostSpec) -> SshTarget:
+    """Resolve SPEC through ~/.ssh/config as OpenSSH would; UsageError if the config is bad."""
+    import getpass
+
+    address = spec.address or spec.name
+    path = _ssh_config_path()
     try:
-        lines = Path(path).expanduser().read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        return found
-    for number, line in enumerate(lines, 1):
-        fields = line.split()
-        if fields and fields[0].startswith("@"):
-            fields = fields[1:]
-        if len(fields) < 2 or fields[0].startswith("#"):
-            continue
-        for pattern in fields[0].split(","):
-            if pattern.startswith("|1|") and pattern.count("|") == 3:
-                salt, digest = pattern[3:].split("|")
-                with contextlib.suppress(ValueError):
-                    mac = hmac.new(base64.b64decode(salt), name.encode(), "sha1").digest()
-                    if mac == base64.b64decode(digest):
-                        found.append(number)
-            elif not pattern.startswith("!") and _ssh_pattern(pattern).fullmatch(name):
-                found.append(number)
+        config = _ssh_config_class().load(
+            None,
+            [path] if path else [],
+            False,
+            False,
+            False,
+            getpass.getuser(),
+            spec.user or (),
+            address,
+            spec.port or (),
+        )
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{path}: {exc}") from None
+    host = str(config.get("Hostname") or address).lower()  # as ssh(1) lowercases it
+    port = int(config.get("Port") or 22)
+    alias = config.get("HostKeyAlias")
+    key_name = str(alias) if alias else host if port == 22 else f"[{host}]:{port}"
+    user_files = config.get("UserKnownHostsFile")
+    user_files = _USER_KNOWN_HOSTS if user_files is None else tuple(user_files)
+    global_files = config.get("GlobalKnownHostsFile")
+    global_files = _GLOBAL_KNOWN_HOSTS if global_files is None else tuple(global_files)
+    strict = str(config.get("StrictHostKeyChecking") or "ask").lower()
+    if strict not in _STRICT_VALUES:
+        raise UsageError(
+            f"{path}: StrictHostKeyChecking {strict!r} is not one of yes, no, ask, accept-new, off"
+        )
+    strict = _STRICT_VALUES[strict]
+    known = spec.known_hosts
+    if known is False:
+        user_files, global_files = (), ()
+        strict = "off"
+    elif known == "accept-new":  # as StrictHostKeyChecking=accept-new, in ssh config's files
+        strict = "accept-new"
+    elif isinstance(known, str):  # a file named in the hosts file: that file, strictly
+        user_files, global_files = (known,), ()
+        strict = "yes"
+    files = (*user_files, *global_files)
+    identities = spec.identity or tuple(str(p) for p in config.get("IdentityFile") or ())
+    return SshTarget(
+        host=host,
+        port=port,
+        user=str(config.get("User") or getpass.getuser()),
+        key_name=key_name,
+        known_hosts=tuple(os.path.expanduser(f) for f in files),
+        record_in=os.path.expanduser(user_files[0]) if user_files else None,
+        strict=strict,
+        hash_names=bool(config.get("HashKnownHosts")),
+        identities=tuple(os.path.expanduser(p) for p in identities),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class KnownHost:
+    """One known_hosts line that names a host: where it is, and the key it gives."""
+
+    path: str
+    line: int
+    marker: str  # "", "@cert-authority" or "@revoked"
+    key: str  # "TYPE BASE64"
+
+
+def _name_matches(patterns: str, name: str) -> bool:
+    """Whether a known_hosts line's host field names NAME (plain, wildcard, !negated, hashed)."""
+    matched = False
+    for pattern in patterns.split(","):
+        if pattern.startswith("|1|") and pattern.count("|") == 3:
+            salt, digest = pattern[3:].split("|")
+            with contextlib.suppress(ValueError):
+                mac = hmac.new(base64.b64decode(salt), name.encode(), "sha1").digest()
+                matched = matched or mac == base64.b64decode(digest)
+        elif pattern.startswith("!"):
+            if _ssh_pattern(pattern[1:].lower()).fullmatch(name.lower()):
+                return False  # a negated match rules the line out, whatever else matches
+        elif _ssh_pattern(pattern.lower()).fullmatch(name.lower()):
+            matched = True
+    return matched
+
+
+def known_host_entries(files: Iterable[str], name: str) -> list[KnownHost]:
+    """Every line of the known_hosts FILES that names NAME (a key name as OpenSSH files it)."""
+    found = []
+    for path in files:
+        try:
+            text = Path(path).read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue  # a missing file knows no host, as in OpenSSH
+        for number, line in enumerate(text.splitlines(), 1):
+            fields = line.split()
+            marker = fields[0] if fields and fields[0].startswith("@") else ""
+            if marker:
+                fields = fields[1:]
+            if len(fields) < 3 or fields[0].startswith("#"):
+                continue
+            if _name_matches(fields[0], name):
+                found.append(KnownHost(path, number, marker, f"{fields[1]} {fields[2]}"))
     return found
 
 
-_ACCEPT_NEW_FILE = "~/.ssh/known_hosts"
+def _trusted_keys(entries: list[KnownHost]) -> tuple[list[Any], list[Any], list[Any]]:
+    """The host keys, CA keys and revoked keys ENTRIES give, as asyncssh takes them."""
+    import asyncssh
+
+    keys: tuple[list[Any], list[Any], list[Any]] = ([], [], [])
+    for entry in entries:
+        try:
+            key = asyncssh.import_public_key(entry.key)
+        except (asyncssh.KeyImportError, ValueError):
+            continue  # a key type asyncssh does not know cannot match the host's
+        index = {"": 0, "@cert-authority": 1, "@revoked": 2}.get(entry.marker)
+        if index is not None:
+            keys[index].append(key)
+    return keys
 
 
-def _record_host_key(path: str, address: str, port: int | None, key: Any) -> None:
-    """Append a first-seen host key to a known_hosts file (known_hosts = "accept-new")."""
-    name = address if not port or port == 22 else f"[{address}]:{port}"
-    public = key.export_public_key("openssh").decode("ascii").split()[:2]
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+def _record_host_key(target: SshTarget, key: Any) -> str | None:
+    """Record a first-seen host key as OpenSSH does; return the file (None: not recorded)."""
+    import fcntl
+
+    path = target.record_in
+    if path is None:  # UserKnownHostsFile none: OpenSSH has nowhere to record it either
+        return None
+    public = " ".join(key.export_public_key("openssh").decode("ascii").split()[:2])
+    name = target.key_name
+    if target.hash_names:
+        salt = os.urandom(20)
+        digest = hmac.new(salt, name.encode(), "sha1").digest()
+        name = f"|1|{base64.b64encode(salt).decode()}|{base64.b64encode(digest).decode()}"
+    # ~/.ssh may not exist yet on a fresh account: OpenSSH creates it, private (and
+    # creates no other directory).
+    if os.path.dirname(path) == os.path.expanduser("~/.ssh"):
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     with open(path, "a", encoding="ascii") as handle:
-        handle.write(f"{name} {' '.join(public)}\n")
+        # Several hosts (or runs) may meet the same new key at once: one records it.
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        if any(e.key == public for e in known_host_entries([path], target.key_name)):
+            return None
+        handle.write(f"{name} {public}\n")
+    return path
 
 
-def _host_key_hint(spec: HostSpec, reason: str) -> str:
-    """Explain a host key failure (changed key, or unknown host) and how to fix it."""
-    files = spec.known_hosts if isinstance(spec.known_hosts, str) else "~/.ssh/known_hosts"
-    if files == "accept-new":
-        files = _ACCEPT_NEW_FILE
-    address = spec.address or spec.name
-    lines = _known_host_lines(files, address, spec.port)
-    if lines:
-        where = ", ".join(f"{files}:{n}" for n in lines)
-        name = address if not spec.port or spec.port == 22 else f"[{address}]:{spec.port}"
-        return (
-            f"the host key does not match the one recorded at {where} ({reason}); "
-            f"if the host was reinstalled, remove the old key with 'ssh-keygen -R {name}'"
+def _host_key_hint(target: SshTarget, reason: str) -> str:
+    """Explain a host key failure (changed key, or unknown host) with a command that fixes it."""
+    entries = [e for e in known_host_entries(target.known_hosts, target.key_name) if not e.marker]
+    quoted = shlex.quote(target.key_name)
+    if entries:
+        where = ", ".join(f"{e.path}:{e.line}" for e in entries)
+        removes = " && ".join(
+            f"ssh-keygen -f {shlex.quote(p)} -R {quoted}"
+            for p in dict.fromkeys(e.path for e in entries)
         )
-    port = f" -p {spec.port}" if spec.port and spec.port != 22 else ""
+        return (
+            f"the host key for {target.key_name} does not match the one recorded at {where} "
+            f"({reason}); if the host was reinstalled, remove the old key with '{removes}'"
+        )
+    if not target.known_hosts:
+        return f"unknown host: no known_hosts file is set for {target.key_name} ({reason})"
+    files = ", ".join(target.known_hosts[:1] if len(target.known_hosts) > 2 else target.known_hosts)
+    port = f" -p {target.port}" if target.port != 22 else ""
+    scan = f"ssh-keyscan{port} {shlex.quote(target.host)}"
+    plain = target.host if target.port == 22 else f"[{target.host}]:{target.port}"
+    if target.key_name != plain:  # HostKeyAlias: file the key under the alias
+        alias = re.sub(r"([/&\\])", r"\\\1", target.key_name)
+        scan += f" | sed {shlex.quote(f's/^[^ ]*/{alias}/')}"
     return (
-        f"unknown host: no key for it in {files} ({reason}); add its key with "
-        f"'ssh-keyscan{port} {address} >> {files}', or set known_hosts = false for loopback CI"
+        f"unknown host: no key for {target.key_name} in {files} ({reason}); add its key with "
+        f"'{scan} >> {shlex.quote(target.record_in or target.known_hosts[0])}', "
+        'or set known_hosts = "accept-new"'
     )
+
+
+def _agent_keys() -> list[bytes] | None:
+    """The public key blobs ssh-agent holds, or None when no agent answers at $SSH_AUTH_SOCK."""
+    path = os.environ.get("SSH_AUTH_SOCK")
+    if not path:
+        return None
+
+    def read(sock: socket.socket, size: int) -> bytes:
+        """Exactly SIZE bytes from the agent."""
+        data = b""
+        while len(data) < size:
+            more = sock.recv(size - len(data))
+            if not more:
+                raise OSError("the agent closed the connection")
+            data += more
+        return data
+
+    try:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(5)
+            sock.connect(path)
+            sock.sendall(struct.pack(">IB", 1, 11))  # SSH_AGENTC_REQUEST_IDENTITIES
+            (length,) = struct.unpack(">I", read(sock, 4))
+            reply = read(sock, min(length, 1 << 24))
+    except OSError:
+        return None
+    if not reply or reply[0] != 12:  # SSH_AGENT_IDENTITIES_ANSWER
+        return None
+    blobs, offset = [], 5
+    with contextlib.suppress(struct.error):  # a short answer: the keys read so far
+        for _ in range(struct.unpack_from(">I", reply, 1)[0]):
+            (size,) = struct.unpack_from(">I", reply, offset)
+            blobs.append(reply[offset + 4 : offset + 4 + size])
+            (comment,) = struct.unpack_from(">I", reply, offset + 4 + size)
+            offset += 8 + size + comment
+    return blobs
+
+
+def _public_blob(path: str, data: bytes) -> bytes | None:
+    """The public key of an encrypted private key: from PATH.pub, or its openssh-key-v1 header."""
+    import asyncssh
+
+    with contextlib.suppress(OSError, ValueError):
+        return bytes(asyncssh.read_public_key(path + ".pub").public_data)
+    with contextlib.suppress(ValueError, struct.error, IndexError):
+        body = b"".join(data.split(b"-----")[2].split())
+        raw = base64.b64decode(body)
+        magic = b"openssh-key-v1\0"
+        if not raw.startswith(magic):
+            return None
+        offset = len(magic)  # then: cipher, kdf and kdf options, the key count, the key
+        for _ in range(3):
+            offset += 4 + struct.unpack_from(">I", raw, offset)[0]
+        (size,) = struct.unpack_from(">I", raw, offset + 4)  # after the key count
+        return raw[offset + 8 : offset + 8 + size]
+    return None
+
+
+def _check_identity(path: str, where: str) -> None:
+    """Refuse (exit 2) an identity file OpenSSH could not use: missing, open to others, not a
+    private key, or with a passphrase and no ssh-agent holding it."""
+    import asyncssh
+
+    try:
+        info = os.stat(path)
+        with open(path, "rb") as handle:
+            data = handle.read(1 << 20)
+    except OSError as exc:
+        raise UsageError(f"{where}: identity file {path}: {exc.strerror}") from None
+    try:
+        asyncssh.import_private_key(data)
+        problem = ""
+    except asyncssh.KeyImportError as exc:
+        problem = str(exc)
+    if problem and not problem.startswith("Passphrase"):
+        with contextlib.suppress(asyncssh.KeyImportError, ValueError):
+            asyncssh.import_public_key(data)
+            problem = "it is a public key; name the private key (without .pub)"
+        raise UsageError(f"{where}: identity file {path} is not a private key: {problem}")
+    if info.st_uid == os.getuid() and info.st_mode & 0o077:
+        mode = info.st_mode & 0o777
+        raise UsageError(
+            f"{where}: identity file {path}: permissions {mode:04o} are too open (OpenSSH "
+            f"refuses it: UNPROTECTED PRIVATE KEY FILE); run 'chmod 600 {shlex.quote(path)}'"
+        )
+    if not problem:
+        return
+    held = _agent_keys()
+    blob = _public_blob(path, data)
+    if held is None or (blob is not None and blob not in held) or not held:
+        agent = "no ssh-agent answers" if held is None else "ssh-agent does not hold it"
+        start = "eval $(ssh-agent) && " if held is None else ""
+        raise UsageError(
+            f"{where}: identity file {path} has a passphrase and {agent}; "
+            f"run '{start}ssh-add {shlex.quote(path)}' first"
+        )
+
+
+def preflight(hosts: list[HostSpec], where: str = "hosts file") -> None:
+    """Check what this machine holds for the SSH hosts (ssh config, identity and known_hosts
+    files), before anything is opened for writing: a problem is bad input (exit 2)."""
+    seen: set[tuple[str, ...]] = set()
+    for spec in hosts:
+        if spec.local:
+            continue
+        target = ssh_target(spec)
+        for path in target.identities if spec.identity else ():
+            if ("identity", path) not in seen:
+                seen.add(("identity", path))
+                _check_identity(path, f"{where}: host {spec.name}")
+        named = spec.known_hosts
+        if isinstance(named, str) and named != "accept-new" and ("known", named) not in seen:
+            # A file the hosts file names that is not there is most likely a typo: with
+            # strict checking OpenSSH would call every host unknown.
+            seen.add(("known", named))
+            path = target.known_hosts[0]
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as exc:
+                raise UsageError(
+                    f"{where}: host {spec.name}: known_hosts file {path}: {exc.strerror}"
+                ) from None
 
 
 # ============================================================================
@@ -4317,6 +4702,7 @@ async def run_async(
     on_start: Callable[[_Run], None] = lambda run: None,
 ) -> RunSummary:
     """Run the tasks described by OPTS, rendering into OUT; return the summary."""
+    preflight(opts.hosts)
     tasks_path, count, journal, done, resumed = prepare_run(opts)
     joblog = None
     merged = None
@@ -4736,7 +5122,15 @@ def format_summary(summary: RunSummary) -> list[str]:
             lines.append("sshfan: the run was interrupted")
         elif summary.exit_code == 3:
             lines.append("sshfan: the run could not finish: no host is left")
-        lines.append("sshfan: to finish the run, repeat the command with --resume")
+        if summary.exit_code == 3 and not (done or summary.fatal or summary.lost_hosts):
+            # No host started (a setting to fix, or hosts down): --resume would not help.
+            again = " with --resume" if summary.resumed else ""
+            lines.append(
+                f"sshfan: no host could start (reasons above): fix that, "
+                f"then run the command again{again}"
+            )
+        else:
+            lines.append("sshfan: to finish the run, repeat the command with --resume")
     return lines
 
 
@@ -5036,6 +5430,7 @@ def _cli() -> Any:
             specs = load_host_sources(
                 HostSources(hosts, sshlogin or [], sshloginfile or [], only or [], exclude or [])
             )
+            preflight(specs, hosts or "hosts")
         except SshfanError as exc:
             print(f"sshfan: error: {exc}", file=sys.stderr)
             raise typer.Exit(exc.exit_code) from None

@@ -210,6 +210,7 @@ def test_known_hosts_accept_new_records_then_enforces(
     first = run_sshfan(args, env={"HOME": str(home)})
     assert first.returncode == 0, first.stderr
     recorded = (home / ".ssh" / "known_hosts").read_text()
+    assert (home / ".ssh").stat().st_mode & 0o777 == 0o700  # created private, as by OpenSSH
     assert recorded.split()[0] == f"[127.0.0.1]:{sshd.port}"
     assert recorded.split()[1:3] == sshd.known_hosts.read_text().split()[1:3]
     again = run_sshfan(args, env={"HOME": str(home)})
