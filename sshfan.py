@@ -5122,7 +5122,8 @@ def format_summary(summary: RunSummary) -> list[str]:
             lines.append("sshfan: the run was interrupted")
         elif summary.exit_code == 3:
             lines.append("sshfan: the run could not finish: no host is left")
-        if summary.exit_code == 3 and not (done or summary.fatal or summary.lost_hosts):
+        skipped_all = summary.skipped_hosts and not summary.lost_hosts
+        if summary.exit_code == 3 and skipped_all and not (done or summary.fatal):
             # No host started (a setting to fix, or hosts down): --resume would not help.
             again = " with --resume" if summary.resumed else ""
             lines.append(
