@@ -231,7 +231,7 @@ def read_jsonl(path: Path, count: int, what: str) -> list[dict[str, object]]:
 
 
 def _toml_value(value: object) -> str:
-    """Encode a str, int, float, bool or list as a TOML value."""
+    """Encode a str, int, float, bool, list or table of them as a TOML value."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
@@ -240,6 +240,8 @@ def _toml_value(value: object) -> str:
         return json.dumps(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
     raise TypeError(f"cannot write {value!r} as TOML")
 
 
@@ -432,10 +434,11 @@ class Bench:
         hosts: Path | None,
         fmt: str = "text",
         measure_rss: bool = False,
+        extra: tuple[str, ...] = (),
     ) -> Ran:
         """Run `python -m sshfan run` to completion; raise BenchError unless it exits 0."""
         argv = [sys.executable, "-m", "sshfan", "run", str(tasks), "-o", str(out)]
-        argv += ["--no-progress", "--format", fmt]
+        argv += ["--no-progress", "--format", fmt, *extra]
         if hosts is not None:
             argv += ["--hosts", str(hosts)]
         ran = run(argv, cwd=out.parent, env=self.env, measure_rss=measure_rss)
@@ -632,6 +635,43 @@ class Bench:
                 f"({span / bound:.2f}x bound); the rest of the wall is start-up and exit"
             )
         return judge(row, lambda s, c: s / c, lambda r: r <= 1.15)
+
+    def speculate(self) -> Row:
+        """80 equal sleeps on 4 hosts x 2 slots, one host 4x slower: with --speculate, side
+        by side with the same run without it, against the bound for those speeds."""
+        count, seconds, slow = (40, 0.3, 4) if self.quick else (80, 0.3, 4)
+        row = Row("one host 4x slower, --speculate", "s", "bound n/capacity", "<= 1.3x")
+        # The task is the same text everywhere; the slow host's env stretches its sleep.
+        line = f'sleep $(awk "BEGIN {{ print {seconds} * ${{FACTOR:-1}} }}") && echo done\n'
+        tasks = self.write("speculate.txt", line * count)
+        doc = tomllib.loads(self.server.hosts_toml(["h1", "h2", "h3", "h4"], 2))
+        doc["hosts"][3]["env"] = {"FACTOR": str(slow)}
+        hosts = self.write("hosts-slow.toml", dump_hosts(doc))
+        per_second = 6 / seconds + 2 / (seconds * slow)  # tasks a second, all 8 slots busy
+        bound = max(count / per_second, seconds)
+        plain: list[float] = []
+
+        def once(extra: tuple[str, ...]) -> float:
+            """One run (with EXTRA options); check its output; return the wall time."""
+            self.fresh_history()  # no run may learn an order from the one before
+            with self.rundir() as d:
+                out = d / "out.txt"
+                ran = self.sshfan(tasks, out, hosts, extra=extra)
+                check_text(out, b"done\n" * count, "sshfan")
+            return ran.wall
+
+        for i in range(self.rounds):
+            log(f"[{row.name}] round {i + 1}/{self.rounds}")
+            row.attempt("sshfan", lambda: once(("--speculate",)))
+            plain.append(once(()))
+            row.comparison.append(bound)
+        if plain:
+            without = statistics.median(plain)
+            row.notes.append(
+                f"without --speculate, alternating: median {without:.3f} s "
+                f"({without / bound:.2f}x the bound {bound:.3f} s)"
+            )
+        return judge(row, lambda s, c: s / c, lambda r: r <= 1.3)
 
     def throughput(self) -> Row:
         """10 tasks of 100 MB output each against one raw ssh stream of 1 GiB (quick: 3)."""
@@ -922,6 +962,7 @@ SCENARIOS: dict[str, Callable[[Bench], Row]] = {
     "local": Bench.local_vs_xargs,
     "makespan": Bench.makespan,
     "lpt": Bench.makespan_learnt,
+    "speculate": Bench.speculate,
     "throughput": Bench.throughput,
     "files": Bench.files,
     "rss": Bench.head_rss,
