@@ -38,6 +38,7 @@ import random
 import re
 import selectors
 import shlex
+import shutil
 import signal
 import socket
 import struct
@@ -1526,11 +1527,14 @@ class Task:
     arg: str | None = None  # the line, when --command made COMMAND from it (--results)
     long: bool = False  # known long from an earlier run: handed out first, to a free slot
     sent: float = 0.0  # when it went to its host (time.monotonic), for --speculate
+    pinned: str = ""  # --onall: the only host that may run it
 
 
 class Scheduler:
     """Hands out tasks: requeued and retried ones first, then the tasks known to be long
     (longest first), then the rest of the tasks file in order."""
+
+    pinned = False  # every task may go to any host (OnAllScheduler: to its own)
 
     def __init__(
         self, source: Iterator[Task], retries: int = 0, longest: list[Task] | None = None
@@ -1621,6 +1625,104 @@ class Scheduler:
     def exhausted(self) -> bool:
         """Whether every task has been handed out for good (nothing left, nothing to retry)."""
         return self._source_done and not self._again and not self._longest
+
+    def order_key(self, host: str, seq: int) -> int:
+        """Where HOST's task SEQ goes in the merged output and the journal's index: SEQ."""
+        return seq
+
+    def host_gone(self, host: str) -> None:
+        """A host is lost for good: its tasks go to the others, nothing to do here."""
+
+
+class OnAllScheduler(Scheduler):
+    """--onall: every host runs every task, drawn from its own pass over the tasks file.
+
+    The merged output and the journal's index are keyed by (host, seq) folded into one
+    number, host-major (order_key), so the output is each host's tasks in host order."""
+
+    pinned = True
+
+    def __init__(self, sources: dict[str, Iterator[Task]], lines: int, retries: int = 0) -> None:
+        """Draw each host's tasks lazily from SOURCES[host]; LINES: the tasks file's lines."""
+        super().__init__(iter(()), retries)
+        self._sources = sources
+        self._place = {name: index for index, name in enumerate(sources)}
+        self._queued: dict[str, deque[Task]] = {name: deque() for name in sources}
+        self._read: set[str] = set()  # hosts whose pass over the file is done
+        self._gone: set[str] = set()
+        self.lines = lines
+
+    def order_key(self, host: str, seq: int) -> int:
+        """HOST's task SEQ, host-major: all of the first host's tasks come first."""
+        return self._place[host] * self.lines + seq
+
+    def take(
+        self, host: str, count: int, others_alive: bool = False, long_room: int = 0
+    ) -> list[Task]:
+        """Up to COUNT of HOST's own tasks: put back or retried first, then the file."""
+        if self.stopped or host not in self._sources:
+            return []
+        queued = self._queued[host]
+        taken = [queued.popleft() for _ in range(min(count, len(queued)))]
+        while len(taken) < count and host not in self._read:
+            task = next(self._sources[host], None)
+            if task is None:
+                self._read.add(host)
+            else:
+                task.pinned = host
+                taken.append(task)
+                self.drawn += 1
+        for task in taken:
+            task.attempts += 1
+            task.pieces = []
+        return taken
+
+    def put_back(self, tasks: list[Task]) -> None:
+        """Return tasks to the front of their own host's queue (not a failed try)."""
+        for task in sorted(tasks, key=lambda t: t.seq, reverse=True):
+            task.attempts -= 1
+            self._queued[task.pinned].appendleft(task)
+
+    def should_retry(self, task: Task, host: str) -> bool:
+        """Queue a failed task again on its own host if it has tries left."""
+        if self.stopped or task.attempts > self.retries:
+            return False
+        self._queued[host].append(task)
+        return True
+
+    def _pending(self, host: str) -> bool:
+        """Whether HOST has tasks it has not been given yet."""
+        return bool(self._queued[host]) or host not in self._read
+
+    def has_work(self) -> bool:
+        """Whether a host that is not gone has tasks waiting."""
+        if self.stopped:
+            return False
+        return any(self._pending(h) for h in self._sources if h not in self._gone)
+
+    def left_over(self) -> int | None:
+        """Never shared out between hosts: None."""
+        return None
+
+    def requeued(self) -> int:
+        """Tasks put back or to retry, on all hosts."""
+        return sum(map(len, self._queued.values()))
+
+    def exhausted(self) -> bool:
+        """Whether every host, gone or not, has been given all its tasks."""
+        return not any(self._pending(h) for h in self._sources)
+
+    def host_gone(self, host: str) -> None:
+        """HOST is lost for good: its tasks cannot go elsewhere; the run stops waiting on them."""
+        self._gone.add(host)
+
+    def drain(self) -> None:
+        """Finish every host's pass over the file, so blank lines and tasks from the journal
+        reach the merged output even for hosts that ran nothing (their tasks are dropped)."""
+        for host, source in self._sources.items():
+            for _task in source:
+                pass
+            self._read.add(host)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3263,6 +3365,8 @@ class Journal:
             elif kind == KIND_DONE:
                 meta = journal._read_meta(offset)
                 seq = meta["seq"]
+                if "onall" in header:  # every task on every host: indexed by (host, seq)
+                    seq += _onall_place(header, meta["host"], path) * header["lines"]
                 journal.failed_before += bool(meta["exit_code"] or meta["timed_out"])
                 if len(done) <= seq:
                     done.extend([-1] * (seq + 1 - len(done)))
@@ -3438,6 +3542,16 @@ def _sync_directory(path: Path) -> None:
             os.close(fd)
 
 
+def _onall_place(header: dict[str, Any], host: str, path: Path) -> int:
+    """The place of HOST in an --onall journal's host list (its results' block)."""
+    try:
+        return header["onall"].index(host)
+    except ValueError:
+        raise UsageError(
+            f"{path}: journal has a result from host {host!r} it does not list"
+        ) from None
+
+
 def _stream_chunks(result: TaskResult, journal: Journal, stream: int) -> Iterator[bytes]:
     """A task's stdout (1) or stderr (2) as chunks: pieces from the journal, then the tail."""
     for offset, piece_stream, length in result.pieces:
@@ -3498,6 +3612,64 @@ def _write_tagged(out: IO[bytes], prefix: bytes, chunks: Iterator[bytes]) -> Non
                 out.write(b"\n")
 
 
+def _write_host_lines(out: IO[bytes], host: str, chunks: Iterator[bytes]) -> None:
+    """Write chunks as `host: line` lines, ending the last line if the output did not."""
+    last = [b"\n"]
+
+    def noting_last() -> Iterator[bytes]:
+        """The chunks, remembering the last non-empty one."""
+        for chunk in chunks:
+            last[0] = chunk or last[0]
+            yield chunk
+
+    _write_tagged(out, f"{host}: ".encode(), noting_last())
+    if not last[0].endswith(b"\n"):
+        out.write(b"\n")
+
+
+def fold_names(names: list[str]) -> str:
+    """Host names folded into ranges as ClusterShell prints them: web01,web02,web04 is
+    `web[01-02,04]` (names without a number, or that do not fold back, stay as they are)."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    order: list[tuple[str, str] | str] = []
+    for name in names:
+        match = re.fullmatch(r"(.*?)(\d+)(\D*)", name)
+        if not match or "[" in name:
+            order.append(name)
+            continue
+        key = (match.group(1), match.group(3))
+        if key not in groups:
+            groups[key] = []
+            order.append(key)
+        groups[key].append(match.group(2))
+    parts = []
+    for item in order:
+        if isinstance(item, str):
+            parts.append(item)
+            continue
+        numbers = groups[item]
+        if len(numbers) == 1:
+            parts.append(item[0] + numbers[0] + item[1])
+            continue
+        spans: list[list[str]] = []
+        for number in sorted(numbers, key=int):
+            previous = spans[-1][-1] if spans else ""
+            padded = number.startswith("0") or previous.startswith("0")
+            same_width = len(number) == len(previous) or not padded
+            if previous and int(number) == int(previous) + 1 and same_width:
+                spans[-1].append(number)
+            else:
+                spans.append([number])
+        inner = ",".join(s[0] if len(s) == 1 else f"{s[0]}-{s[-1]}" for s in spans)
+        folded = f"{item[0]}[{inner}]{item[1]}"
+        try:
+            fine = sorted(expand_range(folded)) == sorted(item[0] + n + item[1] for n in numbers)
+        except ValueError:
+            fine = False
+        parts += [folded] if fine else [item[0] + n + item[1] for n in numbers]
+    return ",".join(parts)
+
+
 def _copy_in_kernel(journal: Journal, pieces: list[tuple[int, int]], out: IO[bytes]) -> bool:
     """Copy journal ranges to OUT's file descriptor without passing them through Python.
 
@@ -3530,6 +3702,10 @@ def render_result(
     out: IO[bytes], fmt: str, result: TaskResult, journal: Journal | None, tag: bool = False
 ) -> None:
     """Write one finished task to the merged output in FORMAT (text or jsonl)."""
+    if fmt == "lines":  # sshfan all: each line after its host's name, as pdsh and clush
+        chunks = _stream_chunks(result, journal, 1) if journal else iter([result.stdout])
+        _write_host_lines(out, result.host, chunks)
+        return
     if fmt == "text":
         if tag:
             prefix = f"{result.host}\t{result.seq}\t".encode()
@@ -3731,6 +3907,64 @@ class MergedOutput:
     def waiting(self) -> int:
         """How many results are done but wait for an earlier one."""
         return sum(1 for off in self._waiting[self._head :] if off != self.WAITING)
+
+    def skip_missing(self, last: int) -> None:
+        """Write what waits up to seq LAST, leaving out the seqs that never came (--onall:
+        a host that could not run its tasks)."""
+        first = self.next_seq
+        present = {
+            first + index - self._head
+            for index in range(self._head, len(self._waiting))
+            if self._waiting[index] != self.WAITING
+        }
+        for seq in range(first, last + 1):
+            if seq not in present:
+                self.skip(seq)
+
+
+class GatheredOutput(MergedOutput):
+    """sshfan all --gather: hosts whose output is the same bytes are printed once, under
+    their names folded into ranges (clush -b, dshbak -c); written when the run ends."""
+
+    RULE = b"-" * 15 + b"\n"
+
+    def __init__(self, out: IO[bytes], journal: Journal, name: str = "") -> None:
+        """Gather into OUT (called NAME in errors), reading outputs back from JOURNAL."""
+        super().__init__(out, "text", journal, name=name)
+        self._hosts: dict[str, tuple[Any, list[TaskResult]]] = {}
+
+    def _emit(self, offset: int, result: TaskResult | None) -> None:
+        """Fold one result's stdout into its host's digest (results come in host order)."""
+        if offset == self.BLANK:
+            return
+        self.written = True
+        if result is None:
+            result = self.journal.load_result(offset)
+        digest, results = self._hosts.setdefault(result.host, (hashlib.sha256(), []))
+        for chunk in _stream_chunks(result, self.journal, 1):
+            digest.update(chunk)
+        results.append(result)
+
+    def finish(self) -> None:
+        """Write each group of hosts with the same output once, in order of first host."""
+        groups: dict[bytes, list[str]] = {}
+        for host, (digest, _results) in self._hosts.items():
+            groups.setdefault(digest.digest(), []).append(host)
+        try:
+            for hosts in groups.values():
+                self.out.write(self.RULE + f"{fold_names(hosts)} ({len(hosts)})\n".encode())
+                self.out.write(self.RULE)
+                last = b"\n"
+                for result in self._hosts[hosts[0]][1]:
+                    for chunk in _stream_chunks(result, self.journal, 1):
+                        self.out.write(chunk)
+                        last = chunk or last
+                if not last.endswith(b"\n"):
+                    self.out.write(b"\n")
+        except OSError as exc:
+            raise self._named(exc) from None
+        self._hosts = {}
+        super().finish()
 
 
 def _results_name_max(directory: Path) -> int:
@@ -4135,6 +4369,9 @@ class RunSummary:
     # A host served by several stubs (the local host's lanes) that lost some, not all.
     lost_stubs: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     failures: list[TaskResult] = dataclasses.field(default_factory=list)
+    onall: bool = False  # every task on every host: a host that could not is a failure
+    unrun: dict[str, int] = dataclasses.field(default_factory=dict)  # --onall: host: tasks
+    journal_kept: bool = True  # False: a scratch journal (sshfan all to stdout)
     interrupted: bool = False
     halted: bool = False
     halt: str = ""  # the --halt condition that stopped the run
@@ -4158,7 +4395,10 @@ class RunSummary:
         if self.halted:  # done=N: as GNU parallel, 0 unless a task failed
             return 1 if self.failed or self.timed_out or self.resumed_failed else 0
         if not self.complete:
-            return 3
+            ran = self.ok + self.failed + self.timed_out + self.resumed
+            # --onall: some hosts did their tasks, others could not: a failure, not a
+            # run that could not finish (none could, or the head failed: that is 3).
+            return 1 if self.onall and ran and not self.fatal else 3
         return 1 if self.failed or self.timed_out or self.resumed_failed else 0
 
 
@@ -4304,7 +4544,8 @@ class _Run:
             )
             return
         offset = self.journal.add_result(result)
-        self._to_merge.append((result.seq, offset, result))
+        key = self.scheduler.order_key(session.name, result.seq)
+        self._to_merge.append((key, offset, result))
         if self.history is not None:
             self.history.record(task.command, result.duration_s)
         summary = self.summary
@@ -4385,6 +4626,11 @@ class _Run:
 
     def _finish_output(self) -> None:
         """Wait until the merged output has everything put so far; raise its write error."""
+        if self.merged is not None and isinstance(self.scheduler, OnAllScheduler):
+            # A host that could not run its tasks must not hold back the hosts after it:
+            # their output is written, its gaps left out (the run ends 1).
+            self.scheduler.drain()
+            self.merged.skip_missing(len(self.hosts) * self.scheduler.lines)
         if self.merged is not None:
             self.merged.finish()
 
@@ -4406,14 +4652,16 @@ class _Run:
             )
         elif session.state == "failed":
             self.summary.skipped_hosts[session.name] = reason
+            self.scheduler.host_gone(session.name)
             self.log(f"sshfan: warning: skipping host {session.name}: {reason}")
         else:
+            self.scheduler.host_gone(session.name)
             self.summary.lost_hosts[session.name] = reason
             lost = self.summary.lost_per_host.get(session.name, 0) + len(tasks)
             self.summary.lost_per_host[session.name] = lost
+            fate = "left unrun (--onall)" if self.scheduler.pinned else "requeued"
             self.log(
-                f"sshfan: warning: lost host {session.name} ({reason}); "
-                f"{len(tasks)} task(s) requeued"
+                f"sshfan: warning: lost host {session.name} ({reason}); {len(tasks)} task(s) {fate}"
             )
         self.scheduler.put_back(tasks)
         if self._finished is not None:
@@ -4449,6 +4697,8 @@ class _Run:
         Each host holds tasks queued ahead of its slots; once no fresh task is left, a
         long task queued behind another would keep an idle host idle (makespan)."""
         if self.scheduler.has_work() or self.summary.halted or self.summary.interrupted:
+            return
+        if self.scheduler.pinned:  # --onall: a task taken back could only go back to its host
             return
         ready = [s for s in self.sessions if s.state == "ready"]
         if not any(s.queued() < 0 for s in ready):
@@ -4645,6 +4895,7 @@ class RunOptions:
     # Where task durations are remembered between runs (longest first); None: nowhere.
     history: Path | None = dataclasses.field(default_factory=DurationHistory.default_path)
     speculate: bool = False  # start backup copies of straggling tasks (they may run twice)
+    onall: bool = False  # every task on every host (GNU parallel's --onall)
 
 
 def prepare_run(opts: RunOptions) -> tuple[Path, int, Journal, array.array[int], bool]:
@@ -4668,6 +4919,7 @@ def prepare_run(opts: RunOptions) -> tuple[Path, int, Journal, array.array[int],
         raise
     resumed = False
     done = array.array("q")
+    onall = _onall_header(opts, tasks_path)
     if opts.resume and journal_path.exists():
         journal, header, done = Journal.reopen(journal_path)
         if header.get("tasks_sha256") != digest:
@@ -4676,6 +4928,9 @@ def prepare_run(opts: RunOptions) -> tuple[Path, int, Journal, array.array[int],
                 f"{journal_path}: journal was written for a different tasks file than "
                 f"{opts.tasks} (its contents changed); run without --resume to start over"
             )
+        if header.get("onall") != onall.get("onall"):
+            journal.close()
+            raise UsageError(_onall_mismatch(journal_path, header.get("onall")))
         resumed = True
     else:
         header = {
@@ -4685,6 +4940,7 @@ def prepare_run(opts: RunOptions) -> tuple[Path, int, Journal, array.array[int],
             "count": count,
             "created": time.time(),
             "sshfan": __version__,
+            **onall,
         }
         try:
             journal = Journal.create(journal_path, header)
@@ -4712,7 +4968,10 @@ async def run_async(
             on_done = _with_joblog(on_done, joblog)
         if out is not None:
             name = "stdout" if opts.output == "-" else opts.output
-            merged = MergedOutput(out, opts.fmt, journal, opts.tag, copier=True, name=name)
+            if opts.fmt == "gather":
+                merged = GatheredOutput(out, journal, name)
+            else:
+                merged = MergedOutput(out, opts.fmt, journal, opts.tag, copier=True, name=name)
         history = None
         longest: list[Task] = []
         if opts.pipe:
@@ -4722,12 +4981,20 @@ async def run_async(
             tasks = read_tasks(tasks_path, merged, done, opts.command)
             history = DurationHistory(opts.history)
             history.load()
-            if not (opts.halt_on_error or opts.halt):  # --halt keeps file order, as parallel
+            # --halt keeps file order, as parallel; --onall runs a host's tasks in file
+            # order, as parallel's.
+            if not (opts.halt_on_error or opts.halt or opts.onall):
                 longest = known_long_tasks(tasks_path, done, history, opts.command)
         scheduler = Scheduler(tasks, opts.retries, longest)
+        todo: dict[str, int] = {}
+        if opts.onall:
+            scheduler, todo = onall_scheduler(tasks_path, merged, done, opts, count)
+            count *= len(opts.hosts)
         hosts = opts.hosts
         if opts.slots:
             hosts = [dataclasses.replace(spec, slots=opts.slots) for spec in hosts]
+        elif opts.onall:  # a host's tasks one at a time, in order, as GNU parallel's --onall
+            hosts = [dataclasses.replace(spec, slots=1) for spec in hosts]
         run = _Run(hosts, scheduler, journal, merged, opts, log, on_done, whole)
         run.summary.total = count
         run.summary.hosts = [spec.name for spec in opts.hosts]
@@ -4745,9 +5012,12 @@ async def run_async(
                     f"--results: cannot write {exc.filename}: {exc.strerror}"
                 ) from None
         run.history = history
+        run.summary.onall = opts.onall
         on_start(run)
         if count - run.summary.resumed <= 0:
             # Nothing left to run (empty file, or a finished run resumed): no host needed.
+            if isinstance(scheduler, OnAllScheduler):
+                scheduler.drain()
             leftover = scheduler.take("", 1)
             run.summary.complete = not leftover
             try:
@@ -4760,6 +5030,10 @@ async def run_async(
                 run.abort(_write_error(exc))
             return run.summary
         summary = await run.execute()
+        for name, left in todo.items():  # --onall: the hosts that could not run all theirs
+            ran = summary.per_host[name].count if name in summary.per_host else 0
+            if left > ran:
+                summary.unrun[name] = left - ran
         if history is not None:
             samples = [d for stats in summary.per_host.values() for d in stats.sample]
             history.save(_median(samples) if samples else None)
@@ -4781,6 +5055,60 @@ async def run_async(
             joblog.close()
         if opts.tasks == "-":
             tasks_path.unlink(missing_ok=True)
+
+
+def _onall_header(opts: RunOptions, tasks_path: Path) -> dict[str, Any]:
+    """What an --onall journal records to index its results by (host, seq): the hosts in
+    order and the tasks file's line count (empty without --onall)."""
+    if not opts.onall:
+        return {}
+    with open(tasks_path, "rb") as handle:
+        lines = sum(1 for _line in handle)
+    return {"onall": [spec.name for spec in opts.hosts], "lines": lines}
+
+
+def _onall_mismatch(path: Path, hosts: list[str] | None) -> str:
+    """The error for --resume with other hosts (or with/without --onall) than the journal's."""
+    if hosts is None:
+        return f"{path}: journal was written without --onall; run without --resume to start over"
+    return (
+        f"{path}: journal was written for --onall on other hosts ({', '.join(hosts)}); "
+        "resume with the same hosts in the same order, or run without --resume"
+    )
+
+
+class _HostBlock:
+    """The merged output as one host's tasks see it under --onall: seq S is key BASE + S."""
+
+    def __init__(self, merged: MergedOutput, base: int) -> None:
+        """Shift every seq by BASE (the host's place times the file's line count)."""
+        self.merged = merged
+        self.base = base
+
+    def put(self, seq: int, offset: int, result: TaskResult | None = None) -> None:
+        """A task from the journal (--resume)."""
+        self.merged.put(self.base + seq, offset, result)
+
+    def skip(self, seq: int) -> None:
+        """A blank line."""
+        self.merged.skip(self.base + seq)
+
+
+def onall_scheduler(
+    path: Path, merged: MergedOutput | None, done: array.array[int], opts: RunOptions, count: int
+) -> tuple[OnAllScheduler, dict[str, int]]:
+    """The scheduler for --onall (a pass over the tasks file per host), and how many tasks
+    each host has to run (those not in the journal)."""
+    lines = _onall_header(opts, path)["lines"]
+    sources: dict[str, Iterator[Task]] = {}
+    todo: dict[str, int] = {}
+    for index, spec in enumerate(opts.hosts):
+        base = index * lines
+        block = None if merged is None else _HostBlock(merged, base)
+        mine = done[base : base + lines + 1]  # mine[seq] is done[base + seq]
+        sources[spec.name] = read_tasks(path, block, mine, opts.command)  # type: ignore[arg-type]
+        todo[spec.name] = count - sum(1 for offset in mine[1:] if offset >= 0)
+    return OnAllScheduler(sources, lines, opts.retries), todo
 
 
 def _open_joblog(path: str, append: bool) -> IO[str]:
@@ -5113,7 +5441,13 @@ def format_summary(summary: RunSummary) -> list[str]:
             f"sshfan: --speculate: {summary.backups} backup copies started, "
             f"{summary.backups_won} finished first"
         )
+    if summary.onall:
+        lines += _host_outcomes(summary, {r.host: r for r in reversed(summary.failures)})
     where = "stdout" if summary.output == "-" else summary.output
+    if not summary.journal_kept:
+        lines.append(f"sshfan: output: {where}")
+        lines += _stopped_lines(summary)[:-1]  # no --resume advice: the journal is gone
+        return lines
     lines.append(f"sshfan: output: {where}; journal: {summary.journal}")
     if summary.exit_code in (3, 130):
         if summary.fatal:
@@ -5133,6 +5467,60 @@ def format_summary(summary: RunSummary) -> list[str]:
         else:
             lines.append("sshfan: to finish the run, repeat the command with --resume")
     return lines
+
+
+def _host_outcomes(summary: RunSummary, failures: dict[str, TaskResult]) -> list[str]:
+    """--onall: the hosts where a task failed (with the first failure's exit and last
+    stderr line, when known) and those that could not run all their tasks, and why."""
+    lines = []
+    count = len(summary.hosts)
+    failed = [name for name in summary.hosts if summary.failed_per_host.get(name)]
+    if failed:
+        parts = []
+        for name in failed:
+            result = failures.get(name)
+            if result is None:
+                parts.append(f"{name} ({summary.failed_per_host[name]} task(s))")
+                continue
+            why = "timed out" if result.timed_out else f"exit {result.exit_code}"
+            tail = result.stderr.decode("utf-8", "replace").strip().splitlines()[-1:]
+            parts.append(f"{name} ({why}{': ' + tail[0][:100] if tail else ''})")
+        lines.append(f"sshfan: failed on {len(failed)} of {count} hosts: {', '.join(parts)}")
+    unrun = [name for name in summary.hosts if name in summary.unrun]
+    if unrun:
+        parts = []
+        for name in unrun:
+            reason = summary.skipped_hosts.get(name) or summary.lost_hosts.get(name)
+            if reason is None:
+                reason = "halted" if summary.halted else "the run ended first"
+            parts.append(f"{name} ({summary.unrun[name]} task(s) not run: {reason})")
+        lines.append(f"sshfan: could not run on {len(unrun)} of {count} hosts: {', '.join(parts)}")
+        if summary.journal_kept and summary.exit_code == 1:
+            lines.append("sshfan: --resume runs their tasks on them, once they are back")
+    return lines
+
+
+def _stopped_lines(summary: RunSummary) -> list[str]:
+    """Why a run that could not finish (exit 3 or 130) stopped, then the --resume advice."""
+    if summary.exit_code not in (3, 130):
+        return []
+    if summary.fatal:
+        why = f"sshfan: the run could not finish: {summary.fatal}"
+    elif summary.interrupted:
+        why = "sshfan: the run was interrupted"
+    else:
+        why = "sshfan: the run could not finish: no host is left"
+    return [why, "sshfan: to finish the run, repeat the command with --resume"]
+
+
+def format_onall_summary(summary: RunSummary, failures: dict[str, TaskResult]) -> list[str]:
+    """`sshfan all`'s summary: nothing when every host succeeded and the output went to
+    stdout (as pdsh), else the hosts that failed or could not run it, and the output."""
+    lines = _host_outcomes(summary, failures)
+    if summary.output != "-":
+        lines.append(f"sshfan: output: {summary.output}; journal: {summary.journal}")
+    stopped = _stopped_lines(summary)
+    return lines + (stopped if summary.journal_kept else stopped[:-1])
 
 
 def _cli() -> Any:
@@ -5217,6 +5605,17 @@ def _cli() -> Any:
         sshloginfile: list[str] | None = slf_option(),
         only: list[str] | None = only_option(),
         exclude: list[str] | None = exclude_option(),
+        onall: bool = typer.Option(
+            False,
+            "--onall",
+            help="Run every task on every host, a host's one at a time (GNU parallel's); "
+            "output per host, in host order.",
+        ),
+        nonall: bool = typer.Option(
+            False,
+            "--nonall",
+            help="TASKS is one command: run it on every host (GNU parallel's; see sshfan all).",
+        ),
         output: str | None = typer.Option(
             None,
             "--output",
@@ -5351,8 +5750,10 @@ def _cli() -> Any:
             if lines is not None and lines < 1:
                 raise UsageError(f"--lines: must be at least 1, not {lines}")
             block_size = _parse_size(block)
+            if (onall or nonall) and pipe:
+                raise UsageError("--onall and --nonall cannot be used with --pipe")
             if output is None:
-                output = "-" if tasks == "-" else Path(tasks).stem + ".out"
+                output = "-" if tasks == "-" or nonall else Path(tasks).stem + ".out"
             specs = load_host_sources(
                 HostSources(hosts, sshlogin or [], sshloginfile or [], only or [], exclude or [])
             )
@@ -5382,13 +5783,86 @@ def _cli() -> Any:
                     basefiles=tuple(basefile or ()),
                 ),
                 speculate=speculate,
+                onall=onall or nonall,
             )
             _check_file_options(opts)
             if speculate and opts.files:
                 raise UsageError(
                     "--speculate cannot be combined with --transferfile, --return or --basefile"
                 )
-            code = _run_command(opts, progress=not no_progress and sys.stderr.isatty())
+            if speculate and opts.onall:
+                raise UsageError("--speculate cannot be combined with --onall or --nonall")
+            if nonall:
+                code = _one_command(opts, compact=False)
+            else:
+                code = _run_command(opts, progress=not no_progress and sys.stderr.isatty())
+        except SshfanError as exc:
+            print(f"sshfan: error: {exc}", file=sys.stderr)
+            code = exc.exit_code
+        raise typer.Exit(code)
+
+    @app.command("all", context_settings={"allow_interspersed_args": False})
+    def all_hosts(
+        command: list[str] = typer.Argument(
+            ..., metavar="COMMAND...", help="The command (its words joined by spaces, as ssh)."
+        ),
+        hosts: str | None = typer.Option(
+            None, "--hosts", "-H", metavar="FILE", help="Hosts file (TOML)."
+        ),
+        sshlogin: list[str] | None = sshlogin_option(),
+        sshloginfile: list[str] | None = slf_option(),
+        only: list[str] | None = only_option(),
+        exclude: list[str] | None = exclude_option(),
+        gather: bool = typer.Option(
+            False,
+            "--gather",
+            "-b",
+            help="Print the output of hosts that printed the same once, under their names "
+            "(clush -b, dshbak -c).",
+        ),
+        output: str = typer.Option(
+            "-", "--output", "-o", metavar="FILE", help="Output file. Default: stdout."
+        ),
+        fmt: str = typer.Option(
+            "text", "--format", "-f", metavar="text|jsonl", help="Output format."
+        ),
+        timeout: float | None = typer.Option(
+            None, "--timeout", metavar="SECONDS", help="Kill the command after SECONDS."
+        ),
+        resume: bool = typer.Option(
+            False, "--resume", help="Run only on the hosts the journal has no result from."
+        ),
+        journal: str | None = typer.Option(
+            None, "--journal", metavar="FILE", help="Journal path. Default: OUTPUT + .journal"
+        ),
+    ) -> None:
+        """Run one command on every host; print each host's output, in host order."""
+        try:
+            if fmt not in _FORMATS:
+                raise UsageError(f"--format: unknown format {fmt!r} (choose text or jsonl)")
+            if gather and fmt != "text":
+                raise UsageError("--gather is for text output, not --format jsonl")
+            if timeout is not None and not timeout > 0:
+                raise UsageError(
+                    f"--timeout: must be a positive number of seconds, not {timeout:g}"
+                )
+            if not (hosts or sshlogin or sshloginfile):
+                raise UsageError("all: give the hosts: --hosts FILE, -S or --slf")
+            specs = load_host_sources(
+                HostSources(hosts, sshlogin or [], sshloginfile or [], only or [], exclude or [])
+            )
+            style = "jsonl" if fmt == "jsonl" else "gather" if gather else "lines"
+            opts = RunOptions(
+                " ".join(command),
+                specs,
+                output,
+                fmt=style,
+                resume=resume,
+                timeout=timeout,
+                journal=journal,
+                onall=True,
+            )
+            code = _one_command(opts, compact=True)
         except SshfanError as exc:
             print(f"sshfan: error: {exc}", file=sys.stderr)
             code = exc.exit_code
@@ -5536,6 +6010,61 @@ def _run_command(opts: RunOptions, progress: bool) -> int:
                 )
                 summary.complete = False
     for line in format_summary(summary):
+        print(line, file=sys.stderr)
+    return summary.exit_code
+
+
+def _one_command(opts: RunOptions, compact: bool) -> int:
+    """`sshfan all` and `run --nonall`: run the command in OPTS.tasks once on every host.
+
+    The command goes in a scratch tasks file, so that it runs and resumes as a one-line
+    --onall run. With the output on stdout and no --journal the journal is scratch too
+    (a pdsh-like command should not leave files behind), so --resume needs either."""
+    if "\n" in opts.tasks or not opts.tasks.strip():
+        raise UsageError("the command must be one non-empty line")
+    kept = opts.journal is not None or opts.output != "-"
+    if opts.resume and not kept:
+        raise UsageError("--resume needs the earlier run's journal: give -o FILE or --journal")
+    if opts.output != "-":
+        _check_writable_dir(Path(opts.output), "output")
+    scratch = Path(tempfile.mkdtemp(prefix="sshfan-all-"))
+    try:
+        tasks = scratch / "command"
+        tasks.write_text(opts.tasks + "\n", encoding="utf-8")
+        journal = opts.journal or (
+            opts.output + ".journal" if opts.output != "-" else str(scratch / "journal")
+        )
+        opts = dataclasses.replace(opts, tasks=str(tasks), journal=journal)
+        failures: dict[str, TaskResult] = {}
+
+        def on_done(result: TaskResult) -> None:
+            """Keep each host's failure; show its stderr as pdsh does (host: line)."""
+            if not result.ok:
+                failures.setdefault(result.host, result)
+            if opts.fmt in ("lines", "gather") and result.stderr:
+                err = io.BytesIO()
+                _write_host_lines(err, result.host, iter([result.stderr]))
+                sys.stderr.buffer.write(err.getvalue())
+                sys.stderr.buffer.flush()
+
+        out: IO[bytes] = _LazyOutput(opts.output)
+        summary: RunSummary | None = None
+        try:
+            summary = asyncio.run(run_async(opts, out, _print_err, on_done, whole=True))
+        finally:
+            try:
+                out.close()
+            except OSError as exc:
+                if summary is not None and not summary.fatal:
+                    summary.fatal = _write_error(
+                        exc if exc.filename else OSError(exc.errno, exc.strerror, opts.output)
+                    )
+                    summary.complete = False
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    summary.journal_kept = kept
+    lines = format_onall_summary(summary, failures) if compact else format_summary(summary)
+    for line in lines:
         print(line, file=sys.stderr)
     return summary.exit_code
 

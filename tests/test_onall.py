@@ -1,0 +1,173 @@
+"""One command, or every task, on every host: `sshfan all`, `run --onall`, `run --nonall`.
+
+Several entries on the suite's one sshd stand in for several machines; `:` is this
+machine (its tasks run in the current directory, a remote host's in the home
+directory, which gives two different outputs for --gather to tell apart). Where
+GNU parallel has the same option, its bytes are the reference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from sshd import HOST, SshServer
+from test_e2e import closed_port
+
+import sshfan
+
+RunSshfan = Callable[..., "subprocess.CompletedProcess[bytes]"]
+
+needs_parallel = pytest.mark.skipif(
+    shutil.which("parallel") is None and not os.environ.get("SSHFAN_REQUIRE_PARALLEL"),
+    reason="GNU parallel is not installed",
+)
+
+
+def defaults_file(sshd: SshServer, tmp_path: Path, extra: str = "") -> Path:
+    """A hosts file with only the test server's [defaults] (and EXTRA after them)."""
+    path = tmp_path / "hosts.toml"
+    path.write_text(sshd.hosts_toml([]) + extra)
+    return path
+
+
+def logins(sshd: SshServer) -> tuple[str, str]:
+    """Two spellings of the test server, two hosts to sshfan (and to GNU parallel)."""
+    return f"{HOST}:{sshd.port}", f"{sshd.user}@{HOST}:{sshd.port}"
+
+
+def parallel_ssh(sshd: SshServer) -> str:
+    """The ssh command GNU parallel should use to reach the test server."""
+    return " ".join(sshd.ssh_argv()[:-1])
+
+
+def test_fold_names_as_clustershell() -> None:
+    """Numbered names fold into ranges; others stay as they are."""
+    assert sshfan.fold_names(["web01", "web02", "web04", "db1", ":"]) == "web[01-02,04],db1,:"
+    assert sshfan.fold_names(["n9", "n10", "n11"]) == "n[9-11]"
+
+
+def test_all_prints_each_host_in_order(
+    sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """`host: line` lines in host order, stderr the same way, nothing else on success."""
+    one, two = logins(sshd)
+    hosts = defaults_file(sshd, tmp_path)
+    command = ["echo one; printf 'two'; echo oops >&2"]
+    result = run_sshfan(["all", "-H", str(hosts), "-S", f"{two},:,{one}", *command])
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout.decode() == "".join(
+        f"{name}: one\n{name}: two\n" for name in (two, ":", one)
+    )
+    assert sorted(result.stderr.decode().splitlines()) == sorted(
+        f"{name}: oops" for name in (two, ":", one)
+    )
+
+
+def test_all_gather_and_jsonl(sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path) -> None:
+    """--gather prints identical outputs once under the hosts' names; jsonl a record each."""
+    one, two = logins(sshd)
+    here = f'\n[[hosts]]\nname = "here"\nlocal = true\nworkdir = "{tmp_path}"\n'
+    hosts = defaults_file(sshd, tmp_path, here)
+    base = ["all", "-H", str(hosts), "-S", f"{one},{two}"]
+    result = run_sshfan([*base, "-b", "pwd"])
+    assert result.returncode == 0, result.stderr.decode()
+    rule = "-" * 15
+    home = os.path.expanduser("~")
+    assert result.stdout.decode() == (
+        f"{rule}\nhere (1)\n{rule}\n{tmp_path}\n{rule}\n{one},{two} (2)\n{rule}\n{home}\n"
+    )
+    result = run_sshfan([*base, "-f", "jsonl", "echo hi; exit 4"])
+    assert result.returncode == 1
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["host"], r["seq"], r["stdout"], r["exit_code"]) for r in records] == [
+        (name, 1, "hi\n", 4) for name in ("here", one, two)
+    ]
+    assert f"sshfan: failed on 3 of 3 hosts: here (exit 4), {one} (exit 4), {two} (exit 4)" in (
+        result.stderr.decode()
+    )
+
+
+def test_unreachable_host_fails_the_run_and_resume_completes_it(
+    sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """An unreachable host is exit 1, listed; the hosts after it still print; --resume runs
+    the command there only, once it is back, and the output is then whole and in order."""
+    down = f'\n[[hosts]]\nname = "first"\naddress = "{HOST}"\nport = {closed_port()}\n'
+    up = f'\n[[hosts]]\nname = "first"\naddress = "{HOST}"\n'
+    hosts = defaults_file(sshd, tmp_path, down)
+    out = tmp_path / "out.txt"
+    args = ["all", "-H", str(hosts), "-S", ":", "-o", str(out), "date +%s%N"]
+    result = run_sshfan(args)
+    assert result.returncode == 1
+    stderr = result.stderr.decode()
+    assert "sshfan: could not run on 1 of 2 hosts: first (1 task(s) not run: connect:" in stderr
+    assert "--resume runs their tasks on them" in stderr
+    first_run = out.read_text()
+    assert first_run.startswith(":: ") and first_run.count("\n") == 1
+    hosts.write_text(sshd.hosts_toml([]) + up)
+    result = run_sshfan([*args[:-1], "--resume", args[-1]])
+    assert result.returncode == 0, result.stderr.decode()
+    lines = out.read_text().splitlines(keepends=True)
+    assert [line.split(": ")[0] for line in lines] == ["first", ":"]
+    assert lines[1] == first_run  # this machine did not run it again
+    everything_down = defaults_file(sshd, tmp_path, down)
+    result = run_sshfan(["all", "-H", str(everything_down), "true"])
+    assert result.returncode == 3
+
+
+def test_all_usage_errors(run_sshfan: RunSshfan, tmp_path: Path) -> None:
+    """No hosts, --resume without a journal to keep: one line, exit 2."""
+    result = run_sshfan(["all", "uname"])
+    assert result.returncode == 2
+    wanted = "sshfan: error: all: give the hosts: --hosts FILE, -S or --slf\n"
+    assert result.stderr.decode() == wanted
+    result = run_sshfan(["all", "-S", ":", "--resume", "uname"])
+    assert result.returncode == 2
+    assert "--resume needs the earlier run's journal" in result.stderr.decode()
+
+
+@needs_parallel
+def test_onall_and_nonall_match_gnu_parallel(
+    sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """run --onall TASKS and run --nonall COMMAND give parallel -k's bytes (hosts in the
+    order parallel sorts them), and an --onall run resumes host by host."""
+    one, two = logins(sshd)
+    hosts = defaults_file(sshd, tmp_path)
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text("echo a\n\nprintf 'b\\nb2\\n'\nprintf nonl\n")
+    parallel = ["parallel", "--will-cite", "-k", "--ssh", parallel_ssh(sshd), "-S", f"{one},{two}"]
+    wanted = subprocess.run(
+        [*parallel, "--onall", "::::", str(tasks)], capture_output=True, check=True
+    ).stdout
+    out = tmp_path / "out.txt"
+    result = run_sshfan(
+        ["run", str(tasks), "--onall", "-H", str(hosts), "-S", f"{one},{two}", "-o", str(out)]
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    assert out.read_bytes() == wanted
+    journal = out.with_name("out.txt.journal")
+    listed = subprocess.run(
+        ["python3", "-m", "sshfan", "results", str(out), "-f", "jsonl"],
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": str(Path(sshfan.__file__).parent)},
+        check=False,
+    )
+    records = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert [(r["host"], r["seq"]) for r in records] == [
+        (host, seq) for host in (one, two) for seq in (1, 3, 4)
+    ]
+    assert journal.exists()
+    command = "echo x; uname -s"
+    wanted = subprocess.run(
+        [*parallel, "--nonall", command], capture_output=True, check=True
+    ).stdout
+    result = run_sshfan(["run", "--nonall", "-H", str(hosts), "-S", f"{one},{two}", command])
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout == wanted
