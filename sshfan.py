@@ -136,18 +136,19 @@ def local_host(slots: int | None = None) -> HostSpec:
     return HostSpec(name="local", local=True, python=sys.executable, slots=slots)
 
 
-def lanes(spec: HostSpec) -> list[HostSpec]:
+def lanes(spec: HostSpec, tasks: int | None = None) -> list[HostSpec]:
     """The stubs that serve one host: one for an SSH host, up to LOCAL_LANES for a local one.
 
     A stub starts its tasks one at a time, and each start holds it until the child has
     exec'd (0.1-0.35 ms here), so one stub tops out near 2,000 tasks a second whatever
     the CPU count. Locally another stub costs only a Python start-up, so a local host's
-    slots are spread over several; they share the host's name in every report."""
+    slots are spread over several (no more than the run's TASKS: a stub with nothing to
+    do is a start-up paid for nothing); they share the host's name in every report."""
     if not spec.local:
         return [spec]
     affinity = getattr(os, "sched_getaffinity", None)
     slots = spec.slots or (len(affinity(0)) if affinity else os.cpu_count() or 1)
-    count = max(1, min(LOCAL_LANES, slots))
+    count = max(1, min(LOCAL_LANES, slots, LOCAL_LANES if tasks is None else tasks))
     return [
         dataclasses.replace(spec, slots=slots // count + (i < slots % count)) for i in range(count)
     ]
@@ -4457,7 +4458,10 @@ class _Run:
                 loop.add_signal_handler(signum, self.interrupt)
         syncer = loop.call_later(1.0, self._sync_tick)
         pacing = Pacing()
-        self.sessions = [HostSession(lane, self) for spec in self.hosts for lane in lanes(spec)]
+        fresh = self.summary.total - self.summary.resumed
+        self.sessions = [
+            HostSession(lane, self) for spec in self.hosts for lane in lanes(spec, fresh)
+        ]
         openers = [asyncio.ensure_future(self._open(s, pacing)) for s in self.sessions]
         self._check_done()
         try:

@@ -29,6 +29,8 @@ from sshfan import (
     Task,
     encode_tasks,
     known_long_tasks,
+    lanes,
+    local_host,
 )
 
 RunSshfan = Callable[..., "subprocess.CompletedProcess[bytes]"]
@@ -265,3 +267,10 @@ def test_stub_cancel_kills_a_running_task_and_answers_a_queued_one(tmp_path: Pat
                 os.kill(pid, signal.SIGKILL)
         if stub.proc.poll() is None:
             stub.proc.kill()
+
+
+def test_local_lanes_no_more_than_tasks() -> None:
+    """A local run starts no more stubs than it has tasks; the slots stay the host's."""
+    assert [lane.slots for lane in lanes(local_host(10), tasks=1)] == [10]
+    assert [lane.slots for lane in lanes(local_host(10), tasks=2)] == [5, 5]
+    assert [lane.slots for lane in lanes(local_host(10), tasks=100)] == [3, 3, 2, 2]
