@@ -1018,12 +1018,72 @@ def precompile() -> None:
         log("PYTHONDONTWRITEBYTECODE is set: sshfan.py byte-compiled once, as pip would")
 
 
+@contextlib.contextmanager
+def plain_login(wanted: bool) -> Iterator[tuple[Path, str] | None]:
+    """With WANTED, as root: a throwaway user whose login shell is a plain /bin/sh (no
+    .bashrc, no pyenv shims), for the whole bench; yields a directory for the SSH server
+    that the user can read (sshd reads authorized_keys as the user) and its name, or None."""
+    if not wanted:
+        yield None
+        return
+    if os.geteuid() != 0 or not shutil.which("useradd"):
+        log("--plain-login needs root and useradd: logging in as the current user")
+        yield None
+        return
+    name = f"sshfanb{os.getpid()}"
+    shared = Path(tempfile.mkdtemp(prefix="sshfan-bench-plain-"))
+    shared.chmod(0o755)
+    home = shared / "home"
+    made = subprocess.run(
+        # -p '*': no password, but not locked ('!'), which sshd refuses even for keys
+        ["useradd", "-m", "-d", str(home), "-s", "/bin/sh", "-p", "*", name],
+        capture_output=True,
+        text=True,
+    )
+    if made.returncode != 0:
+        shutil.rmtree(shared, ignore_errors=True)
+        raise BenchError(f"useradd {name}: {made.stderr.strip()}")
+    server_dir = shared / "sshd"
+    server_dir.mkdir(mode=0o755)
+    keys = server_dir / "authorized_keys"
+    keys.touch()
+    shutil.chown(keys, name)  # SshServer keeps the owner; sshd opens it as the user
+    log(f"plain login: throwaway user {name} (/bin/sh), home {home}")
+    try:
+        yield server_dir, name
+    finally:
+        for _ in range(50):  # its last sessions may still be ending
+            gone = subprocess.run(["userdel", "-r", name], capture_output=True, text=True)
+            if gone.returncode == 0 or "does not exist" in gone.stderr:
+                break
+            time.sleep(0.2)
+        else:
+            log(f"could not remove the throwaway user {name}: {gone.stderr.strip()}")
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def bench_server(workdir: Path, plain: tuple[Path, str] | None) -> Iterator[SshServer]:
+    """The bench's SSH server: in WORKDIR, or for plain_login's user in its directory."""
+    server = SshServer(plain[0] if plain else workdir / "sshd")
+    if plain:
+        server.user = plain[1]
+    with server:
+        yield server
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line: run the scenarios and print the table (or JSON)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 rounds, smaller sizes")
     parser.add_argument("--json", action="store_true", help="JSON results on stdout")
     parser.add_argument("--rounds", type=int, help="rounds per scenario (default 5, quick 3)")
+    parser.add_argument(
+        "--plain-login",
+        action="store_true",
+        help="as root: log in as a throwaway user with a plain /bin/sh login (created and "
+        "removed by the bench), to measure sshfan rather than root's shell start-up",
+    )
     parser.add_argument(
         "--only", action="append", choices=sorted(SCENARIOS), help="run only these (repeatable)"
     )
@@ -1035,7 +1095,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="sshfan-bench-") as tmp:
         workdir = Path(tmp)
-        with SshServer(workdir / "sshd") as server:
+        with (
+            plain_login(args.plain_login) as plain,
+            bench_server(workdir, plain) as server,
+        ):
             log(f"sshd ({server.kind}) on {server.host}:{server.port}, user {server.user}")
             bench = Bench(workdir, server, args.quick, rounds)
             for name in names:
