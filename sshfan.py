@@ -19,6 +19,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import fcntl
 import fnmatch
 import functools
 import gc
@@ -74,6 +75,10 @@ class UsageError(SshfanError):
     """A user's input is wrong: bad option, hosts file or tasks file (exit 2)."""
 
     exit_code = 2
+
+
+class TasksChangedError(SshfanError):
+    """The tasks file changed while the run read it: the run cannot vouch for it (exit 3)."""
 
 
 class HostError(SshfanError):
@@ -1551,6 +1556,7 @@ class Scheduler:
         self.retries = retries
         self.stopped = False
         self.drawn = 0  # fresh tasks taken from the source so far
+        self.error: SshfanError | None = None  # why the source could not be read to its end
 
     def take(
         self, host: str, count: int, others_alive: bool = False, long_room: int = 0
@@ -1580,7 +1586,11 @@ class Scheduler:
         if longs and longs >= long_room:
             count = len(taken)
         while len(taken) < count and not self._source_done:
-            task = next(self._source, None)
+            try:
+                task = next(self._source, None)
+            except SshfanError as exc:
+                self.error = exc
+                task = None
             if task is None:
                 self._source_done = True
             elif task.seq in self._pulled:
@@ -1625,7 +1635,7 @@ class Scheduler:
 
     def exhausted(self) -> bool:
         """Whether every task has been handed out for good (nothing left, nothing to retry)."""
-        return self._source_done and not self._again and not self._longest
+        return self._source_done and not self._again and not self._longest and self.error is None
 
     def order_key(self, host: str, seq: int) -> int:
         """Where HOST's task SEQ goes in the merged output and the journal's index: SEQ."""
@@ -4790,6 +4800,9 @@ class _Run:
         """End the run when all work is done, or when no host is left to do it."""
         if self._finished is None or self._finished.done():
             return
+        if self.scheduler.error is not None:
+            self.abort(str(self.scheduler.error))
+            return
         in_flight = sum(len(s.in_flight) + len(s.fetching) for s in self.sessions)
         if self.summary.interrupted:
             self._finish(complete=False)
@@ -4862,14 +4875,152 @@ def _check_writable_dir(path: Path, what: str) -> None:
         raise UsageError(f"{path}: {what} path is a directory")
 
 
-def _spool_stdin(directory: Path) -> Path:
-    """Copy tasks from stdin to a file beside the journal, so they can be scanned and resumed."""
-    with tempfile.NamedTemporaryFile(
-        "wb", dir=directory, prefix=".sshfan-stdin-", suffix=".tasks", delete=False
-    ) as handle:
+def _spool_path(journal: Path) -> Path:
+    """Where tasks read from stdin are kept during a run: beside the journal, named after
+    it, so that one a killed run left behind is the one the next run (holding the
+    journal's lock) writes over and removes. (--resume reads stdin again: same tasks,
+    same sha256.)"""
+    return journal.with_name(journal.name + ".stdin")
+
+
+def _spool_stdin(path: Path) -> Path:
+    """Copy tasks from stdin to PATH, so they can be scanned and read again."""
+    with open(path, "wb") as handle:
         while chunk := sys.stdin.buffer.read(1 << 20):
             handle.write(chunk)
-    return Path(handle.name)
+    return path
+
+
+def _same_file(one: Path, other: Path) -> bool:
+    """Whether ONE and OTHER are the same file: device and inode where both exist (links,
+    other spellings), else the same path once resolved."""
+    try:
+        first, second = os.stat(one), os.stat(other)
+    except OSError:
+        return os.path.realpath(one) == os.path.realpath(other)
+    return (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino)
+
+
+def _refuse_overlaps(files: list[tuple[str, Path]]) -> None:
+    """Refuse (exit 2) a run that would write over a file it reads or writes otherwise
+    (`-o tasks.txt`, `--journal` = the output, ...): FILES, in the order they are named."""
+    for index, (what, path) in enumerate(files):
+        for other_what, other in files[index + 1 :]:
+            if _same_file(path, other):
+                raise UsageError(
+                    f"{other}: the {other_what} would be the {what} ({path}); "
+                    f"give the {other_what} another path"
+                )
+
+
+def _file_identity(path: Path) -> tuple[int, int, int, int]:
+    """What tells that a file changed: device, inode, size and modification time."""
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _read_unchanged(tasks: Iterator[Task], path: Path, identity: tuple) -> Iterator[Task]:
+    """TASKS, then a check that PATH is the file that was scanned: one that shrank or
+    changed under the reader must not end the run as if every task had been read."""
+    yield from tasks
+    if _file_identity(path) != identity:
+        raise TasksChangedError(f"{path}: the tasks file changed while it was being read")
+
+
+def _lock_holder() -> str:
+    """Who this run is, for the lock file: what a second run names in its refusal."""
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    return f"sshfan pid {os.getpid()} on {socket.gethostname()}, started {started}"
+
+
+def _take_lock(path: Path) -> int:
+    """Hold the lock file PATH for this run (one run per journal and output at a time);
+    refuse (exit 2) naming the run that holds it. Returns its descriptor."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise UsageError(f"{path}: cannot create lock file: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 1024, 0).decode("utf-8", "replace").strip()
+            os.close(fd)
+            raise UsageError(
+                f"{path}: in use by another run ({holder or 'sshfan'}); "
+                "wait for it to end or stop it"
+            ) from None
+        # The run that held it may have removed it between our open and our lock: the
+        # lock counts only on the file that is at PATH now.
+        try:
+            if _same_file(Path(f"/dev/fd/{fd}"), path):
+                break
+        except OSError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (_lock_holder() + "\n").encode(), 0)
+    return fd
+
+
+def _release_lock(path: Path, fd: int) -> None:
+    """Remove the lock file, then let go of it (see _take_lock's check of the inode)."""
+    with contextlib.suppress(OSError):  # a lock file gone already: nothing to undo
+        path.unlink()
+    os.close(fd)
+
+
+def _lock_paths(output: str, journal: Path) -> list[Path]:
+    """The lock files a run holds: its journal's, and its output's (named after the
+    journal a run on that output has by default) if that is another one."""
+    paths = [journal.with_name(journal.name + ".lock")]
+    if output != "-":
+        mine = Path(output + ".journal.lock")
+        try:
+            regular = Path(output).is_file() or not Path(output).exists()
+        except OSError:
+            regular = False
+        if regular and not _same_file(mine, paths[0]):  # (not /dev/null and the like)
+            paths.append(mine)
+    return paths
+
+
+def _shaping_options(opts: RunOptions) -> dict[str, Any]:
+    """The options that decide what a task runs or how its result is written, by name:
+    recorded in the journal, and a --resume that changes one is refused. (An option
+    that shapes tasks or output belongs here.)"""
+    shaping: dict[str, Any] = {
+        "--command": opts.command,
+        "--pipe": opts.pipe,
+        "--format": opts.fmt,
+        "--tag": opts.tag,
+    }
+    if opts.pipe:
+        shaping["--lines"] = opts.lines
+        shaping["--block"] = opts.block
+    return json.loads(json.dumps(shaping))  # as it reads back from the journal
+
+
+def _check_shaping(journal: Path, recorded: dict[str, Any] | None, now: dict[str, Any]) -> None:
+    """Refuse (exit 2) a --resume whose output-shaping options differ from the journal's."""
+    if recorded is None:  # a journal from before they were recorded
+        return
+    for name in dict.fromkeys([*now, *recorded]):  # in the order options are named
+        if recorded.get(name) != now.get(name):
+            raise UsageError(
+                f"{journal}: the run was started with {name} {_shown(recorded.get(name))}, "
+                f"not {_shown(now.get(name))}: resume it with the same options, "
+                "or run without --resume to start over"
+            )
+
+
+def _shown(value: Any) -> str:
+    """An option's value as a person reads it in an error."""
+    if value is None or value is False:
+        return "unset"
+    if value is True:
+        return "set"
+    return repr(value) if isinstance(value, str) else str(value)
 
 
 @dataclasses.dataclass
@@ -4902,55 +5053,100 @@ class RunOptions:
     onall: bool = False  # every task on every host (GNU parallel's --onall)
 
 
-def prepare_run(opts: RunOptions) -> tuple[Path, int, Journal, array.array[int], bool]:
-    """Check inputs and open the journal (fresh or resumed); nothing runs yet."""
+@dataclasses.dataclass
+class PreparedRun:
+    """A run's inputs checked and its files taken: what prepare_run hands run_async."""
+
+    tasks_path: Path
+    count: int
+    journal: Journal
+    done: array.array[int]
+    resumed: bool
+    identity: tuple  # the tasks file as scanned (see _read_unchanged)
+    locks: list[tuple[Path, int]]
+
+    def release(self, spooled: bool) -> None:
+        """Let go of what the run held (the journal is closed by then): the copy of
+        stdin if SPOOLED, then the locks."""
+        if spooled:
+            self.tasks_path.unlink(missing_ok=True)
+        for path, fd in reversed(self.locks):
+            _release_lock(path, fd)
+        self.locks = []
+
+
+def prepare_run(opts: RunOptions) -> PreparedRun:
+    """Check inputs, lock the journal and output, and open the journal (fresh or
+    resumed); nothing runs yet, and nothing earlier is changed yet."""
     journal_path = _journal_path(opts.output, opts.tasks, opts.journal)
     _check_writable_dir(journal_path, "journal")
+    files = [] if opts.tasks == "-" else [("tasks file", Path(opts.tasks))]
     if opts.output != "-":
         _check_writable_dir(Path(opts.output), "output")
+        files.append(("output", Path(opts.output)))
+    files.append(("journal", journal_path))
+    if opts.joblog:
+        files.append(("joblog", Path(opts.joblog)))
+    lock_paths = _lock_paths(opts.output, journal_path)
+    extra = [("journal's new file", journal_path.with_name(journal_path.name + ".new"))]
+    extra += [("lock file", path) for path in lock_paths]
     if opts.tasks == "-":
-        tasks_path = _spool_stdin(journal_path.parent if str(journal_path.parent) else Path("."))
-    else:
-        tasks_path = Path(opts.tasks)
+        extra.append(("copy of stdin", _spool_path(journal_path)))
+    _refuse_overlaps(files + extra)
+    locks: list[tuple[Path, int]] = []
+    tasks_path = Path(opts.tasks)
     try:
+        for path in lock_paths:
+            locks.append((path, _take_lock(path)))
+        if opts.tasks == "-":
+            tasks_path = _spool_stdin(_spool_path(journal_path))
+        with _reading(tasks_path, "tasks file"):
+            identity = _file_identity(tasks_path)
         if opts.pipe:
             count, digest = scan_chunks(tasks_path, opts.lines, opts.block)
         else:
             count, digest = scan_tasks(tasks_path)
-    except UsageError:
+        shaping = _shaping_options(opts)
+        onall = _onall_header(opts, tasks_path)
+        done = array.array("q")
+        resumed = opts.resume and journal_path.exists()
+        if resumed:
+            journal, header, done = Journal.reopen(journal_path)
+            try:
+                if header.get("tasks_sha256") != digest:
+                    raise UsageError(
+                        f"{journal_path}: journal was written for a different tasks file than "
+                        f"{opts.tasks} (its contents changed); run without --resume to start over"
+                    )
+                if header.get("onall") != onall.get("onall"):
+                    raise UsageError(_onall_mismatch(journal_path, header.get("onall")))
+                _check_shaping(journal_path, header.get("shaping"), shaping)
+            except UsageError:
+                journal.close()
+                raise
+        else:
+            header = {
+                "version": JOURNAL_VERSION,
+                "tasks": str(opts.tasks),
+                "tasks_sha256": digest,
+                "count": count,
+                "shaping": shaping,
+                "created": time.time(),
+                "sshfan": __version__,
+                **onall,
+            }
+            try:
+                journal = Journal.create(journal_path, header)
+            except OSError as exc:
+                raise UsageError(f"{journal_path}: cannot create journal: {exc.strerror}") from None
+    except BaseException:
         if opts.tasks == "-":
-            tasks_path.unlink(missing_ok=True)
+            _spool_path(journal_path).unlink(missing_ok=True)
+        for path, fd in reversed(locks):
+            _release_lock(path, fd)
         raise
-    resumed = False
-    done = array.array("q")
-    onall = _onall_header(opts, tasks_path)
-    if opts.resume and journal_path.exists():
-        journal, header, done = Journal.reopen(journal_path)
-        if header.get("tasks_sha256") != digest:
-            journal.close()
-            raise UsageError(
-                f"{journal_path}: journal was written for a different tasks file than "
-                f"{opts.tasks} (its contents changed); run without --resume to start over"
-            )
-        if header.get("onall") != onall.get("onall"):
-            journal.close()
-            raise UsageError(_onall_mismatch(journal_path, header.get("onall")))
-        resumed = True
-    else:
-        header = {
-            "version": JOURNAL_VERSION,
-            "tasks": str(opts.tasks),
-            "tasks_sha256": digest,
-            "count": count,
-            "created": time.time(),
-            "sshfan": __version__,
-            **onall,
-        }
-        try:
-            journal = Journal.create(journal_path, header)
-        except OSError as exc:
-            raise UsageError(f"{journal_path}: cannot create journal: {exc.strerror}") from None
-    return tasks_path, count, journal, done, resumed
+    prepared = PreparedRun(tasks_path, count, journal, done, resumed, identity, locks)
+    return prepared
 
 
 async def run_async(
@@ -4963,7 +5159,9 @@ async def run_async(
 ) -> RunSummary:
     """Run the tasks described by OPTS, rendering into OUT; return the summary."""
     preflight(opts.hosts)
-    tasks_path, count, journal, done, resumed = prepare_run(opts)
+    prepared = prepare_run(opts)
+    tasks_path, count, journal = prepared.tasks_path, prepared.count, prepared.journal
+    done, resumed = prepared.done, prepared.resumed
     joblog = None
     merged = None
     try:
@@ -4989,6 +5187,7 @@ async def run_async(
             # order, as parallel's.
             if not (opts.halt_on_error or opts.halt or opts.onall):
                 longest = known_long_tasks(tasks_path, done, history, opts.command)
+        tasks = _read_unchanged(tasks, tasks_path, prepared.identity)
         scheduler = Scheduler(tasks, opts.retries, longest)
         todo: dict[str, int] = {}
         if opts.onall:
@@ -5023,7 +5222,9 @@ async def run_async(
             if isinstance(scheduler, OnAllScheduler):
                 scheduler.drain()
             leftover = scheduler.take("", 1)
-            run.summary.complete = not leftover
+            run.summary.complete = not leftover and scheduler.error is None
+            if scheduler.error is not None:
+                run.abort(str(scheduler.error))
             try:
                 if merged is not None:
                     if run.summary.complete and not merged.written:
@@ -5057,8 +5258,7 @@ async def run_async(
             journal.close()  # a no-op unless the run ended by an exception
         if joblog is not None:
             joblog.close()
-        if opts.tasks == "-":
-            tasks_path.unlink(missing_ok=True)
+        prepared.release(spooled=opts.tasks == "-")
 
 
 def _onall_header(opts: RunOptions, tasks_path: Path) -> dict[str, Any]:
@@ -5884,6 +6084,9 @@ def _cli() -> Any:
             if fmt not in ("table", "jsonl"):
                 raise UsageError(f"--format: unknown format {fmt!r} (choose table or jsonl)")
             path = Path(journal or output + ".journal")
+            new = path.with_name(path.name + ".new")  # a run yet to record its first task
+            if not path.is_file() and new.is_file():
+                path = new
             if not path.is_file():
                 raise UsageError(f"{path}: no journal here (was {output} written by sshfan run?)")
             code = _print_results(path, failed, fmt)

@@ -9,6 +9,8 @@ kill-and-resume torture run over two SSH hosts.
 
 from __future__ import annotations
 
+import concurrent.futures
+import json
 import os
 import resource
 import subprocess
@@ -16,15 +18,22 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+from sshd import SshServer
 from test_faults import (
     LOCAL_BLOCK,
     NO_HANG,
+    Head,
     check_exit,
     err_lines,
+    host_block,
     journal_done,
     run_args,
+    wait_for,
     write_file,
 )
+
+import sshfan
 
 RunSshfan = Callable[..., "subprocess.CompletedProcess[bytes]"]
 
@@ -178,3 +187,306 @@ def test_an_output_that_cannot_be_written_ends_3_and_the_journal_resumes(
     resumed = run_sshfan(run_args(tasks, hosts, out, "--resume", *args), timeout=NO_HANG)
     check_exit(resumed, 0)
     assert out.read_bytes() == big_expected(sizes)
+
+
+# ---------------------------------------------------------------------------
+# 2, 9: `sshfan results` only reads
+# ---------------------------------------------------------------------------
+
+
+def test_results_beside_a_live_run_never_changes_it(run_sshfan: RunSshfan, tmp_path: Path) -> None:
+    """`sshfan results` again and again (two at a time) while a run streams large outputs
+    into its journal: the run still ends 0 with its output exact (results used to cut
+    what looked like a torn record: the live run's write in progress)."""
+    count, piece, pieces = 24, 250_000, 8
+    stream = f"for i in {' '.join(['x'] * pieces)}; do head -c {piece} /dev/zero | tr '\\0' {{c}}"
+    lines = [
+        stream.format(c="abcdefghijklmnopqrstuvwxyz"[n % 26]) + "; sleep 0.05; done; echo"
+        for n in range(1, count + 1)
+    ]
+    tasks = write_tasks(tmp_path / "tasks.txt", lines)
+    hosts = write_file(tmp_path / "hosts.toml", LOCAL_BLOCK)
+    out = tmp_path / "out.txt"
+    head = Head(run_args(tasks, hosts, out), tmp_path, "live")
+
+    def look() -> int:
+        """One `sshfan results`: check what it shows; 1 if it saw the journal."""
+        seen = run_sshfan(["results", str(out), "--format", "jsonl"], timeout=NO_HANG)
+        if seen.returncode == 2:  # the journal is not there yet
+            assert b"no journal" in seen.stderr, seen.stderr
+            return 0
+        check_exit(seen, 0)
+        for line in seen.stdout.splitlines():
+            record = json.loads(line)
+            assert len(record["stdout"]) == piece * pieces + 1
+        return 1
+
+    try:
+        looks = 0
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            while head.proc.poll() is None:
+                looks += sum(pool.map(lambda _n: look(), range(2)))
+        result = head.wait()
+    finally:
+        head.stop()
+    check_exit(result, 0)
+    assert looks >= 4
+    assert out.read_bytes() == big_expected([piece * pieces] * count)
+
+
+def test_results_never_writes_to_a_journal(run_sshfan: RunSshfan, tmp_path: Path) -> None:
+    """A journal whose last record is still being written (as a live run's is, at the
+    moment `results` looks): results shows the whole records and changes nothing."""
+    tasks = write_tasks(tmp_path / "tasks.txt", ["echo one", "echo two; exit 3"])
+    hosts = write_file(tmp_path / "hosts.toml", LOCAL_BLOCK)
+    out = tmp_path / "out.txt"
+    journal = Path(f"{out}.journal")
+    check_exit(run_sshfan(run_args(tasks, hosts, out), timeout=NO_HANG), 1)
+    with open(journal, "ab") as handle:  # the first half of a record on its way
+        handle.write(sshfan.encode_frame(sshfan.KIND_OUTPUT, b"\0" * 9 + b"x" * 100)[:60])
+    before = snapshot(journal)
+    os.chmod(journal, 0o444)  # (root writes anyway: the bytes are what is checked)
+    try:
+        for args in ([], ["--failed"], ["--format", "jsonl"]):
+            seen = run_sshfan(["results", str(out), *args], timeout=NO_HANG)
+            check_exit(seen, 1)
+            assert b"echo two" in seen.stdout
+    finally:
+        os.chmod(journal, 0o644)
+    assert snapshot(journal) == before
+
+
+def test_results_failed_reads_only_the_tail_of_a_large_output(
+    run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """`results --failed` for a task with 150 MB of output shows its last stderr lines
+    without reading the output into memory."""
+    lines = [
+        "echo fine",
+        "head -c 150000000 /dev/zero; head -c 300000 /dev/zero | tr '\\0' e >&2; "
+        "printf 'first\\nsecond\\nthe last words\\n' >&2; exit 4",
+    ]
+    tasks = write_tasks(tmp_path / "tasks.txt", lines)
+    hosts = write_file(tmp_path / "hosts.toml", LOCAL_BLOCK)
+    journal = tmp_path / "run.journal"
+    args = ["--journal", str(journal)]
+    check_exit(run_sshfan(run_args(tasks, hosts, Path("/dev/null"), *args), timeout=NO_HANG), 1)
+    # Measured in a child of a fresh Python: the test process's own children do not count.
+    probe = (
+        "import resource, subprocess, sys;"
+        "r = subprocess.run(sys.argv[1:], capture_output=True);"
+        "sys.stdout.write(repr((r.returncode, r.stdout.decode(), "
+        "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)))"
+    )
+    argv = [sys.executable, "-c", probe, sys.executable, "-m", "sshfan"]
+    argv += ["results", "unused", "--journal", str(journal), "--failed"]
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    code, shown, max_rss_kib = eval(subprocess.check_output(argv, env=env, timeout=NO_HANG))
+    assert code == 1
+    assert "the last words" in shown and "second" in shown
+    assert "fine" not in shown
+    assert max_rss_kib < 100 * 1024, f"results used {max_rss_kib} KiB"
+
+
+# ---------------------------------------------------------------------------
+# 3: an output or journal that is the tasks file
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["output", "journal", "output-is-journal", "default-output", "hard-link", "joblog"],
+)
+def test_a_run_never_writes_over_its_own_files(
+    case: str, run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """An output, journal or joblog that is the tasks file (by name, by another
+    spelling, by a hard link), or an output that is the journal: exit 2, one line,
+    nothing written."""
+    name = "jobs.out" if case == "default-output" else "tasks.txt"
+    tasks = write_tasks(tmp_path / name, [f"echo {n}" for n in range(1, 301)])
+    hosts = write_file(tmp_path / "hosts.toml", LOCAL_BLOCK)
+    other = tmp_path / "other.txt"
+    args = {
+        "output": ["-o", f"{tmp_path}/./{name}"],
+        "journal": ["-o", str(other), "--journal", name],
+        "output-is-journal": ["-o", str(other), "--journal", str(other)],
+        "default-output": [],
+        "hard-link": ["-o", str(other)],
+        "joblog": ["-o", str(other), "--joblog", str(tasks)],
+    }[case]
+    if case == "hard-link":
+        os.link(tasks, tmp_path / "same.journal")
+        args += ["--journal", str(tmp_path / "same.journal")]
+    before = sorted(os.listdir(tmp_path))
+    tasks_before = snapshot(tasks)
+    result = run_sshfan(["run", name, "--hosts", str(hosts), "--no-progress", *args])
+    one_line(result, 2, "would be the")
+    assert snapshot(tasks) == tasks_before
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_a_tasks_file_that_shrinks_under_the_reader_is_not_a_finished_run(
+    run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """The first task empties the tasks file while the head has read only the start of
+    it: the run must not end 0 as if the file were done (it used to: "301 of 3000")."""
+    count = 6000
+    tasks = tmp_path / "tasks.txt"
+    lines = [f": > {tasks}; echo 1"] + [f"echo {n}" for n in range(2, count + 1)]
+    write_tasks(tasks, lines)
+    # One slot: nothing more is read from the file until the first task's result is in.
+    hosts = write_file(tmp_path / "hosts.toml", LOCAL_BLOCK.replace("slots = 2", "slots = 1"))
+    out = tmp_path / "out.txt"
+    result = run_sshfan(run_args(tasks, hosts, out), timeout=NO_HANG)
+    check_exit(result, 3)
+    assert b"changed while it was being read" in result.stderr
+    assert b"Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------------------
+# 5: one run per output at a time
+# ---------------------------------------------------------------------------
+
+
+def test_a_second_run_on_the_same_output_or_journal_is_refused(
+    run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """While a run holds its output and journal, another run on either gets exit 2
+    naming it (pid, host, start) and changes nothing; `results` still reads; the
+    first run ends 0 with its output exact."""
+    flag = tmp_path / "go"
+    count = 8
+    lines = [f"while [ ! -e {flag} ]; do sleep 0.02; done; echo {n}" for n in range(1, count + 1)]
+    tasks = write_tasks(tmp_path / "tasks.txt", lines)
+    hosts = write_file(tmp_path / "hosts.toml", LOCAL_BLOCK)
+    out = tmp_path / "out.txt"
+    journal = Path(f"{out}.journal")
+    first = Head(run_args(tasks, hosts, out), tmp_path, "first")
+    try:
+        wait_for("the first run's lock", lambda: Path(f"{journal}.lock").exists())
+        wait_for("the first run's lock", lambda: Path(f"{journal}.lock").stat().st_size > 0)
+        other_tasks = write_tasks(tmp_path / "other.txt", ["echo other"])
+        seconds = [
+            run_args(tasks, hosts, out),
+            run_args(tasks, hosts, out, "--resume"),
+            run_args(other_tasks, hosts, out, "--journal", str(tmp_path / "own.journal")),
+            run_args(other_tasks, hosts, tmp_path / "own.txt", "--journal", str(journal)),
+        ]
+        for args in seconds:
+            shot = snapshot(out, journal, Path(f"{journal}.new"))
+            refused = run_sshfan(args, timeout=NO_HANG)
+            line = one_line(refused, 2, "in use by another run", f"pid {first.proc.pid} on ")
+            assert "started 20" in line, line
+            assert snapshot(out, journal, Path(f"{journal}.new")) == shot
+        assert not (tmp_path / "own.txt").exists()
+        assert not (tmp_path / "own.journal").exists()
+        looked = run_sshfan(["results", str(out)], timeout=NO_HANG)
+        check_exit(looked, 0)
+        flag.touch()
+        result = first.wait()
+    finally:
+        first.stop()
+    check_exit(result, 0)
+    assert out.read_bytes() == "".join(f"{n}\n" for n in range(1, count + 1)).encode()
+    assert not Path(f"{journal}.lock").exists()
+    again = run_sshfan(run_args(tasks, hosts, out, "--resume"), timeout=NO_HANG)
+    check_exit(again, 0)
+
+
+# ---------------------------------------------------------------------------
+# 8: a run that ends before any task ran changes nothing
+# ---------------------------------------------------------------------------
+
+
+def closed_port() -> int:
+    """A loopback TCP port nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_a_rerun_that_cannot_start_leaves_output_and_journal_as_they_were(
+    sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """Every host unreachable (a closed port): exit 3, and the earlier run's output and
+    journal are the same files with the same bytes, fresh run or --resume."""
+    sizes = [10, 2_000_000, 20]
+    tasks = write_tasks(tmp_path / "tasks.txt", [big_task(n, s) for n, s in enumerate(sizes, 1)])
+    hosts = write_file(tmp_path / "hosts.toml", LOCAL_BLOCK)
+    out = tmp_path / "out.txt"
+    journal = Path(f"{out}.journal")
+    check_exit(run_sshfan(run_args(tasks, hosts, out), timeout=NO_HANG), 0)
+    before = snapshot(out, journal)
+    dead = write_file(
+        tmp_path / "dead.toml", host_block(sshd, "gone", port=closed_port(), connect_timeout=5)
+    )
+    listing = sorted(os.listdir(tmp_path))
+    for extra in ([], ["-f", "jsonl"], ["--resume"]):
+        result = run_sshfan(run_args(tasks, dead, out, *extra), timeout=NO_HANG)
+        check_exit(result, 0 if extra == ["--resume"] else 3)  # (resumed: nothing to run)
+        assert snapshot(out, journal) == before, extra
+        assert sorted(os.listdir(tmp_path)) == listing  # no lock or new journal left
+    resumed = run_sshfan(run_args(tasks, hosts, out, "--resume"), timeout=NO_HANG)
+    check_exit(resumed, 0)
+    assert out.read_bytes() == big_expected(sizes)
+
+
+# ---------------------------------------------------------------------------
+# options that shape the output, and tasks from stdin
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "option"),
+    [
+        (["-c", "echo {}"], "--command"),
+        (["--tag"], "--tag"),
+        (["-f", "jsonl"], "--format"),
+        (["--pipe", "-c", "cat"], "--command"),
+    ],
+)
+def test_resume_with_other_output_shaping_options_is_refused(
+    extra: list[str], option: str, run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """--resume with an option that changes what tasks run or how results read: exit 2
+    naming the option; the journal and output are left alone."""
+    tasks = write_tasks(tmp_path / "tasks.txt", ["echo a", "echo b"])
+    hosts = write_file(tmp_path / "hosts.toml", LOCAL_BLOCK)
+    out = tmp_path / "out.txt"
+    journal = Path(f"{out}.journal")
+    check_exit(run_sshfan(run_args(tasks, hosts, out), timeout=NO_HANG), 0)
+    before = snapshot(out, journal)
+    refused = run_sshfan(run_args(tasks, hosts, out, "--resume", *extra), timeout=NO_HANG)
+    one_line(refused, 2, option, str(journal))
+    assert snapshot(out, journal) == before
+    check_exit(run_sshfan(run_args(tasks, hosts, out, "--resume"), timeout=NO_HANG), 0)
+
+
+def test_tasks_from_stdin_leave_no_copy_behind_and_resume(
+    sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """The copy of stdin lives beside the journal under a name of its own: one a killed
+    run left is replaced and removed by the next run; --resume from stdin works."""
+    lines = "".join(f"echo {n}\n" for n in range(1, 6)).encode()
+    hosts = write_file(tmp_path / "hosts.toml", LOCAL_BLOCK)
+    dead = write_file(
+        tmp_path / "dead.toml", host_block(sshd, "gone", port=closed_port(), connect_timeout=5)
+    )
+    out = tmp_path / "out.txt"
+    leftover = Path(f"{out}.journal.stdin")
+    leftover.write_bytes(b"left by a run killed with SIGKILL\n")
+    args = ["run", "-", "-o", str(out), "--no-progress"]
+    failed = run_sshfan([*args, "--hosts", str(dead)], input=lines, timeout=NO_HANG)
+    check_exit(failed, 3)
+    assert not leftover.exists()
+    resumed = run_sshfan([*args, "--hosts", str(hosts), "--resume"], input=lines)
+    check_exit(resumed, 0)
+    assert out.read_bytes() == b"1\n2\n3\n4\n5\n"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out.txt")) == [
+        "out.txt",
+        "out.txt.journal",
+    ]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".sshfan-stdin")]
