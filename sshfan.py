@@ -628,7 +628,7 @@ def load_host_sources(sources: HostSources) -> list[HostSpec]:
 # | CONFIG  | head → stub | JSON: slots, timeout, env, workdir                     |
 # | TASKS   | head → stub | repeated (seq u64, command length u32, stdin length    |
 # |         |             | u32, command, stdin bytes: empty means /dev/null)      |
-# | PING    | both        | opaque bytes, answered by PONG with the same bytes     |
+# | PING    | head → stub | opaque bytes, answered by PONG with the same bytes     |
 # | OUTPUT  | stub → head | seq u64, stream u8 (1 stdout, 2 stderr), bytes         |
 # | RESULT  | stub → head | seq u64, status i32, flags u8, duration f64, stdout    |
 # |         |             | length u32, stderr length u32, stdout, stderr          |
@@ -1903,6 +1903,8 @@ class HostSession:
         self.stderr_tail = bytearray()
         self.exit_status: int | None = None
         self.dropping = False  # a DROP is on its way
+        self.drops_asked = 0  # DROPs sent whose DROPPED has not come yet
+        self.killing = False  # a DROP "kill" was sent: running tasks may end CANCELLED
         self.may_drop = True  # False after a DROP found nothing, until the next result
         self.progress_at = time.monotonic()  # its last result, or work sent to it idle
         self.rtt: float | None = None
@@ -1913,6 +1915,12 @@ class HostSession:
         loop = asyncio.get_running_loop()
         self._hello = loop.create_future()
         self._pong: asyncio.Future[float] | None = None
+        self._pong_for = b""  # the payload of the ping that ping() waits on
+        self._pings: dict[bytes, float] = {}  # pings sent and not answered: payload -> sent at
+        self._pinged = 0  # pings sent so far (each payload is unique)
+        self.heard_at = time.monotonic()  # when the stub last sent anything
+        self._probe_at: float | None = None  # a liveness ping out since then, sent at
+        self._watcher: asyncio.TimerHandle | None = None
         self.closed = loop.create_future()
 
     # -- opening --------------------------------------------------------------
@@ -1934,6 +1942,8 @@ class HostSession:
             raise error from exc
         self._configure(self.spec.slots or int(self.hello.get("cpus") or 1))
         self.state = "ready"
+        self.heard_at = time.monotonic()
+        self._watch()
 
     async def _start_stub(self) -> None:
         """Open the transport, send the stub's source, and wait for its hello."""
@@ -1977,13 +1987,21 @@ class HostSession:
         self._write(encode_frame(KIND_CONFIG, json.dumps(config).encode()))
         # Measure the round trip without waiting for it: work goes out at once, and the
         # window deepens when the answer comes (one round trip less before the first task).
-        self._write(encode_frame(KIND_PING, b"%f" % time.perf_counter()))
+        self._send_ping()
+
+    def _send_ping(self) -> bytes:
+        """Send a PING the stub must answer; return its payload (unique in this session)."""
+        self._pinged += 1
+        payload = b"%d" % self._pinged
+        self._pings[payload] = time.perf_counter()
+        self._write(encode_frame(KIND_PING, payload))
+        return payload
 
     async def ping(self) -> float:
         """Measure one round trip through the stub."""
         loop = asyncio.get_running_loop()
         self._pong = loop.create_future()
-        self._write(encode_frame(KIND_PING, b"%f" % time.perf_counter()))
+        self._pong_for = self._send_ping()
         try:
             return await asyncio.wait_for(
                 asyncio.shield(self._pong), max(self.spec.connect_timeout, 10.0)
@@ -2134,6 +2152,8 @@ class HostSession:
         """Bytes from the stub's stdout: decode frames and act on them."""
         if self.state in ("lost", "failed", "done", "abandoned"):
             return
+        self.heard_at = time.monotonic()
+        self._probe_at = None
         try:
             frames = self.decoder.feed(data)
             for kind, payload in frames:
@@ -2149,15 +2169,28 @@ class HostSession:
             self.run.after_batch(self)
 
     def _on_frame(self, kind: int, payload: bytes | list) -> None:
-        """Dispatch one frame from the stub."""
+        """Dispatch one frame from the stub; anything the head did not ask for fails the host.
+
+        A frame the head did not ask for (a second hello, an unasked pong or DROPPED,
+        a result or output for a task it does not hold, a task "cancelled" while the run
+        did not cancel it) is a broken or hostile worker: its tasks go to other hosts."""
+        if not self.hello and kind not in (KIND_HELLO, KIND_ERROR):
+            self._unasked(f"frame of kind {kind} before the hello")
         if kind == KIND_RESULT:
             seq, status, flags, duration, out, err = decode_result(payload)
             if seq in self.cancelled:  # the answer to a CANCEL (or a result that crossed it)
                 self.cancelled.discard(seq)
                 return
-            task = self.in_flight.pop(seq, None)
+            task = self.in_flight.get(seq)
             if task is None:
-                raise HostError(self.name, "protocol", f"result for task {seq} it was not given")
+                self._unasked(f"result for task {seq} it was not given (or a second one)")
+            if flags & ~(FLAG_TIMED_OUT | FLAG_CANCELLED):
+                self._unasked(f"result for task {seq} with unknown flags {flags:#x}")
+            if flags & FLAG_CANCELLED and self.state != "closing" and not self.killing:
+                self._unasked(f"task {seq} reported cancelled, but the run did not cancel it")
+            if flags & FLAG_TIMED_OUT and not (self.run is not None and self.run.timeout):
+                self._unasked(f"task {seq} reported timed out, but it has no --timeout")
+            del self.in_flight[seq]
             self.window.in_flight -= 1
             self.window.observe(duration)
             self.may_drop = True
@@ -2191,14 +2224,20 @@ class HostSession:
             if task is None and seq in self.cancelled:
                 return  # a cancelled copy's output: not journaled
             if task is None:
-                raise HostError(self.name, "protocol", f"output for task {seq} it was not given")
+                self._unasked(f"output for task {seq} it was not given")
+            if stream not in (1, 2):
+                self._unasked(f"output for task {seq} on stream {stream}")
             if self.run is not None:
                 offset = self.run.journal.append(KIND_OUTPUT, parts)
                 skip = FRAME_HEADER.size + OUTPUT_HEAD.size
                 size = self.run.journal.size - offset - skip
                 task.pieces.append((offset + skip, stream, size))
         elif kind == KIND_HELLO:
+            if self.hello:
+                self._unasked("a second hello")
             hello = json.loads(payload)
+            if not isinstance(hello, dict) or not hello:
+                self._unasked(f"a hello that is not a JSON object: {payload[:80]!r}")
             if hello.get("proto") != PROTO_VERSION:
                 raise HostError(
                     self.name, "bootstrap", f"stub speaks protocol {hello.get('proto')}"
@@ -2207,13 +2246,24 @@ class HostSession:
             if not self._hello.done():
                 self._hello.set_result(hello)
         elif kind == KIND_PONG:
-            self.rtt = time.perf_counter() - float(payload)
+            sent = self._pings.pop(bytes(payload), None)
+            if sent is None:
+                self._unasked(f"a pong for no ping: {payload[:80]!r}")
+            self.rtt = time.perf_counter() - sent
             self.window.rtt = self.rtt
-            if self._pong is not None and not self._pong.done():
+            if self._pong is not None and not self._pong.done() and payload == self._pong_for:
                 self._pong.set_result(self.rtt)
         elif kind == KIND_DROPPED:
+            if not self.drops_asked:
+                self._unasked("DROPPED without a DROP")
+            self.drops_asked -= 1
             seqs = json.loads(payload)
-            self.cancelled.difference_update(seqs)  # dropped before its CANCEL came: no RESULT
+            if not isinstance(seqs, list) or len(set(seqs)) != len(seqs):
+                self._unasked(f"DROPPED with a bad list: {payload[:80]!r}")
+            unknown = [seq for seq in seqs if seq not in self.in_flight]
+            if set(unknown) - self.cancelled:
+                self._unasked(f"DROPPED task {unknown[0]} it does not hold")
+            self.cancelled.difference_update(unknown)  # dropped before its CANCEL came
             dropped = [self.in_flight.pop(seq) for seq in seqs if seq in self.in_flight]
             self.window.in_flight -= len(dropped)
             self.dropping = False
@@ -2223,7 +2273,32 @@ class HostSession:
         elif kind == KIND_ERROR:
             raise HostError(self.name, "stub", payload.decode("utf-8", "replace"))
         else:
-            raise HostError(self.name, "protocol", f"unexpected frame kind {kind}")
+            self._unasked(f"unexpected frame kind {kind}")
+
+    def _unasked(self, what: str) -> NoReturn:
+        """Fail the host for a frame the head did not ask for (a protocol error)."""
+        raise HostError(self.name, "protocol", f"the stub sent {what}")
+
+    def _watch(self) -> None:
+        """Every keepalive/3 s: ping a stub that has gone silent; give the host up when
+        nothing at all has come from it for about `keepalive` seconds.
+
+        SSH keepalives only prove that sshd answers: a stopped (SIGSTOP) or wedged stub
+        under a healthy sshd would hold its tasks forever. The stub answers a PING at
+        once, between tasks' output, so silence after one means the stub itself is stuck."""
+        self._watcher = None
+        if self.state != "ready":
+            return
+        interval = self.spec.keepalive / 3
+        now = time.monotonic()
+        if self._probe_at is not None and now - self._probe_at >= 2 * interval:
+            silent = now - self.heard_at
+            self._fail(HostError(self.name, "stub", f"no answer from the stub in {silent:.0f} s"))
+            return
+        if self._probe_at is None and now - self.heard_at >= interval:
+            self._probe_at = now
+            self._send_ping()
+        self._watcher = asyncio.get_running_loop().call_later(interval, self._watch)
 
     def on_stderr(self, data: bytes) -> None:
         """Keep the tail of the stub's stderr for error messages."""
@@ -2408,6 +2483,8 @@ class HostSession:
         HALT ("halt": start none of them; "kill": and kill the running ones)."""
         if self.state == "ready" and (halt or not self.dropping):  # a halt never waits
             self.dropping = True
+            self.drops_asked += 1
+            self.killing = self.killing or halt == "kill"  # its tasks come back CANCELLED
             self._write(encode_frame(KIND_DROP, halt.encode()))
 
     def cancel(self, seq: int) -> None:
@@ -2483,6 +2560,9 @@ class HostSession:
 
     def _drop(self) -> None:
         """Close the connection or subprocess without waiting."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
         conn = self._conn
         self._conn = None
         if conn is None:
@@ -4807,9 +4887,19 @@ class _Run:
         if self.summary.interrupted:
             self._finish(complete=False)
         elif not self.scheduler.has_work() and not in_flight:
-            self._finish(complete=self.scheduler.exhausted())
+            complete = self.scheduler.exhausted()
+            missing = self.summary.total - self.journaled()
+            if complete and missing:  # handed out, yet not done: never call that complete
+                self.abort(f"{missing} task(s) ended without a result in the journal")
+                return
+            self._finish(complete=complete)
         elif not any(s.state in ("ready", "connecting") for s in self.sessions):
             self._finish(complete=False)
+
+    def journaled(self) -> int:
+        """Tasks whose result is in the journal, this run's and earlier ones'."""
+        summary = self.summary
+        return summary.resumed + summary.ok + summary.failed + summary.timed_out
 
     def _finish(self, complete: bool) -> None:
         """Tell every stub there is no more work and wake execute()."""
@@ -5583,11 +5673,21 @@ async def check_hosts(hosts: list[HostSpec]) -> list[HostCheck]:
 _FORMATS = ("text", "jsonl")
 
 
+def _printable(text: str) -> str:
+    """TEXT with control characters shown escaped (\\x1b, \\n, \\u202e), safe for a terminal.
+
+    Worker text (stderr tails, error reasons, hostnames) reaches the head's terminal in
+    the lines it prints: raw, an escape sequence in it could rewrite the screen."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _say(line: str) -> None:
     """Print one line on stderr, above the progress bar if there is one."""
     from tqdm import tqdm
 
-    tqdm.write(line, file=sys.stderr)
+    tqdm.write(_printable(line), file=sys.stderr)
 
 
 def _median(values: list[float]) -> float:
@@ -6124,15 +6224,16 @@ def _cli() -> Any:
         for row in rows:
             if row.ok:
                 detail = f"{row.hostname}, ready in {row.connect_s:.2f} s"
-                print(
+                line = (
                     f"{row.name:<20} {'ok':<10} {row.python:<8} {row.cpus:>4} {row.slots:>5} "
                     f"{row.rtt_ms:>7.2f}  {detail}"
                 )
             else:
-                print(
+                line = (
                     f"{row.name:<20} {'FAILED':<10} {'-':<8} {'-':>4} {'-':>5} {'-':>7}  "
                     f"{row.reason}"
                 )
+            print(_printable(line))
         failed = sum(1 for row in rows if not row.ok)
         if failed:
             print(f"sshfan: {failed} of {len(rows)} hosts failed", file=sys.stderr)
@@ -6217,7 +6318,7 @@ def _run_command(opts: RunOptions, progress: bool) -> int:
                 )
                 summary.complete = False
     for line in format_summary(summary):
-        print(line, file=sys.stderr)
+        print(_printable(line), file=sys.stderr)
     return summary.exit_code
 
 
@@ -6403,11 +6504,11 @@ def _print_results(path: Path, failed_only: bool, fmt: str) -> int:
                 continue
             status = "T/O" if result.timed_out else str(result.exit_code)
             line = f"{result.seq:>6} {result.host:<16} {status:>5} {result.duration_s:>8.3f}  "
-            out.write((line + result.command + "\n").encode())
+            out.write((_printable(line + result.command) + "\n").encode())
             if not result.ok:
                 tail = _stderr_tail(result, journal, 2000).decode("utf-8", "replace")
                 for text in tail.strip().splitlines()[-3:]:
-                    out.write(f"{'':>6} stderr: {text}\n".encode())
+                    out.write(f"{'':>6} stderr: {_printable(text)}\n".encode())
     finally:
         journal.close()
     total = header.get("count", "?")
@@ -6432,8 +6533,8 @@ def _stderr_tail(result: TaskResult, journal: Journal, size: int) -> bytes:
 
 
 def _print_err(line: str) -> None:
-    """Print one line on stderr."""
-    print(line, file=sys.stderr, flush=True)
+    """Print one line on stderr (control characters escaped)."""
+    print(_printable(line), file=sys.stderr, flush=True)
 
 
 def main() -> None:
