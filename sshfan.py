@@ -2945,7 +2945,7 @@ def _host_key_hint(target: SshTarget, reason: str) -> str:
         )
         return (
             f"the host key for {target.key_name} does not match the one recorded at {where} "
-            f"({reason}); if the host was reinstalled, remove the old key with '{removes}'"
+            f"({reason}); if the host was reinstalled, remove the old key with: {removes}"
         )
     if not target.known_hosts:
         return f"unknown host: no known_hosts file is set for {target.key_name} ({reason})"
@@ -2957,9 +2957,9 @@ def _host_key_hint(target: SshTarget, reason: str) -> str:
         alias = re.sub(r"([/&\\])", r"\\\1", target.key_name)
         scan += f" | sed {shlex.quote(f's/^[^ ]*/{alias}/')}"
     return (
-        f"unknown host: no key for {target.key_name} in {files} ({reason}); add its key with "
-        f"'{scan} >> {shlex.quote(target.record_in or target.known_hosts[0])}', "
-        'or set known_hosts = "accept-new"'
+        f"unknown host: no key for {target.key_name} in {files} ({reason}); "
+        'set known_hosts = "accept-new", or add its key with: '
+        f"{scan} >> {shlex.quote(target.record_in or target.known_hosts[0])}"
     )
 
 

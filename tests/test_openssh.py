@@ -9,6 +9,8 @@ from pathlib import Path
 
 from sshd import SshServer
 
+import sshfan
+
 
 def _home_with_config(tmp_path: Path, name: str, body: str) -> tuple[Path, Path]:
     """A HOME whose ~/.ssh/config holds BODY (also written as a file for `ssh -F`)."""
@@ -91,7 +93,7 @@ def test_unknown_host_hint_is_a_command_that_works(
     assert refused.returncode == 3
     assert not known.exists()  # "yes": nothing recorded
     line = next(ln for ln in refused.stderr.decode().splitlines() if "unknown host" in ln)
-    command = line.split("add its key with '", 1)[1].split("'", 1)[0]
+    command = line.split("add its key with: ", 1)[1]
     assert command.startswith(f"ssh-keyscan -p {sshd.port} 127.0.0.1 ")
     subprocess.run(["sh", "-c", command], check=True, capture_output=True, timeout=60)
     assert _run(run_sshfan, tmp_path, hosts, home).returncode == 0
@@ -102,13 +104,21 @@ def test_unknown_host_hint_is_a_command_that_works(
     known.write_text(f"{fields[0]} ssh-ed25519 {other}\n")
     changed = _run(run_sshfan, tmp_path, hosts, home)
     assert changed.returncode == 3 and b"does not match" in changed.stderr
-    assert f"ssh-keygen -f {shlex.quote(str(known))} -R ".encode() in changed.stderr
+    line = next(ln for ln in changed.stderr.decode().splitlines() if "does not match" in ln)
+    command = line.split("remove the old key with: ", 1)[1]
+    assert command.startswith(f"ssh-keygen -f {shlex.quote(str(known))} -R ")
+    changed_lines = known.read_text()
     home, _ = _home_with_config(
         tmp_path, "home2", _alias(sshd, known, "  StrictHostKeyChecking no\n")
     )
     anyway = _run(run_sshfan, tmp_path, hosts, home)
     assert anyway.returncode == 0, anyway.stderr
     assert b"does not match" in anyway.stderr and b"connecting anyway" in anyway.stderr
+    assert known.read_text() == changed_lines  # a changed key is not recorded over the old
+
+    # The hint's removal command runs as given and takes the old key out.
+    subprocess.run(["sh", "-c", command], check=True, capture_output=True, timeout=60)
+    assert not sshfan.known_host_entries([str(known)], f"[127.0.0.1]:{sshd.port}")
 
 
 def test_connect_errors_name_the_cause_and_where(
@@ -175,3 +185,73 @@ def test_check_refuses_local_mistakes_too(sshd: SshServer, tmp_path: Path, run_s
     result = run_sshfan(["check", "--hosts", str(hosts)], env={"SSH_AUTH_SOCK": ""})
     assert result.returncode == 2
     assert f"identity file {tmp_path / 'nokey'}: No such file" in result.stderr.decode()
+
+
+def test_known_hosts_lines_match_as_ssh_keygen_finds_them(tmp_path: Path) -> None:
+    """Wildcards, negations, [host]:port with no fallback, hashed names, markers and case:
+    the lines found for a name are those `ssh-keygen -F NAME` finds."""
+    key = tmp_path / "key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    public = " ".join(key.with_name("key.pub").read_text().split()[:2])
+    to_hash = tmp_path / "to_hash"
+    to_hash.write_text(f"box {public}\n")
+    subprocess.run(["ssh-keygen", "-H", "-f", str(to_hash)], check=True, capture_output=True)
+    hashed_box = to_hash.read_text().split()[0]
+    assert hashed_box.startswith("|1|")
+    lines = [
+        "*.example.com,!bad.example.com",
+        "[127.0.0.1]:2222",
+        "127.0.0.1",
+        hashed_box,
+        "@revoked Box",
+        "web?",
+        "# web1",
+        "@cert-authority *.ca",
+    ]
+    known = tmp_path / "known_hosts"
+    known.write_text("".join(f"{line} {public}\n" for line in lines))
+    names = ["good.example.com", "bad.example.com", "[127.0.0.1]:2222", "127.0.0.1"]
+    names += ["[127.0.0.1]:2200", "box", "BOX", "web1", "web12", "x.ca"]
+    for name in names:
+        found = subprocess.run(
+            ["ssh-keygen", "-F", name, "-f", str(known)], capture_output=True, text=True
+        ).stdout
+        theirs = [
+            int(ln.split("line ")[1].split()[0]) for ln in found.splitlines() if "found" in ln
+        ]
+        ours = [entry.line for entry in sshfan.known_host_entries([str(known)], name)]
+        assert ours == theirs, name
+
+
+def test_ssh_config_resolves_as_ssh_dash_g_says(tmp_path: Path, monkeypatch) -> None:
+    """HostName (with %h), Port, HostKeyAlias, UserKnownHostsFile (with tokens, or none),
+    StrictHostKeyChecking and HashKnownHosts come out as `ssh -G` resolves them."""
+    config = (
+        "Host a1 b*\n  HostName example-%h.test\n  Port 2200\n"
+        f"  UserKnownHostsFile {tmp_path}/kh-%h-%p {tmp_path}/second\n"
+        "  StrictHostKeyChecking accept-new\n  HashKnownHosts yes\n"
+        "Host c1\n  HostKeyAlias box\n  StrictHostKeyChecking off\n  UserKnownHostsFile none\n"
+        f"Host *\n  UserKnownHostsFile {tmp_path}/default\n"
+    )
+    (tmp_path / ".ssh").mkdir(mode=0o700)
+    (tmp_path / ".ssh" / "config").write_text(config)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in ["a1", "bx", "c1", "zz"]:
+        shown = subprocess.run(
+            ["ssh", "-G", "-F", str(tmp_path / ".ssh" / "config"), name],
+            capture_output=True,
+            text=True,
+            check=True,
+            stdin=subprocess.DEVNULL,
+        ).stdout
+        g = dict(line.split(" ", 1) for line in shown.splitlines() if " " in line)
+        target = sshfan.ssh_target(sshfan.HostSpec(name=name))
+        assert (target.host, target.port) == (g["hostname"], int(g["port"])), name
+        plain = g["hostname"] if g["port"] == "22" else f"[{g['hostname']}]:{g['port']}"
+        assert target.key_name == g.get("hostkeyalias", plain), name
+        user = [] if g["userknownhostsfile"] == "none" else g["userknownhostsfile"].split()
+        assert target.known_hosts == (*user, *g["globalknownhostsfile"].split()), name
+        assert target.record_in == (user[0] if user else None), name
+        strict = {"true": "yes", "ask": "yes", "false": "no"}
+        assert target.strict == strict.get(g["stricthostkeychecking"], "accept-new"), name
+        assert target.hash_names == (g["hashknownhosts"] == "yes"), name
