@@ -593,6 +593,23 @@ class HostSources:
         self.only = [p for value in self.only for p in split_outside_brackets(value)]
         self.exclude = [p for value in self.exclude for p in split_outside_brackets(value)]
 
+    def files(self) -> list[str]:
+        """The files the hosts are read from (stdin and parallel's shorthands resolved)."""
+        names = [self.hosts_file] if self.hosts_file else []
+        names += [sshloginfile_path(name) for name in self.sshloginfiles]
+        return [name for name in names if name != "-"]
+
+    def signature(self) -> tuple[tuple[str, int, int, int], ...]:
+        """What tells that a hosts file changed: its inode, mtime and size (-1: missing)."""
+        marks = []
+        for name in self.files():
+            try:
+                info = os.stat(name)
+                marks.append((name, info.st_ino, info.st_mtime_ns, info.st_size))
+            except OSError:
+                marks.append((name, -1, -1, -1))
+        return tuple(marks)
+
 
 def load_host_sources(sources: HostSources) -> list[HostSpec]:
     """The hosts a command runs on: the hosts file's, then -S's, then --slf's (the file's
@@ -1676,7 +1693,11 @@ class OnAllScheduler(Scheduler):
         queued = self._queued[host]
         taken = [queued.popleft() for _ in range(min(count, len(queued)))]
         while len(taken) < count and host not in self._read:
-            task = next(self._sources[host], None)
+            try:
+                task = next(self._sources[host], None)
+            except SshfanError as exc:  # (the tasks file changed under the run)
+                self.error = exc
+                task = None
             if task is None:
                 self._read.add(host)
             else:
@@ -1721,7 +1742,7 @@ class OnAllScheduler(Scheduler):
 
     def exhausted(self) -> bool:
         """Whether every host, gone or not, has been given all its tasks."""
-        return not any(self._pending(h) for h in self._sources)
+        return not any(self._pending(h) for h in self._sources) and self.error is None
 
     def host_gone(self, host: str) -> None:
         """HOST is lost for good: its tasks cannot go elsewhere; the run stops waiting on them."""
@@ -1731,8 +1752,9 @@ class OnAllScheduler(Scheduler):
         """Finish every host's pass over the file, so blank lines and tasks from the journal
         reach the merged output even for hosts that ran nothing (their tasks are dropped)."""
         for host, source in self._sources.items():
-            for _task in source:
-                pass
+            with contextlib.suppress(SshfanError):  # (kept by take(), if it met it first)
+                for _task in source:
+                    pass
             self._read.add(host)
 
 
@@ -1898,7 +1920,8 @@ class HostSession:
         if run is not None:
             self.window.max_ahead = run.max_ahead
         self.hello: dict[str, Any] = {}
-        self.state = "connecting"  # connecting, ready, closing, done, lost, failed
+        # connecting, ready, draining (left the hosts file), closing, done, lost, failed
+        self.state = "connecting"
         self.error: HostError | None = None
         self.stderr_tail = bytearray()
         self.exit_status: int | None = None
@@ -2494,7 +2517,7 @@ class HostSession:
             return
         self.window.in_flight -= 1
         self.cancelled.add(seq)
-        if self.state in ("ready", "closing"):
+        if self.state in ("ready", "draining", "closing"):
             with contextlib.suppress(Exception):
                 self._write(encode_frame(KIND_CANCEL, INPUT_HEAD.pack(seq)))
 
@@ -2528,6 +2551,27 @@ class HostSession:
         """Seconds a DROP and the hand-over cost: twice a round trip and its latency."""
         return 2 * (self.window.rtt + HostWindow.LATENCY)
 
+    def drain(self) -> None:
+        """The host left the hosts file: give back the tasks it has not started, take no
+        new ones, and end once the running ones are done (retire_if_idle)."""
+        if self.state == "connecting":
+            self.finish()  # not up yet: nothing runs there
+        elif self.state == "ready":
+            self.drop_queued()
+            self.state = "draining"
+            self.retire_if_idle()
+
+    def retire_if_idle(self) -> None:
+        """A draining host with nothing running or coming back: close its stub."""
+        if self.state == "draining" and not (self.in_flight or self.fetching or self.dropping):
+            self.state = "ready"
+            self.finish()
+
+    def undrain(self) -> None:
+        """The host came back into the hosts file before it was done draining."""
+        if self.state == "draining":
+            self.state = "ready"
+
     def finish(self) -> None:
         """No more work: close the stub's stdin so it exits once its tasks are done."""
         if self.state == "connecting":  # the run ended before this host was up: drop it
@@ -2535,7 +2579,7 @@ class HostSession:
             self._drop()
             if not self.closed.done():
                 self.closed.set_result(None)
-        elif self.state == "ready":
+        elif self.state in ("ready", "draining"):
             self.state = "closing"
             with contextlib.suppress(Exception):
                 self._write_eof()
@@ -4294,6 +4338,7 @@ def read_chunks(
 # The run: hosts, scheduler, journal and output together
 # ============================================================================
 
+WATCH_INTERVAL = 1.0  # seconds between looks at the hosts files (hosts that come and go)
 CONNECT_PACE = 8  # hosts starting at once per SSH server: under MaxStartups (10) by default
 CONNECT_MAX = 64  # hosts starting at once in all
 SPECULATE_AFTER = 2.0  # --speculate: a copy once a task ran this many median durations
@@ -4459,6 +4504,7 @@ class RunSummary:
     lost_hosts: dict[str, str] = dataclasses.field(default_factory=dict)
     # A host served by several stubs (the local host's lanes) that lost some, not all.
     lost_stubs: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    drained: set[str] = dataclasses.field(default_factory=set)  # left the hosts file
     failures: list[TaskResult] = dataclasses.field(default_factory=list)
     onall: bool = False  # every task on every host: a host that could not is a failure
     unrun: dict[str, int] = dataclasses.field(default_factory=dict)  # --onall: host: tasks
@@ -4537,6 +4583,14 @@ class _Run:
         # --speculate: a task running twice -> (the session of its first copy, the backup's)
         self.copies: dict[int, tuple[HostSession, HostSession]] = {}
         self._spec_timer: asyncio.TimerHandle | None = None  # a _speculate to come
+        # Hosts that come and go: the hosts files are watched (not with --onall, whose
+        # output is per host: its hosts are those it started with).
+        self.sources = None if opts.onall else opts.sources
+        self._slots = opts.slots
+        self._pacing: Pacing | None = None
+        self._openers: list[asyncio.Future[None]] = []
+        self._watcher: asyncio.TimerHandle | None = None
+        self._seen: tuple[tuple[str, int, int, int], ...] = ()
 
     async def execute(self) -> RunSummary:
         """Run every task; return the summary (the exit code says how it ended)."""
@@ -4547,12 +4601,17 @@ class _Run:
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(signum, self.interrupt)
         syncer = loop.call_later(1.0, self._sync_tick)
-        pacing = Pacing()
+        pacing = self._pacing = Pacing()
         fresh = self.summary.total - self.summary.resumed
         self.sessions = [
             HostSession(lane, self) for spec in self.hosts for lane in lanes(spec, fresh)
         ]
-        openers = [asyncio.ensure_future(self._open(s, pacing)) for s in self.sessions]
+        openers = self._openers = [
+            asyncio.ensure_future(self._open(s, pacing)) for s in self.sessions
+        ]
+        if self.sources is not None and self.sources.files():
+            self._seen = self.sources.signature()
+            self._watcher = loop.call_later(WATCH_INTERVAL, self._watch_tick)
         self._check_done()
         try:
             await self._finished
@@ -4562,6 +4621,8 @@ class _Run:
                 self._recheck.cancel()
             if self._spec_timer is not None:
                 self._spec_timer.cancel()
+            if self._watcher is not None:
+                self._watcher.cancel()
             for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                     loop.remove_signal_handler(signum)
@@ -4762,6 +4823,61 @@ class _Run:
             self._refill_all()
             self._check_done()
 
+    # -- hosts that come and go ----------------------------------------------
+
+    def _watch_tick(self) -> None:
+        """About once a second: if a hosts file changed, read the hosts again."""
+        self._watcher = None
+        if self._finished is None or self._finished.done() or self.sources is None:
+            return
+        seen = self.sources.signature()
+        if seen != self._seen:
+            self._seen = seen
+            self.reload_hosts()
+        self._watcher = asyncio.get_running_loop().call_later(WATCH_INTERVAL, self._watch_tick)
+
+    def reload_hosts(self) -> None:
+        """New hosts join the run; hosts no longer listed drain (finish what they run, take
+        nothing new). A file that cannot be used now is a warning: the hosts stay."""
+        assert self.sources is not None
+        try:
+            specs = load_host_sources(dataclasses.replace(self.sources))
+        except SshfanError as exc:
+            self.log(f"sshfan: warning: hosts changed, but: {exc}; the run keeps its hosts")
+            return
+        if self._slots:
+            specs = [dataclasses.replace(spec, slots=self._slots) for spec in specs]
+        wanted = {spec.name for spec in specs}
+        serving = {s.name for s in self.sessions if s.state in ("connecting", "ready")}
+        for name in sorted(serving - wanted):
+            for session in self.sessions:
+                if session.name == name:
+                    session.drain()
+            self.summary.drained.add(name)
+            self.log(f"sshfan: host {name} left the hosts file: it takes no new tasks")
+        fresh = self.summary.total - self.summary.resumed
+        for spec in specs:
+            if spec.name in serving:
+                continue
+            draining = [s for s in self.sessions if s.name == spec.name and s.state == "draining"]
+            for session in draining:
+                session.undrain()
+            self.summary.drained.discard(spec.name)
+            if spec.name not in self.summary.hosts:
+                self.summary.hosts.append(spec.name)
+            if draining:
+                self.log(f"sshfan: host {spec.name} is back in the hosts file")
+                continue
+            self.log(f"sshfan: host {spec.name} joined")
+            self.hosts.append(spec)
+            for lane in lanes(spec, fresh):
+                session = HostSession(lane, self)
+                self.sessions.append(session)
+                assert self._pacing is not None
+                self._openers.append(asyncio.ensure_future(self._open(session, self._pacing)))
+        self._refill_all()
+        self._check_done()
+
     # -- decisions ------------------------------------------------------------
 
     def _others_alive(self, session: HostSession) -> bool:
@@ -4883,6 +4999,8 @@ class _Run:
         if self.scheduler.error is not None:
             self.abort(str(self.scheduler.error))
             return
+        for session in self.sessions:
+            session.retire_if_idle()  # (only a draining host with nothing left ends)
         in_flight = sum(len(s.in_flight) + len(s.fetching) for s in self.sessions)
         if self.summary.interrupted:
             self._finish(complete=False)
@@ -4893,7 +5011,7 @@ class _Run:
                 self.abort(f"{missing} task(s) ended without a result in the journal")
                 return
             self._finish(complete=complete)
-        elif not any(s.state in ("ready", "connecting") for s in self.sessions):
+        elif not any(s.state in ("ready", "connecting", "draining") for s in self.sessions):
             self._finish(complete=False)
 
     def journaled(self) -> int:
@@ -5141,6 +5259,7 @@ class RunOptions:
     history: Path | None = dataclasses.field(default_factory=DurationHistory.default_path)
     speculate: bool = False  # start backup copies of straggling tasks (they may run twice)
     onall: bool = False  # every task on every host (GNU parallel's --onall)
+    sources: HostSources | None = None  # where the hosts came from: watched for changes
 
 
 @dataclasses.dataclass
@@ -5723,6 +5842,8 @@ def format_summary(summary: RunSummary) -> list[str]:
                 status = f"lost: {summary.lost_hosts[name]}"
             elif name in summary.skipped_hosts:
                 status = f"skipped: {summary.skipped_hosts[name]}"
+            elif name in summary.drained:
+                status = "drained: left the hosts file"
             elif name in summary.lost_stubs:
                 reasons = summary.lost_stubs[name]
                 status = f"ok (lost {len(reasons)} of its stubs: {reasons[-1]})"
@@ -6058,9 +6179,10 @@ def _cli() -> Any:
                 raise UsageError("--onall and --nonall cannot be used with --pipe")
             if output is None:
                 output = "-" if tasks == "-" or nonall else Path(tasks).stem + ".out"
-            specs = load_host_sources(
-                HostSources(hosts, sshlogin or [], sshloginfile or [], only or [], exclude or [])
+            sources = HostSources(
+                hosts, sshlogin or [], sshloginfile or [], only or [], exclude or []
             )
+            specs = load_host_sources(sources)
             opts = RunOptions(
                 tasks,
                 specs,
@@ -6088,6 +6210,7 @@ def _cli() -> Any:
                 ),
                 speculate=speculate,
                 onall=onall or nonall,
+                sources=sources,
             )
             _check_file_options(opts)
             if speculate and opts.files:

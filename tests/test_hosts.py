@@ -7,11 +7,15 @@ parallel where the two share an option.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -306,3 +310,69 @@ def test_sshlogin_output_matches_gnu_parallel(
     result = run_sshfan(["run", str(tasks), "-H", str(defaults), "-S", login, "-o", "-"])
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout == wanted
+
+
+def wait_for(what: str, ready: Callable[[], bool], proc: subprocess.Popen[bytes]) -> None:
+    """Wait (at most a minute) until READY() holds; fail naming WHAT if it never does."""
+    deadline = time.monotonic() + 60
+    while not ready():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"never happened: {what} (sshfan exit {proc.poll()})")
+        time.sleep(0.05)
+
+
+def test_hosts_join_and_drain_mid_run(sshd: SshServer, tmp_path: Path) -> None:
+    """Mid-run, a host removed from the hosts file finishes its running task and takes no
+    other; a host added takes the rest; a broken file in between is only a warning."""
+    started, flag, marks = tmp_path / "started", tmp_path / "flag", tmp_path / "marks"
+    marks.mkdir()
+    count = 8
+    # Task 1 holds h1's only slot until the test lets it go, after all the others ran.
+    lines = [f"touch {started}; while [ ! -e {flag} ]; do sleep 0.05; done; echo 1"]
+    lines += [f"echo {n}; touch {marks}/{n}" for n in range(2, count + 1)]
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text("\n".join(lines) + "\n")
+    hosts = tmp_path / "hosts.toml"
+
+    def write_hosts(text: str) -> None:
+        """Replace the hosts file at once, as an editor or a config tool does."""
+        new = tmp_path / "hosts.new"
+        new.write_text(text)
+        os.replace(new, hosts)
+
+    write_hosts(sshd.hosts_toml(["h1"], slots=1))
+    out, err = tmp_path / "out.jsonl", tmp_path / "stderr.txt"
+    env = {**os.environ, "PYTHONPATH": str(Path(sshfan.__file__).parent)}
+    argv = [sys.executable, "-m", "sshfan", "run", str(tasks), "-H", str(hosts)]
+    with open(err, "wb") as stderr:
+        proc = subprocess.Popen(
+            [*argv, "-o", str(out), "-f", "jsonl", "--no-progress"],
+            cwd=tmp_path,
+            env=env,
+            stderr=stderr,
+            start_new_session=True,
+        )
+    try:
+        wait_for("task 1 started on h1", started.exists, proc)
+        write_hosts('[[hosts]]\nname = "h9"\nslots = "many"\n')
+        wait_for(
+            "a warning for the broken file", lambda: b"keeps its hosts" in err.read_bytes(), proc
+        )
+        write_hosts(sshd.hosts_toml(["h2"], slots=2))
+        wait_for("h2 ran tasks 2-8", lambda: len(list(marks.iterdir())) == count - 1, proc)
+        flag.touch()
+        assert proc.wait(120) == 0, err.read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["stdout"] for r in records] == [f"{n}\n" for n in range(1, count + 1)]
+    assert [r["host"] for r in records] == ["h1"] + ["h2"] * (count - 1)
+    stderr_text = err.read_text()
+    assert "key 'slots' must be a positive integer" in stderr_text
+    assert "sshfan: host h1 left the hosts file: it takes no new tasks" in stderr_text
+    assert "sshfan: host h2 joined" in stderr_text
+    assert "drained: left the hosts file" in stderr_text
