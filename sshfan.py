@@ -883,6 +883,25 @@ class StubTask:
             os.killpg(self.pid, signal.SIGKILL)
 
 
+def login_environ() -> "dict | None":
+    """The environment this process was started with, if Python changed it since (else None).
+
+    Python 3.7+ sets LC_CTYPE=C.UTF-8 in its own environment when the locale is C or
+    POSIX (PEP 538): tasks would see a variable a plain `ssh host cmd` does not give
+    them. Linux keeps the environment as exec'd in /proc/self/environ."""
+    try:
+        with open("/proc/self/environ", "rb") as handle:
+            data = handle.read()
+    except OSError:
+        return None
+    env = {}
+    for entry in data.split(b"\0"):
+        name, sep, value = entry.partition(b"=")
+        if sep and name:
+            env[os.fsdecode(name)] = os.fsdecode(value)
+    return None if env == dict(os.environ) else env
+
+
 def kill_strays(sessions: set, pipes: set) -> int:
     """SIGKILL every process in one of SESSIONS or holding one of PIPES; return how many.
 
@@ -1016,8 +1035,9 @@ class Stub:
             config = json.loads(payload.decode("utf-8"))
             self.slots = max(1, int(config.get("slots") or 1))
             self.timeout = config.get("timeout")
+            self.env = login_environ()
             if config.get("env"):
-                self.env = dict(os.environ)
+                self.env = dict(os.environ if self.env is None else self.env)
                 self.env.update(config["env"])
             self.hold = config.get("hold")
             self.workdir = config.get("workdir")
@@ -1469,6 +1489,7 @@ _SHIPPED_OBJECTS = (
     decode_tasks,
     encode_result,
     StubTask,
+    login_environ,
     kill_strays,
     Stub,
     start_warden,
@@ -2048,6 +2069,7 @@ class HostSession:
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
+                env=login_environ(),  # as the user's shell gave it, not as Python changed it
             )
         except OSError as exc:
             raise HostError(

@@ -15,6 +15,7 @@ import os
 import pwd
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -255,6 +256,52 @@ def test_tasks_run_in_home_dir(
     result = run_sshfan(args)
     check_exit(result, 0)
     check_jsonl(out.read_bytes(), run_locally(lines), names)
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Set by the shells on the way (login shell, the task's /bin/sh) or naming the connection.
+SHELL_VARS = {"_", "SHLVL", "PWD", "OLDPWD", "SSH_CLIENT", "SSH_CONNECTION"}
+
+
+def env_of(text: str) -> dict[str, str]:
+    """Parse `env` output (one NAME=value a line) into a dict, shell and connection
+    variables left out."""
+    pairs = (line.partition("=") for line in text.splitlines() if "=" in line)
+    return {name: value for name, _, value in pairs if name not in SHELL_VARS}
+
+
+def test_tasks_see_the_environment_plain_ssh_gives(
+    sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """A task's environment is what `ssh host cmd` gives, plus the hosts file's env: not
+    the LC_CTYPE=C.UTF-8 that the stub's Python sets itself under a C locale (PEP 538)."""
+    plain = subprocess.run(
+        [*sshd.ssh_argv(), "env"], capture_output=True, check=True, timeout=60
+    ).stdout.decode()
+    # The interpreter itself, not a version manager's shim (pyenv's adds PYENV_* and PATH).
+    toml = sshd.hosts_toml(["h1"], python=sys.executable)
+    hosts = hosts_file(tmp_path, toml + 'env = { EXTRA = "x y" }\n')
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text("env\n")
+    out = tmp_path / "env.txt"
+    result = run_sshfan(["run", str(tasks), "--hosts", str(hosts), "-o", str(out), "--no-progress"])
+    check_exit(result, 0)
+    assert env_of(out.read_text()) == {**env_of(plain), "EXTRA": "x y"}
+
+
+def test_local_tasks_see_the_environment_sshfan_was_given(tmp_path: Path) -> None:
+    """Local tasks get sshfan's own environment, not what its Python added (PEP 538)."""
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "PYTHONPATH": str(REPO_ROOT)}
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text("env\n")
+    out = tmp_path / "env.txt"
+    args = ["run", str(tasks), "-o", str(out), "--no-progress"]
+    result = subprocess.run(
+        [sys.executable, "-m", "sshfan", *args], env=env, cwd=tmp_path, capture_output=True
+    )
+    check_exit(result, 0)
+    assert env_of(out.read_text()) == env
 
 
 def test_all_succeeding_exits_zero(sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path) -> None:
