@@ -110,6 +110,7 @@ _HOST_KEYS: dict[str, tuple[type, ...]] = {
     "local": (bool,),
     "env": (dict,),
     "workdir": (str,),
+    "shell": (str,),
 }
 _DEFAULT_ONLY_FORBIDDEN = {"name"}
 
@@ -130,7 +131,9 @@ class HostSpec:
     keepalive: float = 15.0  # seconds a silent (frozen) host has before it counts as lost
     local: bool = False
     env: tuple[tuple[str, str], ...] = ()
-    workdir: str | None = None
+    workdir: str | None = None  # None: the login directory (remote), the current one (local)
+    shell: str = "/bin/sh"  # what runs each task as SHELL -c TASK
+    make_workdir: bool = False  # create the workdir if missing (--workdir, as parallel)
 
 
 LOCAL_LANES = 4  # stubs at most for one local host (see lanes)
@@ -213,7 +216,7 @@ def _check_value(where: str, key: str, value: Any, text: str, table: str, index:
         fail("must be a path or a non-empty list of paths")
     if key == "env" and not all(isinstance(v, str) for v in value.values()):
         fail("must be a table of string values")
-    if key in ("name", "python") and not value.strip():
+    if key in ("name", "python", "shell") and not value.strip():
         fail("must not be empty")
     return value
 
@@ -642,7 +645,8 @@ def load_host_sources(sources: HostSources) -> list[HostSpec]:
 # | kind    | dir         | payload                                                |
 # |---------|-------------|--------------------------------------------------------|
 # | HELLO   | stub → head | JSON: proto, python, cpus, hostname, pid               |
-# | CONFIG  | head → stub | JSON: slots, timeout, env, workdir                     |
+# | CONFIG  | head → stub | JSON: slots, timeout, env, workdir, make_workdir,      |
+# |         |             | shell, hold                                            |
 # | TASKS   | head → stub | repeated (seq u64, command length u32, stdin length    |
 # |         |             | u32, command, stdin bytes: empty means /dev/null)      |
 # | PING    | head → stub | opaque bytes, answered by PONG with the same bytes     |
@@ -961,6 +965,7 @@ class Stub:
         self.timeout = None
         self.env = None
         self.workdir = None
+        self.shell = b"/bin/sh"
         self.selector = selectors.DefaultSelector()
         self.devnull = os.open(os.devnull, os.O_RDONLY)
         self.eof = False
@@ -1043,8 +1048,16 @@ class Stub:
             self.workdir = config.get("workdir")
             if self.workdir:
                 self.workdir = os.path.expanduser(self.workdir)
+                if config.get("make_workdir"):
+                    os.makedirs(self.workdir, exist_ok=True)
                 if not os.path.isdir(self.workdir):
                     raise RuntimeError(f"workdir {self.workdir} is not a directory")
+            shell = config.get("shell") or "/bin/sh"
+            path = os.environ.get("PATH", os.defpath).split(os.pathsep)
+            found = [os.path.join(d, shell) for d in ([""] if "/" in shell else path)]
+            if not any(os.access(f, os.X_OK) and not os.path.isdir(f) for f in found):
+                raise RuntimeError(f"shell {shell} not found or not executable")
+            self.shell = os.fsencode(shell)
             self.configured = True
         elif kind == KIND_PING:
             self.send(KIND_PONG, payload)
@@ -1083,7 +1096,7 @@ class Stub:
                 return
 
     def spawn(self, command: bytes, data: bytes = b"") -> tuple:
-        """Start `/bin/sh -c COMMAND` in its own session; return pid, pipes, stdin pipe or None.
+        """Start `SHELL -c COMMAND` in its own session; return pid, pipes, stdin pipe or None.
 
         Its stdin is /dev/null, or a pipe that the loop fills with DATA (--pipe).
 
@@ -1094,7 +1107,7 @@ class Stub:
         in_r, in_w = os.pipe() if data else (self.devnull, None)
         try:
             proc = subprocess.Popen(
-                [b"/bin/sh", b"-c", command],
+                [self.shell, b"-c", command],
                 stdin=in_r,
                 stdout=out_w,
                 stderr=err_w,
@@ -2025,7 +2038,9 @@ class HostSession:
             "slots": slots,
             "timeout": self.run.timeout if self.run else None,
             "env": dict(self.spec.env),
-            "workdir": self.spec.workdir or "~",
+            "workdir": self.spec.workdir,
+            "make_workdir": self.spec.make_workdir,
+            "shell": self.spec.shell,
             "hold": self.run.halt.why if self.run and self.run.halt else None,
         }
         self._write(encode_frame(KIND_CONFIG, json.dumps(config).encode()))
@@ -5224,6 +5239,8 @@ def _shaping_options(opts: RunOptions) -> dict[str, Any]:
         "--pipe": opts.pipe,
         "--format": opts.fmt,
         "--tag": opts.tag,
+        "--shell": opts.shell,
+        "--workdir": opts.workdir,
     }
     if opts.pipe:
         shaping["--lines"] = opts.lines
@@ -5274,6 +5291,8 @@ class RunOptions:
     pipe: bool = False  # TASKS is data: chunks of it go to COMMAND's stdin
     lines: int | None = None  # --pipe: lines per chunk
     block: int = 1024 * 1024  # --pipe: bytes per chunk (to the next line end)
+    workdir: str | None = None  # --workdir: overrides every host's workdir ("." as parallel)
+    shell: str | None = None  # --shell: overrides every host's shell
     # Files as GNU parallel moves them (see the "Files to and from workers" section).
     results: str | None = None  # --results DIR
     files: FileOptions = dataclasses.field(default_factory=FileOptions)
@@ -5282,6 +5301,28 @@ class RunOptions:
     speculate: bool = False  # start backup copies of straggling tasks (they may run twice)
     onall: bool = False  # every task on every host (GNU parallel's --onall)
     sources: HostSources | None = None  # where the hosts came from: watched for changes
+
+
+def _workdir_for(spec: HostSpec, workdir: str) -> str:
+    """Where --workdir DIR runs SPEC's tasks. "." is GNU parallel's: here on this machine;
+    on a remote one, the current directory's path below the home directory (from the
+    login directory there), or the same absolute path when it is not below home."""
+    if workdir != ".":
+        return workdir
+    here = os.getcwd()
+    if spec.local:
+        return here
+    try:
+        home = os.stat(os.path.expanduser("~"))
+    except OSError:
+        return here
+    parts = Path(here).parts
+    for depth in range(1, len(parts) + 1):
+        with contextlib.suppress(OSError):
+            found = os.stat(Path(*parts[:depth]))
+            if (found.st_dev, found.st_ino) == (home.st_dev, home.st_ino):  # as parallel
+                return str(Path(*parts[depth:])) if depth < len(parts) else "."
+    return here
 
 
 @dataclasses.dataclass
@@ -5429,6 +5470,15 @@ async def run_async(
             hosts = [dataclasses.replace(spec, slots=opts.slots) for spec in hosts]
         elif opts.onall:  # a host's tasks one at a time, in order, as GNU parallel's --onall
             hosts = [dataclasses.replace(spec, slots=1) for spec in hosts]
+        if opts.workdir:
+            hosts = [
+                dataclasses.replace(
+                    spec, workdir=_workdir_for(spec, opts.workdir), make_workdir=True
+                )
+                for spec in hosts
+            ]
+        if opts.shell:
+            hosts = [dataclasses.replace(spec, shell=opts.shell) for spec in hosts]
         run = _Run(hosts, scheduler, journal, merged, opts, log, on_done, whole)
         run.summary.total = count
         run.summary.hosts = [spec.name for spec in opts.hosts]
@@ -6115,6 +6165,21 @@ def _cli() -> Any:
         halt_on_error: bool = typer.Option(
             False, "--halt-on-error", help="Short for --halt soon,fail=1."
         ),
+        workdir: str | None = typer.Option(
+            None,
+            "--workdir",
+            "--wd",
+            metavar="DIR",
+            help="Run tasks in DIR on every host (created if missing). '.': here, and on "
+            "remote hosts the same path below home. Default: here on this machine, "
+            "the login directory on remote hosts.",
+        ),
+        shell: str | None = typer.Option(
+            None,
+            "--shell",
+            metavar="SHELL",
+            help="Run each task as SHELL -c TASK on every host (default /bin/sh), e.g. bash.",
+        ),
         halt: str | None = typer.Option(
             None,
             "--halt",
@@ -6196,6 +6261,10 @@ def _cli() -> Any:
                 raise UsageError("--pipe needs --command: the command each chunk is fed to")
             if lines is not None and lines < 1:
                 raise UsageError(f"--lines: must be at least 1, not {lines}")
+            if lines is not None and not pipe:
+                raise UsageError("--lines works with --pipe only (lines per chunk)")
+            if shell is not None and not shell.strip():
+                raise UsageError("--shell: needs a shell, e.g. bash or /bin/zsh")
             block_size = _parse_size(block)
             if (onall or nonall) and pipe:
                 raise UsageError("--onall and --nonall cannot be used with --pipe")
@@ -6217,6 +6286,8 @@ def _cli() -> Any:
                 slots=slots,
                 halt_on_error=halt_on_error,
                 halt=HaltPolicy.parse(halt) if halt is not None else None,
+                workdir=_check_workdir(workdir),
+                shell=shell,
                 tag=tag,
                 joblog=joblog,
                 command=command,
@@ -6605,6 +6676,20 @@ def _check_file_options(opts: RunOptions) -> None:
 
 
 BLOCK_MAX = 2**31 - 1  # GNU parallel's ceiling too (it warns and uses 2G-1 above it)
+
+
+def _check_workdir(workdir: str | None) -> str | None:
+    """Refuse --workdir values sshfan does not take (exit 2)."""
+    if workdir is None:
+        return None
+    if not workdir.strip():
+        raise UsageError("--workdir: needs a directory")
+    if workdir == "...":
+        raise UsageError(
+            "--workdir ...: GNU parallel's per-task temporary directories are not supported; "
+            "use --workdir DIR or --workdir ."
+        )
+    return workdir
 
 
 def _parse_size(text: str) -> int:

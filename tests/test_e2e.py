@@ -246,14 +246,15 @@ def test_jsonl_records_match_local_runs(
 def test_tasks_run_in_home_dir(
     setup: str, sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path
 ) -> None:
-    """Every host, the local ones included, runs tasks in the user's home directory."""
+    """Remote hosts run tasks in the login (home) directory, local ones in the current
+    directory (here the home directory too, so every host's answers match)."""
     lines = ["pwd", "ls -a | head -c 10000 | md5sum"] * 4
     tasks = tmp_path / "tasks.txt"
     tasks.write_text("\n".join(lines) + "\n")
     host_args, names = setup_hosts(setup, sshd, tmp_path)
     out = tmp_path / "result.jsonl"
     args = ["run", str(tasks), *host_args, "-o", str(out), "--format", "jsonl", "--no-progress"]
-    result = run_sshfan(args)
+    result = run_sshfan(args, cwd=HOME)
     check_exit(result, 0)
     check_jsonl(out.read_bytes(), run_locally(lines), names)
 

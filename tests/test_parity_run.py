@@ -218,3 +218,73 @@ def test_halt_now_kills_the_running_tasks_and_bad_halts_are_refused(
     for bad in ("later,fail=1", "soon,fail=0", "soon,fail=1.5", "soon,oops=1", "soon,fail=101%"):
         refused = run_sshfan(["run", str(tasks), "--halt", bad])
         assert refused.returncode == 2 and refused.stderr.count(b"\n") == 1, refused.stderr
+
+
+def test_local_tasks_run_in_the_current_directory_as_the_readme_says(
+    tmp_path: Path, run_sshfan
+) -> None:
+    """`ls *.log > logs.txt; sshfan run logs.txt -c 'gzip -9 {}'` works away from $HOME."""
+    here = tmp_path / "project"
+    here.mkdir()
+    for name in ("app 1.log", "b.log"):
+        (here / name).write_text("log line\n" * 100)
+    subprocess.run("ls *.log > logs.txt", shell=True, cwd=here, check=True)
+    env = {"HOME": str(tmp_path / "elsewhere")}
+    result = run_sshfan(["run", "logs.txt", "-c", "gzip -9 {}", "--no-progress"], cwd=here, env=env)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in here.glob("*.gz")) == ["app 1.log.gz", "b.log.gz"]
+
+
+@needs_parallel
+def test_workdir_and_shell_as_gnu_parallel(tmp_path: Path, run_sshfan) -> None:
+    """--workdir DIR (created), --wd ., and --shell bash run where and how parallel's do."""
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text("pwd\necho ${BASH_VERSION:+bash}\n")
+    for wd in ("made/here", "."):
+        ours = run_sshfan(["run", str(tasks), "--wd", wd, "--shell", "bash", "-o", "-"])
+        assert ours.returncode == 0, ours.stderr
+        theirs = _parallel(["-k", "--wd", wd], tmp_path, tasks.read_bytes())
+        assert ours.stdout.splitlines()[0] == theirs.splitlines()[0]
+        assert ours.stdout.splitlines()[1] == b"bash"
+    assert (tmp_path / "made" / "here").is_dir()
+    plain = run_sshfan(["run", str(tasks), "-o", "-"])
+    assert plain.stdout == f"{tmp_path}\n\n".encode()  # /bin/sh by default, here
+    for bad in (["--wd", "..."], ["--shell", ""], ["--lines", "3"]):
+        refused = run_sshfan(["run", str(tasks), *bad])
+        assert refused.returncode == 2 and refused.stderr.count(b"\n") == 1, refused.stderr
+
+
+def test_workdir_dot_is_the_path_below_home(tmp_path: Path, monkeypatch) -> None:
+    """--wd . on a remote host: the current path below home, or the absolute one (parallel)."""
+    home = tmp_path / "home"
+    (home / "src" / "proj").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    remote, local = sshfan.HostSpec(name="r"), sshfan.HostSpec(name="l", local=True)
+    monkeypatch.chdir(home / "src" / "proj")
+    assert sshfan._workdir_for(remote, ".") == "src/proj"
+    assert sshfan._workdir_for(local, ".") == str(home / "src" / "proj")
+    monkeypatch.chdir(home)
+    assert sshfan._workdir_for(remote, ".") == "."
+    monkeypatch.chdir(tmp_path)
+    assert sshfan._workdir_for(remote, ".") == str(tmp_path)
+    assert sshfan._workdir_for(remote, "logs") == "logs"
+
+
+def test_remote_tasks_start_in_the_login_directory_and_shell_key(
+    sshd: SshServer, tmp_path: Path, run_sshfan
+) -> None:
+    """Over SSH a task starts where `ssh host pwd` does; the shell key picks its shell;
+    a shell the worker lacks fails that host, naming the shell."""
+    login_dir = subprocess.run(
+        [*sshd.ssh_argv(), "pwd"], capture_output=True, check=True, timeout=60
+    ).stdout
+    hosts = tmp_path / "hosts.toml"
+    hosts.write_text(sshd.hosts_toml(["h1"], slots=1, shell="bash"))
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text("pwd\necho ${BASH_VERSION:+bash}\n")
+    result = run_sshfan(["run", str(tasks), "--hosts", str(hosts), "-o", "-", "--no-progress"])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == login_dir + b"bash\n"
+    hosts.write_text(sshd.hosts_toml(["h1"], slots=1, shell="/no/such/shell"))
+    failed = run_sshfan(["run", str(tasks), "--hosts", str(hosts), "-o", "-", "--no-progress"])
+    assert failed.returncode == 3 and b"/no/such/shell" in failed.stderr, failed.stderr
