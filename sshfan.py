@@ -3447,7 +3447,11 @@ def _sync_file(path: str) -> None:
 # The journal is an append-only file of frames (the same framing as the wire):
 # a header record, OUTPUT pieces of large outputs as they stream in, and one DONE
 # record per finished task. Appending is one write per batch of results; a torn
-# last record (the head killed mid-write) is cut off on --resume.
+# last record (the head killed mid-write) is cut off when --resume first writes.
+# Nothing earlier is destroyed before the run has a result to record: a new journal
+# is renamed over the old one at its first task record, and the output is opened
+# then. Readers (`sshfan results`) open it read-only and never cut anything: a run
+# may be writing it. One run at a time holds it (a lock file beside it).
 
 JOURNAL_VERSION = 1
 _IOV_BATCH = 512  # buffers per writev: well under IOV_MAX (1024 on Linux)

@@ -12,9 +12,11 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import random
 import resource
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -490,3 +492,104 @@ def test_tasks_from_stdin_leave_no_copy_behind_and_resume(
         "out.txt.journal",
     ]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".sshfan-stdin")]
+
+
+# ---------------------------------------------------------------------------
+# kill and resume, again and again
+# ---------------------------------------------------------------------------
+
+TORTURE_SIZES = [3, 40, 5_000, 200_000, 1_200_000, 3_500_000]
+
+
+def started(mark: Path) -> int:
+    """How many task starts the tasks have noted so far."""
+    try:
+        return mark.read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def check_torture_output(out: Path, fmt: str, sizes: list[int], lines: list[str]) -> None:
+    """Assert OUT holds every task's output exactly, in order (jsonl: the fields that do
+    not vary from run to run)."""
+    if fmt == "text":
+        assert out.read_bytes() == big_expected(sizes)
+        return
+    records = [json.loads(line) for line in out.read_bytes().splitlines()]
+    assert [r["seq"] for r in records] == list(range(1, len(sizes) + 1))
+    for record, size, line in zip(records, sizes, lines, strict=True):
+        letter = "abcdefghijklmnopqrstuvwxyz"[record["seq"] % 26]
+        assert record["stdout"] == letter * size + "\n"
+        assert record["stderr"] == f"err{record['seq']}\n"
+        assert record["task"] == line and record["exit_code"] == 0
+
+
+@pytest.mark.parametrize(("fmt", "kills_wanted"), [("text", 10), ("jsonl", 4)])
+def test_kill_and_resume_torture_ends_byte_exact(
+    fmt: str,
+    kills_wanted: int,
+    sshd: SshServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """SIGKILLs of the head at random moments of a run over two SSH hosts (outputs of a
+    few bytes to a few MiB), each followed by --resume: the last --resume ends 0 with the
+    output exact. (A run that ends before all its kills starts over, fresh, as a new
+    round.) SSHFAN_TORTURE_SEED=N replays a seed (it is printed)."""
+    seed = int(os.environ.get("SSHFAN_TORTURE_SEED") or time.time_ns() % 1_000_000)
+    print(f"torture seed {seed} ({fmt})")
+    rng = random.Random(seed)
+    count = 32
+    mark = tmp_path / "started.log"
+    sizes = [rng.choice(TORTURE_SIZES) for _ in range(count)]
+    lines = [
+        f"echo {n} >> {mark}; sleep {rng.uniform(0.3, 0.8):.2f}; {big_task(n, size)}; "
+        f"echo err{n} >&2"
+        for n, size in enumerate(sizes, 1)
+    ]
+    tasks = write_tasks(tmp_path / "tasks.txt", lines)
+    blocks = host_block(sshd, "one", slots=2) + host_block(sshd, "two", slots=2)
+    hosts = write_file(tmp_path / "hosts.toml", blocks)
+    out = tmp_path / f"out.{fmt}"
+    kills = cycles = rounds = 0
+    resume = False
+    while True:
+        extra = ["-f", fmt] + (["--resume"] if resume else [])
+        head = Head(run_args(tasks, hosts, out, *extra), tmp_path, f"cycle{cycles}")
+        cycles += 1
+        try:
+            if kills < kills_wanted:
+                if rng.random() < 0.2:  # early: connecting, or before any result
+                    delay = rng.uniform(0.0, 0.6)
+                else:  # once a task of this run has started, at any moment after
+                    starts = started(mark)
+                    wait_for(
+                        "a task start",
+                        lambda h=head, n=starts: started(mark) > n or h.proc.poll() is not None,
+                    )
+                    delay = rng.uniform(0.0, 0.7)
+                try:
+                    head.proc.wait(delay)
+                except subprocess.TimeoutExpired:
+                    head.proc.kill()  # the head only, as a crash would
+                    head.proc.wait()
+                    kills += 1
+                    resume = True
+                    continue
+            result = head.wait()
+        finally:
+            head.stop()
+        check_exit(result, 0)
+        check_torture_output(out, fmt, sizes, lines)
+        rounds += 1
+        if kills >= kills_wanted:
+            break
+        resume = False  # finished before its kills: a new round, from the start
+    runs = [int(n) for n in mark.read_text().split()]
+    assert set(runs) == set(range(1, count + 1))
+    with capsys.disabled():
+        print(
+            f"\ntorture ({fmt}, seed {seed}): {kills} kills in {cycles} runs ({rounds} "
+            f"round(s) of {count} tasks), {len(runs)} task starts ({len(runs) - rounds * count} "
+            f"rerun), {sum(sizes)} output bytes a round"
+        )
