@@ -911,6 +911,90 @@ class Bench:
                 row.error = row.error or "nothing connected through the delay proxy"
         return judge(row, lambda s, c: s / c, lambda r: r >= 0.8)
 
+    def one_command(self) -> Row:
+        """`uname -r` on 5 host entries of the one sshd: `sshfan all` against pdsh, with GNU
+        parallel --nonall, pssh and clush timed in the same rounds (medians in the notes)."""
+        row = Row("uname -r on 5 host entries", "s", "pdsh -R ssh -w h1,...,h5", "<= 1x")
+        server = self.server
+        hosts = self.write(
+            "hosts-all.toml",
+            server.hosts_toml([]) + f'\n[[hosts]]\nname = "h[1-5]"\naddress = "{server.host}"\n',
+        )
+        config = self.write(
+            "ssh-config-all",
+            f"Host {' '.join(ONE_COMMAND_HOSTS)}\n  HostName {server.host}\n  Port {server.port}\n"
+            f"  User {server.user}\n  IdentityFile {server.client_key}\n  IdentitiesOnly yes\n"
+            f"  UserKnownHostsFile {server.known_hosts}\n  StrictHostKeyChecking yes\n"
+            "  BatchMode yes\n",
+        )
+        kernel = subprocess.run(["uname", "-r"], capture_output=True, text=True).stdout.strip()
+        env = {**self.env, "PDSH_SSH_ARGS": f"-F {config} %h"}
+
+        def check(out: Path, what: str) -> None:
+            """Every host answered with this machine's kernel release, named."""
+            text = out.read_text()
+            if text.count(kernel) != len(ONE_COMMAND_HOSTS) or not all(
+                name in text for name in ONE_COMMAND_HOSTS
+            ):
+                raise BenchError(f"{what} printed {text[:200]!r}")
+
+        def sshfan_once() -> float:
+            """`sshfan all -H hosts uname -r`: host: line lines, checked exactly."""
+            with self.rundir() as d:
+                out = d / "out.txt"
+                argv = [sys.executable, "-m", "sshfan", "all", "-H", str(hosts), "uname", "-r"]
+                ran = checked(run(argv, stdout=out, cwd=d, env=self.env), "sshfan")
+                self.sshfan_runs.append(ran)
+                wanted = "".join(f"{name}: {kernel}\n" for name in ONE_COMMAND_HOSTS)
+                if out.read_text() != wanted:
+                    raise BenchError(f"sshfan printed {out.read_text()[:200]!r}")
+            return ran.wall
+
+        def tool_once(name: str, argv: list[str]) -> float:
+            """One run of a broadcast tool, its output checked."""
+            with self.rundir() as d:
+                out = d / "out.txt"
+                ran = checked(run([*argv, "uname", "-r"], stdout=out, cwd=d, env=env), name)
+                check(out, name)
+            return ran.wall
+
+        tools = _one_command_tools(config)
+        others: dict[str, list[float]] = {name: [] for name in tools if name != "pdsh"}
+        failed: dict[str, str] = {}
+        if tools["pdsh"] is None:
+            row.comparison_error = "not installed"
+        for i in range(max(self.rounds, 5)):  # short runs: more of them for a steady median
+            log(f"[{row.name}] round {i + 1}")
+            row.attempt("sshfan", sshfan_once)
+            for name, argv in tools.items():
+                if argv is None or name in failed:
+                    continue
+                if name == "pdsh":
+                    row.attempt("comparison", lambda argv=argv: tool_once("pdsh", argv))
+                    continue
+                try:
+                    others[name].append(tool_once(name, argv))
+                except (BenchError, OSError) as exc:
+                    failed[name] = str(exc)
+        for name, argv in tools.items():
+            if name == "pdsh":
+                continue
+            if argv is None:
+                row.notes.append(f"{name}: not installed (skipped)")
+            elif name in failed:
+                row.notes.append(f"{name}: failed: {failed[name][:200]}")
+            else:
+                median = statistics.median(others[name])
+                sshfan = row.median("sshfan")
+                ratio = f", sshfan {sshfan / median:.2f}x of it" if sshfan else ""
+                row.notes.append(
+                    f"{name}: median {median:.3f} s over {len(others[name])} runs{ratio}"
+                )
+        row.notes.append(
+            "all five host entries are one sshd on loopback; each tool logs into all at once"
+        )
+        return judge(row, lambda s, c: s / c, lambda r: r <= 1.0)
+
     def first_result(self) -> Row:
         """One host, one `echo hi`: the whole run from start, against a plain ssh."""
         row = Row("first result, 1 host", "s", "ssh host 'python3 -S -c pass'", "<= 1.15x")
@@ -974,6 +1058,27 @@ class Bench:
         return row
 
 
+ONE_COMMAND_HOSTS = ["h1", "h2", "h3", "h4", "h5"]
+
+
+def _one_command_tools(config: Path) -> dict[str, list[str] | None]:
+    """The broadcast tools to time against `sshfan all`, each reaching the host entries
+    through CONFIG (None: not installed). GNU parallel logs into all hosts at once (-j0)."""
+    hosts = ONE_COMMAND_HOSTS
+    pssh = shutil.which("parallel-ssh") or shutil.which("pssh")
+    parallel = shutil.which("parallel")
+    clush = shutil.which("clush")
+    return {
+        "pdsh": ["pdsh", "-R", "ssh", "-w", ",".join(hosts)] if shutil.which("pdsh") else None,
+        "parallel --nonall": [parallel, "--will-cite", "--nonall", "-j0", "--tag"]
+        + ["--ssh", f"ssh -F {config}", "-S", ",".join(hosts)]
+        if parallel
+        else None,
+        "pssh": [pssh, "-i", "-x", f"-F {config}", "-H", " ".join(hosts)] if pssh else None,
+        "clush": [clush, "-w", ",".join(hosts), "-o", f"-F {config}"] if clush else None,
+    }
+
+
 def judge(row: Row, ratio: Callable[[float, float], float], ok: Callable[[float], bool]) -> Row:
     """Fill the row's ratio and verdict from its medians."""
     s, c = row.median("sshfan"), row.median("comparison")
@@ -996,6 +1101,7 @@ SCENARIOS: dict[str, Callable[[Bench], Row]] = {
     "delay": Bench.delayed,
     "first": Bench.first_result,
     "start": Bench.one_local_task,
+    "all": Bench.one_command,
     # Last: 100 logins leave the machine busy for a while after they end.
     "hosts100": Bench.many_hosts,
 }
