@@ -4817,8 +4817,10 @@ class _Run:
             summary.ok += 1
         if not result.ok:
             summary.failed_per_host[result.host] = summary.failed_per_host.get(result.host, 0) + 1
-            if len(summary.failures) < 5:
-                summary.failures.append(result)
+            summary.failures.append(result)  # the first ones in seq order are kept
+            if len(summary.failures) > FAILURES_SHOWN:
+                summary.failures.sort(key=lambda r: r.seq)
+                summary.failures.pop()
 
     def _finish_output(self) -> None:
         """Wait until the merged output has everything put so far; raise its write error."""
@@ -5892,6 +5894,9 @@ def _median(values: list[float]) -> float:
     return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
+FAILURES_SHOWN = 5  # failed tasks the summary lists (the first ones in seq order)
+
+
 def format_summary(summary: RunSummary) -> list[str]:
     """The end-of-run summary: counts, a row per host, failures, where results went."""
     done = summary.ok + summary.failed + summary.timed_out
@@ -5932,6 +5937,13 @@ def format_summary(summary: RunSummary) -> list[str]:
         tail = result.stderr.decode("utf-8", "replace").strip().splitlines()[-1:]
         detail = f": {tail[0][:200]}" if tail else ""
         lines.append(f"  failed: task {result.seq} on {result.host} ({why}){detail}")
+    failed_all = summary.failed + summary.timed_out + summary.resumed_failed
+    if failed_all > len(summary.failures) and summary.journal_kept:
+        more = failed_all - len(summary.failures)
+        command = f"sshfan results {shlex.quote(summary.output)}"
+        if summary.output == "-" or summary.journal != summary.output + ".journal":
+            command += f" --journal {shlex.quote(summary.journal)}"
+        lines.append(f"  ... and {more} more failed: {command} --failed lists them all")
     if summary.halted:
         left = summary.total - done - summary.resumed
         lines.append(
@@ -6032,6 +6044,7 @@ def _cli() -> Any:
         add_completion=True,
         no_args_is_help=True,
         pretty_exceptions_enable=False,
+        context_settings={"help_option_names": ["-h", "--help"]},
         help="Run a file of tasks across SSH hosts and merge the results into one file.",
     )
 
@@ -6099,7 +6112,7 @@ def _cli() -> Any:
             None,
             "--hosts",
             "-H",
-            metavar="FILE",
+            metavar="HOSTS",
             help="Hosts file (TOML). Default: this machine, a slot per CPU.",
         ),
         sshlogin: list[str] | None = sshlogin_option(),
@@ -6121,11 +6134,11 @@ def _cli() -> Any:
             None,
             "--output",
             "-o",
-            metavar="FILE",
+            metavar="OUTPUT",
             help="Merged output file ('-': stdout). Default: TASKS stem + .out",
         ),
         fmt: str = typer.Option(
-            "text", "--format", "-f", metavar="text|jsonl", help="Output format."
+            "text", "--format", "-f", metavar="FORMAT", help="Output format: text or jsonl."
         ),
         command: str | None = typer.Option(
             None,
@@ -6331,7 +6344,7 @@ def _cli() -> Any:
             ..., metavar="COMMAND...", help="The command (its words joined by spaces, as ssh)."
         ),
         hosts: str | None = typer.Option(
-            None, "--hosts", "-H", metavar="FILE", help="Hosts file (TOML)."
+            None, "--hosts", "-H", metavar="HOSTS", help="Hosts file (TOML)."
         ),
         sshlogin: list[str] | None = sshlogin_option(),
         sshloginfile: list[str] | None = slf_option(),
@@ -6345,10 +6358,10 @@ def _cli() -> Any:
             "(clush -b, dshbak -c).",
         ),
         output: str = typer.Option(
-            "-", "--output", "-o", metavar="FILE", help="Output file. Default: stdout."
+            "-", "--output", "-o", metavar="OUTPUT", help="Output file. Default: stdout."
         ),
         fmt: str = typer.Option(
-            "text", "--format", "-f", metavar="text|jsonl", help="Output format."
+            "text", "--format", "-f", metavar="FORMAT", help="Output format: text or jsonl."
         ),
         timeout: float | None = typer.Option(
             None, "--timeout", metavar="SECONDS", help="Kill the command after SECONDS."
@@ -6394,12 +6407,20 @@ def _cli() -> Any:
 
     @app.command()
     def results(
-        output: str = typer.Argument(..., help="The run's output file (its journal is beside it)."),
+        output: str = typer.Argument(
+            ..., metavar="OUTPUT", help="The run's output file (its journal is beside it)."
+        ),
         failed: bool = typer.Option(False, "--failed", help="Only tasks that failed."),
-        fmt: str = typer.Option("table", "--format", "-f", help="table or jsonl."),
-        journal: str | None = typer.Option(None, "--journal", help="Journal path, if not default."),
+        fmt: str = typer.Option(
+            "table", "--format", "-f", metavar="FORMAT", help="table (default) or jsonl."
+        ),
+        journal: str | None = typer.Option(
+            None, "--journal", metavar="FILE", help="Journal path. Default: OUTPUT + .journal"
+        ),
     ) -> None:
-        """List what a run (or an interrupted run) recorded, without running anything."""
+        """List what a run (or an interrupted run) recorded, without running anything.
+
+        Exit status: 0 if no task listed failed, 1 if one did, 2 if there is no journal."""
         try:
             if fmt not in ("table", "jsonl"):
                 raise UsageError(f"--format: unknown format {fmt!r} (choose table or jsonl)")
@@ -6418,7 +6439,7 @@ def _cli() -> Any:
     @app.command()
     def check(
         hosts: str | None = typer.Option(
-            None, "--hosts", "-H", metavar="FILE", help="Hosts file (TOML)."
+            None, "--hosts", "-H", metavar="HOSTS", help="Hosts file (TOML)."
         ),
         sshlogin: list[str] | None = sshlogin_option(),
         sshloginfile: list[str] | None = slf_option(),

@@ -288,3 +288,39 @@ def test_remote_tasks_start_in_the_login_directory_and_shell_key(
     hosts.write_text(sshd.hosts_toml(["h1"], slots=1, shell="/no/such/shell"))
     failed = run_sshfan(["run", str(tasks), "--hosts", str(hosts), "-o", "-", "--no-progress"])
     assert failed.returncode == 3 and b"/no/such/shell" in failed.stderr, failed.stderr
+
+
+def test_summary_lists_the_first_failures_and_points_at_the_rest(
+    tmp_path: Path, run_sshfan
+) -> None:
+    """Failures are listed by seq (the first five, whatever order they ended in), then a
+    line names the command that lists them all; `results` exits 1 for them."""
+    tasks = tmp_path / "tasks.txt"
+    # Later tasks end first: the first five to fail are not the first five by seq.
+    tasks.write_text("".join(f"sleep 0.{9 - n}; echo t{n} >&2; exit {n}\n" for n in range(1, 9)))
+    out = tmp_path / "out.txt"
+    result = run_sshfan(["run", str(tasks), "-j", "8", "-o", str(out), "--no-progress"])
+    assert result.returncode == 1
+    listed = [
+        line.split()[2] for line in result.stderr.decode().splitlines() if "failed: task" in line
+    ]
+    assert listed == ["1", "2", "3", "4", "5"]
+    pointer = f"and 3 more failed: sshfan results {out} --failed"
+    assert pointer.encode() in result.stderr, result.stderr
+    shown = run_sshfan(["results", str(out), "--failed"])
+    assert shown.returncode == 1
+    assert [
+        row.split()[0] for row in shown.stdout.decode().splitlines()[1:] if "stderr" not in row
+    ] == [str(n) for n in range(1, 9)]
+
+
+def test_dash_h_is_help_and_help_names_its_arguments(run_sshfan) -> None:
+    """-h prints the help as --help does; the metavars are TASKS, OUTPUT, HOSTS, FORMAT;
+    `results` documents its exit status."""
+    for args in (["-h"], ["run", "-h"], ["results", "-h"], ["check", "-h"]):
+        short, long = run_sshfan(args), run_sshfan([*args[:-1], "--help"])
+        assert short.returncode == 0 and short.stdout == long.stdout, short.stderr
+    text = run_sshfan(["run", "-h"], env={"COLUMNS": "200"}).stdout.decode()
+    for name in ("TASKS", "OUTPUT", "HOSTS", "FORMAT"):
+        assert name in text
+    assert "Exit status" in run_sshfan(["results", "-h"], env={"COLUMNS": "200"}).stdout.decode()
