@@ -2119,9 +2119,10 @@ class HostSession:
         if spec.port:
             options["port"] = spec.port
         if target.identities:
-            # OpenSSH skips an IdentityFile of ssh config that does not exist; asyncssh
-            # would fail on it (the hosts file's are checked before the run).
-            options["client_keys"] = [p for p in target.identities if os.path.exists(p)]
+            # OpenSSH skips an IdentityFile of ssh config that does not exist, and ignores
+            # one that others can read; asyncssh would fail on the first and use the second
+            # (the hosts file's are checked before the run).
+            options["client_keys"] = [p for p in target.identities if _usable_identity(p)]
         address = spec.address or spec.name
         entries = (
             []
@@ -2754,6 +2755,15 @@ def _preferred_ciphers() -> list[str]:
 def _exc_reason(exc: BaseException) -> str:
     """A short human reason for a connection-level exception."""
     return getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+
+
+def _usable_identity(path: str) -> bool:
+    """Whether OpenSSH would use an identity file: it exists and only its owner can read it."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return False
+    return not (info.st_uid == os.getuid() and info.st_mode & 0o077)
 
 
 def _connect_failure(target: SshTarget, exc: OSError) -> tuple[str, str]:

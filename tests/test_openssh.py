@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import socket
 import subprocess
@@ -37,6 +38,7 @@ def _ssh(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=60,
         stdin=subprocess.DEVNULL,
+        env={**os.environ, "SSH_AUTH_SOCK": ""},
     )
 
 
@@ -255,3 +257,26 @@ def test_ssh_config_resolves_as_ssh_dash_g_says(tmp_path: Path, monkeypatch) -> 
         strict = {"true": "yes", "ask": "yes", "false": "no"}
         assert target.strict == strict.get(g["stricthostkeychecking"], "accept-new"), name
         assert target.hash_names == (g["hashknownhosts"] == "yes"), name
+
+
+def test_ssh_config_identity_files_used_as_openssh_uses_them(
+    sshd: SshServer, tmp_path: Path, run_sshfan
+) -> None:
+    """An IdentityFile of ssh config that is missing is skipped, one others can read is
+    ignored: sshfan logs in exactly when `ssh` does."""
+    open_copy = tmp_path / "open_copy"
+    open_copy.write_bytes(sshd.client_key.read_bytes())
+    open_copy.chmod(0o644)
+    cases = {
+        "missing, then good": [tmp_path / "missing", sshd.client_key],
+        "open to others": [open_copy],
+    }
+    for case, files in cases.items():
+        body = _alias(sshd, sshd.known_hosts).replace(
+            f"  IdentityFile {sshd.client_key}\n", "".join(f"  IdentityFile {f}\n" for f in files)
+        )
+        home, config = _home_with_config(tmp_path, f"home{len(files)}", body)
+        theirs = _ssh(config).returncode == 0
+        ours = _run(run_sshfan, tmp_path, '[[hosts]]\nname = "a1"\n', home)
+        assert (ours.returncode == 0) == theirs, (case, theirs, ours.stderr)
+        assert theirs == (case == "missing, then good")
