@@ -204,8 +204,8 @@ def _check_value(where: str, key: str, value: Any, text: str, table: str, index:
             fail(f'must be a positive integer or "auto", not {value!r}')
         if isinstance(value, int) and value < 1:
             fail(f"must be at least 1, not {value}")
-    if key in ("connect_timeout", "keepalive") and value <= 0:
-        fail(f"must be a positive number of seconds, not {value}")
+    if key in ("connect_timeout", "keepalive") and not (math.isfinite(value) and value > 0):
+        fail(f"must be a positive, finite number of seconds, not {value}")
     if key == "known_hosts" and value is True:
         fail("must be a path or false (true is the default; leave it out)")
     if (
@@ -216,8 +216,16 @@ def _check_value(where: str, key: str, value: Any, text: str, table: str, index:
         fail("must be a path or a non-empty list of paths")
     if key == "env" and not all(isinstance(v, str) for v in value.values()):
         fail("must be a table of string values")
+    if key == "env":
+        for name, setting in value.items():
+            if not name or "=" in name or "\0" in name:
+                fail(f"has variable {name!r}: a name must not be empty or contain '=' or NUL")
+            if "\0" in setting:
+                fail(f"has variable {name!r} whose value contains a NUL character")
     if key in ("name", "python", "shell") and not value.strip():
         fail("must not be empty")
+    if key == "name" and any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in value):
+        fail(f"must not contain control characters (tab, newline, escape): {value!r}")
     return value
 
 
@@ -703,6 +711,7 @@ INPUT_HEAD = struct.Struct(">Q")
 INPUT_PIECE = 1024 * 1024  # stdin bytes per INPUT frame (well under FRAME_MAX)
 OUTPUT_HEAD = struct.Struct(">QB")
 RESULT_HEAD = struct.Struct(">QiBdII")
+STUB_STAGES = ("workdir", "shell")  # stages a stub's ERROR may name (StubStopError)
 FLAG_TIMED_OUT = 1
 FLAG_CANCELLED = 2
 
@@ -856,6 +865,10 @@ def decode_result(payload: bytes) -> tuple:
 # as text.
 # It moves the protocol's fds aside first (as execnet does), so that a stray print
 # in the stub or in Python's start-up cannot corrupt the frame stream.
+
+
+class StubStopError(Exception):
+    """The stub cannot serve this host, for a reason that is not a bug: "STAGE: reason"."""
 
 
 class StubTask:
@@ -1049,14 +1062,22 @@ class Stub:
             if self.workdir:
                 self.workdir = os.path.expanduser(self.workdir)
                 if config.get("make_workdir"):
-                    os.makedirs(self.workdir, exist_ok=True)
+                    try:
+                        os.makedirs(self.workdir, exist_ok=True)
+                    except OSError as exc:
+                        raise StubStopError(
+                            f"workdir: cannot create {self.workdir}: {exc.strerror}"
+                        ) from None
                 if not os.path.isdir(self.workdir):
-                    raise RuntimeError(f"workdir {self.workdir} is not a directory")
+                    why = "is not a directory" if os.path.exists(self.workdir) else "does not exist"
+                    raise StubStopError(f"workdir: {self.workdir} {why}")
+                if not os.access(self.workdir, os.X_OK):
+                    raise StubStopError(f"workdir: {self.workdir} cannot be entered")
             shell = config.get("shell") or "/bin/sh"
             path = os.environ.get("PATH", os.defpath).split(os.pathsep)
             found = [os.path.join(d, shell) for d in ([""] if "/" in shell else path)]
             if not any(os.access(f, os.X_OK) and not os.path.isdir(f) for f in found):
-                raise RuntimeError(f"shell {shell} not found or not executable")
+                raise StubStopError(f"shell: {shell} not found or not executable")
             self.shell = os.fsencode(shell)
             self.configured = True
         elif kind == KIND_PING:
@@ -1162,7 +1183,7 @@ class Stub:
             deadline = time.monotonic() + self.timeout if self.timeout else None
             try:
                 pid, out_fd, err_fd, in_fd = self.spawn(command, data)
-            except OSError as exc:
+            except (OSError, ValueError) as exc:  # ValueError: an env name Popen refuses
                 message = f"sshfan: cannot start task: {exc}\n".encode()
                 self.send(KIND_RESULT, encode_result(seq, 127, 0, 0.0, b"", message))
                 self.finished(seq, 127, 0)
@@ -1454,6 +1475,8 @@ def stub_main() -> None:
             try:
                 stub.outbox = []
                 message = f"{type(exc).__name__}: {exc}"
+                if isinstance(exc, StubStopError):  # not a bug: the reason as it stands
+                    message = str(exc)
                 stub.send(KIND_ERROR, message.encode("utf-8", "replace"))
                 stub.flush()
             except OSError:
@@ -1496,6 +1519,7 @@ _SHIPPED_CONSTANTS = (
 _SHIPPED_STRUCTS = ("FRAME_HEADER", "TASK_HEAD", "INPUT_HEAD", "OUTPUT_HEAD", "RESULT_HEAD")
 _SHIPPED_OBJECTS = (
     FrameError,
+    StubStopError,
     encode_frame,
     FrameDecoder,
     encode_tasks,
@@ -2332,7 +2356,11 @@ class HostSession:
             if self.run is not None:
                 self.run.scheduler.put_back(dropped)
         elif kind == KIND_ERROR:
-            raise HostError(self.name, "stub", payload.decode("utf-8", "replace"))
+            text = payload.decode("utf-8", "replace")
+            stage, sep, reason = text.partition(": ")
+            if stage in STUB_STAGES and sep:  # StubStopError: the host's setup, not a stub bug
+                raise HostError(self.name, stage, reason)
+            raise HostError(self.name, "stub", text)
         else:
             self._unasked(f"unexpected frame kind {kind}")
 

@@ -480,6 +480,33 @@ def test_hosts_failing_at_start_are_skipped(
     assert b"Traceback" not in result.stderr
 
 
+def test_missing_workdir_fails_that_host_naming_it(
+    sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """A workdir that does not exist on the worker: that host fails with a line naming
+    the directory (stage "workdir", not a stub traceback's text); the other goes on."""
+    missing = tmp_path / "no-such-dir"
+    # "fine" starts only once the stub on "nowhere" has exited: the run cannot end first.
+    gone = tmp_path / "nowhere-exited"
+    first = write_file(tmp_path / "first-python", f'#!/bin/sh\npython3 "$@"\ntouch {gone}\n', 0o755)
+    wait = f"for i in $(seq 300); do [ -e {gone} ] && break; sleep 0.05; done"
+    then = write_file(tmp_path / "then-python", f'#!/bin/sh\n{wait}\nexec python3 "$@"\n', 0o755)
+    hosts = write_file(
+        tmp_path / "hosts.toml",
+        host_block(sshd, "nowhere", workdir=str(missing), python=str(first))
+        + host_block(sshd, "fine", python=str(then)),
+    )
+    count = 6
+    tasks = numbered_tasks(tmp_path / "tasks.txt", count, "echo {n}")
+    out = tmp_path / "out.txt"
+    result = run_sshfan(run_args(tasks, hosts, out), timeout=NO_HANG)
+    check_exit(result, 0)
+    assert out.read_bytes() == expected_numbers(count)
+    lines = [line for line in err_lines(result.stderr) if "warning" in line and "nowhere" in line]
+    assert lines and f"workdir: {missing} does not exist" in lines[0], result.stderr.decode()
+    assert b"Error" not in result.stderr, result.stderr.decode()
+
+
 def test_all_hosts_failing_exits_3(sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path) -> None:
     """When no host can start the run exits 3 quickly, giving each host's reason; journal kept."""
     broken = broken_hosts(sshd, tmp_path)

@@ -99,6 +99,13 @@ BAD_HOSTS: list[tuple[str, str, int, str]] = [
     ("local-string", '[[hosts]]\nname = "a"\nlocal = "yes"\n', 3, "local"),
     ("keepalive-zero", '[[hosts]]\nname = "a"\nkeepalive = 0\n', 3, "keepalive"),
     ("env-not-strings", '[[hosts]]\nname = "a"\nenv = { A = 1 }\n', 3, "env"),
+    ("env-name-with-equals", '[[hosts]]\nname = "a"\nenv = { "A=B" = "1" }\n', 3, "A=B"),
+    ("env-name-empty", '[[hosts]]\nname = "a"\nenv = { "" = "1" }\n', 3, "env"),
+    ("env-value-nul", '[[hosts]]\nname = "a"\nenv = { A = "x\\u0000y" }\n', 3, "env"),
+    ("keepalive-nan", '[[hosts]]\nname = "a"\nkeepalive = nan\n', 3, "keepalive"),
+    ("connect-timeout-inf", '[[hosts]]\nname = "a"\nconnect_timeout = inf\n', 3, "connect_timeout"),
+    ("name-tab", '[[hosts]]\nlocal = true\nname = "a\\tb"\n', 3, "name"),
+    ("name-escape", '[[hosts]]\nlocal = true\nname = "a\\u001b[2J"\n', 3, "name"),
     ("identity-empty-list", '[[hosts]]\nname = "a"\nidentity = []\n', 3, "identity"),
     (
         "duplicate-name",
