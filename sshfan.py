@@ -6272,6 +6272,7 @@ def _cli() -> Any:
             metavar="TEMPLATE",
             help="Send this file to an SSH worker before the task (e.g. {}). Repeatable.",
         ),
+        transfer: bool = typer.Option(False, "--transfer", help="Short for --transferfile {}."),
         return_: list[str] | None = typer.Option(
             None,
             "--return",
@@ -6351,8 +6352,10 @@ def _cli() -> Any:
                 block=block_size,
                 results=results,
                 files=FileOptions(
-                    transfer=tuple(transferfile or ()) + (("{}",) if trc else ()),
-                    returns=tuple(return_ or ()) + tuple(trc or ()),
+                    transfer=tuple(
+                        dict.fromkeys([*(transferfile or ()), *(["{}"] if trc or transfer else [])])
+                    ),
+                    returns=tuple(dict.fromkeys([*(return_ or ()), *(trc or ())])),
                     cleanup=cleanup or bool(trc),
                     basefiles=tuple(basefile or ()),
                 ),
