@@ -4580,6 +4580,8 @@ class RunSummary:
     failed_per_host: dict[str, int] = dataclasses.field(default_factory=dict)
     lost_per_host: dict[str, int] = dataclasses.field(default_factory=dict)
     skipped_hosts: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Hosts still starting when the run ended, that ran nothing (not a failure of theirs).
+    unused_hosts: set[str] = dataclasses.field(default_factory=set)
     lost_hosts: dict[str, str] = dataclasses.field(default_factory=dict)
     # A host served by several stubs (the local host's lanes) that lost some, not all.
     lost_stubs: dict[str, list[str]] = dataclasses.field(default_factory=dict)
@@ -5104,11 +5106,20 @@ class _Run:
         """Tell every stub there is no more work and wake execute()."""
         self.summary.complete = complete
         for session in self.sessions:
-            if session.state == "connecting":
-                self.summary.skipped_hosts[session.name] = "still starting when the run ended"
+            if session.state == "connecting" and not self._host_served(session.name):
+                self.summary.unused_hosts.add(session.name)
             session.finish()
         if self._finished is not None and not self._finished.done():
             self._finished.set_result(None)
+
+    def _host_served(self, name: str) -> bool:
+        """Whether host NAME ran tasks or has a stub up (one of a local host's lanes may
+        still be starting when the others have done all the work)."""
+        if name in self.summary.per_host or name in self.summary.lost_per_host:
+            return True
+        return any(
+            s.name == name and s.state in ("ready", "closing", "done") for s in self.sessions
+        )
 
     def abort(self, message: str) -> None:
         """A failure of the head itself: stop the run (exit 3, journal kept).
@@ -5961,6 +5972,8 @@ def format_summary(summary: RunSummary) -> list[str]:
                 status = f"lost: {summary.lost_hosts[name]}"
             elif name in summary.skipped_hosts:
                 status = f"skipped: {summary.skipped_hosts[name]}"
+            elif name in summary.unused_hosts:
+                status = "not used: the run ended before it was up"
             elif name in summary.drained:
                 status = "drained: left the hosts file"
             elif name in summary.lost_stubs:
@@ -6525,7 +6538,11 @@ def _cli() -> Any:
 
 
 class _Progress:
-    """The tqdm bar on stderr: done / total, rate, ETA, then failed, running and per-host counts."""
+    """The tqdm bar on stderr: done / total, elapsed, rate, ETA, then what failed, what runs
+    and what each host has done; redrawn at least once a second, long tasks or not."""
+
+    HOSTS_SHOWN = 8  # per-host counts on the bar, at most
+    TICK = 0.5  # seconds between redraws when no task finishes
 
     def __init__(self) -> None:
         """Open the bar (its total is set when the run knows it)."""
@@ -6534,27 +6551,66 @@ class _Progress:
         self.bar = tqdm(total=None, unit="task", file=sys.stderr, dynamic_ncols=True, leave=False)
         self.run: _Run | None = None
         self._shown = 0.0
+        self._timer: asyncio.TimerHandle | None = None
 
     def started(self, run: _Run) -> None:
-        """The run is set up: show its total."""
+        """The run is set up: show its total, and start redrawing on a timer."""
         self.run = run
         self.bar.total = max(0, run.summary.total - run.summary.resumed) or None
+        self._tick()
+
+    def _tick(self) -> None:
+        """Redraw (elapsed time and counts move while long tasks run) and come back."""
+        self._show()
+        with contextlib.suppress(RuntimeError):  # no loop: the run is over
+            self._timer = asyncio.get_running_loop().call_later(self.TICK, self._tick)
+
+    def counts(self, final: bool = False) -> str:
+        """The bar's postfix: failed, running (not handed out: running), done per host.
+
+        Each number is padded to the width of the total, so the bar keeps its width."""
+        run = self.run
+        if run is None:
+            return ""
+        summary = run.summary
+        width = len(str(summary.total))
+        failed = summary.failed + summary.timed_out
+        running = 0
+        for session in [] if final else run.sessions:
+            if session.state in ("ready", "closing"):
+                running += min(len(session.in_flight), session.window.slots)
+        names = summary.hosts[: self.HOSTS_SHOWN]
+        done = " ".join(
+            f"{n}={(summary.per_host[n].count if n in summary.per_host else 0):>{width}}"
+            for n in names
+        )
+        more = (
+            f" +{len(summary.hosts) - len(names)} hosts" if len(summary.hosts) > len(names) else ""
+        )
+        return f"failed={failed:>{width}} running={running:>{width}} done: {done}{more}"
+
+    def _show(self, final: bool = False) -> None:
+        """Redraw the bar with the counts as they are now (FINAL: the run is over)."""
+        self._shown = time.monotonic()
+        self.bar.set_postfix_str(self.counts(final), refresh=False)
         self.bar.refresh()
 
     def done(self, result: TaskResult) -> None:
-        """One task finished: advance, and now and then refresh the counts."""
-        self.bar.update(1)
+        """One task finished: advance (tqdm redraws at most every 0.1 s), counts with it."""
         now = time.monotonic()
-        if self.run is not None and now - self._shown > 0.5:
+        if now - self._shown > 0.1:
             self._shown = now
-            summary = self.run.summary
-            running = sum(len(s.in_flight) for s in self.run.sessions)
-            hosts = " ".join(f"{n}:{d.count}" for n, d in list(summary.per_host.items())[:8])
-            failed = summary.failed + summary.timed_out
-            self.bar.set_postfix_str(f"failed={failed} running={running} {hosts}", refresh=False)
+            self.bar.set_postfix_str(self.counts(), refresh=False)
+        self.bar.update(1)
 
     def close(self) -> None:
-        """Remove the bar."""
+        """Draw the last frame (the summary's counts, nothing running), then remove the bar."""
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.run is not None:
+            summary = self.run.summary
+            self.bar.n = summary.ok + summary.failed + summary.timed_out
+            self._show(final=True)
         self.bar.close()
 
 

@@ -324,3 +324,55 @@ def test_dash_h_is_help_and_help_names_its_arguments(run_sshfan) -> None:
     for name in ("TASKS", "OUTPUT", "HOSTS", "FORMAT"):
         assert name in text
     assert "Exit status" in run_sshfan(["results", "-h"], env={"COLUMNS": "200"}).stdout.decode()
+
+
+def test_progress_bar_moves_during_long_tasks_and_ends_on_the_summary(tmp_path: Path) -> None:
+    """On a terminal the bar is redrawn while 3 s tasks run (elapsed time advancing),
+    counts what runs (2, not what was handed out), keeps its counts' width, and its last
+    frame has the summary's numbers."""
+    from test_ecosystem import _run_in_terminal
+
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text("sleep 3\nsleep 3; exit 3\n")
+    shown = _run_in_terminal(["run", str(tasks), "-j", "2", "-o", str(tmp_path / "o")], tmp_path)
+    frames = [f for f in shown.decode().split("\r") if "/2 [" in f]
+    waiting = {f.split("[", 1)[1][:5] for f in frames if " 0/2 [" in f}
+    assert len(waiting) >= 2, frames  # several elapsed times while the long tasks ran
+    running = {int(f.split("running=")[1].split()[0]) for f in frames if "running=" in f}
+    assert 2 in running and max(running) <= 2, running
+    postfixes = {len(f.split("failed=", 1)[1]) for f in frames if "failed=" in f}
+    assert len(postfixes) == 1, frames
+    last = frames[-1]
+    assert "2/2 [" in last and "failed=1 running=0 done: local=2" in last, last
+    assert "2 of 2 tasks done: 1 ok, 1 failed" in shown.decode()
+
+
+def test_a_host_that_ran_tasks_is_not_reported_skipped(tmp_path: Path, run_sshfan) -> None:
+    """The run ends while some of a local host's stubs and a whole host are still starting:
+    the host that did the work is ok, the other one was not used (and is not 'skipped')."""
+    first_fast = tmp_path / "first_fast.py"
+    first_fast.write_text(
+        "#!/usr/bin/env python3\nimport os, sys, time\n"
+        f"try:\n    os.mkdir({str(tmp_path / 'first')!r})\nexcept FileExistsError:\n"
+        "    time.sleep(4)\nos.execv(sys.executable, [sys.executable, *sys.argv[1:]])\n"
+    )
+    slow = tmp_path / "slow.py"
+    slow.write_text(
+        "#!/usr/bin/env python3\nimport os, sys, time\ntime.sleep(4)\n"
+        "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])\n"
+    )
+    for script in (first_fast, slow):
+        script.chmod(0o755)
+    hosts = tmp_path / "hosts.toml"
+    hosts.write_text(
+        f'[[hosts]]\nname = "here"\nlocal = true\nslots = 4\npython = "{first_fast}"\n\n'
+        f'[[hosts]]\nname = "late"\nlocal = true\nslots = 1\npython = "{slow}"\n'
+    )
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text("echo one\n")
+    result = run_sshfan(["run", str(tasks), "--hosts", str(hosts), "-o", "-", "--no-progress"])
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line for line in result.stderr.decode().splitlines()[2:4]}
+    assert rows["here"].split()[1] == "1" and rows["here"].endswith("  ok"), rows
+    assert rows["late"].endswith("not used: the run ended before it was up"), rows
+    assert b"skipped" not in result.stderr
