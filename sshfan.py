@@ -5300,6 +5300,16 @@ def _shaping_options(opts: RunOptions) -> dict[str, Any]:
     if opts.pipe:
         shaping["--lines"] = opts.lines
         shaping["--block"] = opts.block
+    # What tasks are given and what comes back of them. Recorded only when set, so a
+    # journal of a run without them reads the same as before they existed.
+    files = opts.files
+    for name, value in (
+        ("--transferfile", files.transfer),
+        ("--return", files.returns),
+        ("--basefile", files.basefiles),
+    ):
+        if value:
+            shaping[name] = list(value)
     return json.loads(json.dumps(shaping))  # as it reads back from the journal
 
 

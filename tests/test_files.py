@@ -408,3 +408,15 @@ def test_host_lost_during_return_runs_the_task_elsewhere(
         if (tmp_path / survivor / f"{stem}.bin").exists():
             assert here == (tmp_path / survivor / f"{stem}.bin").read_bytes()
     assert not list(head.glob(".*.part"))
+
+
+def test_resume_with_other_file_options_is_refused(run_sshfan: RunSshfan, tmp_path: Path) -> None:
+    """--resume with another --return (or none): exit 2 naming it; the same one resumes."""
+    (tmp_path / "tasks").write_text("echo a\n")
+    args = ["run", "tasks", "-o", "out", "--return", "{}.out"]
+    assert run_sshfan(args).returncode == 0
+    for changed in (["--return", "other"], []):
+        refused = run_sshfan([*args[:4], *changed, "--resume"])
+        assert refused.returncode == 2, refused.stderr
+        assert b"--return" in refused.stderr and b"Traceback" not in refused.stderr
+    assert run_sshfan([*args, "--resume"]).returncode == 0
