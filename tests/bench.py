@@ -482,6 +482,40 @@ class Bench:
         row.notes.append(machine_note(self.sshfan_runs, self.xargs_runs, "xargs"))
         return judge(row, lambda s, c: s / c, lambda r: r <= 1.3)
 
+    def scaling(self) -> Row:
+        """Tasks/s and head CPU per task as host entries grow (1, 2, 4, 8; 1 slot each):
+        where the head itself becomes the limit."""
+        n = 1000 if self.quick else 3000
+        row = Row(f"scaling, {n:,} tiny, 8 vs 1 host", "tasks/s", "1 host entry", "-")
+        tasks = self.write(f"echo{n}.txt", echo_tasks(n))
+        curve: dict[int, list[tuple[float, float]]] = {1: [], 2: [], 4: [], 8: []}
+        for i in range(self.rounds):
+            log(f"[{row.name}] round {i + 1}/{self.rounds}")
+            for count in curve:
+                hosts = self.hosts(f"hosts{count}x1.toml", [f"h{k}" for k in range(1, count + 1)])
+                with self.rundir() as d:
+                    out = d / "out.txt"
+                    ran = self.sshfan(tasks, out, hosts)
+                    check_text(out, echo_output(n), "sshfan")
+                curve[count].append((n / ran.wall, ran.cpu / n))
+        for count, samples in curve.items():
+            if not samples:
+                continue
+            rate = statistics.median(s[0] for s in samples)
+            cpu_ms = 1000 * statistics.median(s[1] for s in samples)
+            row.notes.append(
+                f"{count} host entries: {rate:,.0f} tasks/s (wall, start-up included), "
+                f"head CPU {cpu_ms:.2f} ms a task"
+            )
+            if count == 8:
+                row.sshfan.append(rate)
+            if count == 1:
+                row.comparison.append(rate)
+        s8, s1 = row.median("sshfan"), row.median("comparison")
+        if s8 is not None and s1 and not row.error:
+            row.ratio = s8 / s1
+        return row
+
     def tiny_vs_parallel(self) -> Row:
         """200 echo tasks on 2 hosts against GNU parallel -S 2/host over ControlMaster."""
         n = 200
@@ -1100,6 +1134,7 @@ SCENARIOS: dict[str, Callable[[Bench], Row]] = {
     "rss": Bench.head_rss,
     "delay": Bench.delayed,
     "first": Bench.first_result,
+    "scaling": Bench.scaling,
     "start": Bench.one_local_task,
     "all": Bench.one_command,
     # Last: 100 logins leave the machine busy for a while after they end.
