@@ -3518,6 +3518,7 @@ class Journal:
         self._settle: Callable[[], None] | None = None  # at close, if never committed
         self.recorded = False  # whether a record after the header was written by this run
         self.failed_before = 0  # failed tasks found in the journal when it was reopened
+        self.failed_seqs: list[int] = []  # which ones (the index --resume-failed reruns)
 
     @classmethod
     def create(cls, path: Path, header: dict[str, Any]) -> Journal:
@@ -3562,6 +3563,7 @@ class Journal:
         end = os.fstat(fd).st_size
         journal = cls(path, fd, end, writable)
         done = array.array("q")
+        failed = bytearray()  # by seq: whether its last record is a failure
         offset = 0
         header: dict[str, Any] = {}
         while offset < end:
@@ -3581,14 +3583,17 @@ class Journal:
                 seq = meta["seq"]
                 if "onall" in header:  # every task on every host: indexed by (host, seq)
                     seq += _onall_place(header, meta["host"], path) * header["lines"]
-                journal.failed_before += bool(meta["exit_code"] or meta["timed_out"])
                 if len(done) <= seq:
                     done.extend([-1] * (seq + 1 - len(done)))
-                done[seq] = offset
+                    failed.extend(bytes(seq + 1 - len(failed)))
+                done[seq] = offset  # a task run again (--resume-failed): its last record
+                failed[seq] = bool(meta["exit_code"] or meta["timed_out"])
             offset += FRAME_HEADER.size + length
         if not header:
             os.close(fd)
             raise UsageError(f"{path}: not an sshfan journal")
+        journal.failed_before = failed.count(1)
+        journal.failed_seqs = [seq for seq, bad in enumerate(failed) if bad]
         journal.size = journal._written = offset
         return journal, header, done
 
@@ -5344,6 +5349,7 @@ class RunOptions:
     output: str
     fmt: str = "text"
     resume: bool = False
+    resume_failed: bool = False  # --resume, and run the journal's failed tasks again
     timeout: float | None = None
     retries: int = 0
     journal: str | None = None
@@ -5461,6 +5467,10 @@ def prepare_run(opts: RunOptions) -> PreparedRun:
             except UsageError:
                 journal.close()
                 raise
+            if opts.resume_failed:  # as parallel's: the failed tasks run again, in order
+                for seq in journal.failed_seqs:
+                    done[seq] = -1
+                journal.failed_before = 0
         else:
             header = {
                 "version": JOURNAL_VERSION,
@@ -6319,6 +6329,11 @@ def _cli() -> Any:
             help="Send FILE to each SSH worker once, before its first task. Repeatable.",
         ),
         resume: bool = typer.Option(False, "--resume", help="Skip tasks already in the journal."),
+        resume_failed: bool = typer.Option(
+            False,
+            "--resume-failed",
+            help="As --resume, and run the tasks the journal has as failed again (GNU parallel's).",
+        ),
         journal: str | None = typer.Option(
             None, "--journal", metavar="FILE", help="Journal path. Default: OUTPUT + .journal"
         ),
@@ -6358,7 +6373,8 @@ def _cli() -> Any:
                 specs,
                 output,
                 fmt=fmt,
-                resume=resume,
+                resume=resume or resume_failed,
+                resume_failed=resume_failed,
                 timeout=timeout,
                 retries=retries,
                 journal=journal,

@@ -376,3 +376,33 @@ def test_a_host_that_ran_tasks_is_not_reported_skipped(tmp_path: Path, run_sshfa
     assert rows["here"].split()[1] == "1" and rows["here"].endswith("  ok"), rows
     assert rows["late"].endswith("not used: the run ended before it was up"), rows
     assert b"skipped" not in result.stderr
+
+
+def test_resume_failed_reruns_only_the_failed_tasks(tmp_path: Path, run_sshfan) -> None:
+    """--resume-failed keeps the tasks that succeeded and runs the failed ones again; the
+    output stays in task order, and a later --resume counts the task by its last run."""
+    flag = tmp_path / "fixed"
+    counter = tmp_path / "runs"
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text(
+        "".join(
+            f"echo {n} >> {counter}; echo out{n}; "
+            + (f"test -e {flag} || exit 4\n" if n in (2, 4) else "true\n")
+            for n in range(1, 6)
+        )
+    )
+    out = tmp_path / "out.txt"
+    args = ["run", str(tasks), "-o", str(out), "--no-progress", "-j", "2"]
+    first = run_sshfan(args)
+    assert first.returncode == 1
+    assert out.read_text() == "".join(f"out{n}\n" for n in range(1, 6))
+    flag.touch()
+    counter.write_text("")
+    again = run_sshfan([*args, "--resume-failed"])
+    assert again.returncode == 0, again.stderr
+    assert sorted(counter.read_text().split()) == ["2", "4"]
+    assert out.read_text() == "".join(f"out{n}\n" for n in range(1, 6))
+    assert b"3 from the journal" in again.stderr
+    later = run_sshfan([*args, "--resume"])
+    assert later.returncode == 0 and b"5 from the journal" in later.stderr, later.stderr
+    assert b"failed" not in later.stderr.split(b"from the journal")[1].split(b"\n")[0]
