@@ -2491,8 +2491,9 @@ class HostSession:
         future.add_done_callback(self._movers.discard)
 
     def _ours(self, task: Task, table: dict[int, Task]) -> bool:
-        """Whether TASK is still this host's (not requeued since: the host lost, halted)."""
-        return self.state == "ready" and table.get(task.seq) is task
+        """Whether TASK is still this host's (not requeued since: the host lost, halted).
+        A draining host still finishes what it has: a fetch that ends there counts."""
+        return self.state in ("ready", "draining") and table.get(task.seq) is task
 
     async def _stage(self, task: Task) -> None:
         """Send TASK's files, then TASK to the stub: it never starts before they are there."""
@@ -2526,7 +2527,8 @@ class HostSession:
             return
         if not self._ours(task, self.in_flight):
             return
-        if self.run is not None and self.run.scheduler.stopped:  # halted meanwhile: not sent
+        if self.run is not None and (self.run.scheduler.stopped or self.state == "draining"):
+            # Halted, or the host left the hosts file, while its files went: not sent after all.
             del self.in_flight[task.seq]
             self.window.in_flight -= 1
             self.run.scheduler.put_back([task])

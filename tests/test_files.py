@@ -420,3 +420,45 @@ def test_resume_with_other_file_options_is_refused(run_sshfan: RunSshfan, tmp_pa
         assert refused.returncode == 2, refused.stderr
         assert b"--return" in refused.stderr and b"Traceback" not in refused.stderr
     assert run_sshfan([*args, "--resume"]).returncode == 0
+
+
+def test_host_leaving_the_hosts_file_still_returns_its_files(
+    sshd: SshServer, tmp_path: Path
+) -> None:
+    """A host removed mid-run drains: the task it runs ends there and its --return file
+    still comes back (the result counts); the tasks it had not started go elsewhere."""
+    head, worker, _ = setup_dirs(tmp_path, sshd)
+    started, flag = tmp_path / "started", tmp_path / "flag"
+    hold = f"if [ {{}} = 1 ]; then touch {started}; while [ ! -e {flag} ]; do sleep 0.05; done; fi"
+    (head / "tasks").write_text("1\n2\n3\n")
+    hosts = tmp_path / "live.toml"
+
+    def write_hosts(names: list[str]) -> None:
+        """Replace the hosts file at once, as an editor does."""
+        new = tmp_path / "hosts.new"
+        new.write_text(sshd.hosts_toml(names, slots=1, workdir=str(worker)))
+        os.replace(new, hosts)
+
+    write_hosts(["h1"])
+    args = [sys.executable, "-m", "sshfan", "run", "tasks", "-H", str(hosts), "-f", "jsonl"]
+    args += ["-c", f"{hold}; echo {{}} > {{}}.out", "--return", "{}.out", "-o", "out"]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    proc = subprocess.Popen(args, cwd=head, env=env, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert started.exists(), "task 1 never started"
+        write_hosts(["h2"])
+        while not (head / "3.out").exists() and time.monotonic() < deadline + 60:
+            time.sleep(0.05)
+        flag.touch()
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, stderr.decode(errors="replace")
+    assert [(head / f"{n}.out").read_text() for n in (1, 2, 3)] == ["1\n", "2\n", "3\n"]
+    got = records(head / "out")
+    assert [got[n]["host"] for n in (1, 2, 3)] == ["h1", "h2", "h2"]
