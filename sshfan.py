@@ -2126,6 +2126,37 @@ class HostSession:
 
         spec = self.spec
         target = ssh_target(spec)
+        jump = await self._open_jumps(target) if target.proxy_jump else None
+        try:
+            self._conn = await self._connect_checked(spec, target, jump)
+        except BaseException:
+            if jump is not None:
+                jump.close()
+            raise
+        if jump is not None:
+            self._conn.set_tunnel(jump)  # closed with the connection, as asyncssh's own
+        # -S: no site module; the stub needs only the standard library, and site's .pth
+        # files cost a worker 20-30 ms of start-up.
+        command = f"{shlex.quote(spec.python)} -S -c {shlex.quote(code)}"
+        try:
+            channel, _ = await self._conn.create_session(
+                lambda: _ssh_session_class()(self), command, encoding=None
+            )
+        except (OSError, asyncssh.Error) as exc:
+            self._conn.close()
+            reason = getattr(exc, "reason", None) or str(exc)
+            raise HostError(self.name, "bootstrap", f"cannot open a channel: {reason}") from None
+        self._write = channel.write
+        self._write_eof = channel.write_eof
+        self._abort = self._conn.abort
+        if self.run is not None and self.run.files:
+            self.files = HostFiles(self.name, self._conn, spec.workdir, self.run.files)
+
+    async def _connect_checked(self, spec: HostSpec, target: SshTarget, tunnel: Any) -> Any:
+        """Connect to TARGET (over TUNNEL, a jump host's connection, if given), its host key
+        checked and a first-seen one recorded as OpenSSH does; return the connection."""
+        import asyncssh
+
         options: dict[str, Any] = {
             "connect_timeout": spec.connect_timeout,
             # A keepalive every third of the allowance; the host is lost when two go
@@ -2138,6 +2169,8 @@ class HostSession:
             # has made sure an agent holds the hosts file's); asyncssh would refuse it.
             "ignore_encrypted": True,
         }
+        if tunnel is not None:
+            options["tunnel"] = tunnel
         if spec.user:
             options["username"] = spec.user
         if spec.port:
@@ -2165,7 +2198,7 @@ class HostSession:
             record = True
         try:
             try:
-                self._conn = await self._connect(address, options, target)
+                conn = await self._connect(address, options, target)
             except asyncssh.HostKeyNotVerifiable as exc:
                 if target.strict != "no" or not entries:
                     raise
@@ -2175,7 +2208,7 @@ class HostSession:
                     self.run.log(
                         f"sshfan: warning: {self.name}: host key: {hint}; connecting anyway"
                     )
-                self._conn = await self._connect(address, {**options, "known_hosts": None}, target)
+                conn = await self._connect(address, {**options, "known_hosts": None}, target)
         except asyncssh.HostKeyNotVerifiable as exc:
             raise HostError(self.name, "host key", _host_key_hint(target, exc.reason)) from None
         except asyncssh.PermissionDenied:
@@ -2191,7 +2224,7 @@ class HostSession:
             raise HostError(self.name, "connect", f"{target.where}: {exc}") from None
         if record:
             try:
-                recorded = _record_host_key(target, self._conn.get_server_host_key())
+                recorded = _record_host_key(target, conn.get_server_host_key())
             except OSError as exc:  # as OpenSSH: say so, and go on with the trusted key
                 recorded = None
                 if self.run is not None:
@@ -2202,22 +2235,40 @@ class HostSession:
             if recorded and self.run is not None:
                 name = target.key_name
                 self.run.log(f"sshfan: {self.name}: new host key for {name} recorded in {recorded}")
-        # -S: no site module; the stub needs only the standard library, and site's .pth
-        # files cost a worker 20-30 ms of start-up.
-        command = f"{shlex.quote(spec.python)} -S -c {shlex.quote(code)}"
+        return conn
+
+    async def _open_jumps(self, target: SshTarget, depth: int = 0) -> Any:
+        """Connect through TARGET's ProxyJump hosts in turn, each checked as OpenSSH checks
+        it (its own ssh config, not the hosts file's keys); return the last connection."""
+        conn = None
         try:
-            channel, _ = await self._conn.create_session(
-                lambda: _ssh_session_class()(self), command, encoding=None
-            )
-        except (OSError, asyncssh.Error) as exc:
-            self._conn.close()
-            reason = getattr(exc, "reason", None) or str(exc)
-            raise HostError(self.name, "bootstrap", f"cannot open a channel: {reason}") from None
-        self._write = channel.write
-        self._write_eof = channel.write_eof
-        self._abort = self._conn.abort
-        if self.run is not None and self.run.files:
-            self.files = HostFiles(self.name, self._conn, spec.workdir, self.run.files)
+            for hop in str(target.proxy_jump).split(","):
+                user, host, port = _jump_host(hop)
+                hop_spec = HostSpec(
+                    name=host,
+                    user=user,
+                    port=port,
+                    connect_timeout=self.spec.connect_timeout,
+                    keepalive=self.spec.keepalive,
+                )
+                hop_target = ssh_target(hop_spec)
+                if conn is None and hop_target.proxy_jump:  # the first hop's own ProxyJump
+                    if depth >= 8:
+                        raise HostError(self.name, "connect", f"ProxyJump loops at {host}")
+                    conn = await self._open_jumps(hop_target, depth + 1)
+                try:
+                    new = await self._connect_checked(hop_spec, hop_target, conn)
+                except HostError as exc:
+                    reason = f"jump host {host}: {exc.reason}"
+                    raise HostError(self.name, exc.stage, reason) from None
+                if conn is not None:
+                    new.set_tunnel(conn)
+                conn = new
+        except BaseException:
+            if conn is not None:
+                conn.close()
+            raise
+        return conn
 
     async def _connect(self, address: str, options: dict[str, Any], target: SshTarget) -> Any:
         """asyncssh.connect, within the connect timeout (and a margin for the key exchange)."""
@@ -2787,6 +2838,20 @@ def _exc_reason(exc: BaseException) -> str:
     return getattr(exc, "reason", None) or str(exc) or type(exc).__name__
 
 
+def _jump_host(hop: str) -> tuple[str | None, str, int | None]:
+    """User, host and port of one ProxyJump hop: [user@]host[:port] or ssh://... as OpenSSH."""
+    hop = hop.strip().removeprefix("ssh://")
+    user, _, host = hop.rpartition("@")
+    port = None
+    if host.startswith("[") and "]" in host:  # [IPv6]:port
+        host, _, rest = host[1:].partition("]")
+        port = int(rest[1:]) if rest.startswith(":") and rest[1:].isdigit() else None
+    elif host.count(":") == 1:
+        host, _, text = host.partition(":")
+        port = int(text) if text.isdigit() else None
+    return user or None, host, port
+
+
 def _usable_identity(path: str) -> bool:
     """Whether OpenSSH would use an identity file: it exists and only its owner can read it."""
     try:
@@ -2861,6 +2926,7 @@ class SshTarget:
     strict: str  # StrictHostKeyChecking: "yes", "accept-new", "no"; "off": no checking
     hash_names: bool  # HashKnownHosts: record new names hashed
     identities: tuple[str, ...]  # identity files named for it (hosts file, else IdentityFile)
+    proxy_jump: str | None = None  # ssh config's ProxyJump: hosts to connect through
 
     @property
     def where(self) -> str:
@@ -2962,6 +3028,7 @@ def ssh_target(spec: HostSpec) -> SshTarget:
         strict=strict,
         hash_names=bool(config.get("HashKnownHosts")),
         identities=tuple(os.path.expanduser(p) for p in identities),
+        proxy_jump=str(config.get("ProxyJump") or "") or None,
     )
 
 

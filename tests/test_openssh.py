@@ -280,3 +280,28 @@ def test_ssh_config_identity_files_used_as_openssh_uses_them(
         ours = _run(run_sshfan, tmp_path, '[[hosts]]\nname = "a1"\n', home)
         assert (ours.returncode == 0) == theirs, (case, theirs, ours.stderr)
         assert theirs == (case == "missing, then good")
+
+
+def test_proxyjump_host_keys_checked_and_recorded_as_openssh(
+    sshd: SshServer, tmp_path: Path, run_sshfan
+) -> None:
+    """The ProxyJump host's key is looked up and recorded by its own ssh config (here
+    accept-new under a HostKeyAlias), as OpenSSH does: both clients write the same lines."""
+
+    def config(known: Path) -> str:
+        """A jump host and a host behind it, both first met, both on the test server."""
+        strict = "  StrictHostKeyChecking accept-new\n"
+        jump = _alias(sshd, known, f"{strict}  HostKeyAlias jumpbox\n").replace("a1", "jump")
+        return jump + _alias(sshd, known, f"{strict}  ProxyJump jump\n")
+
+    theirs, ours = tmp_path / "theirs", tmp_path / "ours"
+    _home, ssh_config = _home_with_config(tmp_path, "ssh", config(theirs))
+    home, _ = _home_with_config(tmp_path, "fan", config(ours))
+    assert _ssh(ssh_config).returncode == 0
+    result = _run(run_sshfan, tmp_path, '[[hosts]]\nname = "a1"\n', home)
+    assert result.returncode == 0, result.stderr
+    assert ours.read_text() == theirs.read_text()
+    assert [line.split()[0] for line in ours.read_text().splitlines()] == [
+        "jumpbox",
+        f"[127.0.0.1]:{sshd.port}",
+    ]
