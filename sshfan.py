@@ -654,13 +654,13 @@ def load_host_sources(sources: HostSources) -> list[HostSpec]:
 # |---------|-------------|--------------------------------------------------------|
 # | HELLO   | stub → head | JSON: proto, python, cpus, hostname, pid               |
 # | CONFIG  | head → stub | JSON: slots, timeout, env, workdir, make_workdir,      |
-# |         |             | shell, hold                                            |
+# |         |             | shell, hold, slot_base, host                           |
 # | TASKS   | head → stub | repeated (seq u64, command length u32, stdin length    |
 # |         |             | u32, command, stdin bytes: empty means /dev/null)      |
 # | PING    | head → stub | opaque bytes, answered by PONG with the same bytes     |
 # | OUTPUT  | stub → head | seq u64, stream u8 (1 stdout, 2 stderr), bytes         |
-# | RESULT  | stub → head | seq u64, status i32, flags u8, duration f64, stdout    |
-# |         |             | length u32, stderr length u32, stdout, stderr          |
+# | RESULT  | stub → head | seq u64, status i32, flags u8, slot u32, duration f64, |
+# |         |             | stdout length u32, stderr length u32, stdout, stderr   |
 # | ERROR   | stub → head | UTF-8 text: the stub cannot go on                      |
 # | DROP    | head → stub | forget the tasks not started yet ("halt"; "kill" kills |
 # |         |             | the running ones too), or start what free slots take,  |
@@ -710,7 +710,7 @@ TASK_HEAD = struct.Struct(">QII")
 INPUT_HEAD = struct.Struct(">Q")
 INPUT_PIECE = 1024 * 1024  # stdin bytes per INPUT frame (well under FRAME_MAX)
 OUTPUT_HEAD = struct.Struct(">QB")
-RESULT_HEAD = struct.Struct(">QiBdII")
+RESULT_HEAD = struct.Struct(">QiBIdII")
 STUB_STAGES = ("workdir", "shell")  # stages a stub's ERROR may name (StubStopError)
 FLAG_TIMED_OUT = 1
 FLAG_CANCELLED = 2
@@ -841,21 +841,22 @@ def decode_tasks(payload: bytes) -> list:
 
 
 def encode_result(
-    seq: int, status: int, flags: int, duration: float, out: bytes, err: bytes
+    seq: int, status: int, flags: int, duration: float, out: bytes, err: bytes, slot: int = 0
 ) -> bytes:
     """Encode one RESULT payload (the tail of the task's output travels with it)."""
-    return RESULT_HEAD.pack(seq, status, flags, duration, len(out), len(err)) + out + err
+    head = RESULT_HEAD.pack(seq, status, flags, slot, duration, len(out), len(err))
+    return head + out + err
 
 
 def decode_result(payload: bytes) -> tuple:
-    """Decode a RESULT payload into (seq, status, flags, duration, stdout, stderr)."""
-    seq, status, flags, duration, n_out, n_err = RESULT_HEAD.unpack_from(payload, 0)
+    """Decode a RESULT payload into (seq, status, flags, duration, stdout, stderr, slot)."""
+    seq, status, flags, slot, duration, n_out, n_err = RESULT_HEAD.unpack_from(payload, 0)
     start = RESULT_HEAD.size
     if start + n_out + n_err != len(payload):
         raise FrameError(f"RESULT frame for task {seq} has inconsistent lengths")
     out = payload[start : start + n_out]
     err = payload[start + n_out :]
-    return seq, status, flags, duration, out, err
+    return seq, status, flags, duration, out, err, slot
 
 
 # ============================================================================
@@ -889,6 +890,7 @@ class StubTask:
         self.killed_at = None
         self.stdin_fd = None
         self.stdin_data = memoryview(b"")
+        self.slot = 0  # its job slot on this stub (1..slots); the head's number adds slot_base
         self.pipes = set()  # its pipes as /proc shows them ("pipe:[inode]"), see kill_strays
 
     def kill(self, flag: int) -> None:
@@ -977,6 +979,9 @@ class Stub:
         self.slots = 1
         self.timeout = None
         self.env = None
+        self.free_slots = [1]  # this stub's job slots not in use, lowest first
+        self.slot_base = 0  # the head numbers all hosts' slots in one series: this stub's start
+        self.host = ""  # the host's name, for SSHFAN_HOST
         self.workdir = None
         self.shell = b"/bin/sh"
         self.selector = selectors.DefaultSelector()
@@ -1052,6 +1057,9 @@ class Stub:
         elif kind == KIND_CONFIG:
             config = json.loads(payload.decode("utf-8"))
             self.slots = max(1, int(config.get("slots") or 1))
+            self.free_slots = list(range(1, self.slots + 1))
+            self.slot_base = int(config.get("slot_base") or 0)
+            self.host = str(config.get("host") or "")
             self.timeout = config.get("timeout")
             self.env = login_environ()
             if config.get("env"):
@@ -1116,16 +1124,28 @@ class Stub:
                 self.send(KIND_RESULT, encode_result(seq, -9, FLAG_CANCELLED, 0.0, b"", b""))
                 return
 
-    def spawn(self, command: bytes, data: bytes = b"") -> tuple:
+    def spawn(self, command: bytes, data: bytes = b"", seq: int = 0, slot: int = 0) -> tuple:
         """Start `SHELL -c COMMAND` in its own session; return pid, pipes, stdin pipe or None.
 
-        Its stdin is /dev/null, or a pipe that the loop fills with DATA (--pipe).
+        Its stdin is /dev/null, or a pipe that the loop fills with DATA (--pipe). The task
+        sees its seq, job slot and host in SSHFAN_SEQ, SSHFAN_SLOT and SSHFAN_HOST, and its
+        slot number where the head put a NUL ({%}: the head cannot know it beforehand).
 
         subprocess uses vfork (posix_spawn on newer Pythons): measured here 0.36 ms a task
         against 1.0 ms for os.fork, whose copy-on-write faults slow both processes."""
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         in_r, in_w = os.pipe() if data else (self.devnull, None)
+        if b"\0" in command:
+            command = command.replace(b"\0", str(slot).encode())
+        # Into the stub's own environment when the task inherits it: a copy of it for
+        # every task would cost more than starting the task does.
+        env = os.environ if self.env is None else dict(self.env)
+        env["SSHFAN_SEQ"] = str(seq)
+        env["SSHFAN_SLOT"] = str(slot)
+        env["SSHFAN_HOST"] = self.host
+        if self.env is None:
+            env = None
         try:
             proc = subprocess.Popen(
                 [self.shell, b"-c", command],
@@ -1133,7 +1153,7 @@ class Stub:
                 stdout=out_w,
                 stderr=err_w,
                 cwd=self.workdir,
-                env=self.env,
+                env=env,
                 start_new_session=True,
             )
         except BaseException:
@@ -1181,14 +1201,18 @@ class Stub:
         while self.queue and len(self.running) < self.slots and self.configured and not self.held:
             seq, command, data = self.queue.popleft()
             deadline = time.monotonic() + self.timeout if self.timeout else None
+            slot = self.free_slots.pop(0) if self.free_slots else len(self.running) + 1
+            number = self.slot_base + slot
             try:
-                pid, out_fd, err_fd, in_fd = self.spawn(command, data)
+                pid, out_fd, err_fd, in_fd = self.spawn(command, data, seq, number)
             except (OSError, ValueError) as exc:  # ValueError: an env name Popen refuses
+                self.release_slot(slot)
                 message = f"sshfan: cannot start task: {exc}\n".encode()
-                self.send(KIND_RESULT, encode_result(seq, 127, 0, 0.0, b"", message))
+                self.send(KIND_RESULT, encode_result(seq, 127, 0, 0.0, b"", message, number))
                 self.finished(seq, 127, 0)
                 continue
             task = StubTask(seq, pid, deadline)
+            task.slot = slot
             self.running[pid] = task
             self.note(b"+", pid)
             for fd, stream in ((out_fd, 1), (err_fd, 2)):
@@ -1287,17 +1311,25 @@ class Stub:
             return
         self.close_stdin(task)
         del self.running[task.pid]
+        self.release_slot(task.slot)
         self.note(b"-", task.pid)
         duration = time.monotonic() - task.started
         out, err = self.take_output(task, 1), self.take_output(task, 2)
-        result = encode_result(task.seq, task.status, task.flags, duration, out, err)
+        number = self.slot_base + task.slot
+        result = encode_result(task.seq, task.status, task.flags, duration, out, err, number)
         if len(result) > OUTPUT_PIECE:
             for stream, data in ((1, out), (2, err)):
                 if data:
                     self.send(KIND_OUTPUT, OUTPUT_HEAD.pack(task.seq, stream) + data)
-            result = encode_result(task.seq, task.status, task.flags, duration, b"", b"")
+            result = encode_result(task.seq, task.status, task.flags, duration, b"", b"", number)
         self.send(KIND_RESULT, result)
         self.finished(task.seq, task.status, task.flags)
+
+    def release_slot(self, slot: int) -> None:
+        """A task left job slot SLOT: the next task may take it (the lowest free goes first)."""
+        if 0 < slot <= self.slots and slot not in self.free_slots:
+            self.free_slots.append(slot)
+            self.free_slots.sort()
 
     def check_deadlines(self) -> "float | None":
         """Kill tasks past their deadline; return seconds until the next deadline."""
@@ -1945,6 +1977,8 @@ class TaskResult:
     pieces: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)
     arg: str | None = None  # the tasks file's line, when --command made COMMAND from it
     returned: list[str] = dataclasses.field(default_factory=list)  # --return files fetched
+    slot: int = 0  # the job slot it ran in (1..all slots of all hosts; 0: not known)
+    sent: int = 0  # bytes fed to its stdin (--pipe)
 
     @property
     def ok(self) -> bool:
@@ -2066,6 +2100,8 @@ class HostSession:
             "make_workdir": self.spec.make_workdir,
             "shell": self.spec.shell,
             "hold": self.run.halt.why if self.run and self.run.halt else None,
+            "slot_base": self.run.claim_slots(slots) if self.run else 0,
+            "host": self.name,
         }
         self._write(encode_frame(KIND_CONFIG, json.dumps(config).encode()))
         # Measure the round trip without waiting for it: work goes out at once, and the
@@ -2313,7 +2349,7 @@ class HostSession:
         if not self.hello and kind not in (KIND_HELLO, KIND_ERROR):
             self._unasked(f"frame of kind {kind} before the hello")
         if kind == KIND_RESULT:
-            seq, status, flags, duration, out, err = decode_result(payload)
+            seq, status, flags, duration, out, err, slot = decode_result(payload)
             if seq in self.cancelled:  # the answer to a CANCEL (or a result that crossed it)
                 self.cancelled.discard(seq)
                 return
@@ -2332,9 +2368,12 @@ class HostSession:
             self.may_drop = True
             self.progress_at = time.monotonic()
             exit_code, signum = _status_fields(status)
+            command = task.command
+            if SLOT_MARK in command:  # {%}: the stub put the slot's number there
+                command = command.replace(SLOT_MARK, str(slot))
             result = TaskResult(
                 seq=seq,
-                command=task.command,
+                command=command,
                 host=self.name,
                 exit_code=exit_code,
                 signal=signum,
@@ -2345,6 +2384,8 @@ class HostSession:
                 stderr=err,
                 pieces=task.pieces,
                 arg=task.arg,
+                slot=slot,
+                sent=len(task.data),
             )
             if self.files is not None and not flags & FLAG_CANCELLED:
                 self.fetching[seq] = task  # it counts as done once its files are back
@@ -2524,7 +2565,7 @@ class HostSession:
                     piece = INPUT_HEAD.pack(task.seq) + view[start : start + INPUT_PIECE]
                     self._write(encode_frame(KIND_INPUT, piece))
                 data = data[tail:]
-            entry = (task.seq, task.command.encode("utf-8"), data)
+            entry = (task.seq, as_bytes(task.command), data)
             if batch and size + len(entry[1]) + len(entry[2]) > FRAME_MAX // 2:
                 self._write(encode_frame(KIND_TASKS, encode_tasks(batch)))
                 batch, size = [], 0
@@ -3309,15 +3350,9 @@ class TransferError(SshfanError):
 def fill_file_template(template: str, line: str, seq: int) -> str:
     """A --transferfile/--return TEMPLATE for one task: placeholders filled, unquoted.
 
-    The values are exactly those of --command's placeholders (render_template); a file
-    name is not shell text, so each value's quoting is undone."""
-
-    def value(match: re.Match[str]) -> str:
-        """The plain value of one placeholder."""
-        quoted = render_template(match.group(0), line, seq)
-        return shlex.split(quoted)[0] if quoted else ""
-
-    return _PLACEHOLDER.sub(value, template)
+    The values are exactly those of --command's replacement strings (Template); a file
+    name is not shell text, so they are not quoted."""
+    return Template(template, kind="plain").render(line, seq)
 
 
 def transfer_paths(path: str) -> tuple[str, str]:
@@ -3765,7 +3800,7 @@ class Journal:
         tails = self.read(meta["tails_at"], meta["n_out"] + meta["n_err"])
         return TaskResult(
             seq=meta["seq"],
-            command=meta["task"],
+            command=_get_text(meta, "task") or "",
             host=meta["host"],
             exit_code=meta["exit_code"],
             signal=meta.get("signal"),
@@ -3775,27 +3810,29 @@ class Journal:
             stdout=tails[: meta["n_out"]],
             stderr=tails[meta["n_out"] :],
             pieces=[tuple(p) for p in meta["pieces"]],  # type: ignore[misc]
-            arg=meta.get("arg"),
+            arg=_get_text(meta, "arg"),
             returned=meta.get("returned", []),
+            slot=meta.get("slot", 0),
         )
 
     def add_result(self, result: TaskResult) -> int:
         """Queue a finished task's DONE record; return its offset."""
-        meta = {
-            "seq": result.seq,
-            "task": result.command,
-            "host": result.host,
-            "exit_code": result.exit_code,
-            "signal": result.signal,
-            "timed_out": result.timed_out,
-            "duration_s": result.duration_s,
-            "attempts": result.attempts,
-            "pieces": result.pieces,
-            "n_out": len(result.stdout),
-            "n_err": len(result.stderr),
-        }
+        meta: dict[str, Any] = {"seq": result.seq}
+        _put_text(meta, "task", result.command)
+        meta.update(
+            host=result.host,
+            exit_code=result.exit_code,
+            signal=result.signal,
+            timed_out=result.timed_out,
+            duration_s=result.duration_s,
+            attempts=result.attempts,
+            pieces=result.pieces,
+            n_out=len(result.stdout),
+            n_err=len(result.stderr),
+            slot=result.slot,
+        )
         if result.arg is not None:
-            meta["arg"] = result.arg
+            _put_text(meta, "arg", result.arg)
         if result.returned:
             meta["returned"] = result.returned
         encoded = json.dumps(meta).encode()
@@ -3838,6 +3875,23 @@ def _onall_place(header: dict[str, Any], host: str, path: Path) -> int:
         raise UsageError(
             f"{path}: journal has a result from host {host!r} it does not list"
         ) from None
+
+
+def _put_text(record: dict[str, Any], key: str, text: str) -> None:
+    """Store a task's TEXT under KEY, or, when its bytes are not UTF-8, under KEY_b64."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        record[key + "_b64"] = base64.b64encode(as_bytes(text)).decode("ascii")
+    else:
+        record[key] = text
+
+
+def _get_text(record: dict[str, Any], key: str) -> str | None:
+    """Read back what _put_text stored (None: nothing)."""
+    if key + "_b64" in record:
+        return base64.b64decode(record[key + "_b64"]).decode("utf-8", "surrogateescape")
+    return record.get(key)
 
 
 def _stream_chunks(result: TaskResult, journal: Journal, stream: int) -> Iterator[bytes]:
@@ -3986,8 +4040,15 @@ def _copy_in_kernel(journal: Journal, pieces: list[tuple[int, int]], out: IO[byt
     return True
 
 
+Tagger = Callable[[TaskResult], bytes]  # the prefix of each output line (--tag, --tagstring)
+
+
 def render_result(
-    out: IO[bytes], fmt: str, result: TaskResult, journal: Journal | None, tag: bool = False
+    out: IO[bytes],
+    fmt: str,
+    result: TaskResult,
+    journal: Journal | None,
+    tag: Tagger | None = None,
 ) -> None:
     """Write one finished task to the merged output in FORMAT (text or jsonl)."""
     if fmt == "lines":  # sshfan all: each line after its host's name, as pdsh and clush
@@ -3995,8 +4056,8 @@ def render_result(
         _write_host_lines(out, result.host, chunks)
         return
     if fmt == "text":
-        if tag:
-            prefix = f"{result.host}\t{result.seq}\t".encode()
+        if tag is not None:
+            prefix = tag(result)
             chunks = _stream_chunks(result, journal, 1) if journal else iter([result.stdout])
             _write_tagged(out, prefix, chunks)
         elif result.pieces and journal is not None:
@@ -4009,12 +4070,12 @@ def render_result(
         else:
             out.write(result.stdout)
         return
-    record: dict[str, Any] = {
-        "seq": result.seq,
-        "task": result.command,
-        "host": result.host,
-        "exit_code": result.exit_code,
-    }
+    command = as_bytes(result.command)
+    record: dict[str, Any] = {"seq": result.seq, "task": command.decode("utf-8", "replace")}
+    if "\ufffd" in record["task"] and not _is_utf8(iter([command])):
+        record["task_b64"] = base64.b64encode(command).decode("ascii")
+    record["host"] = result.host
+    record["exit_code"] = result.exit_code
     if result.signal is not None:
         record["signal"] = result.signal
     record["timed_out"] = result.timed_out
@@ -4053,7 +4114,7 @@ class MergedOutput:
         out: IO[bytes],
         fmt: str,
         journal: Journal,
-        tag: bool = False,
+        tag: Tagger | None = None,
         copier: bool = False,
         name: str = "",
     ) -> None:
@@ -4073,7 +4134,7 @@ class MergedOutput:
         # 8 bytes per waiting task, however large its output.
         self._waiting = array.array("q")
         self._head = 0
-        self._copier = copier and fmt == "text" and not tag
+        self._copier = copier and fmt == "text" and tag is None
         self._thread: concurrent.futures.ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._backlog = 0  # results handed to the thread and not yet written
@@ -4323,77 +4384,247 @@ def _reading(path: str | os.PathLike[str], what: str) -> Iterator[None]:
         raise UsageError(f"{path}: {what} is not readable (permission denied)") from None
 
 
-def scan_tasks(path: Path) -> tuple[int, str]:
-    """Check a tasks file (UTF-8, sane line lengths); return its task count and sha256."""
+def _task_line(raw: bytes) -> str:
+    """A line of the tasks file as text: its bytes kept as they are (undecodable ones as
+    surrogates, as Python does for file names), the line end (LF or CRLF) cut off."""
+    line = raw.decode("utf-8", "surrogateescape")
+    if line.endswith("\n"):
+        line = line[:-1]
+    if line.endswith("\r"):
+        line = line[:-1]
+    return line
+
+
+def as_bytes(text: str) -> bytes:
+    """The bytes a task's text stands for (see _task_line)."""
+    return text.encode("utf-8", "surrogateescape")
+
+
+def _check_exec_length(where: str, command: str) -> None:
+    """Refuse (exit 2) a command the worker's kernel could not exec as `/bin/sh -c COMMAND`."""
+    size = len(as_bytes(command))
+    if size > EXEC_ARG_MAX:
+        raise UsageError(
+            f"{where}: the command is {size} bytes; a worker can run at most {EXEC_ARG_MAX} "
+            "(Linux's limit on one argument, MAX_ARG_STRLEN, and /bin/sh -c takes it as one)"
+        )
+
+
+def scan_tasks(path: Path, template: Template | None = None) -> tuple[int, str]:
+    """Check a tasks file (no NUL, commands short enough to exec); return its task count
+    and sha256. With a --command TEMPLATE every line is a task, blank ones too."""
     digest = hashlib.sha256()
     count = 0
     with _reading(path, "tasks file"), open(path, "rb") as handle:
-        for number, line in enumerate(handle, 1):
-            digest.update(line)
-            if len(line) > TASK_LINE_MAX:
+        for number, raw in enumerate(handle, 1):
+            digest.update(raw)
+            if len(raw) > TASK_LINE_MAX:
                 raise UsageError(f"{path}:{number}: task line longer than {TASK_LINE_MAX} bytes")
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise UsageError(
-                    f"{path}:{number}: not valid UTF-8 (byte {exc.start + 1} of the line)"
-                ) from None
-            if "\0" in text:
+            if b"\0" in raw:
                 raise UsageError(f"{path}:{number}: task contains a NUL byte")
-            if text.strip():
+            line = _task_line(raw)
+            if template is not None:
                 count += 1
+                if template.may_exceed(line):
+                    command = template.render(line, number, slot=SLOT_WIDEST)
+                    _check_exec_length(f"{path}:{number}", command)
+            elif line.strip():
+                count += 1
+                _check_exec_length(f"{path}:{number}", line)
     return count, digest.hexdigest()
 
 
-_PLACEHOLDER = re.compile(r"\{(#|\.|/|//|/\.|)\}")
+# Replacement strings, as GNU parallel's defaults define them: {} {.} {/} {//} {/.},
+# positional {n} {n.} {n/} {n//} {n/.} (n may be negative, or followed by blanks), {#}, {%}.
+_REPLACEMENT = re.compile(r"\{(?:(-?\d+)\s*)?(//|/\.|/|\.|)\}|\{([#%])\}")
+_TAG_REPLACEMENT = re.compile(_REPLACEMENT.pattern + r"|\{(host)\}")
+_PERL_EXPRESSION = re.compile(r"\{=.*?=\}", re.S)
+_NEEDS_QUOTES = re.compile(r"[^-_.+a-zA-Z0-9/]")
+# The slot number is known only when the stub starts the task: the head writes this mark
+# (NUL, which no task line or argument can hold) and the stub puts the number in its place.
+SLOT_MARK = "\0"
+SLOT_WIDEST = "9" * 6  # a slot number as wide as any, for length checks before the run
+EXEC_ARG_MAX = 131072 - 1  # Linux's MAX_ARG_STRLEN (32 pages), less the terminating NUL
 
 
-def render_template(template: str, line: str, seq: int) -> str:
-    """Fill a --command template as GNU parallel does: {} {.} {/} {//} {/.} quoted, {#} seq."""
+def shell_quote(text: str) -> str:
+    """Quote TEXT for /bin/sh exactly as GNU parallel does (its shell_quote_scalar_default).
 
-    def value(match: re.Match[str]) -> str:
-        """The replacement for one placeholder."""
-        kind = match.group(1)
-        if kind == "#":
-            return str(seq)
-        base = os.path.basename(line)
-        text = {
-            "": line,
-            ".": os.path.splitext(line)[0] if "." in base else line,
-            "/": base,
-            "//": os.path.dirname(line) or ".",
-            "/.": os.path.splitext(base)[0],
-        }[kind]
-        return shlex.quote(text)
+    Unlike shlex.quote it also quotes `@ % = : ,` and every non-ASCII byte, and it drops
+    the empty '' a leading or trailing single quote would leave."""
+    if not text:
+        return "''"
+    if not _NEEDS_QUOTES.search(text):
+        return text
+    quoted = "'" + text.replace("'", "'\"'\"'") + "'"
+    if quoted.startswith("''"):
+        quoted = quoted[2:]
+    if quoted.endswith("''"):
+        quoted = quoted[:-2]
+    return quoted
 
-    if not _PLACEHOLDER.search(template):
-        return f"{template} {shlex.quote(line)}"
-    return _PLACEHOLDER.sub(value, template)
+
+def _strip_trailing_slashes(path: str) -> str:
+    """Perl File::Basename's _strip_trailing_sep: drop the slashes after the last character
+    that is not one (a lone run of slashes keeps one)."""
+    return re.sub(r"(.)/*\Z", r"\1", path, count=1, flags=re.S)
+
+
+def _fileparse(path: str) -> tuple[str, str]:
+    """Perl File::Basename's fileparse: (basename, directory with its slash, or './')."""
+    match = re.match(r"(.*/)?(.*)", path, re.S)
+    assert match is not None  # the pattern matches any string
+    return match.group(2), match.group(1) or "./"
+
+
+def perl_dirname(path: str) -> str:
+    """dirname() as Perl's File::Basename has it (what {//} uses): 'a/b/' gives 'a'."""
+    base, directory = _fileparse(path)
+    directory = _strip_trailing_slashes(directory)
+    if not base:
+        base, directory = _fileparse(directory)
+        directory = _strip_trailing_slashes(directory)
+    return directory
+
+
+def _no_extension(text: str) -> str:
+    """{.}: the last '.' after the last '/' and what follows it removed."""
+    return re.sub(r"\.[^/.]*$", "", text, count=1)
+
+
+def _basename(text: str) -> str:
+    """{/}: everything up to the last '/' removed."""
+    return re.sub(r".*/", "", text, count=1)
+
+
+_TRANSFORMS: dict[str, Callable[[str], str]] = {
+    "": lambda text: text,
+    ".": _no_extension,
+    "/": _basename,
+    "//": perl_dirname,
+    "/.": lambda text: _no_extension(_basename(text)),
+}
+
+
+def _unescape_tagstring(text: str) -> str:
+    """--tagstring's escapes, as GNU parallel reads them: \\t \\n \\r and octal \\NNN, \\N."""
+    text = text.replace("\\t", "\t").replace("\\n", "\n").replace("\\r", "\r")
+    text = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8) & 0xFF), text)
+    return re.sub(r"\\([0-7])", lambda m: chr(int(m.group(1), 8)), text)
+
+
+class Template:
+    """A --command, --pipe command or --tagstring, cut once into text and replacement strings,
+    filled for each line exactly as GNU parallel fills it."""
+
+    def __init__(self, text: str, colsep: str | None = None, kind: str = "command") -> None:
+        """Parse TEXT; KIND is 'command' (-c), 'pipe' (no line: one empty argument, nothing
+        appended), 'tag' (--tagstring: nothing quoted, {host} known too) or 'plain' (a file
+        name: nothing quoted, nothing appended)."""
+        if _PERL_EXPRESSION.search(text):
+            raise UsageError(f"{text!r}: {{= perl expression =}} is not supported by sshfan")
+        self.text = text
+        self.colsep = re.compile(colsep) if colsep is not None else None
+        pattern = _TAG_REPLACEMENT if kind == "tag" else _REPLACEMENT
+        self.parts: list[str | tuple[str, str | None, str]] = []
+        first = -1
+        at = 0
+        for match in pattern.finditer(text):
+            if first < 0:
+                first = match.start()
+            self.parts.append(text[at : match.start()])
+            position, operation, special = match.group(1), match.group(2), match.group(3)
+            if kind == "tag" and match.group(4):
+                self.parts.append(("host", None, ""))
+            elif special:
+                self.parts.append((special, None, ""))
+            else:
+                self.parts.append(("arg", position, operation))
+            at = match.end()
+        self.parts.append(text[at:])
+        if first < 0 and kind == "command":  # no replacement string: the line is appended
+            self.parts[-1] += " "
+            self.parts += [("arg", None, ""), ""]
+        # As parallel: when the command's first word holds a replacement string ({}, my_{},
+        # V={} excepted), nothing is quoted, so that `-c '{}'` runs the line itself.
+        self.quote = kind in ("command", "pipe") and not (
+            first >= 0 and not re.search(r"[ \t\n=]", text[:first])
+        )
+        self.uses_line = any(isinstance(p, tuple) and p[0] == "arg" for p in self.parts)
+        self._growth = sum(isinstance(p, tuple) for p in self.parts)
+        self._fixed = sum(len(as_bytes(p)) for p in self.parts if isinstance(p, str))
+
+    def columns(self, line: str) -> list[str]:
+        """The line's arguments: its --colsep columns, trimmed of blanks (parallel's implied
+        --trim rl), or the whole line."""
+        if self.colsep is None:
+            return [line]
+        return [column.strip(" \t\n\r\f\v") for column in self.colsep.split(line)]
+
+    def render(self, line: str, seq: int, slot: str = SLOT_MARK, host: str = "") -> str:
+        """The template filled for LINE, task SEQ (slot SLOT, on HOST for a tag)."""
+        quote = shell_quote if self.quote else (lambda text: text)
+        columns: list[str] | None = None
+        out = []
+        for part in self.parts:
+            if isinstance(part, str):
+                out.append(part)
+                continue
+            what, position, operation = part
+            if what == "#":
+                out.append(str(seq))
+            elif what == "%":
+                out.append(slot)
+            elif what == "host":
+                out.append(host)
+            else:
+                if columns is None:
+                    columns = self.columns(line)
+                transform = _TRANSFORMS[operation]
+                if position is None or position == "0":  # parallel reads {0} as {}
+                    out.append(" ".join(quote(transform(c)) for c in columns))
+                    continue
+                number = int(position)
+                index = number - 1 if number > 0 else len(columns) + number
+                if -len(columns) <= index < len(columns):
+                    out.append(quote(transform(columns[index])))
+                # else a column that is not there: nothing, not even '' (as parallel)
+        return "".join(out)
+
+    def may_exceed(self, line: str) -> bool:
+        """Whether the filled template might be too long to exec (a cheap upper bound)."""
+        # Each replacement is at most the line quoted (5 bytes for a ', 2 quotes) or a number.
+        widest = 5 * len(as_bytes(line)) + 2 * (len(line) + 1) + 20
+        return self._fixed + self._growth * widest > EXEC_ARG_MAX
 
 
 def read_tasks(
-    path: Path, merged: MergedOutput | None, done: array.array[int], template: str | None = None
+    path: Path,
+    merged: MergedOutput | None,
+    done: array.array[int],
+    template: Template | None = None,
 ) -> Iterator[Task]:
-    """Stream the tasks file as Tasks; blank lines and already-journaled tasks go to MERGED."""
+    """Stream the tasks file as Tasks; skipped and already-journaled tasks go to MERGED.
+
+    Without a template a line is a command and a blank line is skipped; with one every
+    line is an argument, a blank one too (an empty {}), as GNU parallel has it."""
     with open(path, "rb") as handle:
         for seq, raw in enumerate(handle, 1):
-            command = raw.decode("utf-8").rstrip("\n")
-            if command.endswith("\r"):
-                command = command[:-1]
-            if not command.strip():
+            line = _task_line(raw)
+            if template is None and not line.strip():
                 if merged is not None:
                     merged.skip(seq)
             elif seq < len(done) and done[seq] >= 0:
                 if merged is not None:
                     merged.put(seq, done[seq])
             elif template is not None:
-                yield Task(seq, render_template(template, command, seq), arg=command)
+                yield Task(seq, template.render(line, seq), arg=line)
             else:
-                yield Task(seq, command)
+                yield Task(seq, line)
 
 
 def known_long_tasks(
-    path: Path, done: array.array[int], history: DurationHistory, template: str | None = None
+    path: Path, done: array.array[int], history: DurationHistory, template: Template | None = None
 ) -> list[Task]:
     """The tasks of the file that HISTORY knows to be long, longest first (for LPT).
 
@@ -4404,14 +4635,10 @@ def known_long_tasks(
         return []
     with open(path, "rb") as handle:
         for seq, raw in enumerate(handle, 1):
-            command = raw.decode("utf-8").rstrip("\n")
-            if command.endswith("\r"):
-                command = command[:-1]
-            if not command.strip() or (seq < len(done) and done[seq] >= 0):
+            line = _task_line(raw)
+            if (template is None and not line.strip()) or (seq < len(done) and done[seq] >= 0):
                 continue
-            line = command
-            if template is not None:
-                command = render_template(template, line, seq)
+            command = line if template is None else template.render(line, seq)
             duration = history.known.get(history.key(command))
             if duration is not None:
                 arg = line if template is not None else None
@@ -4474,17 +4701,20 @@ def read_chunks(
     path: Path,
     merged: MergedOutput | None,
     done: array.array[int],
-    command: str,
+    command: Template,
     lines: int | None,
     block: int,
 ) -> Iterator[Task]:
-    """Stream --pipe chunks as Tasks running COMMAND with the chunk on stdin; seq counts chunks."""
+    """Stream --pipe chunks as Tasks running COMMAND with the chunk on stdin; seq counts chunks.
+
+    As in GNU parallel, {#} and {%} in COMMAND are the chunk's number and slot, and the
+    other replacement strings stand for an empty argument."""
     for seq, chunk in enumerate(_pipe_chunks(path, lines, block), 1):
         if seq < len(done) and done[seq] >= 0:
             if merged is not None:
                 merged.put(seq, done[seq])
         else:
-            yield Task(seq, command, data=chunk)
+            yield Task(seq, command.render("", seq), data=chunk, arg="")
 
 
 # ============================================================================
@@ -4746,6 +4976,15 @@ class _Run:
         self._openers: list[asyncio.Future[None]] = []
         self._watcher: asyncio.TimerHandle | None = None
         self._seen: tuple[tuple[str, int, int, int], ...] = ()
+        self._slots_claimed = 0
+
+    def claim_slots(self, count: int) -> int:
+        """Number a host's COUNT job slots after all claimed so far ({%}, SSHFAN_SLOT):
+        slots run 1..N over all hosts, in the order they come up, as parallel's do over
+        its sshlogins. Return the number before this host's first slot."""
+        base = self._slots_claimed
+        self._slots_claimed += count
+        return base
 
     async def execute(self) -> RunSummary:
         """Run every task; return the summary (the exit code says how it ended)."""
@@ -5370,6 +5609,8 @@ def _shaping_options(opts: RunOptions) -> dict[str, Any]:
         "--tag": opts.tag,
         "--shell": opts.shell,
         "--workdir": opts.workdir,
+        "--tagstring": opts.tagstring,
+        "--colsep": opts.colsep,
     }
     if opts.pipe:
         shaping["--lines"] = opts.lines
@@ -5441,6 +5682,44 @@ class RunOptions:
     speculate: bool = False  # start backup copies of straggling tasks (they may run twice)
     onall: bool = False  # every task on every host (GNU parallel's --onall)
     sources: HostSources | None = None  # where the hosts came from: watched for changes
+    colsep: str | None = None  # --colsep: a regex cutting each line into columns {1}..{n}
+    tagstring: str | None = None  # --tagstring: the prefix of each output line (then a TAB)
+
+
+def command_template(opts: RunOptions) -> Template | None:
+    """The --command (or --pipe command) as a Template; None when lines are commands."""
+    if opts.pipe:
+        template = Template(opts.command or "cat", opts.colsep, "pipe")
+        # The largest seq and slot numbers it could get: a --pipe command is the same for
+        # every chunk but for those, so one check before the run covers them all.
+        _check_exec_length("--command", template.render("", 10**12, SLOT_WIDEST))
+        return template
+    if opts.command is None:
+        return None
+    return Template(opts.command, opts.colsep)
+
+
+def line_tagger(opts: RunOptions) -> Tagger | None:
+    """What --tag or --tagstring puts before each output line, as GNU parallel does (with
+    --onall, --tag is the host's name and --tagstring is ignored, as there)."""
+    if opts.onall:
+        template = Template("{host}", kind="tag") if opts.tag else None
+    elif opts.tagstring is not None:
+        template = Template(_unescape_tagstring(opts.tagstring), opts.colsep, "tag")
+    elif opts.tag:
+        template = Template("{}", opts.colsep, "tag")  # parallel's --tag is --tagstring {}
+    else:
+        template = None
+    if template is None:
+        return None
+
+    def tag(result: TaskResult) -> bytes:
+        """The prefix for RESULT's lines: the tag string filled in, then a TAB."""
+        line = result.command if result.arg is None else result.arg
+        text = template.render(line, result.seq, str(result.slot), result.host)
+        return as_bytes(text) + b"\t"
+
+    return tag
 
 
 def _workdir_for(spec: HostSpec, workdir: str) -> str:
@@ -5514,10 +5793,11 @@ def prepare_run(opts: RunOptions) -> PreparedRun:
             tasks_path = _spool_stdin(_spool_path(journal_path))
         with _reading(tasks_path, "tasks file"):
             identity = _file_identity(tasks_path)
+        template = command_template(opts)
         if opts.pipe:
             count, digest = scan_chunks(tasks_path, opts.lines, opts.block)
         else:
-            count, digest = scan_tasks(tasks_path)
+            count, digest = scan_tasks(tasks_path, template)
         shaping = _shaping_options(opts)
         onall = _onall_header(opts, tasks_path)
         done = array.array("q")
@@ -5583,26 +5863,29 @@ async def run_async(
     try:
         if opts.joblog:
             joblog = _open_joblog(opts.joblog, append=resumed)
-            on_done = _with_joblog(on_done, joblog)
+            local = {spec.name for spec in opts.hosts if spec.local}
+            on_done = _with_joblog(on_done, joblog, local)
         if out is not None:
             name = "stdout" if opts.output == "-" else opts.output
             if opts.fmt == "gather":
                 merged = GatheredOutput(out, journal, name)
             else:
-                merged = MergedOutput(out, opts.fmt, journal, opts.tag, copier=True, name=name)
+                merged = MergedOutput(
+                    out, opts.fmt, journal, line_tagger(opts), copier=True, name=name
+                )
         history = None
         longest: list[Task] = []
-        if opts.pipe:
-            command = opts.command or "cat"
-            tasks = read_chunks(tasks_path, merged, done, command, opts.lines, opts.block)
+        template = command_template(opts)
+        if template is not None and opts.pipe:
+            tasks = read_chunks(tasks_path, merged, done, template, opts.lines, opts.block)
         else:
-            tasks = read_tasks(tasks_path, merged, done, opts.command)
+            tasks = read_tasks(tasks_path, merged, done, template)
             history = DurationHistory(opts.history)
             history.load()
             # --halt keeps file order, as parallel; --onall runs a host's tasks in file
             # order, as parallel's.
             if not (opts.halt_on_error or opts.halt or opts.onall):
-                longest = known_long_tasks(tasks_path, done, history, opts.command)
+                longest = known_long_tasks(tasks_path, done, history, template)
         tasks = _read_unchanged(tasks, tasks_path, prepared.identity)
         scheduler = Scheduler(tasks, opts.retries, longest)
         todo: dict[str, int] = {}
@@ -5740,32 +6023,43 @@ def onall_scheduler(
     return OnAllScheduler(sources, lines, opts.retries), todo
 
 
-def _open_joblog(path: str, append: bool) -> IO[str]:
+def _open_joblog(path: str, append: bool) -> IO[bytes]:
     """Open a GNU parallel style joblog (header written unless appending to one)."""
     try:
-        handle = open(path, "a" if append else "w", encoding="utf-8")  # noqa: SIM115
+        handle = open(path, "ab" if append else "wb")  # noqa: SIM115
     except OSError as exc:
         raise UsageError(f"{path}: cannot write joblog: {exc.strerror}") from None
     if handle.tell() == 0:
-        handle.write("Seq\tHost\tStarttime\tJobRuntime\tSend\tReceive\tExitval\tSignal\tCommand\n")
+        handle.write(b"Seq\tHost\tStarttime\tJobRuntime\tSend\tReceive\tExitval\tSignal\tCommand\n")
     return handle
 
 
+def joblog_row(result: TaskResult, local: set[str], now: float) -> bytes:
+    """One joblog row for RESULT, finished at NOW, byte for byte as GNU parallel writes it.
+
+    Host is ':' for this machine; Send is what went to the task's stdin (--pipe), Receive
+    its stdout; JobRuntime is cut (not rounded) to milliseconds; Command is the command as
+    run, quoted, with its TABs as they are and newlines as NULs."""
+    received = len(result.stdout) + sum(p[2] for p in result.pieces if p[1] == 1)
+    start = now - result.duration_s
+    runtime = int(result.duration_s * 1000) / 1000
+    exitval = 0 if result.signal else result.exit_code
+    host = ":" if result.host in local else result.host
+    head = (
+        f"{result.seq}\t{host}\t{start:.3f}\t{runtime:10.3f}\t{result.sent}\t"
+        f"{received}\t{exitval}\t{result.signal or 0}\t"
+    )
+    return as_bytes(head) + as_bytes(result.command).replace(b"\n", b"\0") + b"\n"
+
+
 def _with_joblog(
-    on_done: Callable[[TaskResult], None], joblog: IO[str]
+    on_done: Callable[[TaskResult], None], joblog: IO[bytes], local: set[str]
 ) -> Callable[[TaskResult], None]:
     """Wrap ON_DONE so each finished task also gets a joblog row, as GNU parallel writes it."""
 
     def on_done_logged(result: TaskResult) -> None:
         """Write the joblog row, then pass the result on."""
-        received = len(result.stdout) + len(result.stderr) + sum(p[2] for p in result.pieces)
-        start = time.time() - result.duration_s
-        exitval = 0 if result.signal else result.exit_code
-        command = result.command.replace("\t", " ")
-        joblog.write(
-            f"{result.seq}\t{result.host}\t{start:.3f}\t{result.duration_s:8.3f}\t0\t"
-            f"{received}\t{exitval}\t{result.signal or 0}\t{command}\n"
-        )
+        joblog.write(joblog_row(result, local, time.time()))
         joblog.flush()
         on_done(result)
 
@@ -5829,7 +6123,7 @@ async def run_tasks_async(
             path = Path(tasks)
         else:
             path = Path(tmp, "tasks")
-            with open(path, "w", encoding="utf-8") as handle:
+            with open(path, "w", encoding="utf-8", errors="surrogateescape") as handle:
                 for number, command in enumerate(tasks, 1):
                     if "\n" in command:
                         raise UsageError(f"task {number}: a command must be one line")
@@ -6285,8 +6579,15 @@ def _cli() -> Any:
             "--command",
             "-c",
             metavar="TEMPLATE",
-            help="Template: each line becomes its arguments. {} quoted line, {#} seq, "
-            "{.} {/} {//} {/.} as in GNU parallel; without {} the line is appended.",
+            help="Template: each line becomes its arguments, as in GNU parallel: {} the "
+            "quoted line, {.} {/} {//} {/.}, {1}..{n} (columns), {#} seq, {%} slot; "
+            "without any the line is appended.",
+        ),
+        colsep: str | None = typer.Option(
+            None,
+            "--colsep",
+            metavar="REGEX",
+            help="--command: cut each line into columns {1}..{n} at REGEX (trimmed).",
         ),
         pipe: bool = typer.Option(
             False,
@@ -6351,7 +6652,17 @@ def _cli() -> Any:
             "the first copy to finish wins, the other is killed (tasks may run twice).",
         ),
         tag: bool = typer.Option(
-            False, "--tag", help="Text output: prefix each line with host TAB seq TAB."
+            False, "--tag", help="Text output: prefix each line with the task's line and TAB."
+        ),
+        tagstring: str | None = typer.Option(
+            None,
+            "--tagstring",
+            metavar="STR",
+            help="Text output: prefix each line with STR and TAB; replacement strings "
+            "and {host} are filled in (e.g. '{host} {#}').",
+        ),
+        dry_run: bool = typer.Option(
+            False, "--dry-run", help="Print the command each task would run; run nothing."
         ),
         joblog: str | None = typer.Option(
             None,
@@ -6428,6 +6739,13 @@ def _cli() -> Any:
                 raise UsageError("--lines works with --pipe only (lines per chunk)")
             if shell is not None and not shell.strip():
                 raise UsageError("--shell: needs a shell, e.g. bash or /bin/zsh")
+            if colsep is not None:
+                if not command or pipe:
+                    raise UsageError("--colsep needs --command (and no --pipe): it cuts lines")
+                try:
+                    re.compile(colsep)
+                except re.error as exc:
+                    raise UsageError(f"--colsep: not a regular expression: {exc}") from None
             block_size = _parse_size(block)
             if (onall or nonall) and pipe:
                 raise UsageError("--onall and --nonall cannot be used with --pipe")
@@ -6458,6 +6776,8 @@ def _cli() -> Any:
                 pipe=pipe,
                 lines=lines,
                 block=block_size,
+                colsep=colsep,
+                tagstring=tagstring,
                 results=results,
                 files=FileOptions(
                     transfer=tuple(
@@ -6478,8 +6798,12 @@ def _cli() -> Any:
                 )
             if speculate and opts.onall:
                 raise UsageError("--speculate cannot be combined with --onall or --nonall")
+            if dry_run and opts.onall:
+                raise UsageError("--dry-run cannot be combined with --onall or --nonall")
             if nonall:
                 code = _one_command(opts, compact=False)
+            elif dry_run:
+                code = dry_run_tasks(opts, sys.stdout.buffer)
             else:
                 code = _run_command(opts, progress=not no_progress and sys.stderr.isatty())
         except SshfanError as exc:
@@ -6709,6 +7033,37 @@ class _Progress:
         self.bar.close()
 
 
+def dry_run_tasks(opts: RunOptions, out: IO[bytes]) -> int:
+    """--dry-run: write each task's command as it would run, a line each, in seq order, as
+    `parallel --dry-run -k` does; run nothing, and write no output file or journal.
+
+    {%} is numbered as parallel's dry run numbers it: 1 with one slot in all, else 1 and 2
+    in turn (its dry-run jobs end at once, so it never fills a third slot). A remote host's
+    `slots = "auto"` counts as one slot here: its CPUs are not known without connecting."""
+    slots = 0
+    for spec in opts.hosts:
+        count = opts.slots or spec.slots
+        if count is None:
+            count = len(os.sched_getaffinity(0)) if spec.local else 1
+        slots += count
+    with tempfile.TemporaryDirectory(prefix="sshfan-") as tmp:
+        path = _spool_stdin(Path(tmp)) if opts.tasks == "-" else Path(opts.tasks)
+        template = command_template(opts)
+        done: array.array[int] = array.array("q")
+        if template is not None and opts.pipe:
+            scan_chunks(path, opts.lines, opts.block)
+            tasks = read_chunks(path, None, done, template, opts.lines, opts.block)
+        else:
+            scan_tasks(path, template)
+            tasks = read_tasks(path, None, done, template)
+        for index, task in enumerate(tasks):
+            slot = 1 if slots <= 1 else index % 2 + 1
+            command = task.command.replace(SLOT_MARK, str(slot))
+            out.write(as_bytes(command) + b"\n")
+        out.flush()
+    return 0
+
+
 def _run_command(opts: RunOptions, progress: bool) -> int:
     """`sshfan run`: check inputs, run, print the summary; return the exit code."""
     if opts.tasks != "-" and Path(opts.tasks).is_dir():
@@ -6872,7 +7227,7 @@ def _check_file_options(opts: RunOptions) -> None:
             raise UsageError("--results cannot be used with --pipe (its chunks have no names)")
         if not opts.results:
             raise UsageError("--results: needs a directory")
-        if _PLACEHOLDER.search(opts.results) or opts.results.lower().endswith(_RESULTS_FILES):
+        if _REPLACEMENT.search(opts.results) or opts.results.lower().endswith(_RESULTS_FILES):
             # GNU parallel writes other layouts for these; not the same answer: refused.
             raise UsageError(
                 f"--results {opts.results}: only a plain directory is supported "
@@ -6953,7 +7308,7 @@ def _print_results(path: Path, failed_only: bool, fmt: str) -> int:
                 continue
             status = "T/O" if result.timed_out else str(result.exit_code)
             line = f"{result.seq:>6} {result.host:<16} {status:>5} {result.duration_s:>8.3f}  "
-            out.write((_printable(line + result.command) + "\n").encode())
+            out.write(as_bytes(_printable(line + result.command) + "\n"))
             if not result.ok:
                 tail = _stderr_tail(result, journal, 2000).decode("utf-8", "replace")
                 for text in tail.strip().splitlines()[-3:]:

@@ -40,18 +40,22 @@ def _sleepers_alive(marker: str) -> list[int]:
 
 
 def test_tag_joblog_and_slots_over_ssh(sshd: SshServer, tmp_path: Path, run_sshfan) -> None:
-    """--tag prefixes lines with host and seq; --joblog is GNU parallel's; -j sets slots."""
+    """--tagstring '{host}\\t{#}' prefixes lines with host and seq (--tag with the line, as
+    GNU parallel's); --joblog is GNU parallel's; -j sets slots."""
     hosts = _hosts(sshd, tmp_path, ["h1", "h2"], slots=1)
     tasks = tmp_path / "tasks.txt"
     tasks.write_text("printf 'a\\nb\\n'\n\necho one\nexit 4\nkill -KILL $$\n")
     out = tmp_path / "out.txt"
     joblog = tmp_path / "joblog.tsv"
     args = ["run", str(tasks), "--hosts", str(hosts), "-o", str(out), "--no-progress"]
-    result = run_sshfan([*args, "--tag", "--joblog", str(joblog), "-j", "3"])
+    result = run_sshfan([*args, "--tagstring", "{host}\\t{#}", "--joblog", str(joblog), "-j", "3"])
     assert result.returncode == 1, result.stderr
     lines = out.read_text().splitlines()
     assert [line.split("\t", 2)[1:] for line in lines] == [["1", "a"], ["1", "b"], ["3", "one"]]
     assert all(line.split("\t")[0] in ("h1", "h2") for line in lines)
+    tagged = run_sshfan([*args, "--tag", "-j", "3"])
+    assert tagged.returncode == 1, tagged.stderr
+    assert out.read_text() == "printf 'a\\nb\\n'\ta\nprintf 'a\\nb\\n'\tb\necho one\tone\n"
     rows = [row.split("\t") for row in joblog.read_text().splitlines()]
     assert rows[0] == [
         "Seq",
@@ -182,7 +186,8 @@ def test_python_api_raises_when_no_host_is_left(tmp_path: Path) -> None:
 
 
 def test_command_template_quotes_lines_like_gnu_parallel(tmp_path: Path, run_sshfan) -> None:
-    """--command fills {} {#} {.} {/} {//} {/.} with the quoted line; no {} appends it."""
+    """--command fills {} {#} {.} {/} {//} {/.} with the quoted line; no {} appends it; a
+    blank line is an empty argument, as in GNU parallel."""
     tasks = tmp_path / "names.txt"
     tasks.write_text("dir/a b.tar.gz\n\nit's $HOME\n")
     out = tmp_path / "out.txt"
@@ -191,10 +196,11 @@ def test_command_template_quotes_lines_like_gnu_parallel(tmp_path: Path, run_ssh
     assert result.returncode == 0, result.stderr
     assert out.read_text() == (
         "1|dir/a b.tar.gz|dir/a b.tar|a b.tar.gz|dir|a b.tar|"
+        "2||||.||"
         "3|it's $HOME|it's $HOME|it's $HOME|.|it's $HOME|"
     )
     appended = run_sshfan(["run", str(tasks), "-c", "printf '<%s>'", "-o", "-"])
-    assert appended.stdout == b"<dir/a b.tar.gz><it's $HOME>"
+    assert appended.stdout == b"<dir/a b.tar.gz><><it's $HOME>"
 
 
 def test_known_hosts_accept_new_records_then_enforces(

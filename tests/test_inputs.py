@@ -247,14 +247,26 @@ def test_tasks_file_is_directory(run_sshfan: RunSshfan, tmp_path: Path) -> None:
 
 
 def test_tasks_file_not_utf8(run_sshfan: RunSshfan, marker: Path, tmp_path: Path) -> None:
-    """Invalid UTF-8 on line 3 exits 2 naming the file and line 3; no task runs at all."""
+    """A line that is not UTF-8 (a Latin-1 file name) runs as the bytes it is, as with
+    GNU parallel: it stops nothing."""
     tasks = tmp_path / "tasks.txt"
     tasks.write_bytes(
         f"touch {marker}\necho fine\necho caf\xe9\xff\necho after\n".encode("latin-1")
     )
+    result = run_tasks(run_sshfan, tasks, tmp_path)
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    assert (tmp_path / "out.txt").read_bytes() == b"fine\ncaf\xe9\xff\nafter\n"
+    assert marker.exists()
+
+
+def test_tasks_file_with_nul(run_sshfan: RunSshfan, marker: Path, tmp_path: Path) -> None:
+    """A NUL byte on line 3 (no command can hold one) exits 2 naming the file and line 3;
+    no task runs at all."""
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_bytes(f"touch {marker}\necho fine\necho a\0b\necho after\n".encode())
     message = assert_usage_error(run_tasks(run_sshfan, tasks, tmp_path), str(tasks))
     assert names_line(message, tasks, 3), message
-    assert "UTF-8" in message or "utf-8" in message
+    assert "NUL" in message
     assert not marker.exists()
 
 
@@ -309,13 +321,21 @@ def test_stdin_tasks(run_sshfan: RunSshfan, tmp_path: Path) -> None:
 
 
 def test_stdin_tasks_not_utf8(run_sshfan: RunSshfan, tmp_path: Path) -> None:
-    """Invalid UTF-8 read from stdin exits 2 naming the line, and leaves no spooled copy."""
+    """Tasks read from stdin that are not UTF-8 run as their bytes; no spooled copy is left;
+    a NUL byte exits 2 naming the line, leaving no spooled copy either."""
     result = run_sshfan(
         ["run", "-", "-o", str(tmp_path / "out.txt"), "--no-progress"],
-        input=b"echo ok\n\xff\xfe\n",
+        input=b"echo ok\nprintf '\xff\xfe'\n",
         timeout=60,
     )
-    message = assert_usage_error(result)
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    assert (tmp_path / "out.txt").read_bytes() == b"ok\n\xff\xfe"
+    refused = run_sshfan(
+        ["run", "-", "-o", str(tmp_path / "out.txt"), "--no-progress"],
+        input=b"echo ok\n\xff\0\n",
+        timeout=60,
+    )
+    message = assert_usage_error(refused)
     assert ":2:" in message or "line 2" in message
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".sshfan-stdin")]
 
@@ -358,7 +378,7 @@ def test_output_in_missing_directory(
 def test_bad_tasks_file_keeps_previous_output(run_sshfan: RunSshfan, tmp_path: Path) -> None:
     """Refusing a tasks file (exit 2, nothing ran) leaves an earlier output file untouched."""
     tasks = tmp_path / "tasks.txt"
-    tasks.write_bytes(b"echo ok\necho \xff\n")
+    tasks.write_bytes(b"echo ok\necho \0\n")
     out = tmp_path / "out.txt"
     out.write_bytes(b"results of an earlier run\n")
     assert_usage_error(run_tasks(run_sshfan, tasks, tmp_path), str(tasks))

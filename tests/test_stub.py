@@ -92,7 +92,7 @@ class StubProcess:
                 seq, stream = sshfan.OUTPUT_HEAD.unpack_from(other[1])
                 data = other[1][sshfan.OUTPUT_HEAD.size :]
                 pieces[seq, stream] = pieces.get((seq, stream), b"") + data
-            seq, status, flags, duration, out, err = sshfan.decode_result(payload)
+            seq, status, flags, duration, out, err, _slot = sshfan.decode_result(payload)
             got[seq] = (
                 status,
                 flags,

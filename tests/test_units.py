@@ -130,8 +130,9 @@ def test_result_and_tasks_round_trip() -> None:
     tasks = [(7, b"printf '\\377'", b""), (2**40, "ünï".encode(), b"stdin\x00data")]
     assert sshfan.decode_tasks(encode_tasks(tasks)) == tasks
     assert sshfan.decode_tasks(encode_tasks([(1, b"true")])) == [(1, b"true", b"")]
-    payload = encode_result(5, -9, sshfan.FLAG_TIMED_OUT, 1.5, b"\xff\xfe", b"err")
-    assert sshfan.decode_result(payload) == (5, -9, sshfan.FLAG_TIMED_OUT, 1.5, b"\xff\xfe", b"err")
+    payload = encode_result(5, -9, sshfan.FLAG_TIMED_OUT, 1.5, b"\xff\xfe", b"err", slot=12)
+    expected = (5, -9, sshfan.FLAG_TIMED_OUT, 1.5, b"\xff\xfe", b"err", 12)
+    assert sshfan.decode_result(payload) == expected
     with pytest.raises(FrameError):
         sshfan.decode_result(payload + b"x")
 

@@ -1,0 +1,391 @@
+"""Same command, same bytes: sshfan side by side with the real GNU parallel.
+
+These tests run GNU parallel itself (Debian's 20221122 in CI, which installs it) and
+compare its answers with sshfan's: replacement strings and their quoting, --colsep,
+blank and non-UTF-8 lines, --tag/--tagstring, --dry-run, --pipe's {#}, and the joblog.
+Where parallel is missing they skip, except under SSHFAN_REQUIRE_PARALLEL=1 (CI), where
+they fail instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from sshd import SshServer
+
+import sshfan
+
+
+def _gnu_parallel() -> str | None:
+    """The path of GNU parallel (not moreutils' parallel), or None."""
+    path = shutil.which("parallel")
+    if path is None:
+        return None
+    version = subprocess.run([path, "--version"], capture_output=True, timeout=30)
+    return path if version.stdout.startswith(b"GNU parallel") else None
+
+
+PARALLEL = _gnu_parallel()
+if PARALLEL is None and os.environ.get("SSHFAN_REQUIRE_PARALLEL") == "1":
+    raise RuntimeError("GNU parallel is required here (SSHFAN_REQUIRE_PARALLEL=1) but missing")
+pytestmark = pytest.mark.skipif(PARALLEL is None, reason="GNU parallel is not installed")
+
+# Arguments that trip quoting and path handling: quotes, blanks, $, backslashes, globs,
+# ~, a leading dash, the characters parallel quotes and shlex does not, empty ones,
+# non-ASCII (valid and not valid UTF-8), and the path shapes {.} {/} {//} {/.} differ on.
+TRICKY = [
+    "plain",
+    "a b",
+    "it's",
+    "'",
+    "''",
+    "a'",
+    "'a",
+    '"q"',
+    "$HOME",
+    "a\\b",
+    "*",
+    "~",
+    "-x",
+    "@",
+    "%",
+    "=",
+    ":",
+    ",",
+    "a,b",
+    "x=1",
+    "user@host:path",
+    "100%",
+    "é",
+    "naïve file.txt",
+    "caf\udce9.txt",  # the Latin-1 byte 0xE9: not UTF-8
+    "tab\there",
+    "!",
+    "#",
+    "{}",
+    "a+b",
+    "",
+    "  ",
+    ".hidden",
+    "dir/.hidden",
+    ".",
+    "..",
+    "dir/",
+    "a/b/",
+    "//x",
+    "a.b/c",
+    "a.tar.gz",
+    "/",
+    "/a",
+    "a.",
+    "a..b",
+    "a//b",
+    "dir//",
+    "x/.",
+    "x/..",
+    ".a.b",
+    "dir/.a.b",
+    "a b/c.d e",
+]
+
+TEMPLATES = [
+    "echo {} X {.} X {/} X {//} X {/.}",
+    "echo {1} X {1.} X {1/} X {1//} X {1/.} X {-1} X {2} X {0}",
+    "echo {#} {%} x{}y '{}' \"{}\" {unknown} { }",
+    "echo",  # no replacement string: the argument is appended
+    "{}",  # the first word holds one: nothing is quoted
+    "{.} {}",
+    "x{} {}",
+    "V={} {}",  # a variable definition is not the command: quoted
+]
+
+
+def _parallel(
+    args: list[str], input: bytes = b"", tmp_path: Path | None = None, failed: int = 0
+) -> bytes:
+    """Run GNU parallel with ARGS (its citation notice silenced); return its stdout.
+    FAILED: how many jobs fail (parallel's exit status)."""
+    assert PARALLEL is not None
+    home = (tmp_path or Path("/tmp")) / "parallel-home"
+    (home / ".parallel").mkdir(parents=True, exist_ok=True)
+    (home / ".parallel" / "will-cite").touch()
+    env = dict(os.environ, HOME=str(home))
+    done = subprocess.run([PARALLEL, *args], input=input, capture_output=True, env=env, timeout=120)
+    assert done.returncode == failed, done.stderr
+    return done.stdout
+
+
+def _lines_file(tmp_path: Path, lines: list[str], name: str = "args.txt") -> Path:
+    """Write LINES (their bytes as they stand for, see sshfan.as_bytes) one a line."""
+    path = tmp_path / name
+    path.write_bytes(b"".join(sshfan.as_bytes(line) + b"\n" for line in lines))
+    return path
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_replacement_strings_and_quoting_match_parallel(tmp_path: Path, template: str) -> None:
+    """Each template filled with each tricky line gives parallel's --dry-run bytes."""
+    args = _lines_file(tmp_path, TRICKY)
+    expected = _parallel(["--dry-run", "-k", "-j1", template, "::::", str(args)], tmp_path=tmp_path)
+    filled = sshfan.Template(template)
+    got = b"".join(
+        sshfan.as_bytes(filled.render(line, seq, slot="1")) + b"\n"
+        for seq, line in enumerate(TRICKY, 1)
+    )
+    assert got.split(b"\n") == expected.split(b"\n")
+
+
+@pytest.mark.parametrize("colsep", [",", ",+", r"\s*;\s*", "\t"])
+def test_colsep_columns_match_parallel(tmp_path: Path, colsep: str) -> None:
+    """--colsep cuts, trims and fills {n} (missing columns empty) as parallel does."""
+    lines = [" a, b c.d/e.f ,x ", "a", "", " ", "a,,b", "x;y ; z", "p\tq\t", ",lead", "é,caf\udce9"]
+    args = _lines_file(tmp_path, lines)
+    template = "echo {} X {1} X {2} X {3} X {-1} X {2.} X {1/} X {1//} X {1/.} X {-4}"
+    expected = _parallel(
+        ["--dry-run", "-k", "--colsep", colsep, template, "::::", str(args)], tmp_path=tmp_path
+    )
+    filled = sshfan.Template(template, colsep)
+    got = b"".join(
+        sshfan.as_bytes(filled.render(line, n, "1")) + b"\n" for n, line in enumerate(lines, 1)
+    )
+    assert got == expected
+
+
+def test_shell_quote_is_parallels_not_shlex() -> None:
+    """A few quotings spelled out: what parallel's shell_quote gives, byte for byte."""
+    quote = sshfan.shell_quote
+    assert quote("a,b") == "'a,b'"  # shlex leaves it bare
+    assert quote("x=1") == "'x=1'"
+    assert quote("'") == '"\'"'
+    assert quote("a'") == "'a'\"'\""
+    assert quote("") == "''"
+    assert quote("a+b/c.d_e-f") == "a+b/c.d_e-f"
+
+
+def test_run_end_to_end_matches_parallel(tmp_path: Path, run_sshfan) -> None:
+    """The same template over the same file: sshfan's output file is parallel -k's stdout,
+    blank and non-UTF-8 lines included (a blank line is an empty argument with -c)."""
+    lines = [line for line in TRICKY if "\t" not in line] + ["", "last one"]
+    args = _lines_file(tmp_path, lines, "names.txt")
+    template = "printf '%s|' {#} {} {.} {/} {//} {/.} {1} {2}; echo"
+    expected = _parallel(["-k", "-j2", template, "::::", str(args)], tmp_path=tmp_path)
+    out = tmp_path / "out.txt"
+    result = run_sshfan(["run", str(args), "-c", template, "-o", str(out), "-j", "2"])
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes() == expected
+    assert f"{len(lines)} of {len(lines)} tasks done".encode() in result.stderr
+
+
+def test_blank_lines_are_skipped_as_commands(tmp_path: Path, run_sshfan) -> None:
+    """Without -c a blank line is no task (parallel would run an empty command)."""
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_bytes(b"echo a\n\n   \necho caf\xe9\n")
+    result = run_sshfan(["run", str(tasks), "-o", "-", "-f", "jsonl"])
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["seq"] for r in records] == [1, 4]
+    assert records[1]["task"] == "echo caf\ufffd"
+    assert records[1]["task_b64"] == "ZWNobyBjYWbp"
+    assert records[1]["stdout_b64"] == "Y2Fm6Qo="
+    assert "task_b64" not in records[0]
+
+
+def test_dry_run_prints_what_parallel_prints(tmp_path: Path, run_sshfan) -> None:
+    """--dry-run prints the commands (with {%} as parallel numbers slots), runs nothing and
+    writes no output or journal."""
+    args = _lines_file(tmp_path, ["a b", "", "caf\udce9", "x"])
+    template = "echo {} {#} {%} > /dev/null; touch ran"
+    expected = _parallel(["--dry-run", "-k", "-j3", template, "::::", str(args)], tmp_path=tmp_path)
+    out = tmp_path / "out.txt"
+    result = run_sshfan(
+        ["run", str(args), "-c", template, "-j", "3", "--dry-run", "-o", str(out)], cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected
+    assert not out.exists() and not Path(str(out) + ".journal").exists()
+    assert not (tmp_path / "ran").exists()
+    commands = tmp_path / "commands.txt"
+    commands.write_text("echo one\n\necho two\n")
+    plain = run_sshfan(["run", str(commands), "--dry-run"], cwd=tmp_path)
+    assert plain.returncode == 0 and plain.stdout == b"echo one\necho two\n"
+    assert not (tmp_path / "commands.out").exists()
+
+
+def test_pipe_fills_seq_and_slot_like_parallel(tmp_path: Path, run_sshfan) -> None:
+    """--pipe: {#} is the chunk's number and {%} its slot in the command; the other
+    replacement strings stand for an empty argument, as parallel has them."""
+    data = tmp_path / "data.txt"
+    data.write_text("".join(f"{n}\n" for n in range(1, 8)))
+    work = tmp_path / "work"
+    work.mkdir()
+    template = f"cat > {work}/part{{#}}; echo {{#}} {{}} {{//}}"
+    expected = _parallel(
+        ["--pipe", "-N3", "-k", "-j1", template], input=data.read_bytes(), tmp_path=tmp_path
+    )
+    result = run_sshfan(
+        ["run", str(data), "--pipe", "--lines", "3", "-c", template, "-o", "-", "-j", "1"],
+        cwd=work,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected == b"1  .\n2  .\n3  .\n"  # echo '' .
+    assert (work / "part2").read_text() == "4\n5\n6\n"
+    dry = run_sshfan(
+        ["run", str(data), "--pipe", "--lines", "3", "-c", "cat > p{#}.{%}", "--dry-run", "-j", "2"]
+    )
+    want = _parallel(
+        ["--pipe", "-N3", "-k", "-j2", "--dry-run", "cat > p{#}.{%}"], data.read_bytes()
+    )
+    assert dry.stdout == want == b"cat > p1.1\ncat > p2.2\ncat > p3.1\n"
+
+
+def test_tag_and_tagstring_match_parallel(tmp_path: Path, run_sshfan) -> None:
+    """--tag prefixes the argument (or the command line) and a TAB, a last line without a
+    newline included; --tagstring fills replacement strings unquoted, and {host}."""
+    args = _lines_file(tmp_path, ["a b", "", "c'd", "x,y z"])
+    template = "printf 'one\\ntwo'"
+    for extra in (["--tag"], ["--tagstring", "<{}|{#}|{.}|{1}>\\t"], ["--tag", "--colsep", ","]):
+        expected = _parallel(["-k", *extra, template + " {}", "::::", str(args)], tmp_path=tmp_path)
+        result = run_sshfan(["run", str(args), "-c", template + " {}", *extra, "-o", "-"])
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == expected, extra
+    commands = tmp_path / "commands.txt"
+    commands.write_text("echo p\nprintf 'q\\nr'\n")
+    expected = _parallel(["-k", "--tag", "::::", str(commands)], tmp_path=tmp_path)
+    tagged = run_sshfan(["run", str(commands), "--tag", "-o", "-"])
+    assert tagged.stdout == expected == b"echo p\tp\nprintf 'q\\nr'\tq\nprintf 'q\\nr'\tr"
+    hosts = run_sshfan(["run", str(commands), "--tagstring", "{host}:{#}", "-o", "-"])
+    assert hosts.stdout == b"local:1\tp\nlocal:2\tq\nlocal:2\tr"
+
+
+JOBLOG_HEADER = b"Seq\tHost\tStarttime\tJobRuntime\tSend\tReceive\tExitval\tSignal\tCommand\n"
+
+
+def _joblog_rows(path: Path) -> dict[int, list[bytes]]:
+    """A joblog's rows by seq, checking the header and each row's shape."""
+    data = path.read_bytes()
+    assert data.startswith(JOBLOG_HEADER)
+    rows = {}
+    for line in data[len(JOBLOG_HEADER) :].splitlines():
+        row = line.split(b"\t", 8)
+        assert re.fullmatch(rb"\d+\.\d{3}", row[2]), row
+        assert re.fullmatch(rb" *\d+\.\d{3}", row[3]) and len(row[3]) == 10, row
+        rows[int(row[0])] = row
+    return rows
+
+
+def test_joblog_matches_parallels(tmp_path: Path, run_sshfan) -> None:
+    """Every column but the times is parallel's, byte for byte: Host ':', Send and
+    Receive (stdout only), Exitval and Signal, the quoted command with its TAB."""
+    args = _lines_file(tmp_path, ["a b", "exit 3", "it's", "kill"])
+    template = "printf '%s\tx' {}; echo err >&2; case {} in exit*) exit 3;; kill) kill $$;; esac"
+    theirs, ours = tmp_path / "parallel.log", tmp_path / "sshfan.log"
+    _parallel(
+        ["--joblog", str(theirs), "-k", template, "::::", str(args)], tmp_path=tmp_path, failed=2
+    )
+    result = run_sshfan(
+        ["run", str(args), "-c", template, "--joblog", str(ours), "-o", str(tmp_path / "o")]
+    )
+    assert result.returncode == 1, result.stderr
+    want, got = _joblog_rows(theirs), _joblog_rows(ours)
+    assert sorted(got) == sorted(want) == [1, 2, 3, 4]
+    for seq in want:
+        assert [got[seq][i] for i in (0, 1, 4, 5, 6, 7, 8)] == [
+            want[seq][i] for i in (0, 1, 4, 5, 6, 7, 8)
+        ]
+    assert got[4][7] == b"15" and b"\t" in got[1][8]
+    data = tmp_path / "data.txt"
+    data.write_text("abc\ndef\nghi\n")
+    _parallel(["--joblog", str(theirs), "--pipe", "-N2", "-k", "wc -c"], input=data.read_bytes())
+    run_sshfan(
+        [
+            "run",
+            str(data),
+            "--pipe",
+            "--lines",
+            "2",
+            "-c",
+            "wc -c",
+            "--joblog",
+            str(ours),
+            "-o",
+            "-",
+        ]
+    )
+    want, got = _joblog_rows(theirs), _joblog_rows(ours)
+    assert (
+        [got[s][4:6] for s in (1, 2)]
+        == [want[s][4:6] for s in (1, 2)]
+        == [
+            [b"8", b"2"],
+            [b"4", b"2"],
+        ]
+    )
+
+
+def test_task_longer_than_exec_allows_is_refused_before_anything_runs(
+    tmp_path: Path, run_sshfan
+) -> None:
+    """A command longer than Linux lets one argument be (/bin/sh -c LINE) exits 2 naming
+    its line, before any task runs; with -c the filled command is what counts."""
+    tasks = tmp_path / "tasks.txt"
+    long_line = "echo " + "x" * 200 * 1024
+    tasks.write_text(f"touch {tmp_path}/ran\n{long_line}\n")
+    out = tmp_path / "out.txt"
+    result = run_sshfan(["run", str(tasks), "-o", str(out)])
+    assert result.returncode == 2
+    assert f"{tasks}:2: the command is {len(long_line)} bytes".encode() in result.stderr
+    assert b"131071" in result.stderr and b"Traceback" not in result.stderr
+    assert not (tmp_path / "ran").exists() and not out.exists()
+    fits = tmp_path / "fits.txt"
+    size = 131071 - len("printf %s  | wc -c")  # the filled command is exactly the limit
+    fits.write_text("x" * size + "\n")
+    ok = run_sshfan(["run", str(fits), "-c", "printf %s {} | wc -c", "-o", "-"])
+    assert ok.returncode == 0 and ok.stdout.strip() == str(size).encode(), ok.stderr
+    fits.write_text("x" * (size + 1) + "\n")
+    over = run_sshfan(["run", str(fits), "-c", "printf %s {} | wc -c", "-o", "-"])
+    assert over.returncode == 2 and b"is 131072 bytes" in over.stderr
+    quotes = tmp_path / "quotes.txt"
+    quotes.write_text("'" * 40000 + "\n")  # 40,000 bytes, 5 times that once quoted
+    refused = run_sshfan(["run", str(quotes), "-c", "echo {}", "-o", "-"])
+    assert refused.returncode == 2 and f"{quotes}:1:".encode() in refused.stderr
+    none_used = run_sshfan(["run", str(quotes), "-c", "echo {#}", "-o", "-"])
+    assert none_used.returncode == 0 and none_used.stdout == b"1\n"
+
+
+def test_perl_expressions_are_refused_not_left_as_text(tmp_path: Path, run_sshfan) -> None:
+    """{= perl =} is parallel's, not sshfan's: exit 2 rather than run it as text."""
+    args = _lines_file(tmp_path, ["a"])
+    result = run_sshfan(["run", str(args), "-c", "echo {= s/a/b/ =}", "-o", "-"])
+    assert result.returncode == 2 and b"perl expression" in result.stderr
+
+
+def test_slots_and_environment_over_ssh(sshd: SshServer, tmp_path: Path, run_sshfan) -> None:
+    """{%} and SSHFAN_SLOT number the job slots of all hosts 1..N, each host its own; tasks
+    see SSHFAN_SEQ and SSHFAN_HOST too; the joblog and jsonl show the command as run."""
+    hosts = tmp_path / "hosts.toml"
+    hosts.write_text(sshd.hosts_toml(["h1", "h2"], slots=2))
+    args = _lines_file(tmp_path, [str(n) for n in range(1, 13)])
+    template = 'echo {} {%} "$SSHFAN_SEQ" "$SSHFAN_SLOT" "$SSHFAN_HOST"'
+    joblog = tmp_path / "joblog"
+    out = tmp_path / "out.jsonl"
+    result = run_sshfan(
+        ["run", str(args), "-c", template, "--hosts", str(hosts), "-f", "jsonl", "-o", str(out)]
+        + ["--joblog", str(joblog)]
+    )
+    assert result.returncode == 0, result.stderr
+    slots_of: dict[str, set[str]] = {"h1": set(), "h2": set()}
+    for record in map(json.loads, out.read_text().splitlines()):
+        line, slot, seq, env_slot, host = record["stdout"].split()
+        assert (line, seq, env_slot, host) == (str(record["seq"]),) * 2 + (slot, record["host"])
+        assert record["task"] == f'echo {line} {slot} "$SSHFAN_SEQ" "$SSHFAN_SLOT" "$SSHFAN_HOST"'
+        slots_of[host].add(slot)
+    used = slots_of["h1"] | slots_of["h2"]
+    assert used <= {"1", "2", "3", "4"} and not slots_of["h1"] & slots_of["h2"]
+    for row in _joblog_rows(joblog).values():
+        assert row[1] in (b"h1", b"h2") and b"{%}" not in row[8]
