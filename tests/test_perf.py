@@ -27,6 +27,7 @@ from sshfan import (
     DurationHistory,
     Scheduler,
     Task,
+    Template,
     encode_tasks,
     known_long_tasks,
     lanes,
@@ -153,7 +154,7 @@ def test_known_long_tasks_skips_done_and_blank_lines(tmp_path: Path) -> None:
         history.known[history.key(f"run {name}")] = seconds
     done = array.array("q", [-1] * 6)
     done[5] = 0  # d is done already
-    found = known_long_tasks(tasks, done, history, "run {}")
+    found = known_long_tasks(tasks, done, history, Template("run {}"))
     assert [(t.seq, t.command, t.long) for t in found] == [(1, "run a", True), (3, "run b", True)]
 
 
