@@ -7037,9 +7037,10 @@ def dry_run_tasks(opts: RunOptions, out: IO[bytes]) -> int:
     """--dry-run: write each task's command as it would run, a line each, in seq order, as
     `parallel --dry-run -k` does; run nothing, and write no output file or journal.
 
-    {%} is numbered as parallel's dry run numbers it: 1 with one slot in all, else 1 and 2
-    in turn (its dry-run jobs end at once, so it never fills a third slot). A remote host's
-    `slots = "auto"` counts as one slot here: its CPUs are not known without connecting."""
+    {%} is the slot task N would take if all tasks took as long: (N-1) mod SLOTS + 1, SLOTS
+    the slots of all hosts (a remote host's `slots = "auto"` counts as one: its CPUs are
+    not known without connecting). parallel's own dry run numbers them by timing: its
+    answer varies from run to run, so there is no same answer to give."""
     slots = 0
     for spec in opts.hosts:
         count = opts.slots or spec.slots
@@ -7057,7 +7058,7 @@ def dry_run_tasks(opts: RunOptions, out: IO[bytes]) -> int:
             scan_tasks(path, template)
             tasks = read_tasks(path, None, done, template)
         for index, task in enumerate(tasks):
-            slot = 1 if slots <= 1 else index % 2 + 1
+            slot = index % max(slots, 1) + 1
             command = task.command.replace(SLOT_MARK, str(slot))
             out.write(as_bytes(command) + b"\n")
         out.flush()
