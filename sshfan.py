@@ -5556,20 +5556,23 @@ def _take_lock(path: Path) -> int:
             raise UsageError(f"{path}: cannot create lock file: {exc.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             holder = os.pread(fd, 1024, 0).decode("utf-8", "replace").strip()
             os.close(fd)
             raise UsageError(
                 f"{path}: in use by another run ({holder or 'sshfan'}); "
                 "wait for it to end or stop it"
             ) from None
+        except OSError as exc:
+            os.close(fd)
+            raise UsageError(f"{path}: cannot lock: {exc.strerror}") from None
         # The run that held it may have removed it between our open and our lock: the
         # lock counts only on the file that is at PATH now.
-        try:
-            if _same_file(Path(f"/dev/fd/{fd}"), path):
+        mine = os.fstat(fd)
+        with contextlib.suppress(FileNotFoundError):
+            there = os.stat(path)
+            if (there.st_dev, there.st_ino) == (mine.st_dev, mine.st_ino):
                 break
-        except OSError:
-            pass
         os.close(fd)
     os.ftruncate(fd, 0)
     os.pwrite(fd, (_lock_holder() + "\n").encode(), 0)
