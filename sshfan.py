@@ -4593,8 +4593,9 @@ class Template:
 
     def may_exceed(self, line: str) -> bool:
         """Whether the filled template might be too long to exec (a cheap upper bound)."""
-        # Each replacement is at most the line quoted (5 bytes for a ', 2 quotes) or a number.
-        widest = 5 * len(as_bytes(line)) + 2 * (len(line) + 1) + 20
+        # A replacement is at most the line quoted: 5 bytes for each of its bytes (a ' is
+        # '"'"'), and 2 quotes and a space for each of its columns (at most a char each).
+        widest = 5 * len(as_bytes(line)) + 3 * (len(line) + 1) + 20
         return self._fixed + self._growth * widest > EXEC_ARG_MAX
 
 
