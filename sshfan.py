@@ -4968,6 +4968,7 @@ class _Run:
         self.speculate = opts.speculate and not self.files and self.halt is None
         # --speculate: a task running twice -> (the session of its first copy, the backup's)
         self.copies: dict[int, tuple[HostSession, HostSession]] = {}
+        self.copied: set[int] = set()  # seqs given a backup copy: one each, ever
         self._spec_timer: asyncio.TimerHandle | None = None  # a _speculate to come
         # Hosts that come and go: the hosts files are watched (not with --onall, whose
         # output is per host: its hosts are those it started with).
@@ -5081,10 +5082,13 @@ class _Run:
         if cancelled:
             return  # killed because the run is stopping: it is not done; --resume reruns it
         pair = self.copies.pop(task.seq, None) if self.copies else None
-        if pair is not None:  # --speculate: the first copy to finish wins, the other is killed
-            for other in pair:
-                if other is not session:
-                    other.cancel(task.seq)
+        if pair is not None:  # --speculate: the first copy to succeed wins, the other is killed
+            others = [s for s in pair if s is not session and task.seq in s.in_flight]
+            if not result.ok and others:
+                self.copies[task.seq] = pair  # the other copy may still succeed: it decides
+                return
+            for other in others:
+                other.cancel(task.seq)
             if session is pair[1]:
                 self.summary.backups_won += 1
         if not result.ok and self.scheduler.should_retry(task, session.name):
@@ -5356,7 +5360,7 @@ class _Run:
             (sent, task, origin)
             for origin in self.sessions
             for sent, task in origin.running_since()
-            if task.seq not in self.copies
+            if task.seq not in self.copied
         ]
         for sent, task, origin in sorted(running, key=lambda entry: entry[0]):
             if now - sent < after:  # the oldest first: every later one is younger still
@@ -5379,6 +5383,7 @@ class _Run:
                 continue
             helper.send_tasks([dataclasses.replace(task, pieces=[])])
             self.copies[task.seq] = (origin, helper)
+            self.copied.add(task.seq)
             self.summary.backups += 1
             self.log(
                 f"sshfan: task {task.seq} is slow on {origin.name}: a copy starts on {helper.name}"

@@ -275,3 +275,27 @@ def test_local_lanes_no_more_than_tasks() -> None:
     assert [lane.slots for lane in lanes(local_host(10), tasks=1)] == [10]
     assert [lane.slots for lane in lanes(local_host(10), tasks=2)] == [5, 5]
     assert [lane.slots for lane in lanes(local_host(10), tasks=100)] == [3, 3, 2, 2]
+
+
+def test_speculate_a_failed_copy_leaves_the_other_to_decide(
+    sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """A copy that fails while the other still runs does not decide the task: the copy
+    on h1 succeeds (later) and is its one result, whichever host had it first. (The
+    other host idles long before the failing copy ends: 11 x 0.25 s against 3 s.)"""
+    lines = [f"sleep 0.25; echo out {n}" for n in range(1, 12)]
+    lines.append('if [ -n "$FAIL" ]; then sleep 3; exit 1; fi; sleep 4; echo out 12')
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text("\n".join(lines) + "\n")
+    hosts = tmp_path / "hosts.toml"
+    hosts.write_text(sshd.hosts_toml(["h1", "h2"]) + 'env = { FAIL = "yes" }\n')
+    out = tmp_path / "out.jsonl"
+    done = run_sshfan(
+        ["run", str(tasks), "-H", str(hosts), "-o", str(out), "-f", "jsonl", "--speculate"]
+    )
+    err = done.stderr.decode(errors="replace")
+    assert done.returncode == 0, err
+    assert "1 backup copies started" in err, err  # one copy a task, even after a failure
+    records = [json.loads(line) for line in out.read_bytes().splitlines()]
+    assert [r["seq"] for r in records] == list(range(1, 13))
+    assert records[-1]["host"] == "h1" and records[-1]["stdout"] == "out 12\n"
