@@ -5869,6 +5869,7 @@ async def run_async(
     done, resumed = prepared.done, prepared.resumed
     joblog = None
     merged = None
+    run: _Run | None = None
     try:
         if opts.joblog:
             joblog = _open_joblog(opts.joblog, append=resumed)
@@ -5974,7 +5975,11 @@ async def run_async(
         with contextlib.suppress(OSError):
             journal.close()  # a no-op unless the run ended by an exception
         if joblog is not None:
-            joblog.close()
+            try:
+                joblog.close()
+            except OSError as exc:
+                if run is not None:
+                    run.abort(_write_error(OSError(exc.errno, exc.strerror, opts.joblog)))
         prepared.release(spooled=opts.tasks == "-")
 
 
@@ -6068,8 +6073,11 @@ def _with_joblog(
 
     def on_done_logged(result: TaskResult) -> None:
         """Write the joblog row, then pass the result on."""
-        joblog.write(joblog_row(result, local, time.time()))
-        joblog.flush()
+        try:
+            joblog.write(joblog_row(result, local, time.time()))
+            joblog.flush()
+        except OSError as exc:  # (a buffered write's error names no file)
+            raise OSError(exc.errno, exc.strerror, getattr(joblog, "name", "joblog")) from None
         on_done(result)
 
     return on_done_logged

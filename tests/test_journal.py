@@ -174,8 +174,8 @@ def test_a_full_disk_is_one_line_naming_the_file_and_resume_finishes(
 def test_an_output_that_cannot_be_written_ends_3_and_the_journal_resumes(
     run_sshfan: RunSshfan, tmp_path: Path
 ) -> None:
-    """-o /dev/full: exit 3 with one line naming it (not exit 0); the journal then
-    renders the whole output on --resume."""
+    """-o /dev/full (then --joblog /dev/full): exit 3 with one line naming it (not
+    exit 0); the journal then renders the whole output on --resume."""
     sizes = [3_000_000, 5, 1_500_000]
     tasks = write_tasks(tmp_path / "tasks.txt", [big_task(n, s) for n, s in enumerate(sizes, 1)])
     hosts = write_file(tmp_path / "hosts.toml", LOCAL_BLOCK)
@@ -186,6 +186,11 @@ def test_an_output_that_cannot_be_written_ends_3_and_the_journal_resumes(
     errors = [line for line in err_lines(result.stderr) if "cannot write" in line]
     assert len(errors) == 1 and "/dev/full: No space left on device" in errors[0], errors
     out = tmp_path / "out.txt"
+    joblog = ["--joblog", "/dev/full"]
+    result = run_sshfan(run_args(tasks, hosts, out, "--resume", *args, *joblog))
+    check_exit(result, 3)
+    errors = [line for line in err_lines(result.stderr) if "cannot write" in line]
+    assert len(errors) == 1 and "/dev/full: No space left on device" in errors[0], errors
     resumed = run_sshfan(run_args(tasks, hosts, out, "--resume", *args), timeout=NO_HANG)
     check_exit(resumed, 0)
     assert out.read_bytes() == big_expected(sizes)
