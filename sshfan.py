@@ -1061,9 +1061,12 @@ class Stub:
             self.slot_base = int(config.get("slot_base") or 0)
             self.host = str(config.get("host") or "")
             self.timeout = config.get("timeout")
-            self.env = login_environ()
+            original = login_environ()
+            if original is not None:  # tasks inherit it as exec'd, not as Python changed it
+                os.environ.clear()
+                os.environ.update(original)
             if config.get("env"):
-                self.env = dict(os.environ if self.env is None else self.env)
+                self.env = dict(os.environ)
                 self.env.update(config["env"])
             self.hold = config.get("hold")
             self.workdir = config.get("workdir")
@@ -2468,7 +2471,7 @@ class HostSession:
         under a healthy sshd would hold its tasks forever. The stub answers a PING at
         once, between tasks' output, so silence after one means the stub itself is stuck."""
         self._watcher = None
-        if self.state != "ready":
+        if self.state not in ("ready", "draining"):
             return
         interval = self.spec.keepalive / 3
         now = time.monotonic()
@@ -5408,8 +5411,11 @@ class _Run:
             self._finish(complete=False)
         elif not self.scheduler.has_work() and not in_flight:
             complete = self.scheduler.exhausted()
-            missing = self.summary.total - self.journaled()
-            if complete and missing:  # handed out, yet not done: never call that complete
+            # Results of the batch being read are in the journal, not yet counted.
+            missing = self.summary.total - self.journaled() - len(self._to_merge)
+            # Handed out, yet not done: never call that complete (--onall leaves a lost
+            # host's tasks unrun on purpose, and says so).
+            if complete and missing > 0 and not self.scheduler.pinned:
                 self.abort(f"{missing} task(s) ended without a result in the journal")
                 return
             self._finish(complete=complete)

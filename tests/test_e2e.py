@@ -288,7 +288,8 @@ def test_tasks_see_the_environment_plain_ssh_gives(
     out = tmp_path / "env.txt"
     result = run_sshfan(["run", str(tasks), "--hosts", str(hosts), "-o", str(out), "--no-progress"])
     check_exit(result, 0)
-    assert env_of(out.read_text()) == {**env_of(plain), "EXTRA": "x y"}
+    own = {"SSHFAN_SEQ": "1", "SSHFAN_SLOT": "1", "SSHFAN_HOST": "h1"}
+    assert env_of(out.read_text()) == {**env_of(plain), "EXTRA": "x y", **own}
 
 
 def test_local_tasks_see_the_environment_sshfan_was_given(tmp_path: Path) -> None:
@@ -302,7 +303,8 @@ def test_local_tasks_see_the_environment_sshfan_was_given(tmp_path: Path) -> Non
         [sys.executable, "-m", "sshfan", *args], env=env, cwd=tmp_path, capture_output=True
     )
     check_exit(result, 0)
-    assert env_of(out.read_text()) == env
+    own = {"SSHFAN_SEQ": "1", "SSHFAN_SLOT": "1", "SSHFAN_HOST": "local"}
+    assert env_of(out.read_text()) == {**env, **own}
 
 
 def test_all_succeeding_exits_zero(sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path) -> None:

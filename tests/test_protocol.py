@@ -183,3 +183,82 @@ def test_a_task_longer_than_keepalive_on_a_healthy_stub_is_not_lost(
     assert [r["stdout"] for r in jsonl_records(out)] == ["long\n", "short\n"]
     assert b"warning" not in result.stderr, result.stderr.decode()
     assert json.loads(out.read_text().splitlines()[0])["attempts"] == 1
+
+
+def test_a_host_failing_right_after_its_last_result_still_completes_the_run(
+    run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """The result before the bad frame is journaled and counts: a one-task run whose only
+    host sends that result twice ends complete (exit 0, output exact), the host reported."""
+    hosts = write_file(tmp_path / "hosts.toml", fake_host(tmp_path, "duplicate"))
+    tasks = write_file(tmp_path / "tasks.txt", "echo only\n")
+    out = tmp_path / "out.txt"
+    result = run_sshfan(run_args(tasks, hosts, out), timeout=NO_HANG)
+    check_exit(result, 0)
+    assert out.read_bytes() == b"only\n"
+    assert any("lost host fake" in line for line in err_lines(result.stderr))
+
+
+def frames_to_ready_session(frames: list[bytes], asked_drop: bool = False) -> tuple[str, str]:
+    """Feed FRAMES to a ready HostSession holding tasks 1 and 2 (no transport, no run);
+    return its state and error reason."""
+    import asyncio
+
+    import sshfan
+
+    async def scenario() -> tuple[str, str]:
+        """Drive the session by hand, as its transport would."""
+        session = sshfan.HostSession(sshfan.HostSpec(name="w", local=True), None)
+        session.hello = {"proto": sshfan.PROTO_VERSION}
+        session.state = "ready"
+        for seq in (1, 2):
+            session.in_flight[seq] = sshfan.Task(seq, f"echo {seq}")
+        if asked_drop:
+            session.drop_queued()
+        session.on_data(b"".join(frames))
+        return session.state, session.error.reason if session.error else ""
+
+    return asyncio.run(scenario())
+
+
+def test_frames_the_head_asked_for_keep_the_host() -> None:
+    """The control case: a DROPPED answering a DROP, naming held tasks, is accepted."""
+    from sshfan import KIND_DROPPED, encode_frame
+
+    state, reason = frames_to_ready_session([encode_frame(KIND_DROPPED, b"[2]")], asked_drop=True)
+    assert (state, reason) == ("ready", "")
+
+
+@pytest.mark.parametrize(
+    ("payload", "asked", "words"),
+    [
+        (b"[2]", False, "without a DROP"),
+        (b"[7]", True, "task 7 it does not hold"),
+        (b"[2, 2]", True, "bad list"),
+        (b'{"a": 1}', True, "bad list"),
+    ],
+)
+def test_unasked_dropped_fails_the_host(payload: bytes, asked: bool, words: str) -> None:
+    """DROPPED without a DROP, or naming tasks never sent (or twice), is a protocol error."""
+    from sshfan import KIND_DROPPED, encode_frame
+
+    state, reason = frames_to_ready_session([encode_frame(KIND_DROPPED, payload)], asked)
+    assert state == "lost" and words in reason, reason
+
+
+def test_printable_escapes_control_characters_only() -> None:
+    """Worker text is shown with its control characters escaped, the rest untouched."""
+    import sshfan
+
+    text = "ok é ✓ \x1b[2J\tbell\x07\r\n\u202e\x9b"
+    assert sshfan._printable(text) == "ok é ✓ \\x1b[2J\\tbell\\x07\\r\\n\\u202e\\x9b"
+    assert sshfan._printable("plain text") == "plain text"
+
+
+def test_check_prints_a_workers_error_escaped(run_sshfan: RunSshfan, tmp_path: Path) -> None:
+    """`sshfan check` shows a worker's error text with its escape sequences defused."""
+    hosts = write_file(tmp_path / "hosts.toml", fake_host(tmp_path, "error"))
+    result = run_sshfan(["check", "--hosts", str(hosts)], timeout=NO_HANG)
+    assert result.returncode == 1, result.stderr.decode()
+    assert b"\x1b" not in result.stdout + result.stderr
+    assert b"boom \\x1b[31mred" in result.stdout, result.stdout.decode()
