@@ -714,8 +714,8 @@ class Bench:
         row = Row(
             f"{count} x 100 MB output, 1 host",
             "MB/s",
-            f"ssh 'head -c {raw_mib}M /dev/zero'",
-            ">= 0.7x",
+            f"ssh 'head -c {raw_mib}M /dev/zero' > file",
+            ">= 0.9x",
         )
         tasks = self.write("big.txt", f"head -c {per_task} /dev/zero\n" * count)
         hosts = self.hosts("hosts1.toml", ["h1"])
@@ -731,9 +731,10 @@ class Bench:
             return per_task * count / ran.wall / 1e6
 
         def ssh_once() -> float:
-            """Stream as much through plain ssh to /dev/null; return MB/s."""
+            """Stream as much through plain ssh into a file, as a user would; return MB/s."""
             argv = [*self.server.ssh_argv(), f"head -c {raw_mib}M /dev/zero"]
-            ran = checked(run(argv), "ssh")
+            with self.rundir() as d:
+                ran = checked(run(argv, stdout=d / "out.bin"), "ssh")
             return raw_mib * MIB / ran.wall / 1e6
 
         for i in range(self.rounds):
@@ -741,7 +742,7 @@ class Bench:
             row.attempt("sshfan", sshfan_once)
             row.attempt("comparison", ssh_once)
         row.notes.append("sshfan MB/s counts the whole run: connect, journal and merged output")
-        return judge(row, lambda s, c: s / c, lambda r: r >= 0.7)
+        return judge(row, lambda s, c: s / c, lambda r: r >= 0.9)
 
     def files(self) -> Row:
         """A 100 MB file sent to a host and back (--tf, --return) against scp there and back."""
