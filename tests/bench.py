@@ -917,6 +917,79 @@ class Bench:
             row.detail = f"({min(counts)}/{n_hosts} hosts)"
         return row
 
+    def hosts_to_running(self) -> Row:
+        """N host entries on one sshd (N = 10, 50, 100): the time until every one of them
+        runs a task, as a ratio to N plain logins starting python3 at the same concurrency
+        (sshfan starts CONNECT_PACE at once per server): the machine's floor."""
+        sizes = (10,) if self.quick else (10, 50, 100)
+        pace = 8  # sshfan.CONNECT_PACE
+        row = Row(
+            f"{sizes[-1]} hosts to running, 1 sshd",
+            "s",
+            f"{sizes[-1]} plain ssh+python3 logins, {pace} at once",
+            "<= 1.2x",
+        )
+        arrivals = Path(tempfile.mkdtemp(prefix="sshfan-bench-arrivals-"))
+        arrivals.chmod(0o1777)  # the tasks may run as the throwaway user
+        ratios: dict[int, list[float]] = {n: [] for n in sizes}
+
+        def once(n: int) -> float:
+            """Run until all N hosts ran a task; return when the last one started one."""
+            for old in arrivals.iterdir():
+                old.unlink()
+            # Each task notes its host's arrival and, until all N have come, keeps its
+            # slot busy for 0.2 s: every host finds work whenever it comes up, and once
+            # all are up the rest of the tasks end at once.
+            line = (
+                f'date +%s.%N; touch {arrivals}/"$SSHFAN_HOST"; '
+                f"[ $(ls {arrivals} | wc -l) -ge {n} ] || sleep 0.2\n"
+            )
+            tasks = self.write(f"hosts{n}.txt", line * (n * 60))
+            hosts = self.hosts(f"hosts{n}.toml", [f"h{i:03d}" for i in range(1, n + 1)])
+            launched = time.time()
+            with self.rundir() as d:
+                out = d / "out.jsonl"
+                self.sshfan(tasks, out, hosts, fmt="jsonl")
+                records = read_jsonl(out, n * 60, "sshfan")
+            first: dict[str, float] = {}
+            for r in records:
+                started = float(str(r["stdout"]).split()[0]) - launched
+                first[str(r["host"])] = min(first.get(str(r["host"]), started), started)
+            if len(first) < n:
+                raise BenchError(f"only {len(first)} of {n} hosts ran a task")
+            return max(first.values())
+
+        def logins(n: int) -> float:
+            """N plain logins starting python3, PACE at once; return the wall time."""
+            argv = [*self.server.ssh_argv(), "python3 -S -c pass"]
+            start = time.perf_counter()
+            with concurrent.futures.ThreadPoolExecutor(pace) as pool:
+                for ran in pool.map(lambda _: run(argv), range(n)):
+                    checked(ran, "ssh")
+            return time.perf_counter() - start
+
+        try:
+            for i in range(self.rounds):
+                log(f"[{row.name}] round {i + 1}/{self.rounds}")
+                for n in sizes:
+                    self.settle()
+                    mine = once(n)
+                    self.settle()
+                    floor = logins(n)
+                    ratios[n].append(mine / floor)
+                    if n == sizes[-1]:
+                        row.sshfan.append(mine)
+                        row.comparison.append(floor)
+        finally:
+            shutil.rmtree(arrivals, ignore_errors=True)
+        for n, values in ratios.items():
+            if values:
+                row.notes.append(
+                    f"N = {n}: all running at {statistics.median(values):.2f}x the time of "
+                    f"{n} plain logins (per round: {', '.join(f'{v:.2f}' for v in values)})"
+                )
+        return judge(row, lambda s, c: s / c, lambda r: r <= 1.2)
+
     def delayed(self) -> Row:
         """3,000 echo tasks through a +25 ms/way proxy against the same direct."""
         n, delay = 3000, 0.025
@@ -1139,6 +1212,7 @@ SCENARIOS: dict[str, Callable[[Bench], Row]] = {
     "start": Bench.one_local_task,
     "all": Bench.one_command,
     # Last: 100 logins leave the machine busy for a while after they end.
+    "hostsN": Bench.hosts_to_running,
     "hosts100": Bench.many_hosts,
 }
 
