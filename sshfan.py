@@ -3634,14 +3634,15 @@ class Journal:
         It is written beside PATH under a temporary name and renamed over any old
         journal only when the first task's record comes: a run that ends before any
         task finished leaves an earlier journal (and so --resume of it) as it was."""
-        temp = path.with_name(path.name + ".new")
+        target = Path(os.path.realpath(path))  # a symlinked journal: replace its target
+        temp = target.with_name(target.name + ".new")
         fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
         journal = cls(path, fd, 0)
         journal.append(KIND_JOURNAL, json.dumps(header).encode())
         journal.flush()
         journal.recorded = False
-        journal._commit = functools.partial(journal._rename_into_place, temp)
-        journal._settle = functools.partial(journal._settle_new, temp)
+        journal._commit = functools.partial(journal._rename_into_place, temp, target)
+        journal._settle = functools.partial(journal._settle_new, temp, target)
         return journal
 
     @classmethod
@@ -3709,19 +3710,19 @@ class Journal:
         """Whether the journal at PATH is this run's (a record of its own was written)."""
         return self._commit is None
 
-    def _rename_into_place(self, temp: Path) -> None:
-        """Make the new journal (header durable) the one at PATH, replacing an old one."""
+    def _rename_into_place(self, temp: Path, target: Path) -> None:
+        """Make the new journal (header durable) the one at TARGET, replacing an old one."""
         os.fsync(self._fd)
-        os.replace(temp, self.path)
-        _sync_directory(self.path)
+        os.replace(temp, target)
+        _sync_directory(target)
 
-    def _settle_new(self, temp: Path) -> None:
+    def _settle_new(self, temp: Path, target: Path) -> None:
         """At close of a journal that recorded no task: keep it only if no old one is there
         (an old journal stays what --resume continues)."""
-        if self.path.exists():
+        if target.exists():
             temp.unlink(missing_ok=True)
         else:
-            self._rename_into_place(temp)
+            self._rename_into_place(temp, target)
 
     def _named(self, exc: OSError) -> OSError:
         """EXC with the journal's path as its file name (a writev error has none)."""
@@ -3741,6 +3742,7 @@ class Journal:
     def flush(self) -> None:
         """Write queued records to the file (one write; the OS holds them if we die)."""
         if self._error is not None:
+            self._pending = []  # never to be written: do not hold them while the run ends
             raise self._error
         if not self._pending:
             return

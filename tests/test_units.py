@@ -482,6 +482,20 @@ def test_a_new_journal_replaces_the_old_one_only_at_its_first_record(tmp_path: P
     new.close()
 
 
+def test_a_new_journal_behind_a_symlink_replaces_the_target(tmp_path: Path) -> None:
+    """A journal path that is a symlink stays one: the new journal goes to its target."""
+    target = tmp_path / "elsewhere.journal"
+    link = tmp_path / "j"
+    link.symlink_to(target)
+    journal = Journal.create(link, {"version": 1})
+    journal.add_result(_result(1, b"one"))
+    journal.close()
+    assert link.is_symlink() and target.is_file()
+    _journal, _header, done = Journal.open_read(link)
+    assert _journal.load_result(done[1]).stdout == b"one"
+    _journal.close()
+
+
 def test_a_failed_journal_write_is_named_and_leaves_whole_records(tmp_path: Path) -> None:
     """A write that fails (here: the file size limit) is raised naming the journal, every
     later flush raises it too, and the file ends with a whole record (--resume can go on)."""
