@@ -2039,6 +2039,7 @@ class HostSession:
         self.heard_at = time.monotonic()  # when the stub last sent anything
         self._probe_at: float | None = None  # a liveness ping out since then, sent at
         self._watcher: asyncio.TimerHandle | None = None
+        self._waking: asyncio.Future[None] | None = None  # see _wake_and_close
         self.closed = loop.create_future()
 
     # -- opening --------------------------------------------------------------
@@ -2477,12 +2478,27 @@ class HostSession:
         now = time.monotonic()
         if self._probe_at is not None and now - self._probe_at >= 2 * interval:
             silent = now - self.heard_at
+            pid = self.hello.get("pid")
+            if not self.spec.local and self._conn is not None and isinstance(pid, int) and pid > 1:
+                # sshd still answers: take the connection from _fail, to wake the stub first.
+                self._waking = asyncio.ensure_future(self._wake_and_close(self._conn, pid))
+                self._conn = None
+                self._abort = lambda: None
             self._fail(HostError(self.name, "stub", f"no answer from the stub in {silent:.0f} s"))
             return
         if self._probe_at is None and now - self.heard_at >= interval:
             self._probe_at = now
             self._send_ping()
         self._watcher = asyncio.get_running_loop().call_later(interval, self._watch)
+
+    async def _wake_and_close(self, conn: Any, pid: int) -> None:
+        """Send a stub given up for silence SIGCONT (it may be stopped), then close the
+        connection: awake, it sees EOF and kills its tasks, instead of staying there
+        stopped with them. SIGCONT is harmless to anything else that pid may be now."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(conn.run(f"kill -CONT {pid}", check=False), 5.0)
+        with contextlib.suppress(Exception):
+            conn.close()
 
     def on_stderr(self, data: bytes) -> None:
         """Keep the tail of the stub's stderr for error messages."""
@@ -2763,6 +2779,8 @@ class HostSession:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self.files.clean_bases(), grace)
             self.files.close()
+        if self._waking is not None:
+            await asyncio.wait({self._waking}, timeout=6.0)
         self._drop()
 
     def _drop(self) -> None:

@@ -116,6 +116,15 @@ def test_unasked_frame_from_the_only_host_exits_3(
     assert b"--resume" in result.stderr
 
 
+def alive(pid: int) -> bool:
+    """Whether a process exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def stub_pid_of(pids: Path) -> int:
     """The first pid a task wrote (its $PPID: the stub that started it)."""
     return int(pids.read_text().split()[0])
@@ -125,7 +134,8 @@ def test_frozen_stub_under_a_healthy_sshd_is_lost(
     sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path
 ) -> None:
     """SIGSTOP one host's stub while its sshd stays healthy (SSH keepalives still answered):
-    within about `keepalive` s the head gives the host up; its tasks finish on the other."""
+    within about `keepalive` s the head gives the host up; its tasks finish on the other;
+    and the head wakes the stopped stub (SIGCONT) so that it sees EOF and exits."""
     pids = tmp_path / "alpha-stub.pid"
     hosts = write_file(
         tmp_path / "hosts.toml",
@@ -151,6 +161,7 @@ def test_frozen_stub_under_a_healthy_sshd_is_lost(
         stub = stub_pid_of(pids)
         os.kill(stub, signal.SIGSTOP)
         _, stderr = head.communicate(timeout=NO_HANG)
+        wait_for("the frozen stub to be woken and exit", lambda: not alive(stub), 15.0)
     finally:
         if head.poll() is None:
             os.killpg(head.pid, signal.SIGKILL)
