@@ -376,3 +376,10 @@ def test_hosts_join_and_drain_mid_run(sshd: SshServer, tmp_path: Path) -> None:
     assert "sshfan: host h1 left the hosts file: it takes no new tasks" in stderr_text
     assert "sshfan: host h2 joined" in stderr_text
     assert "drained: left the hosts file" in stderr_text
+
+
+def test_example_hosts_file_parses_with_its_range() -> None:
+    """hosts.example.toml is valid, and its range entry is four hosts paired with addresses."""
+    example = Path(sshfan.__file__).with_name("hosts.example.toml")
+    specs = {spec.name: spec.address for spec in sshfan.load_hosts(example)}
+    assert [specs[f"web0{n}"] for n in range(1, 5)] == [f"10.0.1.{10 + n}" for n in range(1, 5)]

@@ -171,3 +171,19 @@ def test_onall_and_nonall_match_gnu_parallel(
     result = run_sshfan(["run", "--nonall", "-H", str(hosts), "-S", f"{one},{two}", command])
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout == wanted
+
+
+def test_onall_scheduler_keeps_each_task_on_its_host() -> None:
+    """Each host draws its own pass over the tasks; what a lost host held goes back to it
+    alone, and once it is gone the run stops waiting on it without calling itself whole."""
+    sources = {name: iter([sshfan.Task(1, "a"), sshfan.Task(3, "b")]) for name in ("one", "two")}
+    scheduler = sshfan.OnAllScheduler(sources, lines=3)
+    assert scheduler.order_key("one", 3) == 3 and scheduler.order_key("two", 1) == 4
+    taken = scheduler.take("one", 5)
+    assert [(t.seq, t.pinned) for t in taken] == [(1, "one"), (3, "one")]
+    assert scheduler.take("one", 5) == [] and scheduler.has_work()  # "two" has not started
+    scheduler.put_back(taken[1:])
+    assert [t.seq for t in scheduler.take("one", 5)] == [3]  # back to "one", not to "two"
+    assert [t.seq for t in scheduler.take("two", 1)] == [1]
+    scheduler.host_gone("two")
+    assert not scheduler.has_work() and not scheduler.exhausted()
