@@ -320,7 +320,7 @@ def _ci_recipe_script(port: int) -> str:
     yaml = section.split("```yaml\n", 1)[1].split("```", 1)[0]
     steps: list[str] = []
     for line in yaml.splitlines():
-        if line.startswith("    ") and not line.strip().startswith(("sudo ", "pip install")):
+        if line.startswith("    ") and not line.strip().startswith(("sudo ", "pipx install")):
             steps.append(line[4:])
     script = "set -eu\n" + "\n".join(steps) + "\n"
     assert "ssh-keyscan -H 127.0.0.1" in script and "[defaults]" in script, script
