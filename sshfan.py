@@ -1,3 +1,12 @@
+# /// script
+# requires-python = ">=3.10"
+# dependencies = [
+#     "asyncssh>=2.14",
+#     "typer>=0.28,<0.29",
+#     "tqdm>=4.60",
+#     "tomli>=1.1; python_version < '3.11'",
+# ]
+# ///
 """sshfan: run a file of tasks across ordinary SSH machines and merge their results.
 
 The head (this module) opens one SSH connection per host, ships a small

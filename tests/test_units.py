@@ -569,3 +569,29 @@ def test_journal_flushes_more_records_than_writev_takes_at_once(tmp_path: Path) 
     assert journal.read(offsets[2999] + sshfan.FRAME_HEADER.size, 10) == bytes([2999 % 256]) * 10
     journal.close()
     assert (tmp_path / "j").stat().st_size == journal.size
+
+
+# -- packaging -----------------------------------------------------------------
+
+
+def test_inline_script_metadata_matches_pyproject() -> None:
+    """sshfan.py's PEP 723 block (for `pipx run`/`uv run`) declares pyproject's deps."""
+    import re
+
+    tomllib = sshfan.tomllib
+    source = Path(sshfan.__file__).read_text(encoding="utf-8")
+    # The reference regex of PEP 723: a `# /// script` line, `#` lines, a `# ///` line.
+    pattern = r"(?m)^# /// (?P<type>[a-zA-Z0-9-]+)$\s(?P<content>(^#(| .*)$\s)+)^# ///$"
+    blocks = [m for m in re.finditer(pattern, source) if m.group("type") == "script"]
+    assert len(blocks) == 1, "one `# /// script` block"
+    assert source.startswith("# /// script\n"), "the block opens the file"
+    content = "".join(
+        line[2:] if line.startswith("# ") else line[1:]
+        for line in blocks[0].group("content").splitlines(keepends=True)
+    )
+    script = tomllib.loads(content)
+    project = tomllib.loads(
+        (Path(sshfan.__file__).parent / "pyproject.toml").read_text(encoding="utf-8")
+    )["project"]
+    assert script["requires-python"] == project["requires-python"]
+    assert script["dependencies"] == project["dependencies"]
