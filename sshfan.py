@@ -5935,7 +5935,9 @@ async def run_async(
         scheduler = Scheduler(tasks, opts.retries, longest)
         todo: dict[str, int] = {}
         if opts.onall:
-            scheduler, todo = onall_scheduler(tasks_path, merged, done, opts, count)
+            scheduler, todo = onall_scheduler(
+                tasks_path, merged, done, opts, count, prepared.identity
+            )
             count *= len(opts.hosts)
         hosts = opts.hosts
         if opts.slots:
@@ -6056,10 +6058,16 @@ class _HostBlock:
 
 
 def onall_scheduler(
-    path: Path, merged: MergedOutput | None, done: array.array[int], opts: RunOptions, count: int
+    path: Path,
+    merged: MergedOutput | None,
+    done: array.array[int],
+    opts: RunOptions,
+    count: int,
+    identity: tuple,
 ) -> tuple[OnAllScheduler, dict[str, int]]:
-    """The scheduler for --onall (a pass over the tasks file per host), and how many tasks
-    each host has to run (those not in the journal)."""
+    """The scheduler for --onall (a pass over the tasks file per host, each checked to be
+    the file that was scanned), and how many tasks each host has to run (those not in
+    the journal)."""
     lines = _onall_header(opts, path)["lines"]
     sources: dict[str, Iterator[Task]] = {}
     todo: dict[str, int] = {}
@@ -6067,7 +6075,8 @@ def onall_scheduler(
         base = index * lines
         block = None if merged is None else _HostBlock(merged, base)
         mine = done[base : base + lines + 1]  # mine[seq] is done[base + seq]
-        sources[spec.name] = read_tasks(path, block, mine, opts.command)  # type: ignore[arg-type]
+        tasks = read_tasks(path, block, mine, opts.command)  # type: ignore[arg-type]
+        sources[spec.name] = _read_unchanged(tasks, path, identity)
         todo[spec.name] = count - sum(1 for offset in mine[1:] if offset >= 0)
     return OnAllScheduler(sources, lines, opts.retries), todo
 
@@ -7202,6 +7211,9 @@ def _one_command(opts: RunOptions, compact: bool) -> int:
         summary: RunSummary | None = None
         try:
             summary = asyncio.run(run_async(opts, out, _print_err, on_done, whole=True))
+        except UsageError as exc:  # name the command, not the scratch file it went in
+            changed = str(exc).replace(f"a different tasks file than {tasks}", "another command")
+            raise UsageError(changed) from None
         finally:
             try:
                 out.close()

@@ -130,6 +130,12 @@ def test_all_usage_errors(run_sshfan: RunSshfan, tmp_path: Path) -> None:
     result = run_sshfan(["all", "-S", ":", "--resume", "uname"])
     assert result.returncode == 2
     assert "--resume needs the earlier run's journal" in result.stderr.decode()
+    out = tmp_path / "out.txt"
+    assert run_sshfan(["all", "-S", ":", "-o", str(out), "echo hi"]).returncode == 0
+    result = run_sshfan(["all", "-S", ":", "-o", str(out), "--resume", "echo other"])
+    assert result.returncode == 2
+    assert "journal was written for another command" in result.stderr.decode()
+    assert out.read_text() == ":: hi\n"  # the refused resume left it as it was
 
 
 @needs_parallel
