@@ -2685,7 +2685,8 @@ class HostSession:
         assert self.run is not None
         self.run.on_result(self, task, result, cancelled=cancelled)
         halt = self.run.halt
-        if halt and not cancelled and halt.counts(result.ok) and not self.run.summary.halted:
+        going_on = self.state == "ready" and not self.run.summary.halted  # (no write past EOF)
+        if halt and not cancelled and halt.counts(result.ok) and going_on:
             # The stub holds its queue for this result (Stub.finished): go on.
             self._write(encode_frame(KIND_RELEASE, INPUT_HEAD.pack(result.seq)))
 
