@@ -69,6 +69,19 @@ else:  # pragma: no cover - exercised only on Python 3.10
 
 __version__ = "0.1.0"
 
+# The Python API (the README's "Python API" documents exactly these); the rest is internal.
+__all__ = [
+    "HostSpec",
+    "RunError",
+    "SshfanError",
+    "TaskResult",
+    "UsageError",
+    "load_hosts",
+    "main",
+    "run_tasks",
+    "run_tasks_async",
+]
+
 # ============================================================================
 # Errors
 # ============================================================================
@@ -5730,6 +5743,35 @@ class RunOptions:
     colsep: str | None = None  # --colsep: a regex cutting each line into columns {1}..{n}
     tagstring: str | None = None  # --tagstring: the prefix of each output line (then a TAB)
 
+    def __post_init__(self) -> None:
+        """Refuse values no run can use, for the CLI and the Python API alike."""
+        timeout, slots = self.timeout, self.slots
+        if timeout is not None and not timeout > 0:  # also NaN
+            raise UsageError(f"--timeout: must be a positive number of seconds, not {timeout:g}")
+        if self.retries < 0:
+            raise UsageError(f"--retries: must be 0 or more, not {self.retries}")
+        if slots is not None and slots < 1:
+            raise UsageError(f"--slots: must be at least 1, not {slots}")
+        if self.pipe and not self.command:
+            raise UsageError("--pipe needs --command: the command each chunk is fed to")
+        if self.lines is not None and self.lines < 1:
+            raise UsageError(f"--lines: must be at least 1, not {self.lines}")
+        if self.lines is not None and not self.pipe:
+            raise UsageError("--lines works with --pipe only (lines per chunk)")
+        if self.block < 1:
+            raise UsageError(f"--block: must be at least 1 byte, not {self.block}")
+        if self.shell is not None and not self.shell.strip():
+            raise UsageError("--shell: needs a shell, e.g. bash or /bin/zsh")
+        if self.colsep is not None:
+            if not self.command or self.pipe:
+                raise UsageError("--colsep needs --command (and no --pipe): it cuts lines")
+            try:
+                re.compile(self.colsep)
+            except re.error as exc:
+                raise UsageError(f"--colsep: not a regular expression: {exc}") from None
+        if self.onall and self.pipe:
+            raise UsageError("--onall and --nonall cannot be used with --pipe")
+
 
 def command_template(opts: RunOptions) -> Template | None:
     """The --command (or --pipe command) as a Template; None when lines are commands."""
@@ -6142,6 +6184,9 @@ def whole_result(result: TaskResult, journal: Journal) -> TaskResult:
 # ============================================================================
 
 TasksArg = str | os.PathLike[str] | Iterable[str]
+# run_tasks: results handed to the consumer's thread and not yet taken. Past it the run
+# goes on but its results wait in the loop, so a slow consumer holds only this many.
+_API_HANDOFF = 1024
 HostsArg = str | os.PathLike[str] | list[HostSpec] | list[str] | None
 
 
@@ -6243,11 +6288,14 @@ def run_tasks(
     log: Callable[[str], None] | None = None,
 ) -> Iterator[TaskResult]:
     """The synchronous twin of run_tasks_async: an iterator of results as they finish."""
-    handoff: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=1024)
-    stop = threading.Event()
+    # The loop's thread never blocks on the consumer: it waits (asynchronously) for room
+    # among the results handed over, and the consumer makes room as it takes each one.
+    handoff: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+    room: list[asyncio.Semaphore] = []  # made on the loop's thread, in produce()
 
     async def produce() -> None:
         """Run the async iterator, handing each result to the consumer's thread."""
+        room.append(asyncio.Semaphore(_API_HANDOFF))
         results = run_tasks_async(
             tasks,
             hosts,
@@ -6259,14 +6307,8 @@ def run_tasks(
         )
         try:
             async for result in results:
-                while not stop.is_set():
-                    try:
-                        handoff.put(("result", result), timeout=0.1)
-                        break
-                    except queue.Full:
-                        await asyncio.sleep(0.05)
-                if stop.is_set():
-                    break
+                await room[0].acquire()
+                handoff.put(("result", result))
         finally:
             await results.aclose()
 
@@ -6291,19 +6333,17 @@ def run_tasks(
         while True:
             kind, value = handoff.get()
             if kind == "result":
+                with contextlib.suppress(RuntimeError):  # the loop already closed
+                    loop.call_soon_threadsafe(room[0].release)
                 yield value
             elif kind == "error":
                 raise value
             else:
                 return
     finally:
-        stop.set()
         with contextlib.suppress(RuntimeError):  # the loop already closed
             loop.call_soon_threadsafe(producer.cancel)
-        while thread.is_alive():  # drain, so that a producer blocked on a full queue sees stop
-            with contextlib.suppress(queue.Empty):
-                handoff.get_nowait()
-            thread.join(0.005)
+        thread.join()
 
 
 # ============================================================================
@@ -6785,32 +6825,7 @@ def _cli() -> Any:
         try:
             if fmt not in _FORMATS:
                 raise UsageError(f"--format: unknown format {fmt!r} (choose text or jsonl)")
-            if timeout is not None and not timeout > 0:
-                raise UsageError(
-                    f"--timeout: must be a positive number of seconds, not {timeout:g}"
-                )
-            if retries < 0:
-                raise UsageError(f"--retries: must be 0 or more, not {retries}")
-            if slots is not None and slots < 1:
-                raise UsageError(f"--slots: must be at least 1, not {slots}")
-            if pipe and not command:
-                raise UsageError("--pipe needs --command: the command each chunk is fed to")
-            if lines is not None and lines < 1:
-                raise UsageError(f"--lines: must be at least 1, not {lines}")
-            if lines is not None and not pipe:
-                raise UsageError("--lines works with --pipe only (lines per chunk)")
-            if shell is not None and not shell.strip():
-                raise UsageError("--shell: needs a shell, e.g. bash or /bin/zsh")
-            if colsep is not None:
-                if not command or pipe:
-                    raise UsageError("--colsep needs --command (and no --pipe): it cuts lines")
-                try:
-                    re.compile(colsep)
-                except re.error as exc:
-                    raise UsageError(f"--colsep: not a regular expression: {exc}") from None
-            block_size = _parse_size(block)
-            if (onall or nonall) and pipe:
-                raise UsageError("--onall and --nonall cannot be used with --pipe")
+            block_size = _parse_size(block)  # the rest is checked by RunOptions
             if output is None:
                 output = "-" if tasks == "-" or nonall else Path(tasks).stem + ".out"
             sources = HostSources(
@@ -6914,10 +6929,6 @@ def _cli() -> Any:
                 raise UsageError(f"--format: unknown format {fmt!r} (choose text or jsonl)")
             if gather and fmt != "text":
                 raise UsageError("--gather is for text output, not --format jsonl")
-            if timeout is not None and not timeout > 0:
-                raise UsageError(
-                    f"--timeout: must be a positive number of seconds, not {timeout:g}"
-                )
             if not (hosts or sshlogin or sshloginfile):
                 raise UsageError("all: give the hosts: --hosts FILE, -S or --slf")
             specs = load_host_sources(

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -595,3 +596,52 @@ def test_inline_script_metadata_matches_pyproject() -> None:
     )["project"]
     assert script["requires-python"] == project["requires-python"]
     assert script["dependencies"] == project["dependencies"]
+
+
+# -- the Python API --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"timeout": -1.0}, "--timeout: must be a positive number of seconds, not -1"),
+        ({"timeout": float("nan")}, "--timeout: must be a positive number of seconds"),
+        ({"slots": 0}, "--slots: must be at least 1, not 0"),
+        ({"retries": -3}, "--retries: must be 0 or more, not -3"),
+    ],
+)
+def test_python_api_refuses_what_the_cli_refuses(kwargs: dict, message: str) -> None:
+    """run_tasks validates its options as the CLI does (RunOptions does it for both)."""
+    with pytest.raises(sshfan.UsageError) as raised:
+        list(sshfan.run_tasks(["echo x"], **kwargs))
+    assert str(raised.value).startswith(message)
+
+
+def test_python_api_slow_consumer_does_not_stop_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With room for one result in hand, a consumer that holds off still lets every task run;
+    it then gets every result, and leaving early ends the run."""
+    monkeypatch.setattr(sshfan, "_API_HANDOFF", 1)
+    commands = [f"echo {n}; touch {tmp_path}/ran.{n}" for n in range(12)]
+    results = sshfan.run_tasks(commands, slots=4)
+    first = next(results)
+    deadline = time.monotonic() + 60
+    while len(list(tmp_path.glob("ran.*"))) < 12 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(list(tmp_path.glob("ran.*"))) == 12  # every task ran while none was taken
+    rest = list(results)
+    assert sorted(r.seq for r in [first, *rest]) == list(range(1, 13))
+    assert all(r.stdout == f"{r.seq - 1}\n".encode() for r in [first, *rest])
+    early = sshfan.run_tasks(["echo a", "echo b", "echo c"], slots=1)
+    assert next(early).ok
+    early.close()  # returns: the run is stopped, not left waiting for room
+
+
+def test_readme_documents_exactly_the_public_api() -> None:
+    """Every name in sshfan.__all__ exists and the README's Python API section names it."""
+    readme = (Path(sshfan.__file__).parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Python API", 1)[1].split("\n## ", 1)[0]
+    for name in sshfan.__all__:
+        assert hasattr(sshfan, name), name
+        assert f"`{name}" in section, name
