@@ -6125,7 +6125,10 @@ def onall_scheduler(
 
 
 def _open_joblog(path: str, append: bool) -> IO[bytes]:
-    """Open a GNU parallel style joblog (header written unless appending to one)."""
+    """Open a GNU parallel style joblog (header written unless appending to one); a
+    leading '+' appends, as parallel's `--joblog +FILE` does."""
+    if path.startswith("+"):
+        path, append = path[1:], True
     try:
         handle = open(path, "ab" if append else "wb")  # noqa: SIM115
     except OSError as exc:
@@ -6688,6 +6691,7 @@ def _cli() -> Any:
         colsep: str | None = typer.Option(
             None,
             "--colsep",
+            "-C",
             metavar="REGEX",
             help="--command: cut each line into columns {1}..{n} at REGEX (trimmed).",
         ),

@@ -249,7 +249,7 @@ def test_tag_and_tagstring_match_parallel(tmp_path: Path, run_sshfan) -> None:
     newline included; --tagstring fills replacement strings unquoted, and {host}."""
     args = _lines_file(tmp_path, ["a b", "", "c'd", "x,y z"])
     template = "printf 'one\\ntwo'"
-    for extra in (["--tag"], ["--tagstring", "<{}|{#}|{.}|{1}>\\t"], ["--tag", "--colsep", ","]):
+    for extra in (["--tag"], ["--tagstring", "<{}|{#}|{.}|{1}>\\t"], ["--tag", "-C", ","]):
         expected = _parallel(["-k", *extra, template + " {}", "::::", str(args)], tmp_path=tmp_path)
         result = run_sshfan(["run", str(args), "-c", template + " {}", *extra, "-o", "-"])
         assert result.returncode == 0, result.stderr
@@ -299,6 +299,11 @@ def test_joblog_matches_parallels(tmp_path: Path, run_sshfan) -> None:
             want[seq][i] for i in (0, 1, 4, 5, 6, 7, 8)
         ]
     assert got[4][7] == b"15" and b"\t" in got[1][8]
+    again = run_sshfan(
+        ["run", str(args), "-c", template, "--joblog", f"+{ours}", "-o", str(tmp_path / "o")]
+    )
+    assert again.returncode == 1, again.stderr
+    assert ours.read_bytes().count(b"Seq\tHost") == 1 and len(ours.read_bytes().splitlines()) == 9
     data = tmp_path / "data.txt"
     data.write_text("abc\ndef\nghi\n")
     _parallel(["--joblog", str(theirs), "--pipe", "-N2", "-k", "wc -c"], input=data.read_bytes())
