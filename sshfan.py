@@ -1923,6 +1923,14 @@ class HaltPolicy:
         return counted >= self.count
 
 
+def max_ahead(opts: RunOptions) -> int:
+    """Tasks a host may hold beyond its slots, at most: --pipe chunks wait in memory on
+    both ends, so large ones are queued few at a time (about PIPE_AHEAD_BYTES of them)."""
+    if opts.pipe and not opts.lines:
+        return max(1, min(HostWindow.MAX_AHEAD, PIPE_AHEAD_BYTES // opts.block))
+    return HostWindow.MAX_AHEAD
+
+
 def start_ahead(left: int, slots: int, all_slots: int) -> int:
     """Tasks to queue beyond SLOTS before any duration is known: a quarter of this host's
     share (by slots) of the LEFT tasks, at least its slots, at most START_MAX.
@@ -4993,10 +5001,7 @@ class _Run:
         self.timeout = opts.timeout
         self.halt = opts.halt or (HaltPolicy() if opts.halt_on_error else None)
         self._halt_counted = 0
-        # --pipe chunks wait in memory on both ends: queue few of them when they are large.
-        self.max_ahead = HostWindow.MAX_AHEAD
-        if opts.pipe and not opts.lines:
-            self.max_ahead = max(1, min(self.max_ahead, PIPE_AHEAD_BYTES // opts.block))
+        self.max_ahead = max_ahead(opts)
         self.whole = whole  # hand on_done whole outputs (read back from the journal)
         self.results = ResultsTree(opts.results) if opts.results else None
         self.files = opts.files if opts.files else None  # files to move for SSH hosts

@@ -406,3 +406,18 @@ def test_resume_failed_reruns_only_the_failed_tasks(tmp_path: Path, run_sshfan) 
     later = run_sshfan([*args, "--resume"])
     assert later.returncode == 0 and b"5 from the journal" in later.stderr, later.stderr
     assert b"failed" not in later.stderr.split(b"from the journal")[1].split(b"\n")[0]
+
+
+def test_large_pipe_chunks_are_queued_few_at_a_time(tmp_path: Path) -> None:
+    """With --block 10M a host queues one chunk beyond its slots: memory stays bounded by
+    the chunks in flight, however long the file."""
+    opts = sshfan.RunOptions("data", [], "-", pipe=True, command="cat", block=10 * 1024 * 1024)
+    assert sshfan.max_ahead(opts) == 1
+    assert sshfan.max_ahead(sshfan.RunOptions("data", [], "-", pipe=True, block=1024**2)) == 16
+    assert sshfan.max_ahead(sshfan.RunOptions("tasks", [], "-")) == sshfan.HostWindow.MAX_AHEAD
+    window = sshfan.HostWindow(slots=4)
+    window.max_ahead = 1
+    window.start_ahead = 64
+    assert window.ahead() == 1 and window.want() == 5
+    window.observe(0.0001)  # tiny tasks would ask for many more
+    assert window.ahead() == 1
