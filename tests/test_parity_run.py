@@ -421,3 +421,33 @@ def test_large_pipe_chunks_are_queued_few_at_a_time(tmp_path: Path) -> None:
     assert window.ahead() == 1 and window.want() == 5
     window.observe(0.0001)  # tiny tasks would ask for many more
     assert window.ahead() == 1
+
+
+@needs_parallel
+def test_resume_failed_reruns_what_gnu_parallels_does(tmp_path: Path, run_sshfan) -> None:
+    """After a run where tasks 2 and 4 failed, --resume-failed runs those two again in
+    sshfan as in GNU parallel (its joblog), and nothing else."""
+    reran = {}
+    for tool in ("parallel", "sshfan"):
+        where = tmp_path / tool
+        where.mkdir()
+        tasks = where / "tasks.txt"
+        tasks.write_text(
+            "".join(
+                f"echo {n} >> {where}/runs; "
+                + ("test -e fixed || exit 4\n" if n in (2, 4) else "true\n")
+                for n in range(1, 7)
+            )
+        )
+        for second in (False, True):
+            if second:
+                (where / "fixed").touch()
+                (where / "runs").write_text("")
+            if tool == "parallel":
+                extra = ["--resume-failed"] if second else []
+                _parallel(["-j2", "--joblog", "jl", *extra], where, tasks.read_bytes())
+            else:
+                extra = ["--resume-failed"] if second else []
+                run_sshfan(["run", "tasks.txt", "-j", "2", "-o", "out", *extra], cwd=where)
+        reran[tool] = sorted((where / "runs").read_text().split())
+    assert reran["sshfan"] == reran["parallel"] == ["2", "4"]
