@@ -4965,12 +4965,12 @@ class RunSummary:
         """The exit code DESIGN.md gives this outcome."""
         if self.interrupted:
             return 130
-        if self.halted and ",success=" in self.halt:
-            return 0  # what was asked for happened (GNU parallel exits 0 too)
-        if self.halted and ",fail=" in self.halt:
-            return 1
-        if self.halted:  # done=N: as GNU parallel, 0 unless a task failed
-            return 1 if self.failed or self.timed_out or self.resumed_failed else 0
+        if self.halted:
+            # Exit 0 means every task ran and exited 0: a halt that left tasks unrun is 1,
+            # whatever stopped it (GNU parallel exits 0 after success=N; sshfan does not).
+            ran = self.ok + self.failed + self.timed_out + self.resumed
+            failed = self.failed or self.timed_out or self.resumed_failed
+            return 1 if failed or ran < self.total else 0
         if not self.complete:
             ran = self.ok + self.failed + self.timed_out + self.resumed
             # --onall: some hosts did their tasks, others could not: a failure, not a

@@ -645,3 +645,13 @@ def test_readme_documents_exactly_the_public_api() -> None:
     for name in sshfan.__all__:
         assert hasattr(sshfan, name), name
         assert f"`{name}" in section, name
+
+
+def test_a_halt_exits_0_only_when_every_task_ran_and_passed() -> None:
+    """Exit 0 means complete: a halt on success that left tasks unrun is exit 1."""
+    unrun = sshfan.RunSummary(total=3, ok=1, halted=True, halt="soon,success=1")
+    assert unrun.exit_code == 1
+    every = sshfan.RunSummary(total=3, ok=3, halted=True, halt="soon,success=3")
+    assert every.exit_code == 0
+    failed = sshfan.RunSummary(total=3, ok=2, failed=1, halted=True, halt="soon,done=3")
+    assert failed.exit_code == 1
