@@ -292,6 +292,7 @@ def test_tasks_see_the_environment_plain_ssh_gives(
     assert env_of(out.read_text()) == {**env_of(plain), "EXTRA": "x y", **own}
 
 
+@pytest.mark.e2e
 def test_local_tasks_see_the_environment_sshfan_was_given(tmp_path: Path) -> None:
     """Local tasks get sshfan's own environment, not what its Python added (PEP 538)."""
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "PYTHONPATH": str(REPO_ROOT)}

@@ -230,6 +230,7 @@ def test_known_hosts_accept_new_records_then_enforces(
     assert b"does not match" in changed.stderr and b"known_hosts:1" in changed.stderr
 
 
+@pytest.mark.e2e
 def test_readme_api_example_runs(tmp_path: Path) -> None:
     """The README's first Python API example runs as written and prints a line per task."""
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
@@ -273,6 +274,7 @@ def _run_in_terminal(args: list[str], cwd: Path) -> bytes:
     return printed
 
 
+@pytest.mark.e2e
 def test_progress_bar_on_a_terminal_and_not_with_no_progress(tmp_path: Path) -> None:
     """On a terminal the bar shows done/total, rate and counts; --no-progress hides it."""
     tasks = tmp_path / "tasks.txt"
@@ -328,6 +330,7 @@ def _ci_recipe_script(port: int) -> str:
     return script.replace("[defaults]\n", f"[defaults]\nport = {port}\n")
 
 
+@pytest.mark.e2e
 def test_readme_ci_recipe_runs_as_written(tmp_path: Path) -> None:
     """The README's localhost-SSH CI recipe works step by step in a fresh HOME."""
     import shutil

@@ -128,6 +128,7 @@ def _lines_file(tmp_path: Path, lines: list[str], name: str = "args.txt") -> Pat
     return path
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("template", TEMPLATES)
 def test_replacement_strings_and_quoting_match_parallel(tmp_path: Path, template: str) -> None:
     """Each template filled with each tricky line gives parallel's --dry-run bytes."""
@@ -141,6 +142,7 @@ def test_replacement_strings_and_quoting_match_parallel(tmp_path: Path, template
     assert got.split(b"\n") == expected.split(b"\n")
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("colsep", [",", ",+", r"\s*;\s*", "\t"])
 def test_colsep_columns_match_parallel(tmp_path: Path, colsep: str) -> None:
     """--colsep cuts, trims and fills {n} (missing columns empty) as parallel does."""

@@ -53,6 +53,7 @@ FITTING = [
 ]
 
 
+@pytest.mark.e2e
 @needs_parallel
 @pytest.mark.parametrize(("name", "block"), FITTING)
 def test_pipe_chunks_end_where_gnu_parallels_do(tmp_path: Path, name: str, block: str) -> None:
@@ -328,6 +329,7 @@ def test_dash_h_is_help_and_help_names_its_arguments(run_sshfan) -> None:
     assert "Exit status" in run_sshfan(["results", "-h"], env={"COLUMNS": "200"}).stdout.decode()
 
 
+@pytest.mark.e2e
 def test_progress_bar_moves_during_long_tasks_and_ends_on_the_summary(tmp_path: Path) -> None:
     """On a terminal the bar is redrawn while 3 s tasks run (elapsed time advancing),
     counts what runs (2, not what was handed out), keeps its counts' width, and its last
