@@ -2026,6 +2026,9 @@ def _status_fields(status: int) -> tuple[int, int | None]:
     return status, None
 
 
+PROBE_WAIT = 2.0  # seconds at least that a silent stub has to answer a ping (_watch)
+
+
 class HostSession:
     """The head's end of one host: connection, stub channel, frames, in-flight tasks."""
 
@@ -2506,7 +2509,8 @@ class HostSession:
             return
         interval = self.spec.keepalive / 3
         now = time.monotonic()
-        if self._probe_at is not None and now - self._probe_at >= 2 * interval:
+        # At least PROBE_WAIT for the answer: a busy worker must not count as a dead one.
+        if self._probe_at is not None and now - self._probe_at >= max(2 * interval, PROBE_WAIT):
             silent = now - self.heard_at
             pid = self.hello.get("pid")
             if not self.spec.local and self._conn is not None and isinstance(pid, int) and pid > 1:
