@@ -14,8 +14,24 @@ standard-library worker stub over the channel's stdin, streams chunks of tasks t
 it and collects each task's result into a durable journal, from which one merged
 output file is rendered in task order.
 
-Sections, low level to high: errors, hosts config, wire framing (shipped),
-worker stub (shipped), scheduler, transports, journal and output, the run, CLI.
+Contents: numbered sections under banners, low level to high (a test keeps this list
+and the banners the same). Sections 3 and 4 lie between the BEGIN SHIPPED and END
+SHIPPED markers: that text is the worker stub, sent as it is (standard library only,
+Python 3.6+). The public API is `__all__`; everything else is internal.
+
+   1. Errors
+   2. Hosts config
+   3. Wire framing (shipped to the worker: standard library only, Python 3.6+)
+   4. Worker stub (shipped: standard library only, Python 3.6+)
+   5. Shipping the stub: its source and the bootstrap that starts it
+   6. Scheduler (sans-IO)
+   7. Transports: the head's end of a stub channel, over SSH or a local subprocess
+   8. Files to and from workers (GNU parallel's --transferfile, --return, --basefile)
+   9. Journal and output
+  10. The run: hosts, scheduler, journal and output together
+  11. Python API
+  12. Checking hosts
+  13. Command line
 """
 
 from __future__ import annotations
@@ -35,7 +51,6 @@ import gc
 import hashlib
 import heapq
 import hmac
-import inspect
 import io
 import itertools
 import json
@@ -83,7 +98,7 @@ __all__ = [
 ]
 
 # ============================================================================
-# Errors
+# 1. Errors
 # ============================================================================
 
 
@@ -115,7 +130,7 @@ class HostError(SshfanError):
 
 
 # ============================================================================
-# Hosts config
+# 2. Hosts config
 # ============================================================================
 
 _HOST_KEYS: dict[str, tuple[type, ...]] = {
@@ -666,8 +681,10 @@ def load_host_sources(sources: HostSources) -> list[HostSpec]:
     return pick_hosts(specs, sources.only, sources.exclude)
 
 
+# >>>>>>>> BEGIN SHIPPED: sent to workers as is (standard library only, Python 3.6+) >>>>>>>>
+
 # ============================================================================
-# Wire framing (shipped to the worker: standard library only, Python 3.6+)
+# 3. Wire framing (shipped to the worker: standard library only, Python 3.6+)
 # ============================================================================
 # A frame is MAGIC (4 bytes), KIND (1 byte), LENGTH (4 bytes, big-endian), then
 # LENGTH bytes of payload. Payloads:
@@ -882,10 +899,10 @@ def decode_result(payload: bytes) -> tuple:
 
 
 # ============================================================================
-# Worker stub (shipped: standard library only, Python 3.6+)
+# 4. Worker stub (shipped: standard library only, Python 3.6+)
 # ============================================================================
-# The stub's source is these functions and classes, cut from this file's text and sent
-# as text.
+# The stub is the text of this file between BEGIN SHIPPED and END SHIPPED (the wire
+# framing above and this section), sent as it is (stub_source).
 # It moves the protocol's fds aside first (as execnet does), so that a stray print
 # in the stub or in Python's start-up cannot corrupt the frame stream.
 
@@ -1542,53 +1559,12 @@ def stub_main() -> None:
     os._exit(0)
 
 
-_SHIPPED_IMPORTS = (
-    "import collections, contextlib, json, mmap, os, selectors, signal, socket, struct\n"
-    "import subprocess, sys, time\n"
-)
+# <<<<<<<< END SHIPPED <<<<<<<<
 
-_SHIPPED_CONSTANTS = (
-    "FRAME_MAGIC",
-    "FRAME_MAX",
-    "BANNER_MAX",
-    "OUTPUT_PIECE",
-    "COLLECT_FROM",
-    "FLUSH_DELAY",
-    "WARDEN_NAP",
-    "KILL_GRACE",
-    "PROTO_VERSION",
-    "KIND_HELLO",
-    "KIND_CONFIG",
-    "KIND_TASKS",
-    "KIND_PING",
-    "KIND_PONG",
-    "KIND_OUTPUT",
-    "KIND_RESULT",
-    "KIND_ERROR",
-    "KIND_DROP",
-    "KIND_DROPPED",
-    "KIND_INPUT",
-    "KIND_RELEASE",
-    "KIND_CANCEL",
-    "FLAG_TIMED_OUT",
-    "FLAG_CANCELLED",
-)
-_SHIPPED_STRUCTS = ("FRAME_HEADER", "TASK_HEAD", "INPUT_HEAD", "OUTPUT_HEAD", "RESULT_HEAD")
-_SHIPPED_OBJECTS = (
-    FrameError,
-    StubStopError,
-    encode_frame,
-    FrameDecoder,
-    encode_tasks,
-    decode_tasks,
-    encode_result,
-    StubTask,
-    login_environ,
-    kill_strays,
-    Stub,
-    start_warden,
-    stub_main,
-)
+
+# ============================================================================
+# 5. Shipping the stub: its source and the bootstrap that starts it
+# ============================================================================
 
 
 @functools.cache
@@ -1597,42 +1573,31 @@ def _module_lines() -> list[str]:
     return Path(__file__).read_text(encoding="utf-8").splitlines()
 
 
-def _source_of(obj: Any) -> str:
-    """The source of a shipped top-level function or class, found by a scan of the lines.
-
-    The block runs from its `def`/`class` line to the last code line before the next
-    top-level statement. Parsing the whole file (ast, or inspect for classes) costs
-    30-150 ms of start-up here; a test checks this scan against ast's line numbers."""
-    lines = _module_lines()
-    if inspect.isfunction(obj):
-        start = obj.__code__.co_firstlineno - 1
-    else:
-        header = re.compile(rf"class {re.escape(obj.__name__)}\b")
-        start = next(i for i, line in enumerate(lines) if header.match(line))
-    end = start + 1
-    while end < len(lines) and (not lines[end] or lines[end][0] in " \t#)]}"):
-        end += 1
-    while not lines[end - 1].strip() or lines[end - 1].startswith("#"):
-        end -= 1
-    return "\n".join(lines[start:end]) + "\n"
+# The stub's own imports: the shipped region uses these and nothing else (a test checks).
+_SHIPPED_IMPORTS = (
+    "import collections, contextlib, json, mmap, os, selectors, signal, socket, struct\n"
+    "import subprocess, sys, time\n"
+)
 
 
 @functools.cache
 def stub_source() -> str:
-    """The worker stub's complete source, as shipped: imports, constants, code, entry call."""
-    lines = [
-        f"# sshfan worker stub {__version__} (standard library only, Python 3.6+)\n",
-        "from typing import Any\n",
-        _SHIPPED_IMPORTS,
-    ]
-    for name in _SHIPPED_CONSTANTS:
-        lines.append(f"{name} = {globals()[name]!r}\n")
-    for name in _SHIPPED_STRUCTS:
-        lines.append(f"{name} = struct.Struct({globals()[name].format!r})\n")
-    for obj in _SHIPPED_OBJECTS:
-        lines.append("\n\n" + _source_of(obj))
-    lines.append("\n\nif __name__ == '__main__':\n    stub_main()\n")
-    return "".join(lines)
+    """The worker stub's complete source, as shipped: imports, then the lines between the
+    BEGIN SHIPPED and END SHIPPED markers of this file as they are, then the entry call.
+
+    A scan for the two marker lines, not a parse: parsing the file would slow every start."""
+    lines = _module_lines()
+    begin = next(i for i, line in enumerate(lines) if line.startswith("# >>>>>>>> BEGIN SHIPPED"))
+    end = next(i for i, line in enumerate(lines) if line.startswith("# <<<<<<<< END SHIPPED"))
+    return "".join(
+        [
+            f"# sshfan worker stub {__version__} (standard library only, Python 3.6+)\n",
+            "from typing import Any\n",
+            _SHIPPED_IMPORTS,
+            "\n".join(lines[begin + 1 : end]),
+            "\nif __name__ == '__main__':\n    stub_main()\n",
+        ]
+    )
 
 
 def bootstrap_code(source_len: int) -> str:
@@ -1648,7 +1613,7 @@ def bootstrap_code(source_len: int) -> str:
 
 
 # ============================================================================
-# Scheduler (sans-IO)
+# 6. Scheduler (sans-IO)
 # ============================================================================
 
 
@@ -1989,7 +1954,7 @@ class HostWindow:
 
 
 # ============================================================================
-# Transports: the head's end of a stub channel, over SSH or a local subprocess
+# 7. Transports: the head's end of a stub channel, over SSH or a local subprocess
 # ============================================================================
 
 
@@ -3373,7 +3338,7 @@ def preflight(hosts: list[HostSpec], where: str = "hosts file") -> None:
 
 
 # ============================================================================
-# Files to and from workers (GNU parallel's --transferfile, --return, --basefile)
+# 8. Files to and from workers (GNU parallel's --transferfile, --return, --basefile)
 # ============================================================================
 # Files travel over SFTP on the host's own SSH connection, in a channel beside the
 # stub's: a 100 MB file then never holds up the frames (results, pings) of the tasks
@@ -3640,7 +3605,7 @@ def _sync_file(path: str) -> None:
 
 
 # ============================================================================
-# Journal and output
+# 9. Journal and output
 # ============================================================================
 # The journal is an append-only file of frames (the same framing as the wire):
 # a header record, OUTPUT pieces of large outputs as they stream in, and one DONE
@@ -4777,7 +4742,7 @@ def read_chunks(
 
 
 # ============================================================================
-# The run: hosts, scheduler, journal and output together
+# 10. The run: hosts, scheduler, journal and output together
 # ============================================================================
 
 WATCH_INTERVAL = 1.0  # seconds between looks at the hosts files (hosts that come and go)
@@ -6192,7 +6157,7 @@ def whole_result(result: TaskResult, journal: Journal) -> TaskResult:
 
 
 # ============================================================================
-# Python API
+# 11. Python API
 # ============================================================================
 
 TasksArg = str | os.PathLike[str] | Iterable[str]
@@ -6359,7 +6324,7 @@ def run_tasks(
 
 
 # ============================================================================
-# Checking hosts
+# 12. Checking hosts
 # ============================================================================
 
 
@@ -6410,7 +6375,7 @@ async def check_hosts(hosts: list[HostSpec]) -> list[HostCheck]:
 
 
 # ============================================================================
-# Command line
+# 13. Command line
 # ============================================================================
 
 _FORMATS = ("text", "jsonl")

@@ -8,6 +8,7 @@ import asyncio
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -170,18 +171,21 @@ def test_stub_source_uses_only_stdlib_and_its_own_names() -> None:
     assert not unknown, f"the stub uses names it does not ship: {sorted(unknown)}"
 
 
-def test_shipped_blocks_match_the_parsed_definitions() -> None:
-    """The line scan that cuts each shipped object out of sshfan.py agrees with ast."""
-    text = Path(sshfan.__file__).read_text(encoding="utf-8")
-    lines = text.splitlines()
-    parsed = {
-        node.name: "\n".join(lines[node.lineno - 1 : node.end_lineno]) + "\n"
-        for node in ast.parse(text).body
-        if isinstance(node, (ast.FunctionDef, ast.ClassDef))
-    }
-    for obj in sshfan._SHIPPED_OBJECTS:
-        assert sshfan._source_of(obj) == parsed[obj.__name__], obj.__name__
-    assert len(sshfan._SHIPPED_OBJECTS) >= 5
+def test_shipped_region_is_one_marked_block_holding_the_stub() -> None:
+    """The stub is the text between one BEGIN SHIPPED and one END SHIPPED line of sshfan.py,
+    and everything the stub and the head share on the wire is defined inside it."""
+    lines = Path(sshfan.__file__).read_text(encoding="utf-8").splitlines()
+    begins = [n for n, line in enumerate(lines, 1) if line.startswith("# >>>>>>>> BEGIN SHIPPED")]
+    ends = [n for n, line in enumerate(lines, 1) if line.startswith("# <<<<<<<< END SHIPPED")]
+    assert len(begins) == 1 and len(ends) == 1 and begins[0] < ends[0]
+    source = sshfan.stub_source()
+    assert "\n".join(lines[begins[0] : ends[0] - 1]) in source
+    for name in ("FrameDecoder", "encode_frame", "decode_result", "Stub", "stub_main"):
+        first = [n for n, line in enumerate(lines, 1) if re.match(rf"(class|def) {name}\b", line)]
+        assert len(first) == 1 and begins[0] < first[0] < ends[0], name
+    tree = ast.parse(source)
+    defined = {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    assert {"FrameDecoder", "Stub", "stub_main", "start_warden"} <= defined
 
 
 def test_stub_source_runs_without_the_head_module(tmp_path: Path) -> None:
@@ -655,3 +659,12 @@ def test_a_halt_exits_0_only_when_every_task_ran_and_passed() -> None:
     assert every.exit_code == 0
     failed = sshfan.RunSummary(total=3, ok=2, failed=1, halted=True, halt="soon,done=3")
     assert failed.exit_code == 1
+
+
+def test_module_contents_list_matches_the_numbered_banners() -> None:
+    """The module docstring's contents list is the banners' numbers and titles, in order."""
+    text = Path(sshfan.__file__).read_text(encoding="utf-8")
+    banners = re.findall(r"(?m)^# =+\n# (\d+)\. (.*)\n# =+$", text)
+    listed = re.findall(r"(?m)^ +(\d+)\. (.*)$", sshfan.__doc__ or "")
+    assert banners and listed == banners
+    assert [int(n) for n, _ in banners] == list(range(1, len(banners) + 1))
