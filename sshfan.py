@@ -5362,7 +5362,7 @@ class _Run:
         running far past the typical duration on an idle slot of another host.
 
         Far past: SPECULATE_AFTER times the median finished duration plus SPECULATE_MIN
-        (so that a run of tiny tasks does not copy its last few). The first copy to finish
+        (so that a run of tiny tasks does not copy its last few). The first copy to succeed
         wins (on_result); the other is cancelled, its process group killed by its stub."""
         if not self.speculate or self.scheduler.has_work() or self.summary.halted:
             return
