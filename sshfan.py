@@ -6809,6 +6809,9 @@ def _cli() -> Any:
             sources = HostSources(
                 hosts, sshlogin or [], sshloginfile or [], only or [], exclude or []
             )
+            logins = [p for value in sources.sshlogins for p in split_outside_brackets(value)]
+            if tasks == "-" and "-" in [*sources.sshloginfiles, *logins]:
+                raise UsageError("sshlogins from stdin ('-'): stdin holds the tasks (TASKS is -)")
             specs = load_host_sources(sources)
             opts = RunOptions(
                 tasks,

@@ -285,6 +285,9 @@ def test_only_and_exclude_on_a_ranged_hosts_file(
     result = run_sshfan([*base, "-S", "h[1-x]"])
     assert result.returncode == 2
     assert "-S: 'h[1-x]': bad range in 'h[1-x]': at character 3" in result.stderr.decode()
+    result = run_sshfan(["run", "-", "--slf", "-", "-o", str(out)], input=b"h1\n")
+    assert result.returncode == 2
+    assert "stdin holds the tasks" in result.stderr.decode()
 
 
 @pytest.mark.skipif(
