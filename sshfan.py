@@ -1477,6 +1477,10 @@ def start_warden(close: tuple) -> "int | None":
         os.close(r)
         return w
     try:
+        # A session of its own: a SIGKILL to the head's whole process group (a job
+        # control or CI timeout) takes the local stub with it, but not its warden.
+        with contextlib.suppress(OSError):
+            os.setsid()
         os.close(w)
         for fd in close:
             os.close(fd)

@@ -775,6 +775,24 @@ def test_head_killed_leaves_no_orphans(
         kill_marked(f"sleep {sleeper}")
 
 
+def test_head_and_local_stubs_killed_as_a_group_leave_no_task_behind(
+    spawn: Callable[..., Head], tmp_path: Path
+) -> None:
+    """SIGKILL to the head's whole process group (local stubs included, as a CI job
+    timeout sends it): the stubs' wardens still kill every task."""
+    sleeper = "41.7"
+    hosts = write_file(tmp_path / "hosts.toml", LOCAL_BLOCK)
+    line = f"sh -c 'sleep {sleeper}; echo x' ; sleep {sleeper}"
+    tasks = write_file(tmp_path / "tasks.txt", f"{line}\n{line}\n{line}\n")
+    head = spawn(run_args(tasks, hosts, tmp_path / "out.txt"))
+    try:
+        wait_for("two running tasks", lambda: sleeping(sleeper) >= 2)
+        head.stop()  # os.killpg(head's group, SIGKILL)
+        assert_no_procs_soon(sleeper)
+    finally:
+        kill_marked(f"sleep {sleeper}")
+
+
 @pytest.mark.parametrize("where", ["ssh", "local"])
 def test_a_stub_killed_outright_leaves_no_task_behind(
     where: str, sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path
