@@ -7305,6 +7305,9 @@ def _check_file_options(opts: RunOptions) -> None:
     for name, templates in (("--transferfile", files.transfer), ("--return", files.returns)):
         if any(not template.strip() for template in templates):
             raise UsageError(f"{name}: needs a file name template")
+        if any("{%}" in template for template in templates):
+            # The slot is known only once the stub starts the task, after files are sent.
+            raise UsageError(f"{name}: {{%}} (the job slot) cannot name a file")
     for name in files.basefiles:
         local = transfer_paths(name)[0]
         if not os.path.isfile(local) or not os.access(local, os.R_OK):

@@ -396,3 +396,12 @@ def test_slots_and_environment_over_ssh(sshd: SshServer, tmp_path: Path, run_ssh
     assert used <= {"1", "2", "3", "4"} and not slots_of["h1"] & slots_of["h2"]
     for row in _joblog_rows(joblog).values():
         assert row[1] in (b"h1", b"h2") and b"{%}" not in row[8]
+
+
+def test_slot_cannot_name_a_transferred_file(tmp_path: Path, run_sshfan) -> None:
+    """{%} is known only when the task starts, after its files went: exit 2, not a file
+    named with a NUL or a literal {%}."""
+    args = _lines_file(tmp_path, ["a"])
+    for option in ("--tf", "--return"):
+        result = run_sshfan(["run", str(args), "-c", "cat {}", option, "x{%}", "-o", "-"])
+        assert result.returncode == 2 and b"{%}" in result.stderr, result.stderr
