@@ -721,13 +721,13 @@ FRAME_HEADER = struct.Struct(">4sBI")
 # Large enough for a batch of tasks or a 256 KiB output piece with room to spare,
 # small enough that a corrupt length cannot make either end allocate gigabytes.
 FRAME_MAX = 8 * 1024 * 1024
-BANNER_MAX = 64 * 1024
-OUTPUT_PIECE = 256 * 1024
+BANNER_MAX = 64 * 1024  # login-banner bytes skipped before a stub that never frames fails
+OUTPUT_PIECE = 256 * 1024  # a task's output moves in pieces this size: memory stays flat
 COLLECT_FROM = 64 * 1024  # payloads from this size are collected piecewise (FrameDecoder)
 FLUSH_DELAY = 0.005  # seconds the stub may hold finished results to send them together
 WARDEN_NAP = 0.05  # seconds the warden sleeps between reads: it only acts once at the end
 KILL_GRACE = 2.0  # seconds a killed task's pipes may stay open before the stub closes them
-PROTO_VERSION = 1
+PROTO_VERSION = 1  # sent in HELLO: the head refuses a stub of another version
 
 KIND_HELLO = 1
 KIND_CONFIG = 2

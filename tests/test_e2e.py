@@ -13,7 +13,6 @@ import dataclasses
 import json
 import os
 import pwd
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from sshd import SshServer
+from support import closed_port, write_hosts_file
 
 RunSshfan = Callable[..., "subprocess.CompletedProcess[bytes]"]
 
@@ -177,23 +177,16 @@ def jsonl_run_args(tasks: Path, hosts: Path, out: Path) -> list[str]:
     ]
 
 
-def hosts_file(tmp_path: Path, text: str, name: str = "hosts.toml") -> Path:
-    """Write a hosts file into tmp_path and return its path."""
-    path = tmp_path / name
-    path.write_text(text)
-    return path
-
-
 LOCAL_HOST = '\n[[hosts]]\nname = "here"\nlocal = true\nslots = 2\n'
 
 
 def setup_hosts(setup: str, sshd: SshServer, tmp_path: Path) -> tuple[list[str], set[str]]:
     """Return the --hosts arguments and host names for a named host setup."""
     if setup == "ssh":
-        path = hosts_file(tmp_path, sshd.hosts_toml(["h1", "h2"], slots=2))
+        path = write_hosts_file(tmp_path, sshd.hosts_toml(["h1", "h2"], slots=2))
         return ["--hosts", str(path)], {"h1", "h2"}
     if setup == "ssh+local":
-        path = hosts_file(tmp_path, sshd.hosts_toml(["h1"], slots=2) + LOCAL_HOST)
+        path = write_hosts_file(tmp_path, sshd.hosts_toml(["h1"], slots=2) + LOCAL_HOST)
         return ["--hosts", str(path)], {"h1", "here"}
     assert setup == "default-local"
     return [], {"local"}
@@ -282,7 +275,7 @@ def test_tasks_see_the_environment_plain_ssh_gives(
     ).stdout.decode()
     # The interpreter itself, not a version manager's shim (pyenv's adds PYENV_* and PATH).
     toml = sshd.hosts_toml(["h1"], python=sys.executable)
-    hosts = hosts_file(tmp_path, toml + 'env = { EXTRA = "x y" }\n')
+    hosts = write_hosts_file(tmp_path, toml + 'env = { EXTRA = "x y" }\n')
     tasks = tmp_path / "tasks.txt"
     tasks.write_text("env\n")
     out = tmp_path / "env.txt"
@@ -316,7 +309,7 @@ def test_all_succeeding_exits_zero(sshd: SshServer, run_sshfan: RunSshfan, tmp_p
     assert len(good) > len(lines) // 2  # the reference itself is sane
     tasks = tmp_path / "good.txt"
     tasks.write_text("\n".join(good) + "\n")
-    hosts = hosts_file(tmp_path, sshd.hosts_toml(["h1", "h2"], slots=3))
+    hosts = write_hosts_file(tmp_path, sshd.hosts_toml(["h1", "h2"], slots=3))
     out = tmp_path / "good.jsonl"
     result = run_sshfan(jsonl_run_args(tasks, hosts, out))
     check_exit(result, 0)
@@ -327,7 +320,7 @@ def test_one_failure_exits_one(sshd: SshServer, run_sshfan: RunSshfan, tmp_path:
     """Exit 1 when everything ran but a single task exited non-zero."""
     tasks = tmp_path / "tasks.txt"
     tasks.write_text("true\necho ok\nexit 7\necho ok2\n")
-    hosts = hosts_file(tmp_path, sshd.hosts_toml(["h1", "h2"]))
+    hosts = write_hosts_file(tmp_path, sshd.hosts_toml(["h1", "h2"]))
     out = tmp_path / "out.txt"
     result = run_sshfan(["run", str(tasks), "--hosts", str(hosts), "-o", str(out), "--no-progress"])
     check_exit(result, 1)
@@ -339,7 +332,7 @@ def test_work_spreads_over_hosts(sshd: SshServer, run_sshfan: RunSshfan, tmp_pat
     lines = [f"sleep 1; echo task{i}" for i in range(8)]
     tasks = tmp_path / "slow.txt"
     tasks.write_text("\n".join(lines) + "\n")
-    hosts = hosts_file(tmp_path, sshd.hosts_toml(["h1", "h2"], slots=1))
+    hosts = write_hosts_file(tmp_path, sshd.hosts_toml(["h1", "h2"], slots=1))
     out = tmp_path / "slow.jsonl"
     result = run_sshfan(jsonl_run_args(tasks, hosts, out))
     check_exit(result, 0)
@@ -353,7 +346,7 @@ def test_work_spreads_over_hosts(sshd: SshServer, run_sshfan: RunSshfan, tmp_pat
 def test_tasks_from_stdin_to_stdout(sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path) -> None:
     """TASKS `-` reads stdin and `-o -` writes the merged output alone to stdout."""
     lines = ["echo one", "", "printf 'two\\377'", "echo three >&2; echo four"]
-    hosts = hosts_file(tmp_path, sshd.hosts_toml(["h1", "h2"]))
+    hosts = write_hosts_file(tmp_path, sshd.hosts_toml(["h1", "h2"]))
     result = run_sshfan(
         ["run", "-", "--hosts", str(hosts), "-o", "-", "--no-progress"],
         input=("\n".join(lines) + "\n").encode(),
@@ -378,16 +371,9 @@ def test_default_output_path(run_sshfan: RunSshfan, tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------
 
 
-def closed_port() -> int:
-    """Return a loopback port that nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_check_lists_every_host(sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path) -> None:
     """`sshfan check` exits 0 and prints a row for every reachable host."""
-    hosts = hosts_file(tmp_path, sshd.hosts_toml(["h1", "h2"]) + LOCAL_HOST)
+    hosts = write_hosts_file(tmp_path, sshd.hosts_toml(["h1", "h2"]) + LOCAL_HOST)
     result = run_sshfan(["check", "--hosts", str(hosts)])
     check_exit(result, 0)
     rows = result.stdout.decode().splitlines()
@@ -399,7 +385,7 @@ def test_check_fails_on_closed_port(sshd: SshServer, run_sshfan: RunSshfan, tmp_
     """`sshfan check` exits non-zero and names the host whose port is closed."""
     text = sshd.hosts_toml(["h1"], connect_timeout=5)
     text += f'\n[[hosts]]\nname = "deadhost"\naddress = "127.0.0.1"\nport = {closed_port()}\n'
-    hosts = hosts_file(tmp_path, text)
+    hosts = write_hosts_file(tmp_path, text)
     result = run_sshfan(["check", "--hosts", str(hosts)])
     assert result.returncode != 0, result.stdout.decode()
     assert b"deadhost" in result.stdout + result.stderr
@@ -428,7 +414,7 @@ def test_host_key_mismatch_runs_nothing(
     tasks = tmp_path / "tasks.txt"
     tasks.write_text(f"touch {marker}\n")
     text = sshd.hosts_toml(["h1"], known_hosts=str(wrong_known_hosts(sshd, tmp_path)))
-    hosts = hosts_file(tmp_path, text)
+    hosts = write_hosts_file(tmp_path, text)
     result = run_sshfan(
         ["run", str(tasks), "--hosts", str(hosts), "-o", str(tmp_path / "o"), "--no-progress"]
     )
@@ -447,7 +433,7 @@ def test_unknown_hosts_key_is_usage_error(
     marker = tmp_path / "ran"
     tasks = tmp_path / "tasks.txt"
     tasks.write_text(f"touch {marker}\n")
-    hosts = hosts_file(tmp_path, sshd.hosts_toml(["h1"], colour="blue"))
+    hosts = write_hosts_file(tmp_path, sshd.hosts_toml(["h1"], colour="blue"))
     result = run_sshfan(["run", str(tasks), "--hosts", str(hosts), "--no-progress"])
     check_exit(result, 2)
     lines = result.stderr.decode().strip().splitlines()

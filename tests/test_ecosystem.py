@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from sshd import SshServer
+from support import procs_with
 
 import sshfan
 
@@ -21,22 +22,6 @@ def _hosts(server: SshServer, tmp_path: Path, names: list[str], **extra: object)
     path = tmp_path / "hosts.toml"
     path.write_text(server.hosts_toml(names, **extra))
     return path
-
-
-def _sleepers_alive(marker: str) -> list[int]:
-    """Pids of processes whose command line contains MARKER."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
-            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if marker.encode() in cmdline and state != "Z" and b"pytest" not in cmdline:
-            found.append(int(entry))
-    return found
 
 
 def test_tag_joblog_and_slots_over_ssh(sshd: SshServer, tmp_path: Path, run_sshfan) -> None:
@@ -173,9 +158,9 @@ def test_python_api_async_twin_and_early_stop_kills_tasks(sshd: SshServer, tmp_p
 
     assert asyncio.run(first_only()) == b"quick\n"
     deadline = time.monotonic() + 10
-    while _sleepers_alive(marker) and time.monotonic() < deadline:
+    while procs_with(marker) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _sleepers_alive(marker)
+    assert not procs_with(marker)
 
 
 def test_python_api_raises_when_no_host_is_left(tmp_path: Path) -> None:

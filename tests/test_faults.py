@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from sshd import SshServer
+from support import closed_port, procs_with
 
 import sshfan
 
@@ -132,22 +132,6 @@ def wait_for(what: str, predicate: Callable[[], object], timeout: float = 30.0) 
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(0.05)
-
-
-def procs_with(marker: str) -> list[tuple[int, str]]:
-    """Return (pid, command line) of live non-zombie processes whose argv contains MARKER."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes()
-            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if state != "Z" and marker.encode() in argv:
-            found.append((int(entry), argv.replace(b"\0", b" ").decode(errors="replace")))
-    return found
 
 
 def sleeping(seconds: str) -> int:
@@ -371,13 +355,6 @@ def test_host_lost_mid_output_leaves_no_partial_output(
 # ---------------------------------------------------------------------------
 # 3: hosts failing at start
 # ---------------------------------------------------------------------------
-
-
-def closed_port() -> int:
-    """Return a loopback port nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def new_key(path: Path) -> Path:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from support import write_hosts_file
 
 import sshfan
 
@@ -67,13 +68,6 @@ def run_with_hosts(
     return run_sshfan(
         ["run", str(tasks), "--hosts", str(hosts), "-o", str(out), "--no-progress"], timeout=60
     )
-
-
-def write_hosts(tmp_path: Path, text: str) -> Path:
-    """Write a hosts file and return its path."""
-    path = tmp_path / "hosts.toml"
-    path.write_text(text)
-    return path
 
 
 LOCAL = '[[hosts]]\nname = "here"\nlocal = true\n'
@@ -130,7 +124,7 @@ def test_bad_hosts_file_cli(
     tmp_path: Path,
 ) -> None:
     """A bad hosts file exits 2 with one line naming file, line and key; nothing runs."""
-    hosts = write_hosts(tmp_path, text)
+    hosts = write_hosts_file(tmp_path, text)
     message = assert_usage_error(run_with_hosts(run_sshfan, tasks, hosts, tmp_path), str(hosts))
     assert names_line(message, hosts, line), f"line {line} not named in {message!r}"
     if key:
@@ -147,7 +141,7 @@ def test_no_hosts_cli(
     text: str, run_sshfan: RunSshfan, tasks: Path, marker: Path, tmp_path: Path
 ) -> None:
     """A hosts file without any [[hosts]] table exits 2 with one line saying so."""
-    hosts = write_hosts(tmp_path, text)
+    hosts = write_hosts_file(tmp_path, text)
     message = assert_usage_error(run_with_hosts(run_sshfan, tasks, hosts, tmp_path), str(hosts))
     assert "host" in message.lower()
     assert not marker.exists()
@@ -157,7 +151,7 @@ def test_host_without_name_cli(
     run_sshfan: RunSshfan, tasks: Path, marker: Path, tmp_path: Path
 ) -> None:
     """A [[hosts]] table without a name is refused, naming the table's line and 'name'."""
-    hosts = write_hosts(tmp_path, LOCAL + "\n[[hosts]]\nslots = 2\n")
+    hosts = write_hosts_file(tmp_path, LOCAL + "\n[[hosts]]\nslots = 2\n")
     message = assert_usage_error(run_with_hosts(run_sshfan, tasks, hosts, tmp_path), str(hosts))
     assert names_line(message, hosts, 5)
     assert "name" in message
@@ -200,7 +194,7 @@ def test_hosts_file_unreadable(
     run_sshfan: RunSshfan, tasks: Path, marker: Path, tmp_path: Path
 ) -> None:
     """A hosts file without read permission exits 2 with one line naming it."""
-    hosts = write_hosts(tmp_path, LOCAL)
+    hosts = write_hosts_file(tmp_path, LOCAL)
     hosts.chmod(0)
     try:
         message = assert_usage_error(run_with_hosts(run_sshfan, tasks, hosts, tmp_path), str(hosts))
@@ -212,7 +206,7 @@ def test_hosts_file_unreadable(
 
 def test_check_rejects_bad_hosts_file(run_sshfan: RunSshfan, tmp_path: Path) -> None:
     """`sshfan check` applies the same hosts-file checks: exit 2, one line with line and key."""
-    hosts = write_hosts(tmp_path, '[[hosts]]\nname = "a"\nlocal = true\nslots = "many"\n')
+    hosts = write_hosts_file(tmp_path, '[[hosts]]\nname = "a"\nlocal = true\nslots = "many"\n')
     result = run_sshfan(["check", "--hosts", str(hosts)], timeout=60)
     message = assert_usage_error(result, str(hosts), "slots")
     assert names_line(message, hosts, 4)
@@ -476,7 +470,7 @@ def test_load_hosts_directory(tmp_path: Path) -> None:
 
 def test_load_hosts_defaults(tmp_path: Path) -> None:
     """load_hosts fills in defaults, applies [defaults], and normalises values."""
-    path = write_hosts(
+    path = write_hosts_file(
         tmp_path,
         "\n".join(
             [

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from sshd import SshServer
+from support import closed_port
 from test_faults import (
     LOCAL_BLOCK,
     NO_HANG,
@@ -404,15 +405,6 @@ def test_a_second_run_on_the_same_output_or_journal_is_refused(
 # ---------------------------------------------------------------------------
 # 8: a run that ends before any task ran changes nothing
 # ---------------------------------------------------------------------------
-
-
-def closed_port() -> int:
-    """A loopback TCP port nothing listens on (bound, then released)."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_a_rerun_that_cannot_start_leaves_output_and_journal_as_they_were(

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from sshd import HOST, SshServer
-from test_e2e import closed_port
+from support import closed_port
 
 import sshfan
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from sshd import SshServer
+from support import procs_with
 
 from sshfan import (
     FLAG_CANCELLED,
@@ -184,22 +185,6 @@ def test_second_run_starts_the_long_task_first(tmp_path: Path, run_sshfan: RunSs
 # -- --speculate: backup copies of stragglers -------------------------------------------
 
 
-def procs_with(marker: str) -> list[int]:
-    """Pids of live non-zombie processes whose argv contains MARKER."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes()
-            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if state != "Z" and marker.encode() in argv:
-            found.append(int(entry))
-    return found
-
-
 def test_speculate_copies_a_straggler_and_kills_the_loser(
     sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path
 ) -> None:
@@ -231,7 +216,7 @@ def test_speculate_copies_a_straggler_and_kills_the_loser(
             time.sleep(0.1)
         assert not procs_with(marker), "the losing copy was left running"
     finally:
-        for pid in procs_with(marker):  # never leave a 30 s sleeper to other tests
+        for pid, _argv in procs_with(marker):  # never leave a 30 s sleeper to other tests
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
@@ -263,7 +248,7 @@ def test_stub_cancel_kills_a_running_task_and_answers_a_queued_one(tmp_path: Pat
         assert stub.results(1) == {4: (0, 0, b"four\n", b"")}
         assert stub.close() == 0
     finally:
-        for pid in procs_with(marker):
+        for pid, _argv in procs_with(marker):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         if stub.proc.poll() is None:

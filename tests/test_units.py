@@ -665,6 +665,7 @@ def test_module_contents_list_matches_the_numbered_banners() -> None:
     """The module docstring's contents list is the banners' numbers and titles, in order."""
     text = Path(sshfan.__file__).read_text(encoding="utf-8")
     banners = re.findall(r"(?m)^# =+\n# (\d+)\. (.*)\n# =+$", text)
+    assert len(banners) == len(re.findall(r"(?m)^# =+\n# .*\n# =+$", text))  # all numbered
     listed = re.findall(r"(?m)^ +(\d+)\. (.*)$", sshfan.__doc__ or "")
     assert banners and listed == banners
     assert [int(n) for n, _ in banners] == list(range(1, len(banners) + 1))
