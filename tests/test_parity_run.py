@@ -417,7 +417,12 @@ def test_large_pipe_chunks_are_queued_few_at_a_time(tmp_path: Path) -> None:
     the chunks in flight, however long the file."""
     opts = sshfan.RunOptions("data", [], "-", pipe=True, command="cat", block=10 * 1024 * 1024)
     assert sshfan.max_ahead(opts) == 1
-    assert sshfan.max_ahead(sshfan.RunOptions("data", [], "-", pipe=True, block=1024**2)) == 16
+    assert (
+        sshfan.max_ahead(
+            sshfan.RunOptions("data", [], "-", pipe=True, command="cat", block=1024**2)
+        )
+        == 16
+    )
     assert sshfan.max_ahead(sshfan.RunOptions("tasks", [], "-")) == sshfan.HostWindow.MAX_AHEAD
     window = sshfan.HostWindow(slots=4)
     window.max_ahead = 1
