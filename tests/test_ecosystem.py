@@ -301,9 +301,9 @@ def test_pipe_task_that_ignores_stdin_does_not_hang(tmp_path: Path, run_sshfan) 
 
 
 def _ci_recipe_script(port: int) -> str:
-    """The README's CI recipe as one shell script, pointed at the test sshd's PORT."""
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme.split("## CI over localhost SSH", 1)[1]
+    """The CI recipe (docs/ci.md) as one shell script, pointed at the test sshd's PORT."""
+    readme = (Path(__file__).resolve().parent.parent / "docs" / "ci.md").read_text()
+    section = readme.split("# CI over localhost SSH", 1)[1]
     yaml = section.split("```yaml\n", 1)[1].split("```", 1)[0]
     steps: list[str] = []
     for line in yaml.splitlines():
@@ -317,7 +317,7 @@ def _ci_recipe_script(port: int) -> str:
 
 @pytest.mark.e2e
 def test_readme_ci_recipe_runs_as_written(tmp_path: Path) -> None:
-    """The README's localhost-SSH CI recipe works step by step in a fresh HOME."""
+    """The localhost-SSH CI recipe (docs/ci.md) works step by step in a fresh HOME."""
     import shutil
 
     if not (shutil.which("ssh-keygen") and shutil.which("ssh-keyscan")):
