@@ -791,13 +791,21 @@ def test_a_stub_killed_outright_leaves_no_task_behind(
     lines = ["echo 1", killer, "echo 3", "echo 4"]
     tasks = write_file(tmp_path / "tasks.txt", "\n".join(lines) + "\n")
     out = tmp_path / "out.txt"
+    # Stubs of other runs on this machine (another test suite) are not this run's.
+    others = {pid for pid, _argv in procs_with("sshfan-stub")}
     try:
         result = run_sshfan(run_args(tasks, hosts, out), timeout=NO_HANG)
         check_exit(result, 0)
         assert flag.exists(), "the killer task ran"
         assert out.read_text().split() == ["1", "ok", "3", "4"]
         assert_no_procs_soon(sleeper)
-        assert_no_procs_soon("sshfan-stub")  # stubs and their wardens are gone too
+        # This run's stubs and their wardens are gone too.
+        deadline = time.monotonic() + 5.0
+        while (left := [p for p in procs_with("sshfan-stub") if p[0] not in others]) and (
+            time.monotonic() < deadline
+        ):
+            time.sleep(0.1)
+        assert not left, f"stubs or wardens left behind: {left}"
     finally:
         kill_marked(f"sleep {sleeper}")
 
