@@ -44,6 +44,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import enum
 import fcntl
 import fnmatch
 import functools
@@ -1998,6 +1999,277 @@ def _status_fields(status: int) -> tuple[int, int | None]:
 PROBE_WAIT = 2.0  # seconds at least that a silent stub has to answer a ping (_watch)
 
 
+class HostState(enum.Enum):
+    """Where one host's session is; HOST_MOVES says where it may go from each."""
+
+    CONNECTING = "connecting"  # connecting, starting the stub, waiting for its hello
+    READY = "ready"  # up: takes tasks
+    DRAINING = "draining"  # left the hosts file: finishes what it runs, takes nothing new
+    CLOSING = "closing"  # no more work: its stdin is closed, the stub exits once done
+    DONE = "done"  # closed as expected
+    LOST = "lost"  # failed once up: its tasks went back
+    FAILED = "failed"  # never came up
+    ABANDONED = "abandoned"  # the run ended before it was up
+
+
+# Every move a host's state makes, in one place (h11's _state.py): anything else is a bug.
+HOST_MOVES: dict[HostState, frozenset[HostState]] = {
+    HostState.CONNECTING: frozenset({HostState.READY, HostState.FAILED, HostState.ABANDONED}),
+    HostState.READY: frozenset({HostState.DRAINING, HostState.CLOSING, HostState.LOST}),
+    # Back to READY: it came back into the hosts file, or retires (READY, then CLOSING).
+    HostState.DRAINING: frozenset({HostState.READY, HostState.CLOSING, HostState.LOST}),
+    HostState.CLOSING: frozenset({HostState.DONE, HostState.LOST}),
+    HostState.DONE: frozenset(),
+    HostState.LOST: frozenset(),
+    HostState.FAILED: frozenset(),
+    HostState.ABANDONED: frozenset(),
+}
+HOST_GONE = frozenset(state for state, moves in HOST_MOVES.items() if not moves)
+
+
+class ProtocolError(HostError):
+    """The stub sent what the head did not ask for: a broken or hostile worker."""
+
+    def __init__(self, host: str, what: str) -> None:
+        """Say what HOST's stub sent."""
+        super().__init__(host, "protocol", f"the stub sent {what}")
+
+
+@dataclasses.dataclass
+class Hello:
+    """The stub is up: what it says about itself (proto, pid, cpus...)."""
+
+    info: dict[str, Any]
+
+
+@dataclasses.dataclass
+class TaskDone:
+    """A task the host held has ended (CANCELLED: killed for a halt or the end of the run)."""
+
+    task: Task
+    result: TaskResult
+    cancelled: bool
+
+
+@dataclasses.dataclass
+class OutputPiece:
+    """A piece of a held task's output on STREAM (1 or 2), as the packets it came in."""
+
+    task: Task
+    stream: int
+    parts: list[bytes]
+
+
+@dataclasses.dataclass
+class TasksGivenBack:
+    """The stub gave back these tasks it had not started (the answer to a DROP)."""
+
+    tasks: list[Task]
+
+
+@dataclasses.dataclass
+class Pong:
+    """The answer to the ping PAYLOAD, RTT seconds after it was sent."""
+
+    payload: bytes
+    rtt: float
+
+
+HostEvent = Hello | TaskDone | OutputPiece | TasksGivenBack | Pong
+
+
+class HostProtocol:
+    """The head's side of one stub's protocol, sans-IO: frames in, events out.
+
+    It keeps what the head knows of the host (its state, the tasks it holds, its
+    window, pings out, DROPs asked) and checks each frame against it: a frame the head
+    did not ask for raises ProtocolError, the stub's own ERROR a HostError. It does
+    no I/O and knows nothing of the run: the session acts on the events it returns."""
+
+    def __init__(self, name: str, slots: int, timed: bool = False) -> None:
+        """Start connecting to host NAME (SLOTS job slots; TIMED: the run has --timeout)."""
+        self.name = name
+        self.timed = timed
+        self.decoder = FrameDecoder(parts_of=KIND_OUTPUT)
+        self.state = HostState.CONNECTING
+        self.hello: dict[str, Any] = {}
+        self.in_flight: dict[int, Task] = {}
+        self.cancelled: set[int] = set()  # seqs told to CANCEL whose RESULT has not come yet
+        self.window = HostWindow(slots)
+        self.dropping = False  # a DROP is on its way
+        self.drops_asked = 0  # DROPs sent whose DROPPED has not come yet
+        self.killing = False  # a DROP "kill" was sent: running tasks may end CANCELLED
+        self.may_drop = True  # False after a DROP found nothing, until the next result
+        self.progress_at = time.monotonic()  # its last result, or work sent to it idle
+        self.rtt: float | None = None
+        self._pings: dict[bytes, float] = {}  # pings sent and not answered: payload -> sent at
+        self._pinged = 0  # pings sent so far (each payload is unique)
+        self.frames_in = 0  # frames received so far
+
+    def move(self, state: HostState) -> None:
+        """Go to STATE: a move HOST_MOVES does not list is a bug of the head's."""
+        if state not in HOST_MOVES[self.state]:
+            raise RuntimeError(f"host {self.name}: no move from {self.state.name} to {state.name}")
+        self.state = state
+
+    def ping(self) -> tuple[bytes, bytes]:
+        """A PING the stub must answer: its payload (unique here) and the frame to send."""
+        self._pinged += 1
+        payload = b"%d" % self._pinged
+        self._pings[payload] = time.perf_counter()
+        return payload, encode_frame(KIND_PING, payload)
+
+    def receive(self, data: bytes) -> Iterator[HostEvent]:
+        """The events in DATA from the stub's stdout, one frame at a time (the caller acts
+        on each before the next frame is checked); raises for a frame not asked for."""
+        for kind, payload in self.decoder.feed(data):
+            self.frames_in += 1
+            if not self.hello and kind not in (KIND_HELLO, KIND_ERROR):
+                raise ProtocolError(self.name, f"{frame_name(kind)} before the hello")
+            handler = FRAME_KINDS.get(kind, ("", None))[1]
+            if handler is None:
+                raise ProtocolError(self.name, f"an unexpected {frame_name(kind)}")
+            event = handler(self, payload)
+            if event is not None:
+                yield event
+
+    def _on_hello(self, payload: bytes) -> HostEvent:
+        """HELLO: once, a JSON object, our protocol version."""
+        if self.hello:
+            raise ProtocolError(self.name, "a second hello")
+        hello = json.loads(payload)
+        if not isinstance(hello, dict) or not hello:
+            raise ProtocolError(self.name, f"a hello that is not a JSON object: {payload[:80]!r}")
+        if hello.get("proto") != PROTO_VERSION:
+            raise HostError(self.name, "bootstrap", f"stub speaks protocol {hello.get('proto')}")
+        self.hello = hello
+        return Hello(hello)
+
+    def _on_pong(self, payload: bytes) -> HostEvent:
+        """PONG: the answer to a ping sent; it measures the round trip."""
+        sent = self._pings.pop(bytes(payload), None)
+        if sent is None:
+            raise ProtocolError(self.name, f"a pong for no ping: {payload[:80]!r}")
+        self.rtt = time.perf_counter() - sent
+        self.window.rtt = self.rtt
+        return Pong(bytes(payload), self.rtt)
+
+    def _on_output(self, payload: bytes | list[bytes]) -> HostEvent | None:
+        """OUTPUT: a piece of a held task's stdout or stderr (a cancelled copy's is dropped)."""
+        # A large piece comes as the list of packets it arrived in (see FrameDecoder).
+        parts = payload if isinstance(payload, list) else [payload]
+        head = parts[0] if len(parts[0]) >= OUTPUT_HEAD.size else b"".join(parts)
+        seq, stream = OUTPUT_HEAD.unpack_from(head, 0)
+        task = self.in_flight.get(seq)
+        if task is None and seq in self.cancelled:
+            return None  # a cancelled copy's output: not journaled
+        if task is None:
+            raise ProtocolError(self.name, f"output for task {seq} it was not given")
+        if stream not in (1, 2):
+            raise ProtocolError(self.name, f"output for task {seq} on stream {stream}")
+        return OutputPiece(task, stream, parts)
+
+    def _on_result(self, payload: bytes) -> HostEvent | None:
+        """RESULT: a held task ended, with flags the head can account for."""
+        seq, status, flags, duration, out, err, slot = decode_result(payload)
+        if seq in self.cancelled:  # the answer to a CANCEL (or a result that crossed it)
+            self.cancelled.discard(seq)
+            return None
+        task = self.in_flight.get(seq)
+        if task is None:
+            raise ProtocolError(
+                self.name, f"result for task {seq} it was not given (or a second one)"
+            )
+        if flags & ~(FLAG_TIMED_OUT | FLAG_CANCELLED):
+            raise ProtocolError(self.name, f"result for task {seq} with unknown flags {flags:#x}")
+        if flags & FLAG_CANCELLED and self.state != HostState.CLOSING and not self.killing:
+            raise ProtocolError(
+                self.name, f"task {seq} reported cancelled, but the run did not cancel it"
+            )
+        if flags & FLAG_TIMED_OUT and not self.timed:
+            raise ProtocolError(
+                self.name, f"task {seq} reported timed out, but it has no --timeout"
+            )
+        del self.in_flight[seq]
+        self.window.in_flight -= 1
+        self.window.observe(duration)
+        self.may_drop = True
+        self.progress_at = time.monotonic()
+        exit_code, signum = _status_fields(status)
+        command = task.command
+        if SLOT_MARK in command:  # {%}: the stub put the slot's number there
+            command = command.replace(SLOT_MARK, str(slot))
+        result = TaskResult(
+            seq=seq,
+            command=command,
+            host=self.name,
+            exit_code=exit_code,
+            signal=signum,
+            timed_out=bool(flags & FLAG_TIMED_OUT),
+            duration_s=duration,
+            attempts=task.attempts,
+            stdout=out,
+            stderr=err,
+            pieces=task.pieces,
+            arg=task.arg,
+            slot=slot,
+            sent=len(task.data),
+        )
+        return TaskDone(task, result, cancelled=bool(flags & FLAG_CANCELLED))
+
+    def _on_dropped(self, payload: bytes) -> HostEvent:
+        """DROPPED: the answer to a DROP, naming tasks the host held (or had cancelled)."""
+        if not self.drops_asked:
+            raise ProtocolError(self.name, "DROPPED without a DROP")
+        self.drops_asked -= 1
+        seqs = json.loads(payload)
+        if not isinstance(seqs, list) or len(set(seqs)) != len(seqs):
+            raise ProtocolError(self.name, f"DROPPED with a bad list: {payload[:80]!r}")
+        unknown = [seq for seq in seqs if seq not in self.in_flight]
+        if set(unknown) - self.cancelled:
+            raise ProtocolError(self.name, f"DROPPED task {unknown[0]} it does not hold")
+        self.cancelled.difference_update(unknown)  # dropped before its CANCEL came
+        dropped = [self.in_flight.pop(seq) for seq in seqs if seq in self.in_flight]
+        self.window.in_flight -= len(dropped)
+        self.dropping = False
+        self.may_drop = bool(dropped)  # nothing was queued: wait for a result first
+        return TasksGivenBack(dropped)
+
+    def _on_error(self, payload: bytes) -> NoReturn:
+        """ERROR: the stub stopped; a setup stage it names is the host's, not a stub bug."""
+        text = payload.decode("utf-8", "replace")
+        stage, sep, reason = text.partition(": ")
+        if stage in STUB_STAGES and sep:  # StubStopError: the host's setup, not a stub bug
+            raise HostError(self.name, stage, reason)
+        raise HostError(self.name, "stub", text)
+
+
+# Each frame kind's name and, for those a stub may send the head, its handler (execnet's
+# _types): a kind without a handler is one only the head sends.
+FRAME_KINDS: dict[int, tuple[str, Callable[[HostProtocol, Any], HostEvent | None] | None]] = {
+    KIND_HELLO: ("HELLO", HostProtocol._on_hello),
+    KIND_CONFIG: ("CONFIG", None),
+    KIND_TASKS: ("TASKS", None),
+    KIND_PING: ("PING", None),
+    KIND_PONG: ("PONG", HostProtocol._on_pong),
+    KIND_OUTPUT: ("OUTPUT", HostProtocol._on_output),
+    KIND_RESULT: ("RESULT", HostProtocol._on_result),
+    KIND_ERROR: ("ERROR", HostProtocol._on_error),
+    KIND_DROP: ("DROP", None),
+    KIND_DROPPED: ("DROPPED", HostProtocol._on_dropped),
+    KIND_INPUT: ("INPUT", None),
+    KIND_RELEASE: ("RELEASE", None),
+    KIND_CANCEL: ("CANCEL", None),
+}
+
+
+def frame_name(kind: int) -> str:
+    """A frame kind as errors name it: "RESULT (kind 8)", or "frame of kind 99"."""
+    if kind in FRAME_KINDS:
+        return f"{FRAME_KINDS[kind][0]} (kind {kind})"
+    return f"frame of kind {kind}"
+
+
 class HostSession:
     """The head's end of one host: connection, stub channel, frames, in-flight tasks."""
 
@@ -2006,28 +2278,16 @@ class HostSession:
         self.spec = spec
         self.name = spec.name
         self.run = run
-        self.decoder = FrameDecoder(parts_of=KIND_OUTPUT)
-        self.in_flight: dict[int, Task] = {}
-        self.cancelled: set[int] = set()  # seqs told to CANCEL whose RESULT has not come yet
+        self.protocol = HostProtocol(self.name, spec.slots or 1, bool(run and run.timeout))
         # Tasks done on the worker whose --return files (or --cleanup) are under way.
         self.fetching: dict[int, Task] = {}
         self.files: HostFiles | None = None  # an SSH host's file mover, when the run moves files
         self._movers: set[asyncio.Future[None]] = set()
-        self.window = HostWindow(spec.slots or 1)
         if run is not None:
             self.window.max_ahead = run.max_ahead
-        self.hello: dict[str, Any] = {}
-        # connecting, ready, draining (left the hosts file), closing, done, lost, failed
-        self.state = "connecting"
         self.error: HostError | None = None
         self.stderr_tail = bytearray()
         self.exit_status: int | None = None
-        self.dropping = False  # a DROP is on its way
-        self.drops_asked = 0  # DROPs sent whose DROPPED has not come yet
-        self.killing = False  # a DROP "kill" was sent: running tasks may end CANCELLED
-        self.may_drop = True  # False after a DROP found nothing, until the next result
-        self.progress_at = time.monotonic()  # its last result, or work sent to it idle
-        self.rtt: float | None = None
         self._conn: Any = None
         self._write: Callable[[bytes], None] = lambda data: None
         self._write_eof: Callable[[], None] = lambda: None
@@ -2036,13 +2296,64 @@ class HostSession:
         self._hello = loop.create_future()
         self._pong: asyncio.Future[float] | None = None
         self._pong_for = b""  # the payload of the ping that ping() waits on
-        self._pings: dict[bytes, float] = {}  # pings sent and not answered: payload -> sent at
-        self._pinged = 0  # pings sent so far (each payload is unique)
         self.heard_at = time.monotonic()  # when the stub last sent anything
         self._probe_at: float | None = None  # a liveness ping out since then, sent at
         self._watcher: asyncio.TimerHandle | None = None
         self._waking: asyncio.Future[None] | None = None  # see _wake_and_close
         self.closed = loop.create_future()
+
+    # What the protocol knows of the host, as the run and this session read it.
+    state = property(lambda self: self.protocol.state, doc="The host's HostState.")
+    hello = property(
+        lambda self: self.protocol.hello,
+        lambda self, value: setattr(self.protocol, "hello", value),
+        doc="The protocol's hello.",
+    )
+    in_flight = property(
+        lambda self: self.protocol.in_flight,
+        lambda self, value: setattr(self.protocol, "in_flight", value),
+        doc="The protocol's in_flight.",
+    )
+    cancelled = property(
+        lambda self: self.protocol.cancelled,
+        lambda self, value: setattr(self.protocol, "cancelled", value),
+        doc="The protocol's cancelled.",
+    )
+    window = property(
+        lambda self: self.protocol.window,
+        lambda self, value: setattr(self.protocol, "window", value),
+        doc="The protocol's window.",
+    )
+    dropping = property(
+        lambda self: self.protocol.dropping,
+        lambda self, value: setattr(self.protocol, "dropping", value),
+        doc="The protocol's dropping.",
+    )
+    drops_asked = property(
+        lambda self: self.protocol.drops_asked,
+        lambda self, value: setattr(self.protocol, "drops_asked", value),
+        doc="The protocol's drops_asked.",
+    )
+    killing = property(
+        lambda self: self.protocol.killing,
+        lambda self, value: setattr(self.protocol, "killing", value),
+        doc="The protocol's killing.",
+    )
+    may_drop = property(
+        lambda self: self.protocol.may_drop,
+        lambda self, value: setattr(self.protocol, "may_drop", value),
+        doc="The protocol's may_drop.",
+    )
+    progress_at = property(
+        lambda self: self.protocol.progress_at,
+        lambda self, value: setattr(self.protocol, "progress_at", value),
+        doc="The protocol's progress_at.",
+    )
+    rtt = property(
+        lambda self: self.protocol.rtt,
+        lambda self, value: setattr(self.protocol, "rtt", value),
+        doc="The protocol's rtt.",
+    )
 
     # -- opening --------------------------------------------------------------
 
@@ -2062,7 +2373,7 @@ class HostSession:
             self._fail(error)
             raise error from exc
         self._configure(self.spec.slots or int(self.hello.get("cpus") or 1))
-        self.state = "ready"
+        self.protocol.move(HostState.READY)
         self.heard_at = time.monotonic()
         self._watch()
 
@@ -2078,7 +2389,7 @@ class HostSession:
         # left to cancellation: asyncio.wait_for (Python < 3.12) swallows a cancel that
         # comes as its awaitable completes, and this host would then wait for a hello
         # it will never read, holding the end of the run for the whole wait.
-        if self.state != "connecting":
+        if self.state != HostState.CONNECTING:
             self._drop()
             raise HostError(self.name, "start", "the run ended before the host was up")
         self._write(source)
@@ -2116,10 +2427,8 @@ class HostSession:
 
     def _send_ping(self) -> bytes:
         """Send a PING the stub must answer; return its payload (unique in this session)."""
-        self._pinged += 1
-        payload = b"%d" % self._pinged
-        self._pings[payload] = time.perf_counter()
-        self._write(encode_frame(KIND_PING, payload))
+        payload, frame = self.protocol.ping()
+        self._write(frame)
         return payload
 
     async def ping(self) -> float:
@@ -2327,144 +2636,59 @@ class HostSession:
     # -- receiving ------------------------------------------------------------
 
     def on_data(self, data: bytes) -> None:
-        """Bytes from the stub's stdout: decode frames and act on them."""
-        if self.state in ("lost", "failed", "done", "abandoned"):
+        """Bytes from the stub's stdout: the protocol's events, each acted on in turn.
+
+        Only what the protocol raises is the host's fault (it fails the host); an
+        exception in acting on an event is the run's own bug and ends the run (_Run.bug)."""
+        if self.state in HOST_GONE:
             return
         self.heard_at = time.monotonic()
         self._probe_at = None
-        try:
-            frames = self.decoder.feed(data)
-            for kind, payload in frames:
-                self._on_frame(kind, payload)
-        except HostError as exc:
-            self._fail(exc)
-            return
-        except (FrameError, struct.error, ValueError, KeyError, TypeError) as exc:
-            # A frame that decodes badly is the peer's fault: the host fails, not the run.
-            self._fail(HostError(self.name, "protocol", f"bad frame: {exc}"))
-            return
-        if self.run is not None and frames:
+        events = self.protocol.receive(data)
+        before = self.protocol.frames_in
+        while True:
+            try:
+                event = next(events, None)
+            except HostError as exc:
+                self._fail(exc)
+                return
+            except (FrameError, struct.error, ValueError, KeyError, TypeError) as exc:
+                # A frame that decodes badly is the peer's fault: the host fails, not the run.
+                self._fail(HostError(self.name, "protocol", f"bad frame: {exc}"))
+                return
+            if event is None:
+                break
+            try:
+                self._act(event)
+            except Exception as exc:
+                if self.run is None:
+                    raise
+                self.run.bug(exc)
+                return
+        if self.run is not None and self.protocol.frames_in != before:
             self.run.after_batch(self)
 
-    def _on_frame(self, kind: int, payload: bytes | list) -> None:
-        """Dispatch one frame from the stub; anything the head did not ask for fails the host.
-
-        A frame the head did not ask for (a second hello, an unasked pong or DROPPED,
-        a result or output for a task it does not hold, a task "cancelled" while the run
-        did not cancel it) is a broken or hostile worker: its tasks go to other hosts."""
-        if not self.hello and kind not in (KIND_HELLO, KIND_ERROR):
-            self._unasked(f"frame of kind {kind} before the hello")
-        if kind == KIND_RESULT:
-            seq, status, flags, duration, out, err, slot = decode_result(payload)
-            if seq in self.cancelled:  # the answer to a CANCEL (or a result that crossed it)
-                self.cancelled.discard(seq)
-                return
-            task = self.in_flight.get(seq)
-            if task is None:
-                self._unasked(f"result for task {seq} it was not given (or a second one)")
-            if flags & ~(FLAG_TIMED_OUT | FLAG_CANCELLED):
-                self._unasked(f"result for task {seq} with unknown flags {flags:#x}")
-            if flags & FLAG_CANCELLED and self.state != "closing" and not self.killing:
-                self._unasked(f"task {seq} reported cancelled, but the run did not cancel it")
-            if flags & FLAG_TIMED_OUT and not (self.run is not None and self.run.timeout):
-                self._unasked(f"task {seq} reported timed out, but it has no --timeout")
-            del self.in_flight[seq]
-            self.window.in_flight -= 1
-            self.window.observe(duration)
-            self.may_drop = True
-            self.progress_at = time.monotonic()
-            exit_code, signum = _status_fields(status)
-            command = task.command
-            if SLOT_MARK in command:  # {%}: the stub put the slot's number there
-                command = command.replace(SLOT_MARK, str(slot))
-            result = TaskResult(
-                seq=seq,
-                command=command,
-                host=self.name,
-                exit_code=exit_code,
-                signal=signum,
-                timed_out=bool(flags & FLAG_TIMED_OUT),
-                duration_s=duration,
-                attempts=task.attempts,
-                stdout=out,
-                stderr=err,
-                pieces=task.pieces,
-                arg=task.arg,
-                slot=slot,
-                sent=len(task.data),
-            )
-            if self.files is not None and not flags & FLAG_CANCELLED:
-                self.fetching[seq] = task  # it counts as done once its files are back
-                self._spawn(self._fetch(task, result))
-            elif self.run is not None:
-                self._hand_on(task, result, cancelled=bool(flags & FLAG_CANCELLED))
-        elif kind == KIND_OUTPUT:
-            # A large piece comes as the list of packets it arrived in (see FrameDecoder).
-            parts = payload if isinstance(payload, list) else [payload]
-            head = parts[0] if len(parts[0]) >= OUTPUT_HEAD.size else b"".join(parts)
-            seq, stream = OUTPUT_HEAD.unpack_from(head, 0)
-            task = self.in_flight.get(seq)
-            if task is None and seq in self.cancelled:
-                return  # a cancelled copy's output: not journaled
-            if task is None:
-                self._unasked(f"output for task {seq} it was not given")
-            if stream not in (1, 2):
-                self._unasked(f"output for task {seq} on stream {stream}")
-            if self.run is not None:
-                offset = self.run.journal.append(KIND_OUTPUT, parts)
-                skip = FRAME_HEADER.size + OUTPUT_HEAD.size
-                size = self.run.journal.size - offset - skip
-                task.pieces.append((offset + skip, stream, size))
-        elif kind == KIND_HELLO:
-            if self.hello:
-                self._unasked("a second hello")
-            hello = json.loads(payload)
-            if not isinstance(hello, dict) or not hello:
-                self._unasked(f"a hello that is not a JSON object: {payload[:80]!r}")
-            if hello.get("proto") != PROTO_VERSION:
-                raise HostError(
-                    self.name, "bootstrap", f"stub speaks protocol {hello.get('proto')}"
-                )
-            self.hello = hello
-            if not self._hello.done():
-                self._hello.set_result(hello)
-        elif kind == KIND_PONG:
-            sent = self._pings.pop(bytes(payload), None)
-            if sent is None:
-                self._unasked(f"a pong for no ping: {payload[:80]!r}")
-            self.rtt = time.perf_counter() - sent
-            self.window.rtt = self.rtt
-            if self._pong is not None and not self._pong.done() and payload == self._pong_for:
-                self._pong.set_result(self.rtt)
-        elif kind == KIND_DROPPED:
-            if not self.drops_asked:
-                self._unasked("DROPPED without a DROP")
-            self.drops_asked -= 1
-            seqs = json.loads(payload)
-            if not isinstance(seqs, list) or len(set(seqs)) != len(seqs):
-                self._unasked(f"DROPPED with a bad list: {payload[:80]!r}")
-            unknown = [seq for seq in seqs if seq not in self.in_flight]
-            if set(unknown) - self.cancelled:
-                self._unasked(f"DROPPED task {unknown[0]} it does not hold")
-            self.cancelled.difference_update(unknown)  # dropped before its CANCEL came
-            dropped = [self.in_flight.pop(seq) for seq in seqs if seq in self.in_flight]
-            self.window.in_flight -= len(dropped)
-            self.dropping = False
-            self.may_drop = bool(dropped)  # nothing was queued: wait for a result first
-            if self.run is not None:
-                self.run.scheduler.put_back(dropped)
-        elif kind == KIND_ERROR:
-            text = payload.decode("utf-8", "replace")
-            stage, sep, reason = text.partition(": ")
-            if stage in STUB_STAGES and sep:  # StubStopError: the host's setup, not a stub bug
-                raise HostError(self.name, stage, reason)
-            raise HostError(self.name, "stub", text)
-        else:
-            self._unasked(f"unexpected frame kind {kind}")
-
-    def _unasked(self, what: str) -> NoReturn:
-        """Fail the host for a frame the head did not ask for (a protocol error)."""
-        raise HostError(self.name, "protocol", f"the stub sent {what}")
+    def _act(self, event: HostEvent) -> None:
+        """Do what EVENT from the protocol asks of this session and of the run."""
+        run = self.run
+        if isinstance(event, TaskDone):
+            if self.files is not None and not event.cancelled:
+                self.fetching[event.task.seq] = event.task  # done once its files are back
+                self._spawn(self._fetch(event.task, event.result))
+            elif run is not None:
+                self._hand_on(event.task, event.result, cancelled=event.cancelled)
+        elif isinstance(event, Hello) and not self._hello.done():
+            self._hello.set_result(event.info)
+        elif isinstance(event, Pong) and self._pong is not None and not self._pong.done():
+            if event.payload == self._pong_for:
+                self._pong.set_result(event.rtt)
+        elif isinstance(event, OutputPiece) and run is not None:
+            offset = run.journal.append(KIND_OUTPUT, event.parts)
+            skip = FRAME_HEADER.size + OUTPUT_HEAD.size
+            size = run.journal.size - offset - skip
+            event.task.pieces.append((offset + skip, event.stream, size))
+        elif isinstance(event, TasksGivenBack) and run is not None:
+            run.scheduler.put_back(event.tasks)
 
     def _watch(self) -> None:
         """Every keepalive/3 s: ping a stub that has gone silent; give the host up when
@@ -2474,7 +2698,7 @@ class HostSession:
         under a healthy sshd would hold its tasks forever. The stub answers a PING at
         once, between tasks' output, so silence after one means the stub itself is stuck."""
         self._watcher = None
-        if self.state not in ("ready", "draining"):
+        if self.state not in (HostState.READY, HostState.DRAINING):
             return
         interval = self.spec.keepalive / 3
         now = time.monotonic()
@@ -2510,10 +2734,10 @@ class HostSession:
 
     def on_closed(self, exc: BaseException | None) -> None:
         """The channel or connection went away: expected at the end, a loss otherwise."""
-        if self.state in ("closing", "done"):
-            self.state = "done"
-        elif self.state not in ("lost", "failed", "abandoned"):
-            if self.state == "connecting":
+        if self.state == HostState.CLOSING:
+            self.protocol.move(HostState.DONE)
+        elif self.state not in HOST_GONE:
+            if self.state == HostState.CONNECTING:
                 stage, reason = "bootstrap", self._bootstrap_reason()
             else:
                 stage = "connection"
@@ -2545,7 +2769,7 @@ class HostSession:
 
     def refill(self, scheduler: Scheduler, others_alive: bool, cap: int | None = None) -> int:
         """Send this host as many tasks as its window wants (at most CAP); return how many."""
-        if self.state != "ready":
+        if self.state != HostState.READY:
             return 0
         want = self.window.want() if cap is None else min(cap, self.window.want())
         if want <= 0:
@@ -2607,7 +2831,7 @@ class HostSession:
     def _ours(self, task: Task, table: dict[int, Task]) -> bool:
         """Whether TASK is still this host's (not requeued since: the host lost, halted).
         A draining host still finishes what it has: a fetch that ends there counts."""
-        return self.state in ("ready", "draining") and table.get(task.seq) is task
+        return self.state in (HostState.READY, HostState.DRAINING) and table.get(task.seq) is task
 
     async def _stage(self, task: Task) -> None:
         """Send TASK's files, then TASK to the stub: it never starts before they are there."""
@@ -2641,7 +2865,9 @@ class HostSession:
             return
         if not self._ours(task, self.in_flight):
             return
-        if self.run is not None and (self.run.scheduler.stopped or self.state == "draining"):
+        if self.run is not None and (
+            self.run.scheduler.stopped or self.state == HostState.DRAINING
+        ):
             # Halted, or the host left the hosts file, while its files went: not sent after all.
             del self.in_flight[task.seq]
             self.window.in_flight -= 1
@@ -2679,7 +2905,9 @@ class HostSession:
         assert self.run is not None
         self.run.on_result(self, task, result, cancelled=cancelled)
         halt = self.run.halt
-        going_on = self.state == "ready" and not self.run.summary.halted  # (no write past EOF)
+        going_on = (
+            self.state == HostState.READY and not self.run.summary.halted
+        )  # (no write past EOF)
         if halt and not cancelled and halt.counts(result.ok) and going_on:
             # The stub holds its queue for this result (Stub.finished): go on.
             self._write(encode_frame(KIND_RELEASE, INPUT_HEAD.pack(result.seq)))
@@ -2687,7 +2915,7 @@ class HostSession:
     def drop_queued(self, halt: str = "") -> None:
         """Ask the stub to give back the tasks it has not started: for idle hosts, or
         HALT ("halt": start none of them; "kill": and kill the running ones)."""
-        if self.state == "ready" and (halt or not self.dropping):  # a halt never waits
+        if self.state == HostState.READY and (halt or not self.dropping):  # a halt never waits
             self.dropping = True
             self.drops_asked += 1
             self.killing = self.killing or halt == "kill"  # its tasks come back CANCELLED
@@ -2700,14 +2928,14 @@ class HostSession:
             return
         self.window.in_flight -= 1
         self.cancelled.add(seq)
-        if self.state in ("ready", "draining", "closing"):
+        if self.state in (HostState.READY, HostState.DRAINING, HostState.CLOSING):
             with contextlib.suppress(Exception):
                 self._write(encode_frame(KIND_CANCEL, INPUT_HEAD.pack(seq)))
 
     def running_since(self) -> list[tuple[float, Task]]:
         """The tasks that are running now as far as the head can tell (the first SLOTS sent,
         when nothing waits behind them), with when each was sent."""
-        if self.state != "ready" or self.queued() > 0:
+        if self.state != HostState.READY or self.queued() > 0:
             return []
         return [(task.sent, task) for task in self.in_flight.values()]
 
@@ -2737,33 +2965,35 @@ class HostSession:
     def drain(self) -> None:
         """The host left the hosts file: give back the tasks it has not started, take no
         new ones, and end once the running ones are done (retire_if_idle)."""
-        if self.state == "connecting":
+        if self.state == HostState.CONNECTING:
             self.finish()  # not up yet: nothing runs there
-        elif self.state == "ready":
+        elif self.state == HostState.READY:
             self.drop_queued()
-            self.state = "draining"
+            self.protocol.move(HostState.DRAINING)
             self.retire_if_idle()
 
     def retire_if_idle(self) -> None:
         """A draining host with nothing running or coming back: close its stub."""
-        if self.state == "draining" and not (self.in_flight or self.fetching or self.dropping):
-            self.state = "ready"
+        if self.state == HostState.DRAINING and not (
+            self.in_flight or self.fetching or self.dropping
+        ):
+            self.protocol.move(HostState.READY)
             self.finish()
 
     def undrain(self) -> None:
         """The host came back into the hosts file before it was done draining."""
-        if self.state == "draining":
-            self.state = "ready"
+        if self.state == HostState.DRAINING:
+            self.protocol.move(HostState.READY)
 
     def finish(self) -> None:
         """No more work: close the stub's stdin so it exits once its tasks are done."""
-        if self.state == "connecting":  # the run ended before this host was up: drop it
-            self.state = "abandoned"
+        if self.state == HostState.CONNECTING:  # the run ended before this host was up: drop it
+            self.protocol.move(HostState.ABANDONED)
             self._drop()
             if not self.closed.done():
                 self.closed.set_result(None)
-        elif self.state in ("ready", "draining"):
-            self.state = "closing"
+        elif self.state in (HostState.READY, HostState.DRAINING):
+            self.protocol.move(HostState.CLOSING)
             with contextlib.suppress(Exception):
                 self._write_eof()
 
@@ -2779,7 +3009,7 @@ class HostSession:
         for mover in list(self._movers):
             mover.cancel()
         if self.files is not None:
-            if self.files.options.cleanup and self.state in ("closing", "done"):
+            if self.files.options.cleanup and self.state in (HostState.CLOSING, HostState.DONE):
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self.files.clean_bases(), grace)
             self.files.close()
@@ -2806,9 +3036,11 @@ class HostSession:
 
     def _fail(self, error: HostError) -> None:
         """Mark the host lost (or failed at start) and give its tasks back."""
-        if self.state in ("lost", "failed", "done", "abandoned"):
+        if self.state in HOST_GONE:
             return
-        self.state = "failed" if self.state == "connecting" else "lost"
+        self.protocol.move(
+            HostState.FAILED if self.state == HostState.CONNECTING else HostState.LOST
+        )
         self.error = error
         tasks = [*self.in_flight.values(), *self.fetching.values()]
         self.in_flight.clear()
@@ -5003,6 +5235,7 @@ class _Run:
         self._watcher: asyncio.TimerHandle | None = None
         self._seen: tuple[tuple[str, int, int, int], ...] = ()
         self._slots_claimed = 0
+        self._bug: BaseException | None = None  # see bug()
 
     def claim_slots(self, count: int) -> int:
         """Number a host's COUNT job slots after all claimed so far ({%}, SSHFAN_SLOT):
@@ -5059,6 +5292,8 @@ class _Run:
                     step()
                 except OSError as exc:
                     self.abort(_write_error(exc))
+        if self._bug is not None:
+            raise self._bug
         self.summary.elapsed_s = time.monotonic() - started
         return self.summary
 
@@ -5082,7 +5317,11 @@ class _Run:
         """Tasks a new host queues ahead before it knows their durations (start_ahead)."""
         fresh = self.summary.total - self.summary.resumed - self.scheduler.drawn
         left = max(0, fresh) + self.scheduler.requeued()
-        slots = sum(s.window.slots for s in self.sessions if s.state in ("ready", "connecting"))
+        slots = sum(
+            s.window.slots
+            for s in self.sessions
+            if s.state in (HostState.READY, HostState.CONNECTING)
+        )
         return start_ahead(left, session.window.slots, slots)
 
     def _sync_tick(self) -> None:
@@ -5221,7 +5460,9 @@ class _Run:
         error = session.error
         reason = f"{error.stage}: {error.reason}" if error else "unknown reason"
         lanes = [s for s in self.sessions if s.name == session.name]
-        serving = [s for s in lanes if s.state in ("connecting", "ready", "done")]
+        serving = [
+            s for s in lanes if s.state in (HostState.CONNECTING, HostState.READY, HostState.DONE)
+        ]
         if serving:  # one of a local host's stubs: the host itself goes on
             self.summary.lost_stubs.setdefault(session.name, []).append(reason)
             lost = self.summary.lost_per_host.get(session.name, 0) + len(tasks)
@@ -5230,7 +5471,7 @@ class _Run:
                 f"sshfan: warning: host {session.name} lost one of its {len(lanes)} stubs "
                 f"({reason}); {len(tasks)} task(s) requeued"
             )
-        elif session.state == "failed":
+        elif session.state == HostState.FAILED:
             self.summary.skipped_hosts[session.name] = reason
             self.scheduler.host_gone(session.name)
             self.log(f"sshfan: warning: skipping host {session.name}: {reason}")
@@ -5273,7 +5514,9 @@ class _Run:
         if self._slots:
             specs = [dataclasses.replace(spec, slots=self._slots) for spec in specs]
         wanted = {spec.name for spec in specs}
-        serving = {s.name for s in self.sessions if s.state in ("connecting", "ready")}
+        serving = {
+            s.name for s in self.sessions if s.state in (HostState.CONNECTING, HostState.READY)
+        }
         for name in sorted(serving - wanted):
             for session in self.sessions:
                 if session.name == name:
@@ -5284,7 +5527,9 @@ class _Run:
         for spec in specs:
             if spec.name in serving:
                 continue
-            draining = [s for s in self.sessions if s.name == spec.name and s.state == "draining"]
+            draining = [
+                s for s in self.sessions if s.name == spec.name and s.state == HostState.DRAINING
+            ]
             for session in draining:
                 session.undrain()
             self.summary.drained.discard(spec.name)
@@ -5308,7 +5553,8 @@ class _Run:
     def _others_alive(self, session: HostSession) -> bool:
         """Whether a host other than SESSION's (not one of its lanes) is up or connecting."""
         return any(
-            s.name != session.name and s.state in ("ready", "connecting") for s in self.sessions
+            s.name != session.name and s.state in (HostState.READY, HostState.CONNECTING)
+            for s in self.sessions
         )
 
     def _refill_all(self) -> None:
@@ -5319,7 +5565,7 @@ class _Run:
         # Once the file is read, what is left is shared by slots, not all to the first.
         emptiest_first = sorted(self.sessions, key=HostSession.queued)
         left = self.scheduler.left_over()
-        total_slots = sum(s.window.slots for s in self.sessions if s.state == "ready") or 1
+        total_slots = sum(s.window.slots for s in self.sessions if s.state == HostState.READY) or 1
         for session in emptiest_first:
             if not self.scheduler.has_work():
                 break
@@ -5335,7 +5581,7 @@ class _Run:
             return
         if self.scheduler.pinned:  # --onall: a task taken back could only go back to its host
             return
-        ready = [s for s in self.sessions if s.state == "ready"]
+        ready = [s for s in self.sessions if s.state == HostState.READY]
         if not any(s.queued() < 0 for s in ready):
             return
         now = time.monotonic()
@@ -5373,7 +5619,9 @@ class _Run:
         if self._finished is None or self._finished.done():
             return
         idle = [
-            s for s in self.sessions if s.state == "ready" and len(s.in_flight) < s.window.slots
+            s
+            for s in self.sessions
+            if s.state == HostState.READY and len(s.in_flight) < s.window.slots
         ]
         samples = [d for stats in self.summary.per_host.values() for d in stats.sample]
         if not idle or not samples:
@@ -5440,7 +5688,10 @@ class _Run:
                 self.abort(f"{missing} task(s) ended without a result in the journal")
                 return
             self._finish(complete=complete)
-        elif not any(s.state in ("ready", "connecting", "draining") for s in self.sessions):
+        elif not any(
+            s.state in (HostState.READY, HostState.CONNECTING, HostState.DRAINING)
+            for s in self.sessions
+        ):
             self._finish(complete=False)
 
     def journaled(self) -> int:
@@ -5452,7 +5703,7 @@ class _Run:
         """Tell every stub there is no more work and wake execute()."""
         self.summary.complete = complete
         for session in self.sessions:
-            if session.state == "connecting" and not self._host_served(session.name):
+            if session.state == HostState.CONNECTING and not self._host_served(session.name):
                 self.summary.unused_hosts.add(session.name)
             session.finish()
         if self._finished is not None and not self._finished.done():
@@ -5464,8 +5715,18 @@ class _Run:
         if name in self.summary.per_host or name in self.summary.lost_per_host:
             return True
         return any(
-            s.name == name and s.state in ("ready", "closing", "done") for s in self.sessions
+            s.name == name and s.state in (HostState.READY, HostState.CLOSING, HostState.DONE)
+            for s in self.sessions
         )
+
+    def bug(self, exc: BaseException) -> None:
+        """A bug in the run's own handling of a host's events: stop the run, and have
+        execute() raise EXC once it has cleaned up. Not the host's fault: it is not failed,
+        its tasks not requeued, as they would be for a protocol error."""
+        if self._bug is None:
+            self._bug = exc
+        self.scheduler.stopped = True
+        self._finish(complete=False)
 
     def abort(self, message: str) -> None:
         """A failure of the head itself: stop the run (exit 3, journal kept).
@@ -7054,7 +7315,7 @@ class _Progress:
         failed = summary.failed + summary.timed_out
         running = 0
         for session in [] if final else run.sessions:
-            if session.state in ("ready", "closing"):
+            if session.state in (HostState.READY, HostState.CLOSING):
                 running += min(len(session.in_flight), session.window.slots)
         names = summary.hosts[: self.HOSTS_SHOWN]
         done = " ".join(

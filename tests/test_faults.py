@@ -1156,6 +1156,6 @@ def test_a_host_whose_run_ends_while_it_connects_gives_up_at_once() -> None:
         session.finish()
         with pytest.raises(sshfan.HostError, match="the run ended"):
             await asyncio.wait_for(opening, 20)
-        return session.state
+        return session.state.value
 
     assert asyncio.run(scenario()) == "abandoned"

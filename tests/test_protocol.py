@@ -221,13 +221,13 @@ def frames_to_ready_session(frames: list[bytes], asked_drop: bool = False) -> tu
         """Drive the session by hand, as its transport would."""
         session = sshfan.HostSession(sshfan.HostSpec(name="w", local=True), None)
         session.hello = {"proto": sshfan.PROTO_VERSION}
-        session.state = "ready"
+        session.protocol.move(sshfan.HostState.READY)
         for seq in (1, 2):
             session.in_flight[seq] = sshfan.Task(seq, f"echo {seq}")
         if asked_drop:
             session.drop_queued()
         session.on_data(b"".join(frames))
-        return session.state, session.error.reason if session.error else ""
+        return session.state.value, session.error.reason if session.error else ""
 
     return asyncio.run(scenario())
 

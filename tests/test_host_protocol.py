@@ -1,0 +1,284 @@
+"""HostProtocol, the head's side of one stub's protocol, fed frames by hand: no event
+loop, no sockets. Every frame a worker could send unasked is a ProtocolError; what the
+run does with the events (journal, results, requeue) is not the protocol's business, and
+a bug there never passes for the host's fault."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from typing import Any
+
+import pytest
+
+import sshfan
+from sshfan import (
+    FLAG_CANCELLED,
+    FLAG_TIMED_OUT,
+    FRAME_KINDS,
+    HOST_GONE,
+    HOST_MOVES,
+    KIND_DROPPED,
+    KIND_ERROR,
+    KIND_HELLO,
+    KIND_OUTPUT,
+    KIND_PING,
+    KIND_PONG,
+    KIND_RESULT,
+    OUTPUT_HEAD,
+    PROTO_VERSION,
+    HostError,
+    HostProtocol,
+    HostState,
+    OutputPiece,
+    Pong,
+    ProtocolError,
+    Task,
+    TaskDone,
+    TasksGivenBack,
+    encode_frame,
+    encode_result,
+)
+
+
+def hello(**extra: Any) -> bytes:
+    """A HELLO frame of this protocol version."""
+    return encode_frame(KIND_HELLO, json.dumps({"proto": PROTO_VERSION, **extra}).encode())
+
+
+def result(seq: int, status: int = 0, flags: int = 0, out: bytes = b"") -> bytes:
+    """A RESULT frame for task SEQ."""
+    return encode_frame(KIND_RESULT, encode_result(seq, status, flags, 0.5, out, b"", 1))
+
+
+def output(seq: int, data: bytes, stream: int = 1) -> bytes:
+    """An OUTPUT frame: a piece of task SEQ's STREAM."""
+    return encode_frame(KIND_OUTPUT, OUTPUT_HEAD.pack(seq, stream) + data)
+
+
+def ready(timed: bool = False) -> HostProtocol:
+    """A protocol that has had its hello and holds tasks 1 and 2 (two slots)."""
+    protocol = HostProtocol("w", 2, timed=timed)
+    assert [type(e) for e in protocol.receive(hello(cpus=2))] == [sshfan.Hello]
+    protocol.move(HostState.READY)
+    for seq in (1, 2):
+        protocol.in_flight[seq] = Task(seq, f"echo {seq}")
+    protocol.window.in_flight = 2
+    return protocol
+
+
+def feed(protocol: HostProtocol, *frames: bytes) -> list[Any]:
+    """All the events FRAMES give."""
+    return list(protocol.receive(b"".join(frames)))
+
+
+def test_hello_output_and_result_become_events() -> None:
+    """A task's output and its result come out as events naming the held task."""
+    protocol = ready()
+    events = feed(protocol, output(1, b"one\n"), result(1, out=b"one\n"))
+    piece, done = events
+    assert isinstance(piece, OutputPiece) and piece.task.seq == 1 and piece.stream == 1
+    assert b"".join(piece.parts)[OUTPUT_HEAD.size :] == b"one\n"
+    assert isinstance(done, TaskDone) and not done.cancelled
+    assert (done.result.seq, done.result.exit_code, done.result.host) == (1, 0, "w")
+    assert list(protocol.in_flight) == [2] and protocol.window.in_flight == 1
+
+
+def test_a_signal_status_and_a_timeout_are_reported() -> None:
+    """Minus a signal number is that signal; the timed-out flag needs a run with --timeout."""
+    protocol = ready(timed=True)
+    (done,) = feed(protocol, result(2, status=-9, flags=FLAG_TIMED_OUT))
+    assert (done.result.exit_code, done.result.signal, done.result.timed_out) == (137, 9, True)
+
+
+def test_the_answers_the_head_asked_for() -> None:
+    """A PONG for a ping sent, a DROPPED answering a DROP, a cancelled task's late RESULT."""
+    protocol = ready()
+    payload, frame = protocol.ping()
+    assert frame == encode_frame(KIND_PING, payload)
+    (pong,) = feed(protocol, encode_frame(KIND_PONG, payload))
+    assert isinstance(pong, Pong) and pong.payload == payload and protocol.rtt == pong.rtt
+    protocol.drops_asked = 1
+    protocol.dropping = True
+    (back,) = feed(protocol, encode_frame(KIND_DROPPED, b"[2]"))
+    assert isinstance(back, TasksGivenBack) and [t.seq for t in back.tasks] == [2]
+    assert not protocol.dropping and list(protocol.in_flight) == [1]
+    protocol.in_flight.pop(1)
+    protocol.cancelled.add(1)  # --speculate's CANCEL: its RESULT and output are ignored
+    assert feed(protocol, output(1, b"late"), result(1, flags=FLAG_CANCELLED)) == []
+    assert not protocol.cancelled
+
+
+def test_cancelled_tasks_are_expected_from_a_closing_or_killing_host() -> None:
+    """RESULT flagged CANCELLED is asked for once stdin is closed, or after a DROP kill."""
+    closing = ready()
+    closing.move(HostState.CLOSING)
+    (done,) = feed(closing, result(1, flags=FLAG_CANCELLED))
+    assert done.cancelled
+    killing = ready()
+    killing.killing = True
+    (done,) = feed(killing, result(2, flags=FLAG_CANCELLED))
+    assert done.cancelled
+
+
+VIOLATIONS = {
+    "unasked RESULT": ([result(9)], "result for task 9 it was not given"),
+    "second RESULT": ([result(1), result(1)], "(or a second one)"),
+    "unasked OUTPUT": ([output(9, b"x")], "output for task 9 it was not given"),
+    "OUTPUT on stream 3": ([output(1, b"x", stream=3)], "on stream 3"),
+    "second HELLO": ([hello()], "a second hello"),
+    "unasked PONG": ([encode_frame(KIND_PONG, b"77")], "a pong for no ping"),
+    "unasked DROPPED": ([encode_frame(KIND_DROPPED, b"[2]")], "DROPPED without a DROP"),
+    "unknown kind": ([encode_frame(99, b"")], "an unexpected frame of kind 99"),
+    "PING from the stub": ([encode_frame(KIND_PING, b"1")], "an unexpected PING (kind 5)"),
+    "cancelled, not cancelled": (
+        [result(1, flags=FLAG_CANCELLED)],
+        "task 1 reported cancelled, but the run did not cancel it",
+    ),
+    "timed out, no --timeout": ([result(1, flags=FLAG_TIMED_OUT)], "but it has no --timeout"),
+    "unknown flags": ([result(1, flags=8)], "unknown flags 0x8"),
+}
+
+
+@pytest.mark.parametrize("name", list(VIOLATIONS))
+def test_each_frame_not_asked_for_is_a_protocol_error(name: str) -> None:
+    """Each unasked frame raises ProtocolError naming it, stage "protocol"."""
+    frames, words = VIOLATIONS[name]
+    protocol = ready()
+    with pytest.raises(ProtocolError) as caught:
+        feed(protocol, *frames)
+    assert caught.value.stage == "protocol" and words in caught.value.reason, caught.value
+
+
+@pytest.mark.parametrize(
+    ("payload", "asked", "words"),
+    [(b"[7]", 1, "task 7 it does not hold"), (b"[2, 2]", 1, "bad list"), (b"{}", 1, "bad list")],
+)
+def test_a_dropped_naming_tasks_not_held_is_a_protocol_error(
+    payload: bytes, asked: int, words: str
+) -> None:
+    """DROPPED must name tasks the host holds, each once, as a list."""
+    protocol = ready()
+    protocol.drops_asked = asked
+    with pytest.raises(ProtocolError, match=words):
+        feed(protocol, encode_frame(KIND_DROPPED, payload))
+
+
+def test_frames_before_the_hello_and_bad_hellos() -> None:
+    """Only HELLO (or ERROR) may come first; a hello is a JSON object of our version."""
+    with pytest.raises(ProtocolError, match=r"RESULT \(kind 8\) before the hello"):
+        feed(HostProtocol("w", 1), result(1))
+    with pytest.raises(ProtocolError, match="not a JSON object"):
+        feed(HostProtocol("w", 1), encode_frame(KIND_HELLO, b"[1]"))
+    with pytest.raises(HostError) as caught:
+        feed(HostProtocol("w", 1), encode_frame(KIND_HELLO, b'{"proto": 999}'))
+    assert caught.value.stage == "bootstrap" and not isinstance(caught.value, ProtocolError)
+
+
+def test_the_stubs_error_names_its_stage_not_a_protocol_error() -> None:
+    """ERROR is the stub stopping: a setup stage it names, or "stub"; never "protocol"."""
+    with pytest.raises(HostError) as caught:
+        feed(HostProtocol("w", 1), encode_frame(KIND_ERROR, b"workdir: cannot create /x"))
+    assert (caught.value.stage, caught.value.reason) == ("workdir", "cannot create /x")
+    with pytest.raises(HostError) as caught:
+        feed(ready(), encode_frame(KIND_ERROR, b"boom"))
+    assert caught.value.stage == "stub" and not isinstance(caught.value, ProtocolError)
+
+
+def test_events_come_one_frame_at_a_time() -> None:
+    """The frames before a bad one give their events first (a result is not lost to the
+    duplicate behind it): the caller acts on each before the next is checked."""
+    protocol = ready()
+    events = protocol.receive(result(1) + result(1))
+    assert isinstance(next(events), TaskDone)
+    with pytest.raises(ProtocolError, match="second one"):
+        next(events)
+
+
+def test_host_states_move_only_as_the_table_says() -> None:
+    """The moves a host makes, and no others; lost, failed, done, abandoned are final."""
+    assert {HostState.LOST, HostState.FAILED, HostState.DONE, HostState.ABANDONED} == HOST_GONE
+    path = [HostState.READY, HostState.DRAINING, HostState.READY, HostState.CLOSING]
+    protocol = HostProtocol("w", 1)
+    for state in [*path, HostState.DONE]:
+        protocol.move(state)
+    assert protocol.state == HostState.DONE
+    with pytest.raises(RuntimeError, match="no move from DONE to LOST"):
+        protocol.move(HostState.LOST)
+    for start, moves in HOST_MOVES.items():
+        for state in set(HostState) - moves:
+            probe = HostProtocol("w", 1)
+            probe.state = start
+            with pytest.raises(RuntimeError):
+                probe.move(state)
+
+
+def test_every_frame_kind_has_a_name_and_only_the_stubs_have_handlers() -> None:
+    """One table names every wire kind; a handler exactly for what a stub may send."""
+    wire = {v for k, v in vars(sshfan).items() if k.startswith("KIND_") and v < 20}
+    assert set(FRAME_KINDS) == wire
+    handled = {kind for kind, (_name, handler) in FRAME_KINDS.items() if handler is not None}
+    assert handled == {KIND_HELLO, KIND_PONG, KIND_OUTPUT, KIND_RESULT, KIND_ERROR, KIND_DROPPED}
+    assert sshfan.frame_name(KIND_RESULT) == "RESULT (kind 8)"
+
+
+class _BrokenJournal:
+    """A journal whose append fails as a bug in the run's own code would."""
+
+    size = 0
+
+    def append(self, kind: int, payload: Any) -> int:
+        """Raise the KeyError the old data handler took for a bad frame."""
+        raise KeyError("a bug in the run")
+
+
+class _Run:
+    """Just enough of a run for a session to hand it events, recording bugs."""
+
+    max_ahead = None
+    timeout = None
+    journal = _BrokenJournal()
+
+    def __init__(self) -> None:
+        """No bug yet."""
+        self.bugs: list[BaseException] = []
+
+    def bug(self, exc: BaseException) -> None:
+        """Record a bug in the run's handling."""
+        self.bugs.append(exc)
+
+
+def test_a_bug_in_the_runs_handling_is_not_the_hosts_protocol_error() -> None:
+    """The run's own exception (here a KeyError from the journal) goes to run.bug: the host
+    stays up, holding its task, with no error: it is not failed and its tasks not requeued."""
+
+    async def scenario() -> tuple[HostState, HostError | None, list[int], list[BaseException]]:
+        """Feed one output frame to a ready session of the fake run."""
+        run = _Run()
+        session = sshfan.HostSession(sshfan.HostSpec(name="w", local=True), run)  # type: ignore[arg-type]
+        session.hello = {"proto": PROTO_VERSION}
+        session.protocol.move(HostState.READY)
+        session.in_flight[1] = Task(1, "echo 1")
+        session.on_data(output(1, b"x"))
+        return session.state, session.error, list(session.in_flight), run.bugs
+
+    state, error, held, bugs = asyncio.run(scenario())
+    assert (state, error, held) == (HostState.READY, None, [1])
+    assert [type(b) for b in bugs] == [KeyError]
+
+
+def test_a_bug_in_the_runs_handling_ends_the_run_raising_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """End to end with a real local stub: a bug journaling a result surfaces as that bug,
+    not as the only host lost for "bad frame" and a run that ends "no host left"."""
+
+    def broken(self: sshfan.Journal, result: sshfan.TaskResult) -> int:
+        """Fail as a bug in the run's own code would."""
+        raise KeyError("a bug in the run")
+
+    monkeypatch.setattr(sshfan.Journal, "add_result", broken)
+    host = sshfan.HostSpec(name="local", local=True, python=sys.executable, slots=1)
+    with pytest.raises(KeyError, match="a bug in the run"):
+        list(sshfan.run_tasks(["echo hello"], hosts=[host]))
