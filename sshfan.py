@@ -1999,6 +1999,10 @@ def _status_fields(status: int) -> tuple[int, int | None]:
 PROBE_WAIT = 2.0  # seconds at least that a silent stub has to answer a ping (_watch)
 
 
+# -- The host protocol, sans-IO: HostProtocol turns a stub's frames into events and the
+# head's requests into frames; HostSession below moves the bytes and acts on the events.
+
+
 class HostState(enum.Enum):
     """Where one host's session is; HOST_MOVES says where it may go from each."""
 
@@ -2118,6 +2122,71 @@ class HostProtocol:
         payload = b"%d" % self._pinged
         self._pings[payload] = time.perf_counter()
         return payload, encode_frame(KIND_PING, payload)
+
+    def send_tasks(self, tasks: list[Task]) -> list[bytes]:
+        """Count TASKS held by the host; return the frames that send them, in order
+        (a list, not one buffer: a large --pipe chunk goes out in views, uncopied)."""
+        self.hold(tasks)
+        frames: list[bytes] = []
+        batch: list[tuple[int, bytes, bytes]] = []
+        size = 0
+        for task in tasks:  # frames stay under FRAME_MAX even with --pipe's data
+            data = task.data
+            if len(data) > INPUT_PIECE:  # a large chunk: all but its tail in INPUT frames
+                if batch:
+                    frames.append(encode_frame(KIND_TASKS, encode_tasks(batch)))
+                    batch, size = [], 0
+                view = memoryview(data)
+                tail = len(data) - (len(data) - 1) % INPUT_PIECE - 1
+                for start in range(0, tail, INPUT_PIECE):
+                    piece = INPUT_HEAD.pack(task.seq) + view[start : start + INPUT_PIECE]
+                    frames.append(encode_frame(KIND_INPUT, piece))
+                data = data[tail:]
+            entry = (task.seq, as_bytes(task.command), data)
+            if batch and size + len(entry[1]) + len(entry[2]) > FRAME_MAX // 2:
+                frames.append(encode_frame(KIND_TASKS, encode_tasks(batch)))
+                batch, size = [], 0
+            batch.append(entry)
+            size += len(entry[1]) + len(entry[2]) + TASK_HEAD.size
+        frames.append(encode_frame(KIND_TASKS, encode_tasks(batch)))
+        return frames
+
+    def hold(self, tasks: list[Task]) -> None:
+        """Count TASKS held by the host (sent now, or once their files are there)."""
+        now = time.monotonic()
+        if not self.in_flight:
+            self.progress_at = now
+        for task in tasks:
+            task.sent = now
+            self.in_flight[task.seq] = task
+        self.window.in_flight += len(tasks)
+
+    def let_go(self, seq: int) -> Task | None:
+        """Stop counting task SEQ as held (never sent after all); return it, if it was."""
+        task = self.in_flight.pop(seq, None)
+        if task is not None:
+            self.window.in_flight -= 1
+        return task
+
+    def drop(self, halt: str = "") -> bytes | None:
+        """The DROP frame asking back the tasks not started (HALT "halt": start none of
+        them; "kill": and kill the running ones), or None if it is not the time for one."""
+        if self.state != HostState.READY or (self.dropping and not halt):  # a halt never waits
+            return None
+        self.dropping = True
+        self.drops_asked += 1
+        self.killing = self.killing or halt == "kill"  # its tasks come back CANCELLED
+        return encode_frame(KIND_DROP, halt.encode())
+
+    def cancel(self, seq: int) -> bytes | None:
+        """Task SEQ is done here at once (a --speculate copy that lost): the CANCEL frame
+        to send, if the stub can still read one; the RESULT it still sends is ignored."""
+        if self.let_go(seq) is None:
+            return None
+        self.cancelled.add(seq)
+        if self.state in (HostState.READY, HostState.DRAINING, HostState.CLOSING):
+            return encode_frame(KIND_CANCEL, INPUT_HEAD.pack(seq))
+        return None
 
     def receive(self, data: bytes) -> Iterator[HostEvent]:
         """The events in DATA from the stub's stdout, one frame at a time (the caller acts
@@ -2271,7 +2340,8 @@ def frame_name(kind: int) -> str:
 
 
 class HostSession:
-    """The head's end of one host: connection, stub channel, frames, in-flight tasks."""
+    """The head's end of one host: its connection and stub channel, which move the bytes
+    of its HostProtocol; the run's part in the protocol's events (_act)."""
 
     def __init__(self, spec: HostSpec, run: _Run | None) -> None:
         """Prepare (but do not open) the session for SPEC within RUN."""
@@ -2786,38 +2856,13 @@ class HostSession:
 
     def send_tasks(self, tasks: list[Task]) -> int:
         """Send TASKS to the stub and count them in flight; return how many."""
-        now = time.monotonic()
-        if not self.in_flight:
-            self.progress_at = now
-        for task in tasks:
-            task.sent = now
-            self.in_flight[task.seq] = task
-        self.window.in_flight += len(tasks)
         if self.files is not None:  # each task goes to the stub once its files are there
+            self.protocol.hold(tasks)
             for task in tasks:
                 self._spawn(self._stage(task))
             return len(tasks)
-        batch: list[tuple[int, bytes, bytes]] = []
-        size = 0
-        for task in tasks:  # frames stay under FRAME_MAX even with --pipe's data
-            data = task.data
-            if len(data) > INPUT_PIECE:  # a large chunk: all but its tail in INPUT frames
-                if batch:
-                    self._write(encode_frame(KIND_TASKS, encode_tasks(batch)))
-                    batch, size = [], 0
-                view = memoryview(data)
-                tail = len(data) - (len(data) - 1) % INPUT_PIECE - 1
-                for start in range(0, tail, INPUT_PIECE):
-                    piece = INPUT_HEAD.pack(task.seq) + view[start : start + INPUT_PIECE]
-                    self._write(encode_frame(KIND_INPUT, piece))
-                data = data[tail:]
-            entry = (task.seq, as_bytes(task.command), data)
-            if batch and size + len(entry[1]) + len(entry[2]) > FRAME_MAX // 2:
-                self._write(encode_frame(KIND_TASKS, encode_tasks(batch)))
-                batch, size = [], 0
-            batch.append(entry)
-            size += len(entry[1]) + len(entry[2]) + TASK_HEAD.size
-        self._write(encode_frame(KIND_TASKS, encode_tasks(batch)))
+        for frame in self.protocol.send_tasks(tasks):
+            self._write(frame)
         return len(tasks)
 
     # -- files (--transferfile, --return, --cleanup, --basefile) ---------------
@@ -2840,8 +2885,7 @@ class HostSession:
             await self.files.send_for(task)
         except TransferError as exc:
             if self._ours(task, self.in_flight):
-                del self.in_flight[task.seq]
-                self.window.in_flight -= 1
+                self.protocol.let_go(task.seq)
                 message = f"sshfan: {exc}\n".encode("utf-8", "replace")
                 failed = TaskResult(
                     seq=task.seq,
@@ -2869,8 +2913,7 @@ class HostSession:
             self.run.scheduler.stopped or self.state == HostState.DRAINING
         ):
             # Halted, or the host left the hosts file, while its files went: not sent after all.
-            del self.in_flight[task.seq]
-            self.window.in_flight -= 1
+            self.protocol.let_go(task.seq)
             self.run.scheduler.put_back([task])
             self.run.after_batch(self)
             return
@@ -2915,22 +2958,17 @@ class HostSession:
     def drop_queued(self, halt: str = "") -> None:
         """Ask the stub to give back the tasks it has not started: for idle hosts, or
         HALT ("halt": start none of them; "kill": and kill the running ones)."""
-        if self.state == HostState.READY and (halt or not self.dropping):  # a halt never waits
-            self.dropping = True
-            self.drops_asked += 1
-            self.killing = self.killing or halt == "kill"  # its tasks come back CANCELLED
-            self._write(encode_frame(KIND_DROP, halt.encode()))
+        frame = self.protocol.drop(halt)
+        if frame is not None:
+            self._write(frame)
 
     def cancel(self, seq: int) -> None:
         """Have the stub kill task SEQ (a --speculate copy that lost); it is done here at once,
         and the RESULT the stub still sends for it is ignored."""
-        if self.in_flight.pop(seq, None) is None:
-            return
-        self.window.in_flight -= 1
-        self.cancelled.add(seq)
-        if self.state in (HostState.READY, HostState.DRAINING, HostState.CLOSING):
+        frame = self.protocol.cancel(seq)
+        if frame is not None:
             with contextlib.suppress(Exception):
-                self._write(encode_frame(KIND_CANCEL, INPUT_HEAD.pack(seq)))
+                self._write(frame)
 
     def running_since(self) -> list[tuple[float, Task]]:
         """The tasks that are running now as far as the head can tell (the first SLOTS sent,

@@ -37,6 +37,7 @@ from sshfan import (
     Task,
     TaskDone,
     TasksGivenBack,
+    decode_tasks,
     encode_frame,
     encode_result,
 )
@@ -282,3 +283,33 @@ def test_a_bug_in_the_runs_handling_ends_the_run_raising_it(
     host = sshfan.HostSpec(name="local", local=True, python=sys.executable, slots=1)
     with pytest.raises(KeyError, match="a bug in the run"):
         list(sshfan.run_tasks(["echo hello"], hosts=[host]))
+
+
+def test_tasks_sent_are_held_and_their_frames_decode_back() -> None:
+    """send_tasks counts the tasks held and returns frames the stub decodes to them; a
+    --pipe chunk larger than an INPUT piece goes partly in INPUT frames, in order."""
+    protocol = ready()
+    big = bytes(range(256)) * (sshfan.INPUT_PIECE // 128) + b"the tail"
+    tasks = [Task(3, "cat", data=big), Task(4, "echo 4")]
+    frames = protocol.send_tasks(tasks)
+    assert list(protocol.in_flight) == [1, 2, 3, 4] and protocol.window.in_flight == 4
+    decoded = sshfan.FrameDecoder(skip_banner=False).feed(b"".join(frames))
+    inputs = [p for kind, p in decoded if kind == sshfan.KIND_INPUT]
+    entries = [e for kind, p in decoded if kind == sshfan.KIND_TASKS for e in decode_tasks(p)]
+    assert [seq for seq, _command, _data in entries] == [3, 4]
+    stdin = b"".join(bytes(p[sshfan.INPUT_HEAD.size :]) for p in inputs) + entries[0][2]
+    assert stdin == big and len(inputs) == 2 and entries[0][2] == b"the tail"
+
+
+def test_drop_and_cancel_frames_and_their_bookkeeping() -> None:
+    """One DROP at a time unless a halt; CANCEL lets go of the task at once."""
+    protocol = ready()
+    assert protocol.drop() == encode_frame(sshfan.KIND_DROP, b"")
+    assert protocol.drop() is None  # the first is on its way
+    assert protocol.drop("kill") == encode_frame(sshfan.KIND_DROP, b"kill")
+    assert (protocol.drops_asked, protocol.killing) == (2, True)
+    assert protocol.cancel(1) == encode_frame(sshfan.KIND_CANCEL, sshfan.INPUT_HEAD.pack(1))
+    assert protocol.cancel(1) is None  # not held any more
+    assert list(protocol.in_flight) == [2] and protocol.cancelled == {1}
+    idle = HostProtocol("w", 1)
+    assert idle.drop() is None  # not up yet
