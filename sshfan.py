@@ -2079,6 +2079,13 @@ class Pong:
     rtt: float
 
 
+@dataclasses.dataclass
+class Silent:
+    """The stub did not answer a liveness ping: nothing came from it for SECONDS."""
+
+    seconds: float
+
+
 HostEvent = Hello | TaskDone | OutputPiece | TasksGivenBack | Pong
 
 
@@ -2109,6 +2116,8 @@ class HostProtocol:
         self._pings: dict[bytes, float] = {}  # pings sent and not answered: payload -> sent at
         self._pinged = 0  # pings sent so far (each payload is unique)
         self.frames_in = 0  # frames received so far
+        self.heard_at = time.monotonic()  # when the stub last sent anything
+        self.probe_at: float | None = None  # a liveness ping out since then, sent at
 
     def move(self, state: HostState) -> None:
         """Go to STATE: a move HOST_MOVES does not list is a bug of the head's."""
@@ -2186,6 +2195,22 @@ class HostProtocol:
         self.cancelled.add(seq)
         if self.state in (HostState.READY, HostState.DRAINING, HostState.CLOSING):
             return encode_frame(KIND_CANCEL, INPUT_HEAD.pack(seq))
+        return None
+
+    def heard(self, now: float) -> None:
+        """The stub sent something at NOW: it is alive, and a liveness ping is answered."""
+        self.heard_at = now
+        self.probe_at = None
+
+    def check_silence(self, now: float, interval: float) -> Silent | bytes | None:
+        """Checked every INTERVAL s: the PING to send a stub silent for an interval, Silent
+        once it has not answered one, or None."""
+        # At least PROBE_WAIT for the answer: a busy worker must not count as a dead one.
+        if self.probe_at is not None and now - self.probe_at >= max(2 * interval, PROBE_WAIT):
+            return Silent(now - self.heard_at)
+        if self.probe_at is None and now - self.heard_at >= interval:
+            self.probe_at = now
+            return self.ping()[1]
         return None
 
     def receive(self, data: bytes) -> Iterator[HostEvent]:
@@ -2366,8 +2391,6 @@ class HostSession:
         self._hello = loop.create_future()
         self._pong: asyncio.Future[float] | None = None
         self._pong_for = b""  # the payload of the ping that ping() waits on
-        self.heard_at = time.monotonic()  # when the stub last sent anything
-        self._probe_at: float | None = None  # a liveness ping out since then, sent at
         self._watcher: asyncio.TimerHandle | None = None
         self._waking: asyncio.Future[None] | None = None  # see _wake_and_close
         self.closed = loop.create_future()
@@ -2444,7 +2467,7 @@ class HostSession:
             raise error from exc
         self._configure(self.spec.slots or int(self.hello.get("cpus") or 1))
         self.protocol.move(HostState.READY)
-        self.heard_at = time.monotonic()
+        self.protocol.heard(time.monotonic())
         self._watch()
 
     async def _start_stub(self) -> None:
@@ -2712,8 +2735,7 @@ class HostSession:
         exception in acting on an event is the run's own bug and ends the run (_Run.bug)."""
         if self.state in HOST_GONE:
             return
-        self.heard_at = time.monotonic()
-        self._probe_at = None
+        self.protocol.heard(time.monotonic())
         events = self.protocol.receive(data)
         before = self.protocol.frames_in
         while True:
@@ -2771,21 +2793,19 @@ class HostSession:
         if self.state not in (HostState.READY, HostState.DRAINING):
             return
         interval = self.spec.keepalive / 3
-        now = time.monotonic()
-        # At least PROBE_WAIT for the answer: a busy worker must not count as a dead one.
-        if self._probe_at is not None and now - self._probe_at >= max(2 * interval, PROBE_WAIT):
-            silent = now - self.heard_at
+        silence = self.protocol.check_silence(time.monotonic(), interval)
+        if isinstance(silence, Silent):
             pid = self.hello.get("pid")
             if not self.spec.local and self._conn is not None and isinstance(pid, int) and pid > 1:
                 # sshd still answers: take the connection from _fail, to wake the stub first.
                 self._waking = asyncio.ensure_future(self._wake_and_close(self._conn, pid))
                 self._conn = None
                 self._abort = lambda: None
-            self._fail(HostError(self.name, "stub", f"no answer from the stub in {silent:.0f} s"))
+            reason = f"no answer from the stub in {silence.seconds:.0f} s"
+            self._fail(HostError(self.name, "stub", reason))
             return
-        if self._probe_at is None and now - self.heard_at >= interval:
-            self._probe_at = now
-            self._send_ping()
+        if silence is not None:
+            self._write(silence)
         self._watcher = asyncio.get_running_loop().call_later(interval, self._watch)
 
     async def _wake_and_close(self, conn: Any, pid: int) -> None:

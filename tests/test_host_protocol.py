@@ -313,3 +313,19 @@ def test_drop_and_cancel_frames_and_their_bookkeeping() -> None:
     assert list(protocol.in_flight) == [2] and protocol.cancelled == {1}
     idle = HostProtocol("w", 1)
     assert idle.drop() is None  # not up yet
+
+
+def test_silence_asks_for_a_ping_then_gives_the_host_up() -> None:
+    """Silent for an interval: one PING; unanswered for two intervals (PROBE_WAIT at
+    least): Silent, with how long nothing came; anything heard starts it over."""
+    protocol = ready()
+    protocol.heard(100.0)
+    assert protocol.check_silence(100.5, 1.0) is None
+    ping = protocol.check_silence(101.0, 1.0)
+    assert ping == encode_frame(KIND_PING, b"1")
+    assert protocol.check_silence(102.0, 1.0) is None  # the ping is out: no second one
+    assert protocol.check_silence(102.9, 1.0) is None  # two intervals not out yet
+    silent = protocol.check_silence(103.0, 1.0)
+    assert isinstance(silent, sshfan.Silent) and silent.seconds == 3.0
+    protocol.heard(103.5)
+    assert protocol.check_silence(104.0, 1.0) is None
