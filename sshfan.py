@@ -2160,6 +2160,20 @@ class HostProtocol:
         frames.append(encode_frame(KIND_TASKS, encode_tasks(batch)))
         return frames
 
+    def configure(self, config: dict[str, Any]) -> bytes:
+        """The CONFIG frame that sets the stub up; its slots are the window's."""
+        self.window.slots = config["slots"]
+        return encode_frame(KIND_CONFIG, json.dumps(config).encode())
+
+    def staged(self, task: Task) -> bytes:
+        """The TASKS frame for a held TASK whose files are now on the worker."""
+        entry = (task.seq, task.command.encode("utf-8"), task.data)
+        return encode_frame(KIND_TASKS, encode_tasks([entry]))
+
+    def release(self, seq: int) -> bytes:
+        """The RELEASE frame: the stub holds its queue for task SEQ's result (--halt); go on."""
+        return encode_frame(KIND_RELEASE, INPUT_HEAD.pack(seq))
+
     def hold(self, tasks: list[Task]) -> None:
         """Count TASKS held by the host (sent now, or once their files are there)."""
         now = time.monotonic()
@@ -2501,7 +2515,6 @@ class HostSession:
 
     def _configure(self, slots: int) -> None:
         """Send the stub its CONFIG, and a PING to measure the round trip."""
-        self.window.slots = slots
         config = {
             "slots": slots,
             "timeout": self.run.timeout if self.run else None,
@@ -2513,7 +2526,7 @@ class HostSession:
             "slot_base": self.run.claim_slots(slots) if self.run else 0,
             "host": self.name,
         }
-        self._write(encode_frame(KIND_CONFIG, json.dumps(config).encode()))
+        self._write(self.protocol.configure(config))
         # Measure the round trip without waiting for it: work goes out at once, and the
         # window deepens when the answer comes (one round trip less before the first task).
         self._send_ping()
@@ -2937,8 +2950,7 @@ class HostSession:
             self.run.scheduler.put_back([task])
             self.run.after_batch(self)
             return
-        entry = (task.seq, task.command.encode("utf-8"), task.data)
-        self._write(encode_frame(KIND_TASKS, encode_tasks([entry])))
+        self._write(self.protocol.staged(task))
 
     async def _fetch(self, task: Task, result: TaskResult) -> None:
         """Fetch TASK's --return files and clean up (--cleanup); then the result counts."""
@@ -2973,7 +2985,7 @@ class HostSession:
         )  # (no write past EOF)
         if halt and not cancelled and halt.counts(result.ok) and going_on:
             # The stub holds its queue for this result (Stub.finished): go on.
-            self._write(encode_frame(KIND_RELEASE, INPUT_HEAD.pack(result.seq)))
+            self._write(self.protocol.release(result.seq))
 
     def drop_queued(self, halt: str = "") -> None:
         """Ask the stub to give back the tasks it has not started: for idle hosts, or

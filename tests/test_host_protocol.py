@@ -329,3 +329,21 @@ def test_silence_asks_for_a_ping_then_gives_the_host_up() -> None:
     assert isinstance(silent, sshfan.Silent) and silent.seconds == 3.0
     protocol.heard(103.5)
     assert protocol.check_silence(104.0, 1.0) is None
+
+
+def test_config_staged_task_and_release_frames() -> None:
+    """CONFIG sets the window's slots; a staged task and a RELEASE decode as the stub reads
+    them."""
+    protocol = HostProtocol("w", 1)
+    frame = protocol.configure({"slots": 4, "host": "w"})
+    ((kind, payload),) = sshfan.FrameDecoder(skip_banner=False).feed(frame)
+    assert (kind, json.loads(payload), protocol.window.slots) == (
+        sshfan.KIND_CONFIG,
+        {"slots": 4, "host": "w"},
+        4,
+    )
+    ((kind, payload),) = sshfan.FrameDecoder(skip_banner=False).feed(
+        protocol.staged(Task(7, "echo é"))
+    )
+    assert (kind, decode_tasks(payload)) == (sshfan.KIND_TASKS, [(7, "echo é".encode(), b"")])
+    assert protocol.release(7) == encode_frame(sshfan.KIND_RELEASE, sshfan.INPUT_HEAD.pack(7))
