@@ -7747,7 +7747,18 @@ def main() -> None:
     except Exception as exc:
         # typer's (click's) own errors: unknown option, a value of the wrong type, ...
         if not hasattr(exc, "format_message") or not hasattr(exc, "exit_code"):
-            raise
+            # Not the user's mistake and not a host's: a bug in sshfan. The run stopped
+            # without counting itself complete, so its journal is kept: exit 3, as for
+            # any run that could not finish, with the traceback for the bug report.
+            import traceback
+
+            traceback.print_exc()
+            print(
+                f"sshfan: internal error: {type(exc).__name__}: {exc}; this is a bug in "
+                "sshfan (the traceback above says where); the journal is kept for --resume",
+                file=sys.stderr,
+            )
+            sys.exit(3)
         message = exc.format_message()
         if message:  # (no arguments at all: the help was printed and there is nothing to add)
             command = getattr(getattr(exc, "ctx", None), "command_path", "sshfan")

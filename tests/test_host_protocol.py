@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -283,6 +284,30 @@ def test_a_bug_in_the_runs_handling_ends_the_run_raising_it(
     host = sshfan.HostSpec(name="local", local=True, python=sys.executable, slots=1)
     with pytest.raises(KeyError, match="a bug in the run"):
         list(sshfan.run_tasks(["echo hello"], hosts=[host]))
+
+
+def test_a_bug_in_the_run_ends_the_command_3_with_one_line_and_the_journal_kept(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """From the command line, a bug in the run is exit 3 (the run could not finish: its
+    journal is kept) with one line saying it is a bug, not exit 1 (tasks failed)."""
+
+    def broken(self: sshfan.Journal, result: sshfan.TaskResult) -> int:
+        """Fail as a bug in the run's own code would."""
+        raise KeyError("a bug in the run")
+
+    monkeypatch.setattr(sshfan.Journal, "add_result", broken)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tasks.txt").write_text("echo hello\n")
+    monkeypatch.setattr(sys, "argv", ["sshfan", "run", "tasks.txt", "-j", "1", "--no-progress"])
+    with pytest.raises(SystemExit) as ended:
+        sshfan.main()
+    assert ended.value.code == 3
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[-1].startswith("sshfan: internal error: KeyError: 'a bug in the run'")
+    assert (tmp_path / "tasks.out.journal").exists() or (
+        tmp_path / "tasks.out.journal.new"
+    ).exists()
 
 
 def test_tasks_sent_are_held_and_their_frames_decode_back() -> None:
