@@ -2378,6 +2378,15 @@ def frame_name(kind: int) -> str:
     return f"frame of kind {kind}"
 
 
+def _protocol_attribute(name: str) -> property:
+    """A HostSession attribute that is its HostProtocol's NAME, read and written through."""
+    return property(
+        lambda self: getattr(self.protocol, name),
+        lambda self, value: setattr(self.protocol, name, value),
+        doc=f"The protocol's {name}.",
+    )
+
+
 class HostSession:
     """The head's end of one host: its connection and stub channel, which move the bytes
     of its HostProtocol; the run's part in the protocol's events (_act)."""
@@ -2411,56 +2420,16 @@ class HostSession:
 
     # What the protocol knows of the host, as the run and this session read it.
     state = property(lambda self: self.protocol.state, doc="The host's HostState.")
-    hello = property(
-        lambda self: self.protocol.hello,
-        lambda self, value: setattr(self.protocol, "hello", value),
-        doc="The protocol's hello.",
-    )
-    in_flight = property(
-        lambda self: self.protocol.in_flight,
-        lambda self, value: setattr(self.protocol, "in_flight", value),
-        doc="The protocol's in_flight.",
-    )
-    cancelled = property(
-        lambda self: self.protocol.cancelled,
-        lambda self, value: setattr(self.protocol, "cancelled", value),
-        doc="The protocol's cancelled.",
-    )
-    window = property(
-        lambda self: self.protocol.window,
-        lambda self, value: setattr(self.protocol, "window", value),
-        doc="The protocol's window.",
-    )
-    dropping = property(
-        lambda self: self.protocol.dropping,
-        lambda self, value: setattr(self.protocol, "dropping", value),
-        doc="The protocol's dropping.",
-    )
-    drops_asked = property(
-        lambda self: self.protocol.drops_asked,
-        lambda self, value: setattr(self.protocol, "drops_asked", value),
-        doc="The protocol's drops_asked.",
-    )
-    killing = property(
-        lambda self: self.protocol.killing,
-        lambda self, value: setattr(self.protocol, "killing", value),
-        doc="The protocol's killing.",
-    )
-    may_drop = property(
-        lambda self: self.protocol.may_drop,
-        lambda self, value: setattr(self.protocol, "may_drop", value),
-        doc="The protocol's may_drop.",
-    )
-    progress_at = property(
-        lambda self: self.protocol.progress_at,
-        lambda self, value: setattr(self.protocol, "progress_at", value),
-        doc="The protocol's progress_at.",
-    )
-    rtt = property(
-        lambda self: self.protocol.rtt,
-        lambda self, value: setattr(self.protocol, "rtt", value),
-        doc="The protocol's rtt.",
-    )
+    hello = _protocol_attribute("hello")
+    in_flight = _protocol_attribute("in_flight")
+    cancelled = _protocol_attribute("cancelled")
+    window = _protocol_attribute("window")
+    dropping = _protocol_attribute("dropping")
+    drops_asked = _protocol_attribute("drops_asked")
+    killing = _protocol_attribute("killing")
+    may_drop = _protocol_attribute("may_drop")
+    progress_at = _protocol_attribute("progress_at")
+    rtt = _protocol_attribute("rtt")
 
     # -- opening --------------------------------------------------------------
 
