@@ -75,7 +75,7 @@ def test_halt_on_error_stops_new_tasks_and_resume_runs_the_rest(
     assert first.returncode == 1, first.stderr
     assert b"halt" in first.stderr
     done = [json.loads(line)["seq"] for line in out.read_text().splitlines()]
-    assert done[0] == 1 and len(done) < 6
+    assert done == [1]  # the stub holds its queue after a failure until the head says
     second = run_sshfan([*args, "--no-progress", "--resume"])
     assert second.returncode == 1  # task 1 still failed
     records = [json.loads(line) for line in out.read_text().splitlines()]
