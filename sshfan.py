@@ -6872,45 +6872,35 @@ def _cli() -> Any:
             raise typer.Exit()
 
     # Hosts on the command line: the same options for run, check and all.
+    def host_list_option(*names: str, metavar: str, text: str) -> Any:
+        """A repeatable option naming hosts or host patterns (-S, --slf, --only, --exclude)."""
+        return typer.Option(None, *names, metavar=metavar, help=text)
+
     def sshlogin_option() -> Any:
         """-S/--sshlogin, GNU parallel's."""
-        return typer.Option(
-            None,
+        return host_list_option(
             "--sshlogin",
             "-S",
             metavar="LOGINS",
-            help="Hosts as GNU parallel writes them, comma-separated: host, user@host:port, "
+            text="Hosts as GNU parallel writes them, comma-separated: host, user@host:port, "
             "N/host (N slots), ':' (this machine), ranges such as web[01-12]; repeatable; "
             "--hosts' defaults apply.",
         )
 
     def slf_option() -> Any:
         """--slf/--sshloginfile, GNU parallel's."""
-        return typer.Option(
-            None,
-            "--sshloginfile",
-            "--slf",
-            metavar="FILE",
-            help="Hosts from a GNU parallel sshloginfile (one sshlogin a line); repeatable.",
-        )
+        text = "Hosts from a GNU parallel sshloginfile (one sshlogin a line); repeatable."
+        return host_list_option("--sshloginfile", "--slf", metavar="FILE", text=text)
 
     def only_option() -> Any:
         """--only: a subset of the hosts."""
-        return typer.Option(
-            None,
-            "--only",
-            metavar="PATTERN",
-            help="Only the hosts whose name matches a glob (web*, db[1-3]); repeatable.",
-        )
+        text = "Only the hosts whose name matches a glob (web*, db[1-3]); repeatable."
+        return host_list_option("--only", metavar="PATTERN", text=text)
 
     def exclude_option() -> Any:
         """--exclude: leave hosts out."""
-        return typer.Option(
-            None,
-            "--exclude",
-            metavar="PATTERN",
-            help="Leave out the hosts whose name matches a glob; repeatable.",
-        )
+        text = "Leave out the hosts whose name matches a glob; repeatable."
+        return host_list_option("--exclude", metavar="PATTERN", text=text)
 
     @app.callback()
     def main_options(
