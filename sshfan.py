@@ -25,13 +25,14 @@ Python 3.6+). The public API is `__all__`; everything else is internal.
    4. Worker stub (shipped: standard library only, Python 3.6+)
    5. Shipping the stub: its source and the bootstrap that starts it
    6. Scheduler (sans-IO)
-   7. Transports: the head's end of a stub channel, over SSH or a local subprocess
-   8. Files to and from workers (GNU parallel's --transferfile, --return, --basefile)
-   9. Journal and output
-  10. The run: hosts, scheduler, journal and output together
-  11. Python API
-  12. Checking hosts
-  13. Command line
+   7. Host protocol (sans-IO): a stub's frames in, events out; host states
+   8. Transports: the head's end of a stub channel, over SSH or a local subprocess
+   9. Files to and from workers (GNU parallel's --transferfile, --return, --basefile)
+  10. Journal and output
+  11. The run: hosts, scheduler, journal and output together
+  12. Python API
+  13. Checking hosts
+  14. Command line
 """
 
 from __future__ import annotations
@@ -1959,8 +1960,13 @@ class HostWindow:
 
 
 # ============================================================================
-# 7. Transports: the head's end of a stub channel, over SSH or a local subprocess
+# 7. Host protocol (sans-IO): a stub's frames in, events out; host states
 # ============================================================================
+# HostProtocol is the head's side of one stub: receive(bytes) yields events (Hello,
+# TaskDone, OutputPiece, TasksGivenBack, Pong), the head's requests return the frames
+# to send, and it keeps the host's HostState, moved only as HOST_MOVES allows. A frame
+# the head did not ask for raises ProtocolError. It does no I/O: the transports (next
+# section) move the bytes and act on what it returns.
 
 
 @dataclasses.dataclass
@@ -1997,10 +2003,6 @@ def _status_fields(status: int) -> tuple[int, int | None]:
 
 
 PROBE_WAIT = 2.0  # seconds at least that a silent stub has to answer a ping (_watch)
-
-
-# -- The host protocol, sans-IO: HostProtocol turns a stub's frames into events and the
-# head's requests into frames; HostSession below moves the bytes and acts on the events.
 
 
 class HostState(enum.Enum):
@@ -2376,6 +2378,11 @@ def frame_name(kind: int) -> str:
     if kind in FRAME_KINDS:
         return f"{FRAME_KINDS[kind][0]} (kind {kind})"
     return f"frame of kind {kind}"
+
+
+# ============================================================================
+# 8. Transports: the head's end of a stub channel, over SSH or a local subprocess
+# ============================================================================
 
 
 def _protocol_attribute(name: str) -> property:
@@ -3613,7 +3620,7 @@ def preflight(hosts: list[HostSpec], where: str = "hosts file") -> None:
 
 
 # ============================================================================
-# 8. Files to and from workers (GNU parallel's --transferfile, --return, --basefile)
+# 9. Files to and from workers (GNU parallel's --transferfile, --return, --basefile)
 # ============================================================================
 # Files travel over SFTP on the host's own SSH connection, in a channel beside the
 # stub's: a 100 MB file then never holds up the frames (results, pings) of the tasks
@@ -3880,7 +3887,7 @@ def _sync_file(path: str) -> None:
 
 
 # ============================================================================
-# 9. Journal and output
+# 10. Journal and output
 # ============================================================================
 # The journal is an append-only file of frames (the same framing as the wire):
 # a header record, OUTPUT pieces of large outputs as they stream in, and one DONE
@@ -5017,7 +5024,7 @@ def read_chunks(
 
 
 # ============================================================================
-# 10. The run: hosts, scheduler, journal and output together
+# 11. The run: hosts, scheduler, journal and output together
 # ============================================================================
 
 WATCH_INTERVAL = 1.0  # seconds between looks at the hosts files (hosts that come and go)
@@ -6461,7 +6468,7 @@ def whole_result(result: TaskResult, journal: Journal) -> TaskResult:
 
 
 # ============================================================================
-# 11. Python API
+# 12. Python API
 # ============================================================================
 
 TasksArg = str | os.PathLike[str] | Iterable[str]
@@ -6628,7 +6635,7 @@ def run_tasks(
 
 
 # ============================================================================
-# 12. Checking hosts
+# 13. Checking hosts
 # ============================================================================
 
 
@@ -6679,7 +6686,7 @@ async def check_hosts(hosts: list[HostSpec]) -> list[HostCheck]:
 
 
 # ============================================================================
-# 13. Command line
+# 14. Command line
 # ============================================================================
 
 _FORMATS = ("text", "jsonl")
