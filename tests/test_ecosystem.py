@@ -232,6 +232,29 @@ def test_readme_api_example_runs(tmp_path: Path) -> None:
     assert rows == sorted([str(n + 1), "local", "0", str(n)] for n in range(8))
 
 
+@pytest.mark.e2e
+def test_readme_first_command_runs_a_job(tmp_path: Path) -> None:
+    """The README's first command, past its venv install, writes the job's tasks.out."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    command = readme.split("```sh\n", 1)[1].split("```", 1)[0].strip()
+    steps = command.split(" && ")
+    assert steps[:2] == ["python3 -m venv .venv", ".venv/bin/pip install ."]
+    # The installed entry point, stood in for by this checkout's module.
+    bin_dir = tmp_path / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "sshfan").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m sshfan "$@"\n')
+    (bin_dir / "sshfan").chmod(0o755)
+    env = dict(os.environ, PYTHONPATH=str(Path(sshfan.__file__).parent))
+    result = subprocess.run(
+        ["sh", "-c", " && ".join(steps[2:])],
+        cwd=tmp_path, capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    hostname = subprocess.run(["hostname"], capture_output=True, text=True).stdout.strip()
+    uname = subprocess.run(["uname", "-sr"], capture_output=True, text=True).stdout
+    assert result.stdout == f"hello from {hostname}\n{uname}42\n"
+
+
 def _run_in_terminal(args: list[str], cwd: Path) -> bytes:
     """Run sshfan on a pseudo-terminal of 120x40 and return all it printed there."""
     import fcntl

@@ -602,6 +602,35 @@ def test_inline_script_metadata_matches_pyproject() -> None:
     assert script["dependencies"] == project["dependencies"]
 
 
+def _readme_blocks(language: str) -> list[str]:
+    """The README's fenced code blocks of LANGUAGE, in order."""
+    readme = (Path(sshfan.__file__).parent / "README.md").read_text(encoding="utf-8")
+    return re.findall(rf"(?ms)^```{language}\n(.*?)^```$", readme)
+
+
+def test_readme_test_command_is_what_ci_runs() -> None:
+    """The README's second command installs the test extra and runs pytest as .ci/run does."""
+    readme_steps = _readme_blocks("sh")[1].strip().split(" && ")
+    ci_lines = (Path(sshfan.__file__).parent / ".ci" / "run").read_text().splitlines()
+    ci_steps = [line for line in ci_lines if line and not line.startswith(("#", " "))]
+    assert "install -e '.[test]'" in readme_steps[1]
+    assert any("install" in step and "-e '.[test]'" in step for step in ci_steps)
+    # Same pytest arguments; only the interpreter (a venv's, CI's python3) differs.
+    assert readme_steps[-1].split(" -m ", 1)[1] == ci_steps[-1].split(" -m ", 1)[1]
+    assert ci_steps[-1].split(" -m ", 1)[1] == "pytest -q"
+
+
+def test_readme_hosts_file_example_loads_as_it_says(tmp_path: Path) -> None:
+    """The README's hosts file example is valid: build1, and web01..04 at .11 to .14."""
+    path = tmp_path / "hosts.toml"
+    path.write_text(_readme_blocks("toml")[0])
+    hosts = sshfan.load_hosts(path)
+    assert [h.name for h in hosts] == ["build1", "web01", "web02", "web03", "web04"]
+    assert [h.address for h in hosts[1:]] == [f"10.0.1.{n}" for n in range(11, 15)]
+    assert {h.user for h in hosts} == {"ci"}
+    assert hosts[0].slots == 4 and hosts[1].slots is None  # "auto": the CPU count
+
+
 # -- the Python API --------------------------------------------------------------
 
 
