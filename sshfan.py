@@ -5275,7 +5275,7 @@ class _Run:
         # Hosts that come and go: the hosts files are watched (not with --onall, whose
         # output is per host: its hosts are those it started with).
         self.sources = None if opts.onall else opts.sources
-        self._slots = opts.slots
+        self._opts = opts  # what a host that joins is served with (run_hosts)
         self._pacing: Pacing | None = None
         self._openers: list[asyncio.Future[None]] = []
         self._watcher: asyncio.TimerHandle | None = None
@@ -5550,15 +5550,15 @@ class _Run:
 
     def reload_hosts(self) -> None:
         """New hosts join the run; hosts no longer listed drain (finish what they run, take
-        nothing new). A file that cannot be used now is a warning: the hosts stay."""
+        nothing new); a host whose settings changed drains and joins again with the new
+        ones. A file that cannot be used now is a warning: the hosts stay."""
         assert self.sources is not None
         try:
             specs = load_host_sources(dataclasses.replace(self.sources))
         except SshfanError as exc:
             self.log(f"sshfan: warning: hosts changed, but: {exc}; the run keeps its hosts")
             return
-        if self._slots:
-            specs = [dataclasses.replace(spec, slots=self._slots) for spec in specs]
+        specs = run_hosts(specs, self._opts)
         wanted = {spec.name for spec in specs}
         serving = {
             s.name for s in self.sessions if s.state in (HostState.CONNECTING, HostState.READY)
@@ -5569,30 +5569,54 @@ class _Run:
                     session.drain()
             self.summary.drained.add(name)
             self.log(f"sshfan: host {name} left the hosts file: it takes no new tasks")
-        fresh = self.summary.total - self.summary.resumed
+        served = {spec.name: spec for spec in self.hosts}  # the settings each host runs with
         for spec in specs:
-            if spec.name in serving:
+            changed = spec.name in served and served[spec.name] != spec
+            if spec.name in serving and not changed:
                 continue
             draining = [
                 s for s in self.sessions if s.name == spec.name and s.state == HostState.DRAINING
             ]
-            for session in draining:
-                session.undrain()
+            if changed:
+                # Its stubs run with the old settings: they finish what they run, and
+                # new ones with the new settings take the rest (the same name, the same
+                # host in every report).
+                for session in self.sessions:
+                    if session.name == spec.name:
+                        session.drain()
+            else:
+                for session in draining:
+                    session.undrain()
             self.summary.drained.discard(spec.name)
             if spec.name not in self.summary.hosts:
                 self.summary.hosts.append(spec.name)
-            if draining:
+            if draining and not changed:
                 self.log(f"sshfan: host {spec.name} is back in the hosts file")
                 continue
-            self.log(f"sshfan: host {spec.name} joined")
-            self.hosts.append(spec)
-            for lane in lanes(spec, fresh):
-                session = HostSession(lane, self)
-                self.sessions.append(session)
-                assert self._pacing is not None
-                self._openers.append(asyncio.ensure_future(self._open(session, self._pacing)))
+            if changed and spec.name in serving:
+                self.log(
+                    f"sshfan: host {spec.name} changed in the hosts file: "
+                    "it finishes its running tasks, then goes on with the new settings"
+                )
+            else:
+                self.log(f"sshfan: host {spec.name} joined")
+            self._join(spec)
         self._refill_all()
         self._check_done()
+
+    def _join(self, spec: HostSpec) -> None:
+        """Start SPEC's stubs in the running run (a host that joined, or came back)."""
+        places = [index for index, known in enumerate(self.hosts) if known.name == spec.name]
+        if places:  # its place stays: --onall's output block is by place
+            self.hosts[places[0]] = spec
+        else:
+            self.hosts.append(spec)
+        fresh = self.summary.total - self.summary.resumed
+        for lane in lanes(spec, fresh):
+            session = HostSession(lane, self)
+            self.sessions.append(session)
+            assert self._pacing is not None
+            self._openers.append(asyncio.ensure_future(self._open(session, self._pacing)))
 
     # -- decisions ------------------------------------------------------------
 
@@ -6116,6 +6140,25 @@ def _workdir_for(spec: HostSpec, workdir: str) -> str:
     return here
 
 
+def run_hosts(specs: list[HostSpec], opts: RunOptions) -> list[HostSpec]:
+    """SPECS as the run serves them, with the options that override the hosts file:
+    --slots (else one slot under --onall), --workdir, --shell. Hosts that join from a
+    watched hosts file get the same."""
+    hosts = specs
+    if opts.slots:
+        hosts = [dataclasses.replace(spec, slots=opts.slots) for spec in hosts]
+    elif opts.onall:  # a host's tasks one at a time, in order, as GNU parallel's --onall
+        hosts = [dataclasses.replace(spec, slots=1) for spec in hosts]
+    if opts.workdir:
+        hosts = [
+            dataclasses.replace(spec, workdir=_workdir_for(spec, opts.workdir), make_workdir=True)
+            for spec in hosts
+        ]
+    if opts.shell:
+        hosts = [dataclasses.replace(spec, shell=opts.shell) for spec in hosts]
+    return hosts
+
+
 @dataclasses.dataclass
 class PreparedRun:
     """A run's inputs checked and its files taken: what prepare_run hands run_async."""
@@ -6267,20 +6310,7 @@ async def run_async(
                 tasks_path, merged, done, opts, count, prepared.identity
             )
             count *= len(opts.hosts)
-        hosts = opts.hosts
-        if opts.slots:
-            hosts = [dataclasses.replace(spec, slots=opts.slots) for spec in hosts]
-        elif opts.onall:  # a host's tasks one at a time, in order, as GNU parallel's --onall
-            hosts = [dataclasses.replace(spec, slots=1) for spec in hosts]
-        if opts.workdir:
-            hosts = [
-                dataclasses.replace(
-                    spec, workdir=_workdir_for(spec, opts.workdir), make_workdir=True
-                )
-                for spec in hosts
-            ]
-        if opts.shell:
-            hosts = [dataclasses.replace(spec, shell=opts.shell) for spec in hosts]
+        hosts = run_hosts(opts.hosts, opts)
         run = _Run(hosts, scheduler, journal, merged, opts, log, on_done, whole)
         run.summary.total = count
         run.summary.hosts = [spec.name for spec in opts.hosts]

@@ -381,6 +381,66 @@ def test_hosts_join_and_drain_mid_run(sshd: SshServer, tmp_path: Path) -> None:
     assert "drained: left the hosts file" in stderr_text
 
 
+def replace_file(path: Path, text: str) -> None:
+    """Replace PATH's contents at once, as an editor or a config tool does."""
+    new = path.with_name(path.name + ".new")
+    new.write_text(text)
+    os.replace(new, path)
+
+
+def start_sshfan(args: list[str], cwd: Path, stderr: Path) -> subprocess.Popen[bytes]:
+    """Start `python -m sshfan ARGS` in its own session, its stderr into the file STDERR."""
+    env = {**os.environ, "PYTHONPATH": str(Path(sshfan.__file__).parent)}
+    with open(stderr, "wb") as err:
+        return subprocess.Popen(
+            [sys.executable, "-m", "sshfan", *args],
+            cwd=cwd,
+            env=env,
+            stderr=err,
+            start_new_session=True,
+        )
+
+
+def test_host_whose_settings_change_mid_run_goes_on_with_them(
+    sshd: SshServer, tmp_path: Path
+) -> None:
+    """A host that keeps its name but changes its settings (env, slots) in the hosts file:
+    its old stub finishes the task it runs; the rest run under the new settings."""
+    started, flag, marks = tmp_path / "started", tmp_path / "flag", tmp_path / "marks"
+    marks.mkdir()
+    count = 6
+    # Task 1 holds h1's only slot until the test lets it go, after all the others ran.
+    lines = [f"touch {started}; while [ ! -e {flag} ]; do sleep 0.05; done; echo 1 $MARK"]
+    lines += [f"echo {n} $MARK; touch {marks}/{n}" for n in range(2, count + 1)]
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text("\n".join(lines) + "\n")
+    hosts, out, err = tmp_path / "hosts.toml", tmp_path / "out.jsonl", tmp_path / "stderr.txt"
+    replace_file(hosts, sshd.hosts_toml(["h1"], slots=1) + 'env = { MARK = "old" }\n')
+    proc = start_sshfan(
+        ["run", str(tasks), "-H", str(hosts), "-o", str(out), "-f", "jsonl", "--no-progress"],
+        tmp_path,
+        err,
+    )
+    try:
+        wait_for("task 1 started on h1", started.exists, proc)
+        replace_file(hosts, sshd.hosts_toml(["h1"], slots=2) + 'env = { MARK = "new" }\n')
+        wait_for("tasks 2-6 ran", lambda: len(list(marks.iterdir())) == count - 1, proc)
+        flag.touch()
+        assert proc.wait(120) == 0, err.read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["stdout"] for r in records] == ["1 old\n"] + [
+        f"{n} new\n" for n in range(2, count + 1)
+    ]
+    assert {r["host"] for r in records} == {"h1"}
+    stderr_text = err.read_text()
+    assert "sshfan: host h1 changed in the hosts file" in stderr_text
+    assert "drained" not in stderr_text  # it never left the hosts file
+
+
 def test_example_hosts_file_parses_with_its_range() -> None:
     """hosts.example.toml is valid, and its range entry is four hosts paired with addresses."""
     example = Path(sshfan.__file__).with_name("hosts.example.toml")
