@@ -746,6 +746,7 @@ KIND_RELEASE = 13
 KIND_CANCEL = 14
 KIND_DONE = 20  # journal only: a finished task's record
 KIND_JOURNAL = 21  # journal only: the header record
+KIND_HOSTS = 22  # journal only: --onall's host list, grown by hosts that joined mid-run
 
 TASK_HEAD = struct.Struct(">QII")
 INPUT_HEAD = struct.Struct(">Q")
@@ -1747,6 +1748,11 @@ class Scheduler:
     def host_gone(self, host: str) -> None:
         """A host is lost for good: its tasks go to the others, nothing to do here."""
 
+    def join(self, host: str) -> int:
+        """HOST joined mid-run (or came back): how many tasks it adds to the run (none:
+        it shares the rest)."""
+        return 0
+
 
 class OnAllScheduler(Scheduler):
     """--onall: every host runs every task, drawn from its own pass over the tasks file.
@@ -1756,15 +1762,27 @@ class OnAllScheduler(Scheduler):
 
     pinned = True
 
-    def __init__(self, sources: dict[str, Iterator[Task]], lines: int, retries: int = 0) -> None:
-        """Draw each host's tasks lazily from SOURCES[host]; LINES: the tasks file's lines."""
+    def __init__(
+        self,
+        sources: dict[str, Iterator[Task]],
+        lines: int,
+        retries: int = 0,
+        new_pass: Callable[[int], tuple[Iterator[Task], int]] | None = None,
+    ) -> None:
+        """Draw each host's tasks lazily from SOURCES[host]; LINES: the tasks file's lines.
+        NEW_PASS(place) gives a host that joins its pass and how many tasks it holds."""
         super().__init__(iter(()), retries)
         self._sources = sources
         self._place = {name: index for index, name in enumerate(sources)}
         self._queued: dict[str, deque[Task]] = {name: deque() for name in sources}
         self._read: set[str] = set()  # hosts whose pass over the file is done
         self._gone: set[str] = set()
+        self._new_pass = new_pass
         self.lines = lines
+
+    def hosts(self) -> list[str]:
+        """The hosts in place order: those the run started with, then those that joined."""
+        return list(self._place)
 
     def order_key(self, host: str, seq: int) -> int:
         """HOST's task SEQ, host-major: all of the first host's tasks come first."""
@@ -1831,8 +1849,20 @@ class OnAllScheduler(Scheduler):
         return not any(self._pending(h) for h in self._sources) and self.error is None
 
     def host_gone(self, host: str) -> None:
-        """HOST is lost for good: its tasks cannot go elsewhere; the run stops waiting on them."""
+        """HOST is lost for good, or left the hosts file: its tasks cannot go elsewhere;
+        the run stops waiting on them."""
         self._gone.add(host)
+
+    def join(self, host: str) -> int:
+        """HOST joined: every task, as if it had been there from the start, its block in
+        the output after the others'. A host that comes back goes on with its own pass."""
+        self._gone.discard(host)
+        if host in self._sources or self._new_pass is None:
+            return 0
+        self._place[host] = len(self._place)
+        self._queued[host] = deque()
+        self._sources[host], todo = self._new_pass(self._place[host])
+        return todo
 
     def drain(self) -> None:
         """Finish every host's pass over the file, so blank lines and tasks from the journal
@@ -3986,6 +4016,12 @@ class Journal:
                 break
             if kind == KIND_JOURNAL and offset == 0:
                 header = json.loads(os.pread(fd, length, offset + FRAME_HEADER.size))
+            elif kind == KIND_HOSTS and "onall" in header:
+                hosts = json.loads(os.pread(fd, length, offset + FRAME_HEADER.size))["onall"]
+                if hosts[: len(header["onall"])] != header["onall"]:  # joined hosts only add
+                    os.close(fd)
+                    raise UsageError(f"{path}: journal is corrupt at byte {offset}")
+                header["onall"] = hosts
             elif kind == KIND_DONE:
                 meta = journal._read_meta(offset)
                 seq = meta["seq"]
@@ -4119,6 +4155,11 @@ class Journal:
             returned=meta.get("returned", []),
             slot=meta.get("slot", 0),
         )
+
+    def add_hosts(self, hosts: list[str]) -> None:
+        """Queue --onall's whole host list, hosts that joined mid-run last (KIND_HOSTS):
+        their results are indexed by their place in it."""
+        self.append(KIND_HOSTS, json.dumps({"onall": hosts}).encode())
 
     def add_result(self, result: TaskResult) -> int:
         """Queue a finished task's DONE record; return its offset."""
@@ -5272,9 +5313,10 @@ class _Run:
         self.copies: dict[int, tuple[HostSession, HostSession]] = {}
         self.copied: set[int] = set()  # seqs given a backup copy: one each, ever
         self._spec_timer: asyncio.TimerHandle | None = None  # a _speculate to come
-        # Hosts that come and go: the hosts files are watched (not with --onall, whose
-        # output is per host: its hosts are those it started with).
-        self.sources = None if opts.onall else opts.sources
+        # Hosts that come and go: the hosts files are watched.
+        self.sources = opts.sources
+        self.todo: dict[str, int] = {}  # --onall: each host's tasks to run (for unrun)
+        self._hosts_journaled = len(hosts)  # --onall: hosts the journal's host list has
         self._opts = opts  # what a host that joins is served with (run_hosts)
         self._pacing: Pacing | None = None
         self._openers: list[asyncio.Future[None]] = []
@@ -5406,6 +5448,11 @@ class _Run:
                 f"(exit {result.exit_code}); retrying ({task.attempts}/{self.scheduler.retries})"
             )
             return
+        if isinstance(self.scheduler, OnAllScheduler):
+            hosts = self.scheduler.hosts()
+            if len(hosts) > self._hosts_journaled:  # before any result of a host that joined
+                self.journal.add_hosts(hosts)
+                self._hosts_journaled = len(hosts)
         offset = self.journal.add_result(result)
         key = self.scheduler.order_key(session.name, result.seq)
         self._to_merge.append((key, offset, result))
@@ -5568,6 +5615,7 @@ class _Run:
                 if session.name == name:
                     session.drain()
             self.summary.drained.add(name)
+            self.scheduler.host_gone(name)  # --onall: its tasks not begun are not run
             self.log(f"sshfan: host {name} left the hosts file: it takes no new tasks")
         served = {spec.name: spec for spec in self.hosts}  # the settings each host runs with
         for spec in specs:
@@ -5591,6 +5639,7 @@ class _Run:
             if spec.name not in self.summary.hosts:
                 self.summary.hosts.append(spec.name)
             if draining and not changed:
+                self.scheduler.join(spec.name)  # (--onall: it goes on with its own pass)
                 self.log(f"sshfan: host {spec.name} is back in the hosts file")
                 continue
             if changed and spec.name in serving:
@@ -5611,6 +5660,10 @@ class _Run:
             self.hosts[places[0]] = spec
         else:
             self.hosts.append(spec)
+        added = self.scheduler.join(spec.name)  # --onall: every task, on top of the others'
+        if added:
+            self.summary.total += added
+            self.todo[spec.name] = added
         fresh = self.summary.total - self.summary.resumed
         for lane in lanes(spec, fresh):
             session = HostSession(lane, self)
@@ -6312,6 +6365,7 @@ async def run_async(
             count *= len(opts.hosts)
         hosts = run_hosts(opts.hosts, opts)
         run = _Run(hosts, scheduler, journal, merged, opts, log, on_done, whole)
+        run.todo = todo
         run.summary.total = count
         run.summary.hosts = [spec.name for spec in opts.hosts]
         run.summary.resumed = sum(1 for off in done if off >= 0)
@@ -6348,7 +6402,7 @@ async def run_async(
                 run.abort(_write_error(exc))
             return run.summary
         summary = await run.execute()
-        for name, left in todo.items():  # --onall: the hosts that could not run all theirs
+        for name, left in run.todo.items():  # --onall: the hosts that could not run all theirs
             ran = summary.per_host[name].count if name in summary.per_host else 0
             if left > ran:
                 summary.unrun[name] = left - ran
@@ -6427,16 +6481,20 @@ def onall_scheduler(
     the file that was scanned), and how many tasks each host has to run (those not in
     the journal)."""
     lines = _onall_header(opts, path)["lines"]
-    sources: dict[str, Iterator[Task]] = {}
-    todo: dict[str, int] = {}
-    for index, spec in enumerate(opts.hosts):
-        base = index * lines
+
+    def host_pass(place: int) -> tuple[Iterator[Task], int]:
+        """The pass over the file of the host at PLACE, and how many tasks it has to run."""
+        base = place * lines
         block = None if merged is None else _HostBlock(merged, base)
         mine = done[base : base + lines + 1]  # mine[seq] is done[base + seq]
         tasks = read_tasks(path, block, mine, opts.command)  # type: ignore[arg-type]
-        sources[spec.name] = _read_unchanged(tasks, path, identity)
-        todo[spec.name] = count - sum(1 for offset in mine[1:] if offset >= 0)
-    return OnAllScheduler(sources, lines, opts.retries), todo
+        return _read_unchanged(tasks, path, identity), count - sum(1 for o in mine[1:] if o >= 0)
+
+    sources: dict[str, Iterator[Task]] = {}
+    todo: dict[str, int] = {}
+    for index, spec in enumerate(opts.hosts):
+        sources[spec.name], todo[spec.name] = host_pass(index)
+    return OnAllScheduler(sources, lines, opts.retries, host_pass), todo
 
 
 def _open_joblog(path: str, append: bool) -> IO[bytes]:
@@ -6858,6 +6916,8 @@ def _host_outcomes(summary: RunSummary, failures: dict[str, TaskResult]) -> list
         parts = []
         for name in unrun:
             reason = summary.skipped_hosts.get(name) or summary.lost_hosts.get(name)
+            if reason is None and name in summary.drained:
+                reason = "it left the hosts file"
             if reason is None:
                 reason = "halted" if summary.halted else "the run ended first"
             parts.append(f"{name} ({summary.unrun[name]} task(s) not run: {reason})")
@@ -7396,6 +7456,8 @@ class _Progress:
     def _show(self, final: bool = False) -> None:
         """Redraw the bar with the counts as they are now (FINAL: the run is over)."""
         self._shown = time.monotonic()
+        if self.run is not None:  # (its total grows when an --onall host joins)
+            self.bar.total = max(0, self.run.summary.total - self.run.summary.resumed) or None
         self.bar.set_postfix_str(self.counts(final), refresh=False)
         self.bar.refresh()
 

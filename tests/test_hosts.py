@@ -441,6 +441,58 @@ def test_host_whose_settings_change_mid_run_goes_on_with_them(
     assert "drained" not in stderr_text  # it never left the hosts file
 
 
+def test_onall_hosts_join_and_drain_mid_run(sshd: SshServer, tmp_path: Path) -> None:
+    """--onall with a watched hosts file: a host that joins runs every task, its block after
+    the others'; a host removed finishes its running task and runs no other (the run ends
+    1, the summary says why); with it back, --resume runs the rest and the journal knows
+    the host that joined."""
+    flag, marks = tmp_path / "flag", tmp_path / "marks"
+    marks.mkdir()
+    count = 4
+    # Task 1 holds each host's only slot until the test lets it go.
+    lines = [
+        f"touch {marks}/$SSHFAN_HOST; while [ ! -e {flag} ]; do sleep 0.05; done; echo 1",
+        *[f"echo {n} $SSHFAN_HOST" for n in range(2, count + 1)],
+    ]
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text("\n".join(lines) + "\n")
+    hosts, out, err = tmp_path / "hosts.toml", tmp_path / "out.jsonl", tmp_path / "stderr.txt"
+    replace_file(hosts, sshd.hosts_toml(["h1", "h2"]))
+    argv = ["run", "--onall", str(tasks), "-H", str(hosts), "-o", str(out), "-f", "jsonl"]
+    proc = start_sshfan([*argv, "--no-progress"], tmp_path, err)
+    try:
+        wait_for("task 1 started on h1 and h2", lambda: len(list(marks.iterdir())) == 2, proc)
+        replace_file(hosts, sshd.hosts_toml(["h1", "h3"]))
+        wait_for("task 1 started on h3", (marks / "h3").exists, proc)
+        flag.touch()
+        assert proc.wait(120) == 1, err.read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    ran = [(r["host"], r["seq"]) for r in records]
+    every = [(host, n) for host in ("h1", "h2", "h3") for n in range(1, count + 1)]
+    # h2 ran task 1, and task 2 only if its stub started it before the head took it back.
+    on_h2 = [seq for host, seq in ran if host == "h2"]
+    assert on_h2 in ([1], [1, 2])
+    assert ran == [entry for entry in every if entry[0] != "h2" or entry[1] in on_h2]
+    assert [r["stdout"] for r in records if r["host"] == "h3"] == ["1\n"] + [
+        f"{n} h3\n" for n in range(2, count + 1)
+    ]
+    stderr_text = err.read_text()
+    assert "sshfan: host h2 left the hosts file: it takes no new tasks" in stderr_text
+    assert "sshfan: host h3 joined" in stderr_text
+    unrun = count - len(on_h2)
+    assert f"h2 ({unrun} task(s) not run: it left the hosts file)" in stderr_text
+    # Back in the file, h2 runs the rest on --resume; h3's results stay where they were.
+    replace_file(hosts, sshd.hosts_toml(["h1", "h2", "h3"]))
+    proc = start_sshfan([*argv, "--no-progress", "--resume"], tmp_path, err)
+    assert proc.wait(120) == 0, err.read_text()
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["host"], r["seq"]) for r in records] == every
+
+
 def test_example_hosts_file_parses_with_its_range() -> None:
     """hosts.example.toml is valid, and its range entry is four hosts paired with addresses."""
     example = Path(sshfan.__file__).with_name("hosts.example.toml")

@@ -193,3 +193,27 @@ def test_onall_scheduler_keeps_each_task_on_its_host() -> None:
     assert [t.seq for t in scheduler.take("two", 1)] == [1]
     scheduler.host_gone("two")
     assert not scheduler.has_work() and not scheduler.exhausted()
+
+
+def test_onall_scheduler_gives_a_host_that_joins_every_task() -> None:
+    """A host that joins mid-run gets a pass of its own over every task, its block after
+    the others'; a host that left (gone) and comes back goes on with its own pass."""
+
+    def new_pass(place: int) -> tuple[object, int]:
+        """Two tasks for the host at PLACE."""
+        return iter([sshfan.Task(1, f"a{place}"), sshfan.Task(2, f"b{place}")]), 2
+
+    sources = {"one": iter([sshfan.Task(1, "a0"), sshfan.Task(2, "b0")])}
+    scheduler = sshfan.OnAllScheduler(sources, lines=2, new_pass=new_pass)  # type: ignore[arg-type]
+    assert [t.command for t in scheduler.take("one", 1)] == ["a0"]
+    scheduler.host_gone("one")
+    assert scheduler.join("two") == 2 and scheduler.hosts() == ["one", "two"]
+    assert scheduler.order_key("two", 1) == 3
+    assert [(t.command, t.pinned) for t in scheduler.take("two", 5)] == [
+        ("a1", "two"),
+        ("b1", "two"),
+    ]
+    assert not scheduler.has_work() and not scheduler.exhausted()  # "one" left b0 unrun
+    assert scheduler.join("one") == 0 and scheduler.has_work()  # back: no new pass
+    assert [t.command for t in scheduler.take("one", 5)] == ["b0"]
+    assert scheduler.exhausted()
