@@ -2052,7 +2052,7 @@ class HostState(enum.Enum):
 HOST_MOVES: dict[HostState, frozenset[HostState]] = {
     HostState.CONNECTING: frozenset({HostState.READY, HostState.FAILED, HostState.ABANDONED}),
     HostState.READY: frozenset({HostState.DRAINING, HostState.CLOSING, HostState.LOST}),
-    # Back to READY: it came back into the hosts file, or retires (READY, then CLOSING).
+    # Back to READY: it came back into the hosts file.
     HostState.DRAINING: frozenset({HostState.READY, HostState.CLOSING, HostState.LOST}),
     HostState.CLOSING: frozenset({HostState.DONE, HostState.LOST}),
     HostState.DONE: frozenset(),
@@ -2061,6 +2061,13 @@ HOST_MOVES: dict[HostState, frozenset[HostState]] = {
     HostState.ABANDONED: frozenset(),
 }
 HOST_GONE = frozenset(state for state, moves in HOST_MOVES.items() if not moves)
+
+
+class Close(enum.Enum):
+    """How HostProtocol has the transport end a host's channel (finish, drain, retire)."""
+
+    STDIN = "stdin"  # close the stub's stdin: it exits once its running tasks are done
+    CONNECTION = "connection"  # drop the connection (kill the subprocess) at once
 
 
 class ProtocolError(HostError):
@@ -2126,17 +2133,24 @@ class HostProtocol:
 
     It keeps what the head knows of the host (its state, the tasks it holds, its
     window, pings out, DROPs asked) and checks each frame against it: a frame the head
-    did not ask for raises ProtocolError, the stub's own ERROR a HostError. It does
-    no I/O and knows nothing of the run: the session acts on the events it returns."""
+    did not ask for raises ProtocolError, the stub's own ERROR a HostError. It decides
+    the host's moves (finish, drain, retire, fail, closed) and says what the transport
+    must do for them. It does no I/O and knows nothing of the run: the session acts on
+    the events and frames it returns."""
 
-    def __init__(self, name: str, slots: int, timed: bool = False) -> None:
-        """Start connecting to host NAME (SLOTS job slots; TIMED: the run has --timeout)."""
+    def __init__(self, name: str, slots: int, timed: bool = False, python: str = "python3") -> None:
+        """Start connecting to host NAME (SLOTS job slots; TIMED: the run has --timeout;
+        PYTHON: the worker's interpreter, as errors name it)."""
         self.name = name
         self.timed = timed
+        self.python = python
         self.decoder = FrameDecoder(parts_of=KIND_OUTPUT)
         self.state = HostState.CONNECTING
         self.hello: dict[str, Any] = {}
         self.in_flight: dict[int, Task] = {}
+        # Tasks done on the worker whose --return files (or --cleanup) are under way: the
+        # host still holds them (they go back if it is lost).
+        self.fetching: dict[int, Task] = {}
         self.cancelled: set[int] = set()  # seqs told to CANCEL whose RESULT has not come yet
         self.window = HostWindow(slots)
         self.dropping = False  # a DROP is on its way
@@ -2150,6 +2164,9 @@ class HostProtocol:
         self.frames_in = 0  # frames received so far
         self.heard_at = time.monotonic()  # when the stub last sent anything
         self.probe_at: float | None = None  # a liveness ping out since then, sent at
+        self.error: HostError | None = None  # why it failed or was lost
+        self.stderr_tail = bytearray()  # the end of what the stub (or its shell) wrote there
+        self.exit_status: int | None = None  # the stub's, once it has exited
 
     def move(self, state: HostState) -> None:
         """Go to STATE: a move HOST_MOVES does not list is a bug of the head's."""
@@ -2258,6 +2275,90 @@ class HostProtocol:
             self.probe_at = now
             return self.ping()[1]
         return None
+
+    # -- the host's moves: what the head decides, and what the transport must do ---------
+
+    def finish(self) -> list[Close]:
+        """No more work: a host that is up closes its stdin (CLOSING: the stub exits once
+        its tasks are done); one not up yet is dropped (ABANDONED)."""
+        if self.state == HostState.CONNECTING:
+            self.move(HostState.ABANDONED)
+            return [Close.CONNECTION]
+        if self.state in (HostState.READY, HostState.DRAINING):
+            self.move(HostState.CLOSING)
+            return [Close.STDIN]
+        return []
+
+    def drain(self) -> list[bytes | Close]:
+        """The host left the hosts file: a DROP for the tasks it has not started, then
+        DRAINING (it takes nothing new) until retire() closes it; one not up is finished."""
+        if self.state == HostState.CONNECTING:
+            return [*self.finish()]
+        if self.state != HostState.READY:
+            return []
+        frame = self.drop()
+        self.move(HostState.DRAINING)
+        return [*([frame] if frame is not None else []), *self.retire()]
+
+    def retire(self) -> list[Close]:
+        """A draining host with nothing running, fetched or asked back: finish it."""
+        if self.state != HostState.DRAINING or self.in_flight or self.fetching or self.dropping:
+            return []
+        return self.finish()
+
+    def undrain(self) -> None:
+        """The host came back into the hosts file before it was done draining."""
+        if self.state == HostState.DRAINING:
+            self.move(HostState.READY)
+
+    def fail(self, error: HostError) -> list[Task] | None:
+        """The host failed (FAILED if it never came up, else LOST) for ERROR: the tasks it
+        held, to go back to the run; None if it had already gone."""
+        if self.state in HOST_GONE:
+            return None
+        self.move(HostState.FAILED if self.state == HostState.CONNECTING else HostState.LOST)
+        self.error = error
+        tasks = [*self.in_flight.values(), *self.fetching.values()]
+        self.in_flight.clear()
+        self.fetching.clear()
+        self.window.in_flight = 0
+        return tasks
+
+    def stderr(self, data: bytes) -> None:
+        """Keep the tail of what the stub (or the shell before it) wrote on stderr."""
+        self.stderr_tail += data
+        del self.stderr_tail[:-4096]
+
+    def closed(self, reason: str | None = None) -> HostError | None:
+        """The channel went away (REASON: the transport's error; None: closed by the other
+        end): DONE if the host was closing, else the error to fail it with (fail())."""
+        if self.state == HostState.CLOSING:
+            self.move(HostState.DONE)
+            return None
+        if self.state in HOST_GONE:
+            return None
+        if self.state == HostState.CONNECTING:
+            return HostError(self.name, "bootstrap", self._bootstrap_reason())
+        if self.exit_status not in (None, 0):
+            reason = f"stub exited {self.exit_status}: {self._stderr_text()}"
+        return HostError(self.name, "connection", reason or "closed by the remote end")
+
+    def _stderr_text(self) -> str:
+        """The last line or so of what the stub or shell wrote on stderr."""
+        text = self.stderr_tail.decode("utf-8", "replace").strip()
+        return text.splitlines()[-1] if text else "(nothing on stderr)"
+
+    def _bootstrap_reason(self) -> str:
+        """Explain why the stub never said hello."""
+        text = self._stderr_text()
+        status = self.exit_status
+        if status == 127 or "not found" in text:
+            return f"{self.python} not found on the worker ({text}); set 'python' for this host"
+        if "SyntaxError" in text or "AttributeError" in text:
+            return f"{self.python} is too old: sshfan needs Python 3.6+ ({text})"
+        return f"the stub exited before saying hello (status {status}): {text}"
+
+    # -- receiving ------------------------------------------------------------------
 
     def receive(self, data: bytes) -> Iterator[HostEvent]:
         """The events in DATA from the stub's stdout, one frame at a time (the caller acts
@@ -2433,16 +2534,13 @@ class HostSession:
         self.spec = spec
         self.name = spec.name
         self.run = run
-        self.protocol = HostProtocol(self.name, spec.slots or 1, bool(run and run.timeout))
-        # Tasks done on the worker whose --return files (or --cleanup) are under way.
-        self.fetching: dict[int, Task] = {}
+        self.protocol = HostProtocol(
+            self.name, spec.slots or 1, bool(run and run.timeout), spec.python
+        )
         self.files: HostFiles | None = None  # an SSH host's file mover, when the run moves files
         self._movers: set[asyncio.Future[None]] = set()
         if run is not None:
             self.window.max_ahead = run.max_ahead
-        self.error: HostError | None = None
-        self.stderr_tail = bytearray()
-        self.exit_status: int | None = None
         self._conn: Any = None
         self._write: Callable[[bytes], None] = lambda data: None
         self._write_eof: Callable[[], None] = lambda: None
@@ -2459,6 +2557,9 @@ class HostSession:
     state = property(lambda self: self.protocol.state, doc="The host's HostState.")
     hello = _protocol_attribute("hello")
     in_flight = _protocol_attribute("in_flight")
+    fetching = _protocol_attribute("fetching")
+    error = _protocol_attribute("error")
+    exit_status = _protocol_attribute("exit_status")
     cancelled = _protocol_attribute("cancelled")
     window = _protocol_attribute("window")
     dropping = _protocol_attribute("dropping")
@@ -2838,41 +2939,15 @@ class HostSession:
 
     def on_stderr(self, data: bytes) -> None:
         """Keep the tail of the stub's stderr for error messages."""
-        self.stderr_tail += data
-        del self.stderr_tail[:-4096]
+        self.protocol.stderr(data)
 
     def on_closed(self, exc: BaseException | None) -> None:
         """The channel or connection went away: expected at the end, a loss otherwise."""
-        if self.state == HostState.CLOSING:
-            self.protocol.move(HostState.DONE)
-        elif self.state not in HOST_GONE:
-            if self.state == HostState.CONNECTING:
-                stage, reason = "bootstrap", self._bootstrap_reason()
-            else:
-                stage = "connection"
-                reason = _exc_reason(exc) if exc else "closed by the remote end"
-                if self.exit_status not in (None, 0):
-                    reason = f"stub exited {self.exit_status}: {self._stderr_text()}"
-            self._fail(HostError(self.name, stage, reason))
+        error = self.protocol.closed(_exc_reason(exc) if exc else None)
+        if error is not None:
+            self._fail(error)
         if not self.closed.done():
             self.closed.set_result(None)
-
-    def _stderr_text(self) -> str:
-        """The last line or so of what the stub or shell wrote on stderr."""
-        text = self.stderr_tail.decode("utf-8", "replace").strip()
-        return text.splitlines()[-1] if text else "(nothing on stderr)"
-
-    def _bootstrap_reason(self) -> str:
-        """Explain why the stub never said hello."""
-        text = self._stderr_text()
-        status = self.exit_status
-        if status == 127 or "not found" in text:
-            return (
-                f"{self.spec.python} not found on the worker ({text}); set 'python' for this host"
-            )
-        if "SyntaxError" in text or "AttributeError" in text:
-            return f"{self.spec.python} is too old: sshfan needs Python 3.6+ ({text})"
-        return f"the stub exited before saying hello (status {status}): {text}"
 
     # -- sending --------------------------------------------------------------
 
@@ -3041,37 +3116,33 @@ class HostSession:
     def drain(self) -> None:
         """The host left the hosts file: give back the tasks it has not started, take no
         new ones, and end once the running ones are done (retire_if_idle)."""
-        if self.state == HostState.CONNECTING:
-            self.finish()  # not up yet: nothing runs there
-        elif self.state == HostState.READY:
-            self.drop_queued()
-            self.protocol.move(HostState.DRAINING)
-            self.retire_if_idle()
+        self._do(self.protocol.drain())
 
     def retire_if_idle(self) -> None:
         """A draining host with nothing running or coming back: close its stub."""
-        if self.state == HostState.DRAINING and not (
-            self.in_flight or self.fetching or self.dropping
-        ):
-            self.protocol.move(HostState.READY)
-            self.finish()
+        self._do(self.protocol.retire())
 
     def undrain(self) -> None:
         """The host came back into the hosts file before it was done draining."""
-        if self.state == HostState.DRAINING:
-            self.protocol.move(HostState.READY)
+        self.protocol.undrain()
 
     def finish(self) -> None:
         """No more work: close the stub's stdin so it exits once its tasks are done."""
-        if self.state == HostState.CONNECTING:  # the run ended before this host was up: drop it
-            self.protocol.move(HostState.ABANDONED)
-            self._drop()
-            if not self.closed.done():
-                self.closed.set_result(None)
-        elif self.state in (HostState.READY, HostState.DRAINING):
-            self.protocol.move(HostState.CLOSING)
-            with contextlib.suppress(Exception):
-                self._write_eof()
+        self._do(self.protocol.finish())
+
+    def _do(self, steps: list[bytes | Close]) -> None:
+        """Do what the protocol decided: send its frames, close the stub's stdin or drop
+        the connection (a host abandoned before it was up)."""
+        for step in steps:
+            if step is Close.CONNECTION:
+                self._drop()
+                if not self.closed.done():
+                    self.closed.set_result(None)
+            elif step is Close.STDIN:
+                with contextlib.suppress(Exception):  # (the channel may be gone already)
+                    self._write_eof()
+            else:
+                self._write(step)
 
     async def close(self, grace: float = 3.0) -> None:
         """Wait briefly for the stub to exit, then drop the connection.
@@ -3112,16 +3183,9 @@ class HostSession:
 
     def _fail(self, error: HostError) -> None:
         """Mark the host lost (or failed at start) and give its tasks back."""
-        if self.state in HOST_GONE:
+        tasks = self.protocol.fail(error)
+        if tasks is None:
             return
-        self.protocol.move(
-            HostState.FAILED if self.state == HostState.CONNECTING else HostState.LOST
-        )
-        self.error = error
-        tasks = [*self.in_flight.values(), *self.fetching.values()]
-        self.in_flight.clear()
-        self.fetching.clear()
-        self.window.in_flight = 0
         for mover in list(self._movers):
             mover.cancel()
         if self.files is not None:

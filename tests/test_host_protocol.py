@@ -372,3 +372,83 @@ def test_config_staged_task_and_release_frames() -> None:
     )
     assert (kind, decode_tasks(payload)) == (sshfan.KIND_TASKS, [(7, "echo é".encode(), b"")])
     assert protocol.release(7) == encode_frame(sshfan.KIND_RELEASE, sshfan.INPUT_HEAD.pack(7))
+
+
+def test_finish_closes_stdin_of_a_host_that_is_up_and_drops_one_that_is_not() -> None:
+    """finish: READY or DRAINING -> CLOSING, close its stdin; CONNECTING -> ABANDONED, drop
+    the connection; a host already closing or gone: nothing to do."""
+    up = ready()
+    assert up.finish() == [sshfan.Close.STDIN] and up.state == HostState.CLOSING
+    assert up.finish() == [] and up.state == HostState.CLOSING
+    starting = HostProtocol("w", 1)
+    assert starting.finish() == [sshfan.Close.CONNECTION]
+    assert starting.state == HostState.ABANDONED
+    assert starting.finish() == [] and starting.fail(HostError("w", "x", "y")) is None
+
+
+def test_a_draining_host_asks_back_its_queue_and_retires_once_nothing_is_held() -> None:
+    """drain: a DROP, then DRAINING while it holds tasks or a DROP is out; the last result
+    retires it (CLOSING, stdin closed); back in the hosts file before that: READY again."""
+    protocol = ready()
+    assert protocol.drain() == [encode_frame(sshfan.KIND_DROP, b"")]
+    assert protocol.state == HostState.DRAINING and protocol.retire() == []
+    (back,) = feed(protocol, encode_frame(KIND_DROPPED, b"[2]"))
+    assert [t.seq for t in back.tasks] == [2] and protocol.retire() == []  # task 1 runs
+    protocol.fetching[1] = protocol.in_flight[1]  # its --return files are coming back
+    feed(protocol, result(1))
+    assert protocol.retire() == []
+    del protocol.fetching[1]
+    assert protocol.retire() == [sshfan.Close.STDIN] and protocol.state == HostState.CLOSING
+    back_again = ready()
+    back_again.drain()
+    back_again.undrain()
+    assert back_again.state == HostState.READY and back_again.retire() == []
+    assert HostProtocol("w", 1).drain() == [sshfan.Close.CONNECTION]
+
+
+def test_a_failed_host_gives_back_all_it_held_once() -> None:
+    """fail: LOST (FAILED if never up), the error kept; every task held, fetched ones too,
+    goes back once; a second failure (or a late close) changes nothing."""
+    protocol = ready()
+    protocol.fetching[5] = Task(5, "echo 5")
+    error = HostError("w", "connection", "reset")
+    tasks = protocol.fail(error)
+    assert tasks is not None and sorted(t.seq for t in tasks) == [1, 2, 5]
+    assert protocol.state == HostState.LOST and protocol.error is error
+    assert not protocol.in_flight and not protocol.fetching and protocol.window.in_flight == 0
+    assert protocol.fail(HostError("w", "stub", "again")) is None and protocol.error is error
+    assert protocol.closed() is None
+    never = HostProtocol("w", 1)
+    assert never.fail(error) == [] and never.state == HostState.FAILED
+
+
+def test_a_closed_channel_is_done_when_closing_and_a_named_loss_otherwise() -> None:
+    """closed: CLOSING -> DONE; up -> the error to fail with (the stub's exit status and
+    stderr if it exited, else the transport's reason); never up -> why it did not start."""
+    closing = ready()
+    closing.finish()
+    assert closing.closed() is None and closing.state == HostState.DONE
+    lost = ready()
+    error = lost.closed()
+    assert error is not None and (error.stage, error.reason) == (
+        "connection",
+        "closed by the remote end",
+    )
+    assert lost.state == HostState.READY  # the session fails it with that error
+    reset = ready().closed("Connection reset")
+    assert reset is not None and reset.reason == "Connection reset"
+    crashed = ready()
+    crashed.stderr(b"Traceback...\nMemoryError\n")
+    crashed.exit_status = 1
+    error = crashed.closed("ignored")
+    assert error is not None and error.reason == "stub exited 1: MemoryError"
+    missing = HostProtocol("w", 1, python="/opt/py3")
+    missing.stderr(b"sh: 1: /opt/py3: not found\n")
+    missing.exit_status = 127
+    error = missing.closed()
+    assert error is not None and error.stage == "bootstrap"
+    assert error.reason.startswith("/opt/py3 not found on the worker")
+    old = HostProtocol("w", 1)
+    old.stderr(b"SyntaxError: invalid syntax\n")
+    error = old.closed()
+    assert error is not None and "too old" in error.reason
