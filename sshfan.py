@@ -2593,9 +2593,12 @@ class HostSession:
 
     async def _start_stub(self) -> None:
         """Open the transport, send the stub's source, and wait for its hello."""
-        source = stub_source().encode("utf-8")
+        forked = self.spec.local and _may_fork_stub(self.spec)
+        source = b"" if forked else stub_source().encode("utf-8")  # a fork has the code
         code = bootstrap_code(len(source))
-        if self.spec.local:
+        if forked:
+            await self._fork_local()
+        elif self.spec.local:
             await self._open_local(code)
         else:
             await self._open_ssh(code)
@@ -2683,6 +2686,19 @@ class HostSession:
         self._write_eof = stdin.close
         self._abort = transport.kill
         self._conn = transport
+
+    async def _fork_local(self) -> None:
+        """Start the stub as a fork of this process, running the stub's code (no SSH)."""
+        try:
+            pid, in_w, out_r, err_r = _fork_stub()
+        except OSError as exc:
+            raise HostError(self.name, "bootstrap", f"cannot fork: {exc.strerror}") from None
+        stub = _ForkedStub(self, pid)
+        self._conn = stub
+        self._abort = stub.kill
+        stdin = await stub.connect(in_w, out_r, err_r)
+        self._write = stdin.write
+        self._write_eof = stdin.close
 
     async def _open_ssh(self, code: str) -> None:
         """Connect over SSH and start the stub through the fixed bootstrap command."""
@@ -3230,6 +3246,156 @@ class _LocalStubProtocol(asyncio.SubprocessProtocol):
     def connection_lost(self, exc: BaseException | None) -> None:
         """All pipes closed and the process exited."""
         self.session.on_closed(exc)
+
+
+def _may_fork_stub(spec: HostSpec) -> bool:
+    """Whether SPEC's local stub may be a fork of this process instead of a new Python.
+
+    A fork skips a second interpreter start (the bulk of a one-task run's wait) and runs
+    the same stub code, in a process of its own as before. Only for the default local
+    host (its python is this one; a hosts file's `python` is honoured by exec), on Linux,
+    and only while this process has one thread: a fork copies no other thread, so a lock
+    one of them held would stay held in the stub (Python 3.12+ warns of it)."""
+    if spec.python != sys.executable or not sys.platform.startswith("linux"):
+        return False
+    try:
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        return False
+
+
+def _fork_stub() -> tuple[int, int, int, int]:
+    """Fork a local stub on three new pipes; return its pid and the head's ends of its
+    stdin, stdout and stderr. The child runs stub_main and never returns."""
+    fds: list[int] = []
+    try:
+        for _ in range(3):
+            fds.extend(os.pipe())
+        in_r, in_w, out_r, out_w, err_r, err_w = fds
+        # Blocked across the fork: a signal must not reach the child's copy of the head's
+        # handlers and wakeup fd (the event loop's self-pipe, shared with the head).
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        try:
+            pid = os.fork()
+            if pid == 0:
+                _become_stub((in_r, out_w, err_w), mask)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    except OSError:
+        for fd in fds:
+            os.close(fd)
+        raise
+    for fd in (in_r, out_w, err_w):
+        os.close(fd)
+    return pid, in_w, out_r, err_r
+
+
+def _become_stub(stdio: tuple[int, int, int], mask: Iterable[int]) -> NoReturn:
+    """In a forked child: shed the head (its fds, signal handlers and objects), put the
+    pipes on 0-2 as an exec'd stub has them, and serve as the stub until it exits."""
+    try:
+        gc.freeze()  # the head's objects: never scanned (and so never copied) by the stub
+        signal.set_wakeup_fd(-1)
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(signum, signal.SIG_DFL)  # stub_main and serve set their own
+        high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) for fd in stdio]  # (0-2 may be one)
+        for target, fd in enumerate(high):
+            os.dup2(fd, target)
+        # None of the head's files stay open here: its journal and output, its lock, its
+        # event loop, other stubs' pipes (a head's EOF to them must stay an EOF).
+        os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        stub_main()
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.write(2, f"sshfan stub: {type(exc).__name__}: {exc}\n".encode(errors="replace"))
+    os._exit(1)  # never back into the head's code (stub_main ends with os._exit)
+
+
+class _ForkedStub:
+    """The head's end of a forked local stub: its pid and its three pipes, standing in for
+    the subprocess transport an exec'd stub has (kill, close, then on_closed with the
+    exit status once both its output pipes reached EOF and it was reaped)."""
+
+    def __init__(self, session: HostSession, pid: int) -> None:
+        """Track the child PID serving SESSION."""
+        self.session = session
+        self.pid = pid
+        self.reaped = False
+        self.open_pipes = 2  # stdout and stderr, until each reaches EOF
+        self.transports: list[asyncio.BaseTransport] = []
+        self._wait = 0.001  # between waitpid tries, doubling (see reap)
+
+    async def connect(self, in_w: int, out_r: int, err_r: int) -> asyncio.WriteTransport:
+        """Wire the head's pipe ends into the event loop; return the stub's stdin."""
+        loop = asyncio.get_running_loop()
+        files = [io.FileIO(out_r, "r"), io.FileIO(err_r, "r"), io.FileIO(in_w, "w")]
+        feeds = (self.session.on_data, self.session.on_stderr)
+        try:
+            for file, feed in zip(files[:2], feeds, strict=True):
+                reader, _ = await loop.connect_read_pipe(lambda f=feed: _PipeReader(self, f), file)
+                self.transports.append(reader)
+            stdin, _ = await loop.connect_write_pipe(asyncio.Protocol, files[2])
+        except BaseException:
+            for file in files:
+                file.close()
+            self.kill()
+            raise
+        self.transports.append(stdin)
+        return stdin
+
+    def pipe_closed(self) -> None:
+        """One output pipe reached EOF: once both have, the stub is exiting."""
+        self.open_pipes -= 1
+        if self.open_pipes == 0:
+            self.reap()
+
+    def reap(self) -> None:
+        """Wait for the stub without blocking; then the session hears it closed.
+
+        Its pipes close a moment before the kernel lets it be waited for: try again soon."""
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:  # reaped by someone else: the status is lost
+            pid, status = self.pid, None
+        if pid == 0:
+            asyncio.get_running_loop().call_later(self._wait, self.reap)
+            self._wait = min(2 * self._wait, 0.1)
+            return
+        self.reaped = True
+        if status is not None:
+            self.session.exit_status = os.waitstatus_to_exitcode(status)
+        self.session.on_closed(None)
+
+    def kill(self) -> None:
+        """SIGKILL the stub, unless it was reaped already (its pid may be another's now)."""
+        if not self.reaped:
+            with contextlib.suppress(OSError):
+                os.kill(self.pid, signal.SIGKILL)
+
+    def close(self) -> None:
+        """Close the head's ends of the pipes (a stub still running is killed first)."""
+        if self.open_pipes:
+            self.kill()
+        for transport in self.transports:
+            transport.close()
+
+
+class _PipeReader(asyncio.Protocol):
+    """Feeds one output pipe of a forked stub to its session."""
+
+    def __init__(self, stub: _ForkedStub, feed: Callable[[bytes], None]) -> None:
+        """Remember where the pipe's bytes go."""
+        self.stub = stub
+        self.feed = feed
+
+    def data_received(self, data: bytes) -> None:
+        """Pass the bytes on."""
+        self.feed(data)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        """EOF (or the head closed it)."""
+        self.stub.pipe_closed()
 
 
 @functools.cache

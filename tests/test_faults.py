@@ -32,6 +32,9 @@ MakeServer = Callable[..., SshServer]
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NO_HANG = 60.0  # seconds: a generous bound that only a hang exceeds
 LOCAL_BLOCK = '[[hosts]]\nname = "here"\nlocal = true\nslots = 2\n'  # this machine, no SSH
+# The same with the head's own Python: its stubs are forks of the head, not new Pythons.
+FORK_BLOCK = LOCAL_BLOCK + f"python = {json.dumps(sys.executable)}\n"
+BLOCKS = {"local": LOCAL_BLOCK, "fork": FORK_BLOCK}
 
 
 # ---------------------------------------------------------------------------
@@ -678,8 +681,13 @@ def test_torn_journal_record_is_rerun(run_sshfan: RunSshfan, tmp_path: Path) -> 
 
 @pytest.mark.parametrize(
     ("signum", "where"),
-    [(signal.SIGINT, "ssh"), (signal.SIGTERM, "ssh"), (signal.SIGINT, "local")],
-    ids=["SIGINT-ssh", "SIGTERM-ssh", "SIGINT-local"],
+    [
+        (signal.SIGINT, "ssh"),
+        (signal.SIGTERM, "ssh"),
+        (signal.SIGINT, "local"),
+        (signal.SIGINT, "fork"),
+    ],
+    ids=["SIGINT-ssh", "SIGTERM-ssh", "SIGINT-local", "SIGINT-fork"],
 )
 def test_interrupted_head_kills_tasks_then_resumes(
     signum: int,
@@ -691,7 +699,7 @@ def test_interrupted_head_kills_tasks_then_resumes(
 ) -> None:
     """SIGINT/SIGTERM: exit 130 naming --resume, running tasks killed; --resume finishes."""
     # A number unique per case, to find the task processes.
-    sleeper = f"37.{100 + signum}{int(where == 'local')}"
+    sleeper = f"37.{100 + signum}{['ssh', 'local', 'fork'].index(where)}"
     go = tmp_path / "go"
     mark = tmp_path / "started.log"
     quick = [f"echo {n} >> {mark}; echo {n}" for n in range(1, 5)]
@@ -700,7 +708,7 @@ def test_interrupted_head_kills_tasks_then_resumes(
         for n in range(5, 9)
     ]
     tasks = write_file(tmp_path / "tasks.txt", "\n".join(quick + slow) + "\n")
-    block = host_block(sshd_factory(), "solo", slots=2) if where == "ssh" else LOCAL_BLOCK
+    block = host_block(sshd_factory(), "solo", slots=2) if where == "ssh" else BLOCKS[where]
     hosts = write_file(tmp_path / "hosts.toml", block)
     out = tmp_path / "out.txt"
     journal = Path(str(out) + ".journal")
@@ -731,13 +739,13 @@ def test_interrupted_head_kills_tasks_then_resumes(
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("where", ["ssh", "local"])
+@pytest.mark.parametrize("where", ["ssh", "local", "fork"])
 def test_head_killed_leaves_no_orphans(
     where: str, sshd_factory: MakeServer, spawn: Callable[..., Head], tmp_path: Path
 ) -> None:
     """After SIGKILL of the head, every task process (children too) is gone within 5 s."""
-    sleeper = "41.5" if where == "ssh" else "41.6"
-    block = host_block(sshd_factory(), "solo", slots=2) if where == "ssh" else LOCAL_BLOCK
+    sleeper = {"ssh": "41.5", "local": "41.6", "fork": "41.8"}[where]
+    block = host_block(sshd_factory(), "solo", slots=2) if where == "ssh" else BLOCKS[where]
     hosts = write_file(tmp_path / "hosts.toml", block)
     line = f"sh -c 'sleep {sleeper}; echo x' ; sleep {sleeper}"
     tasks = write_file(tmp_path / "tasks.txt", f"{line}\n{line}\n{line}\n")
@@ -752,13 +760,14 @@ def test_head_killed_leaves_no_orphans(
         kill_marked(f"sleep {sleeper}")
 
 
+@pytest.mark.parametrize("where", ["local", "fork"])
 def test_head_and_local_stubs_killed_as_a_group_leave_no_task_behind(
-    spawn: Callable[..., Head], tmp_path: Path
+    where: str, spawn: Callable[..., Head], tmp_path: Path
 ) -> None:
     """SIGKILL to the head's whole process group (local stubs included, as a CI job
     timeout sends it): the stubs' wardens still kill every task."""
-    sleeper = "41.7"
-    hosts = write_file(tmp_path / "hosts.toml", LOCAL_BLOCK)
+    sleeper = "41.7" if where == "local" else "41.9"
+    hosts = write_file(tmp_path / "hosts.toml", BLOCKS[where])
     line = f"sh -c 'sleep {sleeper}; echo x' ; sleep {sleeper}"
     tasks = write_file(tmp_path / "tasks.txt", f"{line}\n{line}\n{line}\n")
     head = spawn(run_args(tasks, hosts, tmp_path / "out.txt"))
@@ -770,19 +779,19 @@ def test_head_and_local_stubs_killed_as_a_group_leave_no_task_behind(
         kill_marked(f"sleep {sleeper}")
 
 
-@pytest.mark.parametrize("where", ["ssh", "local"])
+@pytest.mark.parametrize("where", ["ssh", "local", "fork"])
 def test_a_stub_killed_outright_leaves_no_task_behind(
     where: str, sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path
 ) -> None:
     """SIGKILL a stub while its task runs a child: the stub cannot clean up, so its
     warden kills the task's process group; the task reruns on the other host (or
     stub), the run ends 0, and no task process, stub or warden is left."""
-    sleeper = "43.5" if where == "ssh" else "43.6"
+    sleeper = {"ssh": "43.5", "local": "43.6", "fork": "43.7"}[where]
     flag = tmp_path / "killed-once"
     if where == "ssh":
         blocks = host_block(sshd, "one", slots=1) + host_block(sshd, "two", slots=1)
     else:
-        blocks = LOCAL_BLOCK  # 2 slots: two stubs
+        blocks = BLOCKS[where]  # 2 slots: two stubs
     hosts = write_file(tmp_path / "hosts.toml", blocks)
     killer = (
         f"test -e {flag} || {{ touch {flag}; sleep {sleeper} & sleep 0.3; "
@@ -791,8 +800,10 @@ def test_a_stub_killed_outright_leaves_no_task_behind(
     lines = ["echo 1", killer, "echo 3", "echo 4"]
     tasks = write_file(tmp_path / "tasks.txt", "\n".join(lines) + "\n")
     out = tmp_path / "out.txt"
-    # Stubs of other runs on this machine (another test suite) are not this run's.
-    others = {pid for pid, _argv in procs_with("sshfan-stub")}
+    # Stubs of other runs on this machine (another test suite) are not this run's. A
+    # forked stub (and its warden) has the head's command line, which names TASKS.
+    marker = str(tasks) if where == "fork" else "sshfan-stub"
+    others = {pid for pid, _argv in procs_with(marker)}
     try:
         result = run_sshfan(run_args(tasks, hosts, out), timeout=NO_HANG)
         check_exit(result, 0)
@@ -801,7 +812,7 @@ def test_a_stub_killed_outright_leaves_no_task_behind(
         assert_no_procs_soon(sleeper)
         # This run's stubs and their wardens are gone too.
         deadline = time.monotonic() + 5.0
-        while (left := [p for p in procs_with("sshfan-stub") if p[0] not in others]) and (
+        while (left := [p for p in procs_with(marker) if p[0] not in others]) and (
             time.monotonic() < deadline
         ):
             time.sleep(0.1)
@@ -810,13 +821,13 @@ def test_a_stub_killed_outright_leaves_no_task_behind(
         kill_marked(f"sleep {sleeper}")
 
 
-@pytest.mark.parametrize("where", ["ssh", "local"])
+@pytest.mark.parametrize("where", ["ssh", "local", "fork"])
 def test_timeout_kills_task_and_children(
     where: str, sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path
 ) -> None:
     """--timeout 1: the task is recorded timed out, exit 1, and none of its processes remain."""
-    sleeper = "42.5" if where == "ssh" else "42.6"
-    block = host_block(sshd, "solo", slots=2) if where == "ssh" else LOCAL_BLOCK
+    sleeper = {"ssh": "42.5", "local": "42.6", "fork": "42.7"}[where]
+    block = host_block(sshd, "solo", slots=2) if where == "ssh" else BLOCKS[where]
     hosts = write_file(tmp_path / "hosts.toml", block)
     tasks = write_file(
         tmp_path / "tasks.txt", f"echo before\nsh -c 'sleep {sleeper}; echo x'; sleep {sleeper}\n"

@@ -62,6 +62,30 @@ def test_local_run_imports_no_asyncssh_tqdm(tmp_path: Path, run_sshfan: RunSshfa
     assert not {m for m in modules if m.split(".")[0] in ("asyncssh", "tqdm")}
 
 
+@pytest.mark.parametrize("where", ["default", "hosts file"])
+def test_default_local_host_forks_its_stub(
+    where: str, tmp_path: Path, run_sshfan: RunSshfan
+) -> None:
+    """The default local host's stub is a fork of the head (no second Python start-up),
+    still a process between the head and the task; a local host whose hosts file names
+    its `python` still starts that interpreter, with the stub's source."""
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text("tr '\\0' ' ' < /proc/$PPID/cmdline\n")  # the stub's command line
+    out = tmp_path / "out.txt"
+    args = ["run", str(tasks), "-o", str(out)]
+    if where == "hosts file":
+        hosts = tmp_path / "hosts.toml"
+        hosts.write_text('[[hosts]]\nname = "here"\nlocal = true\npython = "python3"\n')
+        args += ["--hosts", str(hosts)]
+    done = run_sshfan(args)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    stub = out.read_text()
+    if where == "default":
+        assert stub.endswith(f"-m sshfan {' '.join(args)} "), stub
+    else:
+        assert " -S -c " in stub and "sshfan-stub" in stub, stub
+
+
 # -- longest first (LPT) from the duration history ------------------------------------
 
 
