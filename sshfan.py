@@ -1962,13 +1962,26 @@ class HostWindow:
         self.mean_task: float | None = None
         self.start_ahead = slots  # until a duration is known (see _Run.fair_start)
         self.max_ahead = self.MAX_AHEAD  # fewer for large --pipe chunks (memory)
+        self.recent: deque[float] = deque(maxlen=self.RECENT)  # the last durations here
+
+    RECENT = 5  # durations typical() looks at
 
     def observe(self, duration: float) -> None:
         """Fold one finished task's duration into the running estimate."""
+        self.recent.append(duration)
         if self.mean_task is None:
             self.mean_task = duration
         else:
             self.mean_task += 0.2 * (duration - self.mean_task)
+
+    def typical(self) -> float | None:
+        """How long a task takes on this host now: the median of its last few, which a
+        few long tasks (handed out first, LPT) do not skew as they do the mean; None
+        before any finished."""
+        if not self.recent:
+            return None
+        ordered = sorted(self.recent)
+        return ordered[len(ordered) // 2]
 
     def ahead(self) -> int:
         """Tasks to keep queued beyond the slots so that no slot waits on the head."""
@@ -1987,6 +2000,89 @@ class HostWindow:
         if missing < max(1, ahead // 2):
             return 0
         return min(self.CHUNK_MAX, missing)
+
+
+# -- The end of the run: a host markedly slower than the others takes only the tasks it
+# would finish before they could (each task to the slot that would end it first), and a
+# --speculate copy starts where it would end before the running copy is expected to.
+
+SLOW_HOST = 1.5  # a host whose tasks take this many times the others' (typical) is slow
+END_SIMULATED = 20_000  # tasks end_share follows at most (the rest: not near the end)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class HostLoad:
+    """What the end-of-run rules know of a ready host: its slots, how long a task takes
+    there (HostWindow.typical; None: none finished yet) and when each task it holds was
+    sent (oldest first; the first SLOTS of them are running, the rest queued)."""
+
+    slots: int
+    typical: float | None
+    sent: tuple[float, ...] = ()
+
+
+def _slot_frees(load: HostLoad, now: float) -> list[float]:
+    """When each of a host's slots should be free, once what it holds is done."""
+    assert load.typical is not None
+    frees = [now] * load.slots
+    for k, sent in enumerate(load.sent):
+        if k < load.slots:  # running: due one typical duration after it was sent
+            frees[k] = max(now, sent + load.typical)
+        else:  # queued there: runs next on the slot that frees first
+            first = min(range(load.slots), key=frees.__getitem__)
+            frees[first] += load.typical
+    return frees
+
+
+def is_slow(load: HostLoad, others: list[HostLoad]) -> bool:
+    """Whether LOAD's host takes SLOW_HOST times the median of the other ready hosts'
+    typical durations (unknown durations: not slow, so nothing is held back on a guess)."""
+    known = sorted(o.typical for o in others if o.typical is not None)
+    if load.typical is None or not known or known[len(known) // 2] <= 0:
+        return False
+    return load.typical >= SLOW_HOST * known[len(known) // 2]
+
+
+def end_share(load: HostLoad, others: list[HostLoad], left: int, now: float, want: int) -> int:
+    """How many of the LEFT tasks not handed out yet a host should take now (up to WANT).
+
+    All of them but for a slow host (is_slow): it takes only the tasks that, handed
+    one by one to whichever slot would end them first (its own or the other hosts'),
+    would land on it. A task it would finish after the others could have is the run's
+    tail: 4x slower, its last task ends long after the others are idle."""
+    if want <= 0 or left <= 0 or not is_slow(load, others):
+        return max(0, want)
+    assert load.typical is not None
+    known = [o for o in others if o.typical is not None and o.slots > 0]
+    # The rate at which all of them finish tasks: far from the end (more work left than
+    # two of this host's tasks), every slot stays busy until then and it takes its window.
+    rate = sum(o.slots / o.typical for o in known if o.typical) + load.slots / load.typical
+    held = sum(len(o.sent) for o in known) + len(load.sent)
+    if (left + held) > 2 * load.typical * rate or left > END_SIMULATED:
+        return want
+    ends: list[tuple[float, int]] = []  # (when the next task there would end, host)
+    for index, host in enumerate([load, *known]):
+        assert host.typical is not None
+        ends.extend((free + host.typical, index) for free in _slot_frees(host, now))
+    heapq.heapify(ends)
+    durations = [load.typical] + [o.typical or 0.0 for o in known]
+    taken = 0
+    for _ in range(left):  # ties go to this host (index 0): held back only if later
+        end, index = heapq.heappop(ends)
+        if index == 0:
+            taken += 1
+            if taken >= want:
+                break
+        heapq.heappush(ends, (end + durations[index], index))
+    return taken
+
+
+def copy_pays(origin: HostLoad, helper: HostLoad, sent: float, now: float) -> bool:
+    """--speculate: whether a copy of a task running on a slow ORIGIN since SENT, started
+    now on an idle slot of HELPER, would end before the running copy is due there."""
+    if origin.typical is None or helper.typical is None or not is_slow(origin, [helper]):
+        return False
+    return now + helper.typical < sent + origin.typical
 
 
 # ============================================================================
@@ -5919,11 +6015,48 @@ class _Run:
         emptiest_first = sorted(self.sessions, key=HostSession.queued)
         left = self.scheduler.left_over()
         total_slots = sum(s.window.slots for s in self.sessions if s.state == HostState.READY) or 1
+        left_to_hand = self._left_to_hand()
+        loads = self._near_end(left_to_hand)
         for session in emptiest_first:
             if not self.scheduler.has_work():
                 break
             cap = None if left is None else -(-left * session.window.slots // total_slots)
+            if session in loads:  # a slow host near the end takes only what it ends first
+                share = self._end_share(session, loads, left_to_hand)
+                cap = share if cap is None else min(cap, share)
             session.refill(self.scheduler, self._others_alive(session), cap)
+
+    def _left_to_hand(self) -> int:
+        """Tasks not handed out yet: the fresh ones still in the file, and the requeued."""
+        fresh = self.summary.total - self.summary.resumed - self.scheduler.drawn
+        return max(0, fresh) + self.scheduler.requeued()
+
+    def _near_end(self, left: int) -> dict[HostSession, HostLoad]:
+        """The ready hosts' loads (HostLoad) once the run is near its end: the LEFT tasks
+        and those held would keep every slot busy for less than two of some host's typical
+        tasks. Empty before that (most of a run: it costs nothing then) and with --onall."""
+        if self.scheduler.pinned:
+            return {}
+        ready = [s for s in self.sessions if s.state == HostState.READY]
+        typicals = [(s, s.window.typical()) for s in ready]
+        rate = sum(s.window.slots / max(t, 1e-6) for s, t in typicals if t is not None)
+        slowest = max((t for _, t in typicals if t is not None), default=None)
+        if slowest is None or not rate:
+            return {}
+        held = sum(len(s.in_flight) for s in ready)
+        if left + held > 2 * slowest * rate:
+            return {}
+        return {
+            s: HostLoad(s.window.slots, t, tuple(k.sent for k in s.in_flight.values()))
+            for s, t in typicals
+        }
+
+    def _end_share(
+        self, session: HostSession, loads: dict[HostSession, HostLoad], left: int
+    ) -> int:
+        """How many of LEFT tasks SESSION takes now, near the end (end_share)."""
+        others = [load for s, load in loads.items() if s is not session]
+        return end_share(loads[session], others, left, time.monotonic(), session.window.want())
 
     def _rebalance(self) -> None:
         """At the end of the file, take queued tasks back from busy hosts while one idles.
@@ -5935,8 +6068,10 @@ class _Run:
         if self.scheduler.pinned:  # --onall: a task taken back could only go back to its host
             return
         ready = [s for s in self.sessions if s.state == HostState.READY]
-        if not any(s.queued() < 0 for s in ready):
-            return
+        idle = [s for s in ready if s.queued() < 0]
+        loads = self._near_end(len(idle)) if idle else {}
+        if not any(s not in loads or self._end_share(s, loads, 1) for s in idle):
+            return  # (a slow host idles by choice at the end: it would not take them)
         now = time.monotonic()
         recheck = math.inf
         for session in ready:
@@ -5962,11 +6097,13 @@ class _Run:
 
     def _speculate(self) -> None:
         """--speculate: once nothing is left to hand out, start a backup copy of each task
-        running far past the typical duration on an idle slot of another host.
+        that runs late on an idle slot of another host (the fastest idle one).
 
-        Far past: SPECULATE_AFTER times the median finished duration plus SPECULATE_MIN
-        (so that a run of tiny tasks does not copy its last few). The first copy to succeed
-        wins (on_result); the other is cancelled, its process group killed by its stub."""
+        Late: it ran SPECULATE_AFTER times the median finished duration plus SPECULATE_MIN
+        (so that a run of tiny tasks does not copy its last few), or it runs on a slow
+        host and the copy would end before the running one is due (copy_pays). The first
+        copy to succeed wins (on_result); the other is cancelled, its process group
+        killed by its stub."""
         if not self.speculate or self.scheduler.has_work() or self.summary.halted:
             return
         if self._finished is None or self._finished.done():
@@ -5979,6 +6116,8 @@ class _Run:
         samples = [d for stats in self.summary.per_host.values() for d in stats.sample]
         if not idle or not samples:
             return
+        # The fastest first; a host with no finished task yet (speed unknown) last.
+        idle.sort(key=lambda s: (s.window.typical() is None, s.window.typical() or 0.0))
         after = SPECULATE_AFTER * _median(samples) + SPECULATE_MIN
         now = time.monotonic()
         running = [
@@ -5987,13 +6126,8 @@ class _Run:
             for sent, task in origin.running_since()
             if task.seq not in self.copied
         ]
+        due = math.inf  # when the next running task passes AFTER
         for sent, task, origin in sorted(running, key=lambda entry: entry[0]):
-            if now - sent < after:  # the oldest first: every later one is younger still
-                if self._spec_timer is None:
-                    self._spec_timer = asyncio.get_running_loop().call_later(
-                        sent + after - now, self._speculate_later
-                    )
-                break
             helper = next(
                 (
                     s
@@ -6006,13 +6140,28 @@ class _Run:
             )
             if helper is None:
                 continue
+            late = now - sent >= after
+            if not late and not copy_pays(self._speed(origin), self._speed(helper), sent, now):
+                due = min(due, sent + after)
+                continue
             helper.send_tasks([dataclasses.replace(task, pieces=[])])
             self.copies[task.seq] = (origin, helper)
             self.copied.add(task.seq)
             self.summary.backups += 1
+            why = "" if late else f" (a copy there ends before the one on {origin.name} is due)"
             self.log(
-                f"sshfan: task {task.seq} is slow on {origin.name}: a copy starts on {helper.name}"
+                f"sshfan: task {task.seq} is slow on {origin.name}: "
+                f"a copy starts on {helper.name}{why}"
             )
+        if due < math.inf and self._spec_timer is None:
+            self._spec_timer = asyncio.get_running_loop().call_later(
+                max(due - now, 0.001), self._speculate_later
+            )
+
+    @staticmethod
+    def _speed(session: HostSession) -> HostLoad:
+        """SESSION's slots and typical duration, for copy_pays."""
+        return HostLoad(session.window.slots, session.window.typical())
 
     def _speculate_later(self) -> None:
         """The timer set by _speculate: look again, now that tasks have run longer."""

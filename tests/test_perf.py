@@ -26,10 +26,15 @@ from sshfan import (
     KIND_CANCEL,
     KIND_TASKS,
     DurationHistory,
+    HostLoad,
+    HostWindow,
     Scheduler,
     Task,
     Template,
+    copy_pays,
     encode_tasks,
+    end_share,
+    is_slow,
     known_long_tasks,
     lanes,
     local_host,
@@ -206,6 +211,71 @@ def test_second_run_starts_the_long_task_first(tmp_path: Path, run_sshfan: RunSs
     assert started.read_text().split() == ["1", "2", "3", "4", "5", "6"]
 
 
+# -- the end of the run: a slow host's last tasks --------------------------------------
+
+
+def busy_host(now: float, typical: float = 0.3, slots: int = 2, ran: float = 0.1) -> HostLoad:
+    """A host whose every slot runs a task sent RAN seconds before NOW."""
+    return HostLoad(slots, typical, (now - ran,) * slots)
+
+
+def test_a_host_typical_duration_is_its_recent_median_not_skewed_by_long_tasks() -> None:
+    """After its long tasks (LPT hands them out first) a host's typical task is a short
+    one again, while the running mean still says long; nothing finished: unknown."""
+    window = HostWindow(slots=2)
+    assert window.typical() is None
+    for duration in (1.5, 1.5, 0.05, 0.06, 0.05):
+        window.observe(duration)
+    assert window.typical() == 0.06  # the middle of 0.05, 0.05, 0.06, 1.5, 1.5
+    assert window.mean_task is not None and window.mean_task > 0.5
+    for _ in range(5):
+        window.observe(1.2)
+    assert window.typical() == 1.2
+
+
+def test_only_a_markedly_slower_host_is_slow() -> None:
+    """Slow: SLOW_HOST times the median of the others; noise between equal hosts, and
+    hosts whose speed is not known yet, are not."""
+    fast = [busy_host(0.0, 0.3) for _ in range(3)]
+    assert is_slow(HostLoad(2, 1.2), fast)
+    assert not is_slow(HostLoad(2, 0.36), fast)
+    assert not is_slow(HostLoad(2, None), fast)
+    assert not is_slow(HostLoad(2, 1.2), [HostLoad(2, None)])
+    assert not is_slow(HostLoad(2, 1.2), [HostLoad(2, 0.0)])  # (no division by zero)
+
+
+def test_a_slow_host_takes_only_the_tasks_it_would_end_first() -> None:
+    """Three hosts take 0.3 s a task, one 1.2 s, 2 slots each, the fast ones busy until
+    now + 0.2. Of the last 4 tasks the slow host would end none first (1.2 s against
+    0.5 s); of 30, two (its slots end at 1.2 s, the fast ones' 19th-24th at 1.4 s).
+    Far from the end, or for a host that is not slow, the window decides."""
+    now = 100.0
+    fast = [busy_host(now) for _ in range(3)]
+    slow = HostLoad(2, 1.2)
+    assert end_share(slow, fast, left=4, now=now, want=3) == 0
+    assert end_share(slow, fast, left=30, now=now, want=3) == 2
+    assert end_share(slow, fast, left=30, now=now, want=1) == 1
+    assert end_share(slow, fast, left=500, now=now, want=3) == 3  # far from the end
+    assert end_share(busy_host(now, slots=2, ran=0.0), fast, left=4, now=now, want=3) == 3
+    assert end_share(HostLoad(2, None), fast, left=4, now=now, want=3) == 3
+    assert end_share(slow, [], left=4, now=now, want=3) == 3  # no other host: it must
+    # Its queue counts: a slow host already holding a queued task takes none of 30.
+    queued = HostLoad(2, 1.2, (now, now, now))
+    assert end_share(queued, fast, left=30, now=now, want=3) == 0
+
+
+def test_a_copy_pays_where_it_ends_before_the_slow_copy_is_due() -> None:
+    """A task 0.2 s into a 1.2 s host's run is due in 1.0 s: a 0.3 s host's copy ends
+    first. One due sooner than a copy would end, or on a host that is not slow, is left."""
+    now = 50.0
+    fast, slow = HostLoad(2, 0.3), HostLoad(2, 1.2)
+    assert copy_pays(slow, fast, sent=now - 0.2, now=now)
+    assert not copy_pays(slow, fast, sent=now - 1.0, now=now)
+    assert not copy_pays(HostLoad(2, 0.33), fast, sent=now, now=now)
+    assert not copy_pays(HostLoad(2, None), fast, sent=now, now=now)
+    assert not copy_pays(slow, HostLoad(2, None), sent=now, now=now)
+
+
 # -- --speculate: backup copies of stragglers -------------------------------------------
 
 
@@ -241,6 +311,42 @@ def test_speculate_copies_a_straggler_and_kills_the_loser(
         assert not procs_with(marker), "the losing copy was left running"
     finally:
         for pid, _argv in procs_with(marker):  # never leave a 30 s sleeper to other tests
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_speculate_with_a_slow_host_gives_one_result_a_task_and_leaves_nothing(
+    sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """A host 4x slower (not stuck) is held back at the end and its late tasks copied
+    where they end first: whichever copy wins, each task has one result, the output is
+    exact and no copy is left running."""
+    marker = f"{0.6 + os.getpid() % 1000 / 100000:.5f}"  # h2's tasks sleep this long
+    lines = [f"sleep ${{SLOW:-0.15}}; echo out {n}" for n in range(1, 11)]
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text("\n".join(lines) + "\n")
+    hosts = tmp_path / "hosts.toml"
+    hosts.write_text(sshd.hosts_toml(["h1", "h2"]) + f'env = {{ SLOW = "{marker}" }}\n')
+    out = tmp_path / "out.jsonl"
+    try:
+        done = run_sshfan(
+            ["run", str(tasks), "-H", str(hosts), "-o", str(out), "-f", "jsonl", "--speculate"]
+        )
+        err = done.stderr.decode(errors="replace")
+        assert done.returncode == 0, err
+        assert "warning" not in err and "protocol" not in err, err
+        records = [json.loads(line) for line in out.read_bytes().splitlines()]
+        assert [r["seq"] for r in records] == list(range(1, 11))
+        assert [r["stdout"] for r in records] == [f"out {n}\n" for n in range(1, 11)]
+        copies = re.search(r"(\d+) backup copies started, (\d+) finished first", err)
+        if copies:
+            assert int(copies.group(1)) >= int(copies.group(2))
+        deadline = time.monotonic() + 10
+        while procs_with(marker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not procs_with(marker), "a losing copy was left running"
+    finally:
+        for pid, _argv in procs_with(marker):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
