@@ -4127,7 +4127,9 @@ class HostFiles:
                 parent = posixpath.dirname(target)
                 if parent:
                     await sftp.makedirs(parent, exist_ok=True)
-                await sftp.put(local, part, follow_symlinks=True)
+                # Not sparse: asyncssh's sparse copy leaves out a hole at the end of the
+                # file, which then arrives short (and a task would read it as whole).
+                await sftp.put(local, part, follow_symlinks=True, sparse=False)
                 await sftp.chmod(part, mode & 0o7777)
                 await sftp.posix_rename(part, target)
             except (OSError, asyncssh.Error) as exc:
@@ -4169,7 +4171,7 @@ class HostFiles:
                 parent = os.path.dirname(local)
                 if parent:
                     os.makedirs(parent, exist_ok=True)
-                await sftp.get(source, part, follow_symlinks=True)
+                await sftp.get(source, part, follow_symlinks=True, sparse=False)  # (see _put)
                 await asyncio.get_running_loop().run_in_executor(None, _sync_file, part)
                 os.replace(part, local)
             except asyncssh.SFTPNoSuchFile:

@@ -196,6 +196,21 @@ def test_transfer_and_return_odd_names(
     assert {r["host"] for r in records(head / "out").values()} <= {"w1", "w2"}
 
 
+def test_sparse_files_travel_whole(sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path) -> None:
+    """A file that ends in a hole (sparse) is sent and returned with all its bytes, not cut
+    where its data ends."""
+    head, worker, hosts = setup_dirs(tmp_path, sshd, hosts=1)
+    with open(head / "holey", "wb") as holey:
+        holey.write(b"x" * 100_000)
+        holey.truncate(1_000_000)  # the rest is a hole: zeros that take no disk
+    (head / "tasks").write_text("holey\n")
+    args = ["run", "tasks", "-H", str(hosts), "-c", "wc -c < {}; cp --sparse=always {} {}.back"]
+    result = run_sshfan([*args, "--tf", "{}", "--return", "{}.back", "-o", "out"], cwd=head)
+    assert result.returncode == 0, result.stderr
+    assert (head / "out").read_text().strip() == "1000000"
+    assert (head / "holey.back").read_bytes() == (head / "holey").read_bytes()
+
+
 def test_missing_return_and_transfer_fail_the_task(
     sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path
 ) -> None:
