@@ -2648,6 +2648,8 @@ class HostSession:
         self._watcher: asyncio.TimerHandle | None = None
         self._waking: asyncio.Future[None] | None = None  # see _wake_and_close
         self.closed = loop.create_future()
+        self.early = False  # its CONFIG (and first tasks) went right behind the stub's source
+        self.hello_wait_since: float | None = None  # when the stub's source went (SSH hosts)
 
     # What the protocol knows of the host, as the run and this session read it.
     state = property(lambda self: self.protocol.state, doc="The host's HostState.")
@@ -2682,7 +2684,10 @@ class HostSession:
             error = HostError(self.name, "bootstrap", f"{type(exc).__name__}: {exc}")
             self._fail(error)
             raise error from exc
-        self._configure(self.spec.slots or int(self.hello.get("cpus") or 1))
+        if self.early:
+            self._send_ping()  # now: before the hello it would time the stub's start-up
+        else:
+            self._configure(self.spec.slots or int(self.hello.get("cpus") or 1))
         self.protocol.move(HostState.READY)
         self.protocol.heard(time.monotonic())
         self._watch()
@@ -2706,6 +2711,10 @@ class HostSession:
             self._drop()
             raise HostError(self.name, "start", "the run ended before the host was up")
         self._write(source)
+        if not self.spec.local:
+            self.hello_wait_since = time.monotonic()
+            if self.run is not None:
+                self.run.send_early(self)
         # Generous: a loaded machine can take seconds to start Python; a dead host is
         # caught sooner by the connect timeout or the channel closing.
         wait = max(2 * self.spec.connect_timeout, 30.0)
@@ -2719,8 +2728,8 @@ class HostSession:
         else:
             raise HostError(self.name, "bootstrap", f"no answer from the stub in {wait:g} s")
 
-    def _configure(self, slots: int) -> None:
-        """Send the stub its CONFIG, and a PING to measure the round trip."""
+    def _configure(self, slots: int, ping: bool = True) -> None:
+        """Send the stub its CONFIG, and (PING) a PING to measure the round trip."""
         config = {
             "slots": slots,
             "timeout": self.run.timeout if self.run else None,
@@ -2735,7 +2744,19 @@ class HostSession:
         self._write(self.protocol.configure(config))
         # Measure the round trip without waiting for it: work goes out at once, and the
         # window deepens when the answer comes (one round trip less before the first task).
-        self._send_ping()
+        if ping:
+            self._send_ping()
+
+    def send_early(self, scheduler: Scheduler, others_alive: bool, start_ahead: int) -> int:
+        """Send CONFIG and the first tasks right behind the stub's source, before its hello
+        (one round trip less before work starts; the stub reads them in order once up).
+        Only for a host whose slots are known before it says how many CPUs it has. Return
+        how many tasks went: they are in flight, and come back if the host fails to start."""
+        assert self.spec.slots is not None and self.state == HostState.CONNECTING
+        self._configure(self.spec.slots, ping=False)
+        self.early = True
+        self.window.start_ahead = start_ahead
+        return self.refill(scheduler, others_alive, early=True)
 
     def _send_ping(self) -> bytes:
         """Send a PING the stub must answer; return its payload (unique in this session)."""
@@ -3063,9 +3084,12 @@ class HostSession:
 
     # -- sending --------------------------------------------------------------
 
-    def refill(self, scheduler: Scheduler, others_alive: bool, cap: int | None = None) -> int:
-        """Send this host as many tasks as its window wants (at most CAP); return how many."""
-        if self.state != HostState.READY:
+    def refill(
+        self, scheduler: Scheduler, others_alive: bool, cap: int | None = None, early: bool = False
+    ) -> int:
+        """Send this host as many tasks as its window wants (at most CAP); return how many.
+        EARLY: before its hello (send_early); otherwise only a ready host takes tasks."""
+        if self.state != HostState.READY and not early:
             return 0
         want = self.window.want() if cap is None else min(cap, self.window.want())
         if want <= 0:
@@ -3228,6 +3252,11 @@ class HostSession:
     def drain(self) -> None:
         """The host left the hosts file: give back the tasks it has not started, take no
         new ones, and end once the running ones are done (retire_if_idle)."""
+        if self.state == HostState.CONNECTING and self.in_flight and self.run is not None:
+            # Not up yet: tasks sent ahead of its hello (send_early) go back to the queue;
+            # the stub sees EOF once the connection is dropped, and kills what it started.
+            given = [self.protocol.let_go(seq) for seq in list(self.in_flight)]
+            self.run.scheduler.put_back([task for task in given if task is not None])
         self._do(self.protocol.drain())
 
     def retire_if_idle(self) -> None:
@@ -5401,6 +5430,11 @@ CONNECT_PACE = 8  # hosts starting at once per SSH server: under MaxStartups (10
 CONNECT_MAX = 64  # hosts starting at once in all
 SPECULATE_AFTER = 2.0  # --speculate: a copy once a task ran this many median durations
 SPECULATE_MIN = 0.1  # seconds beyond that, so that tiny tasks are not copied
+# A host holding tasks sent ahead of its hello is given up once the run has nothing else
+# to wait on, a host idles, and its hello is this many times later than the slowest yet
+# (counted from when each stub's source went), and at least SLOW_HELLO_MIN seconds late.
+SLOW_HELLO_AFTER = 3.0
+SLOW_HELLO_MIN = 1.0
 
 
 class Pacing:
@@ -5641,6 +5675,8 @@ class _Run:
         self.copies: dict[int, tuple[HostSession, HostSession]] = {}
         self.copied: set[int] = set()  # seqs given a backup copy: one each, ever
         self._spec_timer: asyncio.TimerHandle | None = None  # a _speculate to come
+        self._slowest_hello = 0.0  # seconds from a stub's source to its hello, at most yet
+        self._hello_timer: asyncio.TimerHandle | None = None  # a _give_up_slow to come
         # Hosts that come and go: the hosts files are watched.
         self.sources = opts.sources
         self.todo: dict[str, int] = {}  # --onall: each host's tasks to run (for unrun)
@@ -5690,6 +5726,8 @@ class _Run:
                 self._recheck.cancel()
             if self._spec_timer is not None:
                 self._spec_timer.cancel()
+            if self._hello_timer is not None:
+                self._hello_timer.cancel()
             if self._watcher is not None:
                 self._watcher.cancel()
             for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -5722,12 +5760,26 @@ class _Run:
         except Exception as exc:  # a bug must not leave the run waiting on this host
             session._fail(HostError(session.name, "start", f"{type(exc).__name__}: {exc}"))
             return
+        if session.hello_wait_since is not None:
+            waited = time.monotonic() - session.hello_wait_since
+            self._slowest_hello = max(self._slowest_hello, waited)
         if session.spec.slots is None and not session.spec.local:
             self.log(f"sshfan: {session.name}: slots = auto: {session.window.slots} CPUs")
         session.window.start_ahead = self.fair_start(session)
         self._refill_all()
         self._rebalance()  # a host that finds nothing left may take back queued work
         self._check_done()
+
+    def send_early(self, session: HostSession) -> None:
+        """SESSION's stub source is on its way: send its CONFIG and first tasks behind it,
+        unless its slots wait for its hello (auto) or the run must see it up first:
+        files to move go over its SFTP once it is up, and a --halt must stop every task
+        it would start, which only a ready host can be told."""
+        if session.spec.slots is None or self.files or self.halt is not None:
+            return
+        if self.summary.interrupted or self._finished is None or self._finished.done():
+            return
+        session.send_early(self.scheduler, self._others_alive(session), self.fair_start(session))
 
     def fair_start(self, session: HostSession) -> int:
         """Tasks a new host queues ahead before it knows their durations (start_ahead)."""
@@ -6170,6 +6222,40 @@ class _Run:
         self._spec_timer = None
         self._speculate()
 
+    def _give_up_slow(self) -> None:
+        """Give up a host that holds tasks sent ahead of its hello (send_early) and is slow
+        to say it, when the run would otherwise wait on it: nothing is left to hand out and
+        a host idles. Its tasks go back to the queue, as a host failing to start gives its."""
+        if self.scheduler.has_work() or self.scheduler.pinned or self.summary.interrupted:
+            return
+        waiting = [s for s in self.sessions if s.state == HostState.CONNECTING and s.in_flight]
+        if not waiting or not any(
+            s.state == HostState.READY and len(s.in_flight) < s.window.slots for s in self.sessions
+        ):
+            return
+        now = time.monotonic()
+        allowed = max(SLOW_HELLO_MIN, SLOW_HELLO_AFTER * self._slowest_hello)
+        due = math.inf
+        for session in waiting:
+            assert session.hello_wait_since is not None  # (tasks went behind its source)
+            waited = now - session.hello_wait_since
+            if waited < allowed:
+                due = min(due, allowed - waited)
+                continue
+            reason = (
+                f"no hello {waited:.1f} s after its stub was sent (the slowest other host "
+                f"took {self._slowest_hello:.1f} s); its {len(session.in_flight)} task(s) "
+                "go to idle hosts"
+            )
+            session._fail(HostError(session.name, "bootstrap", reason))
+        if due < math.inf and self._hello_timer is None:
+            self._hello_timer = asyncio.get_running_loop().call_later(due, self._give_up_later)
+
+    def _give_up_later(self) -> None:
+        """The timer set by _give_up_slow: look again, now that the slow hosts are later."""
+        self._hello_timer = None
+        self._give_up_slow()
+
     def _check_done(self) -> None:
         """End the run when all work is done, or when no host is left to do it."""
         if self._finished is None or self._finished.done():
@@ -6197,6 +6283,8 @@ class _Run:
             for s in self.sessions
         ):
             self._finish(complete=False)
+        else:
+            self._give_up_slow()
 
     def journaled(self) -> int:
         """Tasks whose result is in the journal, this run's and earlier ones'."""

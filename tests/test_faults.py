@@ -1170,3 +1170,115 @@ def test_a_host_whose_run_ends_while_it_connects_gives_up_at_once() -> None:
         return session.state.value
 
     assert asyncio.run(scenario()) == "abandoned"
+
+
+# ---------------------------------------------------------------------------
+# tasks sent ahead of the hello (send_early)
+# ---------------------------------------------------------------------------
+
+
+def capturing_python(path: Path, capture: Path, then: str) -> Path:
+    """Write a stand-in for the worker's python that reads what the head sends unasked
+    behind the stub's source (frames up to the first TASKS one) into CAPTURE, never says
+    hello, and THEN: "fail" (exits 1, as a stub that breaks at start) or "hang" (waits
+    for EOF: a host slow to say hello; it ends when the head gives it up)."""
+    script = f"""#!{sys.executable} -S
+import os, re, struct, sys
+need = int(re.search(r"len\\(s\\)<(\\d+)", sys.argv[-1]).group(1))
+def read(n):
+    data = b""
+    while len(data) < n:
+        more = os.read(0, n - len(data))
+        if not more:
+            sys.exit(0)
+        data += more
+    return data
+read(need)
+frames = b""
+while True:
+    head = read(9)
+    body = read(struct.unpack(">4sBI", head)[2])
+    frames += head + body
+    if head[4] == {sshfan.KIND_TASKS}:
+        break
+with open({str(capture)!r} + ".part", "wb") as f:
+    f.write(frames)
+os.rename({str(capture)!r} + ".part", {str(capture)!r})
+if {then!r} == "fail":
+    sys.stderr.write("stub broke at start\\n")
+    sys.exit(1)
+while os.read(0, 65536):
+    pass
+"""
+    return write_file(path, script, 0o755)
+
+
+def early_seqs(capture: Path) -> list[int]:
+    """The seqs of the tasks in the TASKS frames a capturing_python read."""
+    seqs: list[int] = []
+    for kind, payload in sshfan.FrameDecoder(skip_banner=False).feed(capture.read_bytes()):
+        if kind == sshfan.KIND_TASKS:
+            seqs += [seq for seq, _command, _data in sshfan.decode_tasks(payload)]
+    return seqs
+
+
+def test_tasks_sent_before_a_failed_hello_run_elsewhere_exactly_once(
+    sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """A host gets its CONFIG and first tasks behind the stub's source, before its hello;
+    when its stub then fails, those tasks run on the other host, once each, first tries."""
+    capture = tmp_path / "sent-to-bad"
+    python = capturing_python(tmp_path / "failing-python", capture, "fail")
+    hosts = write_file(
+        tmp_path / "hosts.toml",
+        host_block(sshd, "bad", slots=2, python=str(python)) + host_block(sshd, "good", slots=2),
+    )
+    count = 20
+    tasks = numbered_tasks(tmp_path / "tasks.txt", count, "echo {n}")
+    out = tmp_path / "out.jsonl"
+    result = run_sshfan(run_args(tasks, hosts, out, "--format", "jsonl"), timeout=NO_HANG)
+    check_exit(result, 0)
+    sent_early = early_seqs(capture)
+    assert sent_early, "no task went to the host before its hello"
+    records = jsonl_records(out)
+    assert_each_once_in_order(records, list(range(1, count + 1)))
+    assert [r["stdout"] for r in records] == [f"{n}\n" for n in range(1, count + 1)]
+    assert {r["host"] for r in records} == {"good"}
+    assert {r["attempts"] for r in records} == {1}  # a host failing at start is no failed try
+    lines = warning_lines(result.stderr, "bad")
+    assert len(lines) == 1 and "bootstrap" in lines[0], lines
+    assert f"{count} of {count} tasks done" in result.stderr.decode()
+
+
+def test_a_host_slow_to_say_hello_is_given_up_when_the_run_waits_on_it(
+    sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """A host holding tasks sent ahead of its hello, with no hello coming, is given up once
+    the other host idles with nothing left to do: its tasks run there, once each. Its hello
+    wait is 600 s (connect_timeout 300): only the give-up ends the run within NO_HANG."""
+    capture = tmp_path / "sent-to-slow"
+    python = capturing_python(tmp_path / "silent-python", capture, "hang")
+    hosts = write_file(
+        tmp_path / "hosts.toml",
+        host_block(sshd, "slow", slots=1, python=str(python), connect_timeout=300)
+        + host_block(sshd, "good", slots=1),
+    )
+    count = 6
+    # Every task waits until the slow host holds its first tasks: the good host cannot
+    # finish the run before the slow one has something the run would wait on.
+    gate = f"for i in $(seq 600); do [ -e {capture} ] && break; sleep 0.05; done"
+    tasks = numbered_tasks(tmp_path / "tasks.txt", count, gate + "; echo {n}")
+    out = tmp_path / "out.jsonl"
+    result = run_sshfan(run_args(tasks, hosts, out, "--format", "jsonl"), timeout=NO_HANG)
+    check_exit(result, 0)
+    sent_early = early_seqs(capture)
+    assert sent_early, "no task went to the slow host before its hello"
+    records = jsonl_records(out)
+    assert_each_once_in_order(records, list(range(1, count + 1)))
+    assert [r["stdout"] for r in records] == [f"{n}\n" for n in range(1, count + 1)]
+    assert {r["host"] for r in records} == {"good"}
+    assert {r["attempts"] for r in records} == {1}
+    lines = warning_lines(result.stderr, "slow")
+    assert len(lines) == 1 and "no hello" in lines[0], lines
+    assert f"{count} of {count} tasks done" in result.stderr.decode()
+    assert_no_procs_soon(str(python))
