@@ -714,6 +714,9 @@ def load_host_sources(sources: HostSources) -> list[HostSpec]:
 # |         |             | for one frame goes in several; the entry has the rest) |
 # | CANCEL  | head → stub | seq u64: kill that task (a --speculate copy that lost);|
 # |         |             | its RESULT comes flagged CANCELLED, at once if queued  |
+# | PARTS   | head → stub | NUL-separated absolute paths: the temporary files the  |
+# |         |             | head is writing over SFTP now (all of them, each time);|
+# |         |             | the stub removes them if the head goes away first      |
 #
 # Bytes before the first frame (a login banner from the worker's shell start-up
 # files) are skipped; after it, anything that is not a frame is a protocol error.
@@ -729,6 +732,10 @@ COLLECT_FROM = 64 * 1024  # payloads from this size are collected piecewise (Fra
 FLUSH_DELAY = 0.005  # seconds the stub may hold finished results to send them together
 WARDEN_NAP = 0.05  # seconds the warden sleeps between reads: it only acts once at the end
 KILL_GRACE = 2.0  # seconds a killed task's pipes may stay open before the stub closes them
+# Seconds the stub waits, when the head went away mid-upload, before it removes the
+# upload's file once more: SFTP requests sent just before the head died may still
+# reach the worker's SFTP server, and create the file again, after the stub's EOF.
+PARTS_SETTLE = 1.0
 PROTO_VERSION = 1  # sent in HELLO: the head refuses a stub of another version
 
 KIND_HELLO = 1
@@ -744,6 +751,7 @@ KIND_DROPPED = 11
 KIND_INPUT = 12
 KIND_RELEASE = 13
 KIND_CANCEL = 14
+KIND_PARTS = 15
 KIND_DONE = 20  # journal only: a finished task's record
 KIND_JOURNAL = 21  # journal only: the header record
 KIND_HOSTS = 22  # journal only: --onall's host list, grown by hosts that joined mid-run
@@ -1032,6 +1040,7 @@ class Stub:
         self.warden = None  # the pipe to the warden (start_warden), if there is one
         self.warden_notes = []
         self.configured = False
+        self.parts = []  # files the head is uploading now (PARTS): removed if it goes
 
     def send(self, kind: int, payload: bytes) -> None:
         """Queue a frame for the next flush."""
@@ -1151,6 +1160,8 @@ class Stub:
         elif kind == KIND_CANCEL:
             (seq,) = INPUT_HEAD.unpack_from(payload, 0)
             self.cancel(seq)
+        elif kind == KIND_PARTS:
+            self.parts = [path for path in payload.split(b"\0") if path]
         else:
             raise FrameError(f"unexpected frame kind {kind} from the head")
 
@@ -1419,6 +1430,13 @@ class Stub:
         """Kill every running task and what it started (the head went away)."""
         self.kill_tasks(list(self.running.values()), FLAG_CANCELLED)
 
+    def remove_parts(self) -> None:
+        """Remove the files the head was still uploading when it went away: written in
+        part, under a temporary name, they would stay on the worker for good."""
+        for path in self.parts:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
     def serve(self) -> None:
         """Main loop: read frames and task output, start tasks, ship results."""
         wake_r, wake_w = os.pipe()
@@ -1444,6 +1462,7 @@ class Stub:
                         self.selector.unregister(self.proto_in)
                         self.queue.clear()
                         self.kill_all()
+                        self.remove_parts()
                         continue
                     for kind, payload in self.decoder.feed(data):
                         self.handle(kind, payload)
@@ -1461,6 +1480,9 @@ class Stub:
             self.reap()
         self.tell_warden()
         self.flush()
+        if self.parts:  # the head went away mid-upload: see PARTS_SETTLE
+            time.sleep(PARTS_SETTLE)
+            self.remove_parts()
 
 
 def start_warden(close: tuple) -> "int | None":
@@ -1527,6 +1549,7 @@ def stub_main() -> None:
     def on_signal(signum: int, frame: Any) -> None:
         """Kill the tasks' process groups and leave when told to stop."""
         stub.kill_all()
+        stub.remove_parts()
         os._exit(128 + signum)
 
     for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
@@ -1552,6 +1575,7 @@ def stub_main() -> None:
         stub.serve()
     except BaseException as exc:  # tell the head why, then make sure nothing is left running
         stub.kill_all()
+        stub.remove_parts()
         if not isinstance(exc, (BrokenPipeError, KeyboardInterrupt, SystemExit)):
             try:
                 stub.outbox = []
@@ -2356,6 +2380,13 @@ class HostProtocol:
             return encode_frame(KIND_CANCEL, INPUT_HEAD.pack(seq))
         return None
 
+    def parts(self, paths: list[str]) -> bytes | None:
+        """The PARTS frame: PATHS, the files being uploaded now, for the stub to remove if
+        the head goes away first (None: the stub reads no more frames)."""
+        if self.state in (HostState.READY, HostState.DRAINING):
+            return encode_frame(KIND_PARTS, b"\0".join(map(os.fsencode, paths)))
+        return None
+
     def heard(self, now: float) -> None:
         """The stub sent something at NOW: it is alive, and a liveness ping is answered."""
         self.heard_at = now
@@ -2597,6 +2628,7 @@ FRAME_KINDS: dict[int, tuple[str, Callable[[HostProtocol, Any], HostEvent | None
     KIND_INPUT: ("INPUT", None),
     KIND_RELEASE: ("RELEASE", None),
     KIND_CANCEL: ("CANCEL", None),
+    KIND_PARTS: ("PARTS", None),
 }
 
 
@@ -2847,7 +2879,9 @@ class HostSession:
         self._write_eof = channel.write_eof
         self._abort = self._conn.abort
         if self.run is not None and self.run.files:
-            self.files = HostFiles(self.name, self._conn, spec.workdir, self.run.files)
+            self.files = HostFiles(
+                self.name, self._conn, spec.workdir, self.run.files, self._tell_parts
+            )
 
     async def _connect_checked(self, spec: HostSpec, target: SshTarget, tunnel: Any) -> Any:
         """Connect to TARGET (over TUNNEL, a jump host's connection, if given), its host key
@@ -3116,6 +3150,14 @@ class HostSession:
         return len(tasks)
 
     # -- files (--transferfile, --return, --cleanup, --basefile) ---------------
+
+    def _tell_parts(self, paths: list[str]) -> None:
+        """Tell the stub which files are being uploaded now (HostFiles): it removes them
+        if the head goes away before they are done."""
+        frame = self.protocol.parts(paths)
+        if frame is not None:
+            with contextlib.suppress(Exception):  # (the channel may be closing)
+                self._write(frame)
 
     def _spawn(self, work: Any) -> None:
         """Run a file mover for this host; it is cancelled if the host goes."""
@@ -4081,12 +4123,23 @@ class HostFiles:
 
     PARALLEL = 4  # files moving at once per host: enough to fill a link, bounded memory
 
-    def __init__(self, name: str, conn: Any, workdir: str | None, options: FileOptions) -> None:
-        """Move files over CONN (an asyncssh connection) for host NAME."""
+    def __init__(
+        self,
+        name: str,
+        conn: Any,
+        workdir: str | None,
+        options: FileOptions,
+        tell_parts: Callable[[list[str]], None] = lambda paths: None,
+    ) -> None:
+        """Move files over CONN (an asyncssh connection) for host NAME; TELL_PARTS gets the
+        temporary files being uploaded, each time that set changes."""
         self.name = name
         self.options = options
         self.workdir = _remote_workdir(workdir)
         self._conn = conn
+        self._tell_parts = tell_parts
+        self._parts: list[str] = []  # absolute paths on the worker, as the stub needs them
+        self._home: str | None = None  # where the SFTP server resolves relative paths
         self._sftp: Any = None
         self._starting: asyncio.Future[Any] | None = None
         self._bases: asyncio.Future[None] | None = None
@@ -4152,7 +4205,16 @@ class HostFiles:
         target = self.remote(remote)
         part = _part_name(target, tag)
         async with self._moving:
+            # The stub learns of the file before the SFTP server does (frames on one
+            # connection keep their order): if the head dies mid-upload, the stub sees
+            # its EOF and removes it. Cancelled, the head cannot remove it: that is left
+            # to the stub too (the run is ending, and its EOF follows).
+            noted = ""
             try:
+                if self._home is None:
+                    self._home = await sftp.realpath(".")
+                noted = posixpath.join(self._home, part)
+                self._note_part(noted)
                 parent = posixpath.dirname(target)
                 if parent:
                     await sftp.makedirs(parent, exist_ok=True)
@@ -4164,9 +4226,23 @@ class HostFiles:
             except (OSError, asyncssh.Error) as exc:
                 with contextlib.suppress(OSError, asyncssh.Error):
                     await sftp.remove(part)
+                if noted:
+                    self._forget_part(noted)
                 raise TransferError(
                     f"cannot send it to {self.name}:{target}: {_why(exc)}"
                 ) from None
+            self._forget_part(noted)
+
+    def _note_part(self, path: str) -> None:
+        """An upload starts under the temporary name PATH: tell the stub."""
+        self._parts.append(path)
+        self._tell_parts(list(self._parts))
+
+    def _forget_part(self, path: str) -> None:
+        """The upload to PATH is over (renamed into place, or removed): tell the stub."""
+        with contextlib.suppress(ValueError):
+            self._parts.remove(path)
+        self._tell_parts(list(self._parts))
 
     # -- after a task ---------------------------------------------------------
 

@@ -360,6 +360,51 @@ def test_head_killed_during_return_then_resume(
     assert not part.exists()
 
 
+def test_head_killed_during_upload_leaves_no_part_then_resume(
+    sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """SIGKILL of the head while a --transferfile file is being sent: the stub, seeing the
+    head go, removes the half-sent file on the worker; --resume sends it whole, runs the
+    task, and with --cleanup leaves nothing on the worker."""
+    head, worker, hosts = setup_dirs(tmp_path, sshd, hosts=1)
+    (head / "tasks").write_text("big.bin\n")
+    with open(head / "big.bin", "wb") as big:
+        big.truncate(2_000_000_000)  # sparse: cheap here, far too long to send before the kill
+    args = ["run", "tasks", "-H", str(hosts), "-c", "wc -c < {}", "--tf", "{}", "--cleanup"]
+    args += ["-o", "out", "--no-progress"]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sshfan", *args],
+        cwd=head,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    part = worker / ".big.bin.sshfan-1.part"
+    deadline = time.monotonic() + 120
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            if part.exists() and part.stat().st_size > 0:
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.002)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the upload finished before the kill"
+    deadline = time.monotonic() + 60
+    while part.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(worker.iterdir()) == [], "the half-sent file stayed on the worker"
+
+    (head / "big.bin").write_bytes(b"x" * 1000)
+    result = run_sshfan([*args, "--resume"], cwd=head)
+    assert result.returncode == 0, result.stderr
+    assert (head / "out").read_text().strip() == "1000"
+    assert tree(worker) == {} and list(worker.iterdir()) == []
+
+
 def test_host_lost_during_return_runs_the_task_elsewhere(
     sshd_factory: Callable[..., SshServer], run_sshfan: RunSshfan, tmp_path: Path
 ) -> None:

@@ -255,6 +255,22 @@ def test_eof_on_stdin_kills_running_tasks_and_exits(tmp_path: Path) -> None:
     assert not _alive(child)
 
 
+def test_eof_removes_the_uploads_the_head_left_unfinished(tmp_path: Path) -> None:
+    """PARTS names the files being uploaded (all of them, each time): on EOF (the head
+    gone) the stub removes those still named, and only those."""
+    done, cut = tmp_path / "done.part", tmp_path / "cut \n.part"
+    done.write_text("renamed into place since: not the stub's to remove")
+    cut.write_text("half")
+    process = StubProcess(slots=1)
+    process.send(sshfan.KIND_PARTS, os.fsencode(done) + b"\0" + os.fsencode(cut))
+    process.send(sshfan.KIND_PARTS, os.fsencode(cut))
+    process.send(KIND_PING, b"read")  # answered once the frames before it were handled
+    process.expect(KIND_PONG)
+    assert done.exists() and cut.exists()
+    assert process.close() == 0
+    assert done.exists() and not cut.exists()
+
+
 def test_eof_kills_what_a_task_started_in_a_session_of_its_own(tmp_path: Path) -> None:
     """A child that left the task's session (setsid) but holds its output pipe dies too."""
     process = StubProcess(slots=1)
