@@ -2050,8 +2050,9 @@ def _slot_frees(load: HostLoad, now: float) -> list[float]:
     assert load.typical is not None
     frees = [now] * load.slots
     for k, sent in enumerate(load.sent):
-        if k < load.slots:  # running: due one typical duration after it was sent
-            frees[k] = max(now, sent + load.typical)
+        if k < load.slots:  # running: due one typical duration after it was sent, or, if
+            # past that (a long task, or stuck), about as long again as it has run so far
+            frees[k] = sent + load.typical if sent + load.typical > now else 2 * now - sent
         else:  # queued there: runs next on the slot that frees first
             first = min(range(load.slots), key=frees.__getitem__)
             frees[first] += load.typical

@@ -262,6 +262,10 @@ def test_a_slow_host_takes_only_the_tasks_it_would_end_first() -> None:
     # Its queue counts: a slow host already holding a queued task takes none of 30.
     queued = HostLoad(2, 1.2, (now, now, now))
     assert end_share(queued, fast, left=30, now=now, want=3) == 0
+    # A task running far past its host's typical duration may run as long again: that
+    # slot is not about to free, and the slow host takes what the others cannot.
+    stuck = [busy_host(now, ran=60.0) for _ in range(3)]
+    assert end_share(slow, stuck, left=4, now=now, want=3) == 3
 
 
 def test_a_copy_pays_where_it_ends_before_the_slow_copy_is_due() -> None:
