@@ -32,9 +32,9 @@ MakeServer = Callable[..., SshServer]
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NO_HANG = 60.0  # seconds: a generous bound that only a hang exceeds
 LOCAL_BLOCK = '[[hosts]]\nname = "here"\nlocal = true\nslots = 2\n'  # this machine, no SSH
-# The same with the head's own Python: its stubs are forks of the head, not new Pythons.
-FORK_BLOCK = LOCAL_BLOCK + f"python = {json.dumps(sys.executable)}\n"
-BLOCKS = {"local": LOCAL_BLOCK, "fork": FORK_BLOCK}
+# Its stubs are forks of the head; with an interpreter named, they are new Pythons that
+# read the stub's source, as on an SSH host.
+BLOCKS = {"fork": LOCAL_BLOCK, "exec": LOCAL_BLOCK + 'python = "python3"\n'}
 
 
 # ---------------------------------------------------------------------------
@@ -684,10 +684,10 @@ def test_torn_journal_record_is_rerun(run_sshfan: RunSshfan, tmp_path: Path) -> 
     [
         (signal.SIGINT, "ssh"),
         (signal.SIGTERM, "ssh"),
-        (signal.SIGINT, "local"),
+        (signal.SIGINT, "exec"),
         (signal.SIGINT, "fork"),
     ],
-    ids=["SIGINT-ssh", "SIGTERM-ssh", "SIGINT-local", "SIGINT-fork"],
+    ids=["SIGINT-ssh", "SIGTERM-ssh", "SIGINT-exec", "SIGINT-fork"],
 )
 def test_interrupted_head_kills_tasks_then_resumes(
     signum: int,
@@ -699,7 +699,7 @@ def test_interrupted_head_kills_tasks_then_resumes(
 ) -> None:
     """SIGINT/SIGTERM: exit 130 naming --resume, running tasks killed; --resume finishes."""
     # A number unique per case, to find the task processes.
-    sleeper = f"37.{100 + signum}{['ssh', 'local', 'fork'].index(where)}"
+    sleeper = f"37.{100 + signum}{['ssh', 'exec', 'fork'].index(where)}"
     go = tmp_path / "go"
     mark = tmp_path / "started.log"
     quick = [f"echo {n} >> {mark}; echo {n}" for n in range(1, 5)]
@@ -739,12 +739,12 @@ def test_interrupted_head_kills_tasks_then_resumes(
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("where", ["ssh", "local", "fork"])
+@pytest.mark.parametrize("where", ["ssh", "exec", "fork"])
 def test_head_killed_leaves_no_orphans(
     where: str, sshd_factory: MakeServer, spawn: Callable[..., Head], tmp_path: Path
 ) -> None:
     """After SIGKILL of the head, every task process (children too) is gone within 5 s."""
-    sleeper = {"ssh": "41.5", "local": "41.6", "fork": "41.8"}[where]
+    sleeper = {"ssh": "41.5", "exec": "41.6", "fork": "41.8"}[where]
     block = host_block(sshd_factory(), "solo", slots=2) if where == "ssh" else BLOCKS[where]
     hosts = write_file(tmp_path / "hosts.toml", block)
     line = f"sh -c 'sleep {sleeper}; echo x' ; sleep {sleeper}"
@@ -760,13 +760,13 @@ def test_head_killed_leaves_no_orphans(
         kill_marked(f"sleep {sleeper}")
 
 
-@pytest.mark.parametrize("where", ["local", "fork"])
+@pytest.mark.parametrize("where", ["exec", "fork"])
 def test_head_and_local_stubs_killed_as_a_group_leave_no_task_behind(
     where: str, spawn: Callable[..., Head], tmp_path: Path
 ) -> None:
     """SIGKILL to the head's whole process group (local stubs included, as a CI job
     timeout sends it): the stubs' wardens still kill every task."""
-    sleeper = "41.7" if where == "local" else "41.9"
+    sleeper = "41.7" if where == "exec" else "41.9"
     hosts = write_file(tmp_path / "hosts.toml", BLOCKS[where])
     line = f"sh -c 'sleep {sleeper}; echo x' ; sleep {sleeper}"
     tasks = write_file(tmp_path / "tasks.txt", f"{line}\n{line}\n{line}\n")
@@ -779,14 +779,14 @@ def test_head_and_local_stubs_killed_as_a_group_leave_no_task_behind(
         kill_marked(f"sleep {sleeper}")
 
 
-@pytest.mark.parametrize("where", ["ssh", "local", "fork"])
+@pytest.mark.parametrize("where", ["ssh", "exec", "fork"])
 def test_a_stub_killed_outright_leaves_no_task_behind(
     where: str, sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path
 ) -> None:
     """SIGKILL a stub while its task runs a child: the stub cannot clean up, so its
     warden kills the task's process group; the task reruns on the other host (or
     stub), the run ends 0, and no task process, stub or warden is left."""
-    sleeper = {"ssh": "43.5", "local": "43.6", "fork": "43.7"}[where]
+    sleeper = {"ssh": "43.5", "exec": "43.6", "fork": "43.7"}[where]
     flag = tmp_path / "killed-once"
     if where == "ssh":
         blocks = host_block(sshd, "one", slots=1) + host_block(sshd, "two", slots=1)
@@ -821,12 +821,12 @@ def test_a_stub_killed_outright_leaves_no_task_behind(
         kill_marked(f"sleep {sleeper}")
 
 
-@pytest.mark.parametrize("where", ["ssh", "local", "fork"])
+@pytest.mark.parametrize("where", ["ssh", "exec", "fork"])
 def test_timeout_kills_task_and_children(
     where: str, sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path
 ) -> None:
     """--timeout 1: the task is recorded timed out, exit 1, and none of its processes remain."""
-    sleeper = {"ssh": "42.5", "local": "42.6", "fork": "42.7"}[where]
+    sleeper = {"ssh": "42.5", "exec": "42.6", "fork": "42.7"}[where]
     block = host_block(sshd, "solo", slots=2) if where == "ssh" else BLOCKS[where]
     hosts = write_file(tmp_path / "hosts.toml", block)
     tasks = write_file(
