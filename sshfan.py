@@ -79,11 +79,6 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised only on Python 3.10
-    import tomli as tomllib
-
 __version__ = "0.1.0"
 
 # The Python API (the README's "Python API" documents exactly these); the rest is internal.
@@ -287,11 +282,21 @@ def _make_spec(values: dict[str, Any], own_python: bool) -> HostSpec:
     return HostSpec(**fields)
 
 
+def _toml() -> Any:
+    """The TOML parser, imported on first use: a run without a hosts file reads no TOML."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - exercised only on Python 3.10
+        import tomli as tomllib
+    return tomllib
+
+
 def parse_hosts(
     text: str, where: str = "hosts file", logins: list[dict[str, Any]] | None = None
 ) -> list[HostSpec]:
     """Parse a hosts file's TOML text into host specs, or raise UsageError naming the spot;
     LOGINS (hosts from the command line, as values) follow, with the file's [defaults]."""
+    tomllib = _toml()
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

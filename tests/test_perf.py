@@ -53,7 +53,8 @@ def imported_modules(stderr: bytes) -> set[str]:
 
 
 def test_local_run_imports_no_asyncssh_tqdm(tmp_path: Path, run_sshfan: RunSshfan) -> None:
-    """A run on the local host never imports asyncssh (SSH only) nor tqdm (no terminal)."""
+    """A run on the local host never imports asyncssh (SSH only), tqdm (no terminal) nor a
+    TOML parser (no hosts file)."""
     tasks = tmp_path / "tasks.txt"
     tasks.write_text("echo one\necho two\n")
     done = run_sshfan(
@@ -64,7 +65,7 @@ def test_local_run_imports_no_asyncssh_tqdm(tmp_path: Path, run_sshfan: RunSshfa
     assert (tmp_path / "out.txt").read_bytes() == b"one\ntwo\n"
     modules = imported_modules(done.stderr)
     assert "asyncio" in modules  # the import listing was captured
-    assert not {m for m in modules if m.split(".")[0] in ("asyncssh", "tqdm")}
+    assert not {m for m in modules if m.split(".")[0] in ("asyncssh", "tqdm", "tomllib", "tomli")}
 
 
 @pytest.mark.parametrize("where", ["default", "hosts file"])

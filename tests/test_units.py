@@ -583,7 +583,7 @@ def test_inline_script_metadata_matches_pyproject() -> None:
     """sshfan.py's PEP 723 block (for `pipx run`/`uv run`) declares pyproject's deps."""
     import re
 
-    tomllib = sshfan.tomllib
+    tomllib = sshfan._toml()
     source = Path(sshfan.__file__).read_text(encoding="utf-8")
     # The reference regex of PEP 723: a `# /// script` line, `#` lines, a `# ///` line.
     pattern = r"(?m)^# /// (?P<type>[a-zA-Z0-9-]+)$\s(?P<content>(^#(| .*)$\s)+)^# ///$"
