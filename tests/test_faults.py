@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from sshd import SshServer
-from support import closed_port, procs_with
+from support import capturing_python, closed_port, early_seqs, procs_with
 
 import sshfan
 
@@ -1175,51 +1175,6 @@ def test_a_host_whose_run_ends_while_it_connects_gives_up_at_once() -> None:
 # ---------------------------------------------------------------------------
 # tasks sent ahead of the hello (send_early)
 # ---------------------------------------------------------------------------
-
-
-def capturing_python(path: Path, capture: Path, then: str) -> Path:
-    """Write a stand-in for the worker's python that reads what the head sends unasked
-    behind the stub's source (frames up to the first TASKS one) into CAPTURE, never says
-    hello, and THEN: "fail" (exits 1, as a stub that breaks at start) or "hang" (waits
-    for EOF: a host slow to say hello; it ends when the head gives it up)."""
-    script = f"""#!{sys.executable} -S
-import os, re, struct, sys
-need = int(re.search(r"len\\(s\\)<(\\d+)", sys.argv[-1]).group(1))
-def read(n):
-    data = b""
-    while len(data) < n:
-        more = os.read(0, n - len(data))
-        if not more:
-            sys.exit(0)
-        data += more
-    return data
-read(need)
-frames = b""
-while True:
-    head = read(9)
-    body = read(struct.unpack(">4sBI", head)[2])
-    frames += head + body
-    if head[4] == {sshfan.KIND_TASKS}:
-        break
-with open({str(capture)!r} + ".part", "wb") as f:
-    f.write(frames)
-os.rename({str(capture)!r} + ".part", {str(capture)!r})
-if {then!r} == "fail":
-    sys.stderr.write("stub broke at start\\n")
-    sys.exit(1)
-while os.read(0, 65536):
-    pass
-"""
-    return write_file(path, script, 0o755)
-
-
-def early_seqs(capture: Path) -> list[int]:
-    """The seqs of the tasks in the TASKS frames a capturing_python read."""
-    seqs: list[int] = []
-    for kind, payload in sshfan.FrameDecoder(skip_banner=False).feed(capture.read_bytes()):
-        if kind == sshfan.KIND_TASKS:
-            seqs += [seq for seq, _command, _data in sshfan.decode_tasks(payload)]
-    return seqs
 
 
 def test_tasks_sent_before_a_failed_hello_run_elsewhere_exactly_once(

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from sshd import HOST, SshServer
-from support import closed_port
+from support import capturing_python, closed_port, early_seqs
 
 import sshfan
 
@@ -119,6 +119,34 @@ def test_unreachable_host_fails_the_run_and_resume_completes_it(
     everything_down = defaults_file(sshd, tmp_path, down)
     result = run_sshfan(["all", "-H", str(everything_down), "true"])
     assert result.returncode == 3
+
+
+def test_all_sends_the_command_before_the_hello_and_a_host_failing_then_runs_none(
+    sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """`sshfan all` sends each host its one task right behind the stub, before the hello (a
+    host under --onall has one slot); a host whose stub then fails runs nothing, is listed
+    with its task not run (exit 1), and --resume runs it there only, once it is fixed."""
+    capture = tmp_path / "sent-to-broken"
+    python = capturing_python(tmp_path / "failing-python", capture, "fail")
+    broken = f'\n[[hosts]]\nname = "broken"\naddress = "{HOST}"\npython = "{python}"\n'
+    fixed = f'\n[[hosts]]\nname = "broken"\naddress = "{HOST}"\n'
+    hosts = defaults_file(sshd, tmp_path, broken)
+    one, _two = logins(sshd)
+    out = tmp_path / "out.txt"
+    args = ["all", "-H", str(hosts), "-S", one, "-o", str(out), "echo $SSHFAN_HOST"]
+    result = run_sshfan(args)
+    assert result.returncode == 1, result.stderr.decode()
+    assert early_seqs(capture) == [1], "the command did not go before the hello"
+    stderr = result.stderr.decode()
+    assert "sshfan: could not run on 1 of 2 hosts: broken (1 task(s) not run: bootstrap:" in (
+        stderr
+    )
+    assert out.read_text() == f"{one}: {one}\n"
+    hosts.write_text(sshd.hosts_toml([]) + fixed)
+    result = run_sshfan([*args[:-1], "--resume", args[-1]])
+    assert result.returncode == 0, result.stderr.decode()
+    assert out.read_text() == f"broken: broken\n{one}: {one}\n"
 
 
 def test_all_usage_errors(run_sshfan: RunSshfan, tmp_path: Path) -> None:
