@@ -1666,6 +1666,9 @@ class Task:
     arg: str | None = None  # the line, when --command made COMMAND from it (--results)
     long: bool = False  # known long from an earlier run: handed out first, to a free slot
     sent: float = 0.0  # when it went to its host (time.monotonic), for --speculate
+    # When it started as far as the head can tell: sent to a free slot, or when a slot
+    # freed for it behind others (HostSession.note_starts); 0.0 while queued.
+    started: float = 0.0
     pinned: str = ""  # --onall: the only host that may run it
 
 
@@ -1734,6 +1737,7 @@ class Scheduler:
         for task in taken:
             task.attempts += 1
             task.pieces = []
+            task.started = 0.0
         return taken
 
     def put_back(self, tasks: list[Task]) -> None:
@@ -1840,6 +1844,7 @@ class OnAllScheduler(Scheduler):
         for task in taken:
             task.attempts += 1
             task.pieces = []
+            task.started = 0.0
         return taken
 
     def put_back(self, tasks: list[Task]) -> None:
@@ -2042,8 +2047,8 @@ END_SIMULATED = 20_000  # tasks end_share follows at most (the rest: not near th
 @dataclasses.dataclass(frozen=True, slots=True)
 class HostLoad:
     """What the end-of-run rules know of a ready host: its slots, how long a task takes
-    there (HostWindow.typical; None: none finished yet) and when each task it holds was
-    sent (oldest first; the first SLOTS of them are running, the rest queued)."""
+    there (HostWindow.typical; None: none finished yet) and, for each task it holds in
+    the order sent, when it started (the first SLOTS, running) or was sent (queued)."""
 
     slots: int
     typical: float | None
@@ -2105,6 +2110,16 @@ def end_share(load: HostLoad, others: list[HostLoad], left: int, now: float, wan
                 break
         heapq.heappush(ends, (end + durations[index], index))
     return taken
+
+
+def sheds(load: HostLoad, others: list[HostLoad], left: int, now: float) -> bool:
+    """Whether a host should give back the tasks queued on it (beyond its running ones)
+    with LEFT still to hand out: fewer of them would land on it than it holds (end_share)."""
+    queued = len(load.sent) - load.slots
+    if queued <= 0:
+        return False
+    running = HostLoad(load.slots, load.typical, load.sent[: load.slots])
+    return end_share(running, others, left + queued, now, queued) < queued
 
 
 def copy_pays(origin: HostLoad, helper: HostLoad, sent: float, now: float) -> bool:
@@ -3153,7 +3168,19 @@ class HostSession:
             return len(tasks)
         for frame in self.protocol.send_tasks(tasks):
             self._write(frame)
+        self.note_starts(time.monotonic())
         return len(tasks)
+
+    def starts(self) -> tuple[float, ...]:
+        """When each task held here started (note_starts) or, if queued, was sent."""
+        return tuple(task.started or task.sent for task in self.in_flight.values())
+
+    def note_starts(self, now: float) -> None:
+        """Mark the tasks that run from NOW on: the first SLOTS held (the stub starts them in
+        the order sent) that were queued until a result freed a slot, or just sent."""
+        for task in itertools.islice(self.in_flight.values(), self.window.slots):
+            if not task.started:
+                task.started = now
 
     # -- files (--transferfile, --return, --cleanup, --basefile) ---------------
 
@@ -3269,10 +3296,10 @@ class HostSession:
 
     def running_since(self) -> list[tuple[float, Task]]:
         """The tasks that are running now as far as the head can tell (the first SLOTS sent,
-        when nothing waits behind them), with when each was sent."""
+        when nothing waits behind them), with when each started (note_starts)."""
         if self.state != HostState.READY or self.queued() > 0:
             return []
-        return [(task.sent, task) for task in self.in_flight.values()]
+        return [(task.started or task.sent, task) for task in self.in_flight.values()]
 
     def queued(self) -> int:
         """Tasks this host holds beyond its slots (not started yet, as far as the head knows)."""
@@ -5951,7 +5978,9 @@ class _Run:
             self.abort(_write_error(exc))
             return
         if not self.summary.interrupted:
+            session.note_starts(time.monotonic())  # its results freed slots for queued tasks
             self._refill_all()
+            self._shed_late()
             self._rebalance()
             self._speculate()
         self._check_done()
@@ -6182,10 +6211,19 @@ class _Run:
         held = sum(len(s.in_flight) for s in ready)
         if left + held > 2 * slowest * rate:
             return {}
-        return {
-            s: HostLoad(s.window.slots, t, tuple(k.sent for k in s.in_flight.values()))
-            for s, t in typicals
-        }
+        return {s: HostLoad(s.window.slots, t, s.starts()) for s, t in typicals}
+
+    def _shed_late(self) -> None:
+        """Near the end, a slow host gives back the tasks queued on it that the others
+        would end first (sheds); it takes its share again from the refill that follows."""
+        left = self._left_to_hand()
+        loads = self._near_end(left)
+        for session, load in loads.items():
+            if session.queued() <= 0 or not session.may_drop:
+                continue
+            others = [o for s, o in loads.items() if s is not session]
+            if sheds(load, others, left, time.monotonic()):
+                session.drop_queued()
 
     def _end_share(
         self, session: HostSession, loads: dict[HostSession, HostLoad], left: int
@@ -6235,11 +6273,11 @@ class _Run:
         """--speculate: once nothing is left to hand out, start a backup copy of each task
         that runs late on an idle slot of another host (the fastest idle one).
 
-        Late: it ran SPECULATE_AFTER times the median finished duration plus SPECULATE_MIN
-        (so that a run of tiny tasks does not copy its last few), or it runs on a slow
-        host and the copy would end before the running one is due (copy_pays). The first
-        copy to succeed wins (on_result); the other is cancelled, its process group
-        killed by its stub."""
+        Late: it ran SPECULATE_AFTER times the median finished duration (or its host's
+        typical one, if longer) plus SPECULATE_MIN (so that a run of tiny tasks does not
+        copy its last few), or it runs on a slow host and the copy would end before the
+        running one is due (copy_pays). The first copy to succeed wins (on_result); the
+        other is cancelled, its process group killed by its stub."""
         if not self.speculate or self.scheduler.has_work() or self.summary.halted:
             return
         if self._finished is None or self._finished.done():
@@ -6254,7 +6292,7 @@ class _Run:
             return
         # The fastest first; a host with no finished task yet (speed unknown) last.
         idle.sort(key=lambda s: (s.window.typical() is None, s.window.typical() or 0.0))
-        after = SPECULATE_AFTER * _median(samples) + SPECULATE_MIN
+        median = _median(samples)
         now = time.monotonic()
         running = [
             (sent, task, origin)
@@ -6276,11 +6314,13 @@ class _Run:
             )
             if helper is None:
                 continue
+            # (a slow host's own typical duration, when longer: it is slow, not stuck)
+            after = SPECULATE_AFTER * max(median, origin.window.typical() or 0.0) + SPECULATE_MIN
             late = now - sent >= after
             if not late and not copy_pays(self._speed(origin), self._speed(helper), sent, now):
                 due = min(due, sent + after)
                 continue
-            helper.send_tasks([dataclasses.replace(task, pieces=[])])
+            helper.send_tasks([dataclasses.replace(task, pieces=[], started=0.0)])
             self.copies[task.seq] = (origin, helper)
             self.copied.add(task.seq)
             self.summary.backups += 1

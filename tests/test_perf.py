@@ -38,6 +38,7 @@ from sshfan import (
     known_long_tasks,
     lanes,
     local_host,
+    sheds,
 )
 
 RunSshfan = Callable[..., "subprocess.CompletedProcess[bytes]"]
@@ -267,6 +268,20 @@ def test_a_slow_host_takes_only_the_tasks_it_would_end_first() -> None:
     # slot is not about to free, and the slow host takes what the others cannot.
     stuck = [busy_host(now, ran=60.0) for _ in range(3)]
     assert end_share(slow, stuck, left=4, now=now, want=3) == 3
+
+
+def test_a_slow_host_gives_back_a_queued_task_the_others_would_end_first() -> None:
+    """A 1.2 s host with both slots running (0.2 s in) and one task queued, the fast hosts
+    busy until now + 0.2 and nothing left to hand out: its queued task would start at
+    now + 1.0 and end at 2.2, the others end it by 0.5: it gives it back. Far from the
+    end, or with nothing queued, it keeps what it holds."""
+    now = 10.0
+    fast = [busy_host(now) for _ in range(3)]
+    holding = HostLoad(2, 1.2, (now - 0.2, now - 0.2, now - 5.0))
+    assert sheds(holding, fast, left=0, now=now)
+    assert not sheds(holding, fast, left=500, now=now)
+    assert not sheds(HostLoad(2, 1.2, (now - 0.2, now - 0.2)), fast, left=0, now=now)
+    assert not sheds(HostLoad(2, 0.3, (now - 0.2, now - 0.2, now)), fast, left=0, now=now)
 
 
 def test_a_copy_pays_where_it_ends_before_the_slow_copy_is_due() -> None:
