@@ -8421,5 +8421,30 @@ def main() -> None:
     sys.exit(code if isinstance(code, int) else 0)
 
 
+def _console() -> NoReturn:
+    """The `sshfan` command: main(), then leave without tearing the interpreter down.
+
+    When main() ends, every file the run wrote is closed and its errors are in the exit
+    code. Freeing each object the head made is then work for nothing, and after a local
+    stub was forked from the head, each page it writes to is first copied (measured in
+    docs/performance.md). What the exit still owes is done: stdout and stderr flushed.
+    Anything unusual (a thread still running, a flush that fails) takes Python's own
+    exit, which reports it as it always has."""
+    try:
+        main()
+        code: Any = 0
+    except SystemExit as exc:
+        code = exc.code
+    if not isinstance(code, int) or threading.active_count() > 1:
+        sys.exit(code)
+    try:
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
+    except BaseException:  # (Python's exit flushes again, reports it, and exits 120)
+        sys.exit(code)
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    main()
+    _console()
