@@ -1162,6 +1162,16 @@ class Bench:
             log(f"[{row.name}] round {i + 1}")
             row.attempt("sshfan", once)
             row.attempt("comparison", parallel_once)
+        # What the interpreter alone costs here, with and without this machine's site-packages
+        # .pth files (which GNU parallel, a Perl script, does not pay).
+        floors = []
+        for flags in ([], ["-S"]):
+            walls = sorted(
+                checked(run([sys.executable, *flags, "-c", "pass"], env=self.env), "python").wall
+                for _ in range(5)
+            )
+            floors.append(f"`python3 {' '.join([*flags, '-c', 'pass'])}` {walls[2]:.3f} s")
+        row.notes.append("the interpreter alone (median of 5): " + ", ".join(floors))
         judge(row, lambda s, c: s / c, lambda r: r <= 1.0)
         value = row.median("sshfan")
         if row.met is not None and value is not None:
