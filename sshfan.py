@@ -2674,9 +2674,155 @@ def _protocol_attribute(name: str) -> property:
     )
 
 
+class StubTransport:
+    """One stub's channel, and nothing else: it opens (each kind its own way), writes,
+    closes the stub's stdin, aborts and closes; what comes out (stdout, stderr, the exit
+    status, the end) its callbacks feed to SESSION. Nothing is written before it opens."""
+
+    def __init__(self, session: HostSession) -> None:
+        """Prepare (but do not open) the channel that feeds SESSION."""
+        self.session = session
+        self._stdin: Any = None  # the stub's stdin, once open
+
+    def write(self, data: bytes) -> None:
+        """Write DATA to the stub's stdin."""
+        if self._stdin is not None:
+            self._stdin.write(data)
+
+    def write_eof(self) -> None:
+        """Close the stub's stdin: it exits once its tasks are done."""
+        if self._stdin is not None:
+            self._stdin.close()
+
+    def abort(self) -> None:
+        """End the stub at once (kill it, or drop its connection)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Let go of the channel without waiting (a local stub still running is killed)."""
+        raise NotImplementedError
+
+
+class LocalTransport(StubTransport):
+    """A local stub started as a new Python subprocess (no SSH), on its three pipes."""
+
+    _process: asyncio.SubprocessTransport | None = None
+
+    async def open(self, python: str, code: str) -> None:
+        """Start PYTHON running CODE (the bootstrap); HostError if it cannot start."""
+        loop = asyncio.get_running_loop()
+        python = os.path.expanduser(python)
+        try:
+            transport, _ = await loop.subprocess_exec(
+                lambda: _LocalStubProtocol(self.session),
+                python,
+                "-S",  # no site: the stub needs only the standard library
+                "-c",
+                code,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=login_environ(),  # as the user's shell gave it, not as Python changed it
+            )
+        except OSError as exc:
+            raise HostError(
+                self.session.name, "bootstrap", f"cannot start {python}: {exc.strerror}"
+            ) from None
+        self._process = transport
+        self._stdin = transport.get_pipe_transport(0)
+
+    def abort(self) -> None:
+        """Kill the stub."""
+        if self._process is not None:
+            self._process.kill()
+
+    def close(self) -> None:
+        """Let go of the subprocess, killing it if it has not exited."""
+        process, self._process = self._process, None
+        if process is not None:
+            if process.get_returncode() is None:
+                process.kill()
+            process.close()
+
+
+class ForkTransport(StubTransport):
+    """A local stub forked from the head (no second Python start), on three pipes."""
+
+    _stub: _ForkedStub | None = None
+
+    async def open(self) -> None:
+        """Fork the stub and wire its pipes in; HostError if it cannot fork."""
+        try:
+            pid, in_w, out_r, err_r = _fork_stub()
+        except OSError as exc:
+            raise HostError(
+                self.session.name, "bootstrap", f"cannot fork: {exc.strerror}"
+            ) from None
+        self._stub = _ForkedStub(self.session, pid)
+        self._stdin = await self._stub.connect(in_w, out_r, err_r)
+
+    def abort(self) -> None:
+        """Kill the stub (unless it was reaped already)."""
+        if self._stub is not None:
+            self._stub.kill()
+
+    def close(self) -> None:
+        """Close the head's ends of its pipes, killing a stub still running."""
+        stub, self._stub = self._stub, None
+        if stub is not None:
+            stub.close()
+
+
+class SshTransport(StubTransport):
+    """A stub on a session channel of an SSH connection, which it owns."""
+
+    conn: Any = None  # the asyncssh connection, once open() has it
+
+    async def open(self, conn: Any, command: str) -> None:
+        """Run COMMAND (the bootstrap) on a channel of CONN, which this transport now owns
+        (closing it closes CONN); HostError if no channel opens."""
+        import asyncssh
+
+        self.conn = conn
+        try:
+            channel, _ = await conn.create_session(
+                lambda: _ssh_session_class()(self.session), command, encoding=None
+            )
+        except (OSError, asyncssh.Error) as exc:
+            self.close()
+            reason = getattr(exc, "reason", None) or str(exc)
+            raise HostError(
+                self.session.name, "bootstrap", f"cannot open a channel: {reason}"
+            ) from None
+        self._stdin = channel
+
+    def write_eof(self) -> None:
+        """Send EOF on the channel: the stub exits once its tasks are done."""
+        if self._stdin is not None:
+            self._stdin.write_eof()
+
+    def abort(self) -> None:
+        """Drop the connection at once."""
+        if self.conn is not None:
+            self.conn.abort()
+
+    def close(self) -> None:
+        """Close the connection without waiting."""
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.close()
+
+    def take_connection(self) -> Any:
+        """Hand the connection over (to wake a stopped stub before closing it): this
+        transport no longer writes to it, aborts or closes it."""
+        conn, self.conn, self._stdin = self.conn, None, None
+        return conn
+
+
 class HostSession:
-    """The head's end of one host: its connection and stub channel, which move the bytes
-    of its HostProtocol; the run's part in the protocol's events (_act)."""
+    """The head's end of one host: drives its HostProtocol over its StubTransport (which
+    only moves bytes) and acts on what the protocol returns; the run's part in the
+    protocol's events (_act)."""
 
     def __init__(self, spec: HostSpec, run: _Run | None) -> None:
         """Prepare (but do not open) the session for SPEC within RUN."""
@@ -2690,10 +2836,7 @@ class HostSession:
         self._movers: set[asyncio.Future[None]] = set()
         if run is not None:
             self.window.max_ahead = run.max_ahead
-        self._conn: Any = None
-        self._write: Callable[[bytes], None] = lambda data: None
-        self._write_eof: Callable[[], None] = lambda: None
-        self._abort: Callable[[], None] = lambda: None
+        self.transport: StubTransport | None = None  # once _start_stub has chosen one
         loop = asyncio.get_running_loop()
         self._hello = loop.create_future()
         self._pong: asyncio.Future[float] | None = None
@@ -2751,11 +2894,14 @@ class HostSession:
         source = b"" if forked else stub_source().encode("utf-8")  # a fork has the code
         code = bootstrap_code(len(source))
         if forked:
-            await self._fork_local()
+            fork = self.transport = ForkTransport(self)
+            await fork.open()
         elif self.spec.local:
-            await self._open_local(code)
+            local = self.transport = LocalTransport(self)
+            await local.open(self.spec.python, code)
         else:
-            await self._open_ssh(code)
+            ssh = self.transport = SshTransport(self)
+            await self._open_ssh(ssh, code)
         # The run may have ended meanwhile (finish() abandoned this host). Checked, not
         # left to cancellation: asyncio.wait_for (Python < 3.12) swallows a cancel that
         # comes as its awaitable completes, and this host would then wait for a hello
@@ -2831,78 +2977,25 @@ class HostSession:
             self._fail(error)
             raise error from None
 
-    async def _open_local(self, code: str) -> None:
-        """Start the stub as a local subprocess (no SSH)."""
-        loop = asyncio.get_running_loop()
-        python = os.path.expanduser(self.spec.python)
-        try:
-            transport, _ = await loop.subprocess_exec(
-                lambda: _LocalStubProtocol(self),
-                python,
-                "-S",  # no site: the stub needs only the standard library
-                "-c",
-                code,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                env=login_environ(),  # as the user's shell gave it, not as Python changed it
-            )
-        except OSError as exc:
-            raise HostError(
-                self.name, "bootstrap", f"cannot start {python}: {exc.strerror}"
-            ) from None
-        stdin = transport.get_pipe_transport(0)
-        self._write = stdin.write
-        self._write_eof = stdin.close
-        self._abort = transport.kill
-        self._conn = transport
-
-    async def _fork_local(self) -> None:
-        """Start the stub as a fork of this process, running the stub's code (no SSH)."""
-        try:
-            pid, in_w, out_r, err_r = _fork_stub()
-        except OSError as exc:
-            raise HostError(self.name, "bootstrap", f"cannot fork: {exc.strerror}") from None
-        stub = _ForkedStub(self, pid)
-        self._conn = stub
-        self._abort = stub.kill
-        stdin = await stub.connect(in_w, out_r, err_r)
-        self._write = stdin.write
-        self._write_eof = stdin.close
-
-    async def _open_ssh(self, code: str) -> None:
+    async def _open_ssh(self, transport: SshTransport, code: str) -> None:
         """Connect over SSH and start the stub through the fixed bootstrap command."""
-        import asyncssh
-
         spec = self.spec
         target = ssh_target(spec)
         jump = await self._open_jumps(target) if target.proxy_jump else None
         try:
-            self._conn = await self._connect_checked(spec, target, jump)
+            conn = await self._connect_checked(spec, target, jump)
         except BaseException:
             if jump is not None:
                 jump.close()
             raise
         if jump is not None:
-            self._conn.set_tunnel(jump)  # closed with the connection, as asyncssh's own
+            conn.set_tunnel(jump)  # closed with the connection, as asyncssh's own
         # -S: no site module; the stub needs only the standard library, and site's .pth
         # files cost a worker 20-30 ms of start-up.
         command = f"{shlex.quote(spec.python)} -S -c {shlex.quote(code)}"
-        try:
-            channel, _ = await self._conn.create_session(
-                lambda: _ssh_session_class()(self), command, encoding=None
-            )
-        except (OSError, asyncssh.Error) as exc:
-            self._conn.close()
-            reason = getattr(exc, "reason", None) or str(exc)
-            raise HostError(self.name, "bootstrap", f"cannot open a channel: {reason}") from None
-        self._write = channel.write
-        self._write_eof = channel.write_eof
-        self._abort = self._conn.abort
+        await transport.open(conn, command)
         if self.run is not None and self.run.files:
-            self.files = HostFiles(
-                self.name, self._conn, spec.workdir, self.run.files, self._tell_parts
-            )
+            self.files = HostFiles(self.name, conn, spec.workdir, self.run.files, self._tell_parts)
 
     async def _connect_checked(self, spec: HostSpec, target: SshTarget, tunnel: Any) -> Any:
         """Connect to TARGET (over TUNNEL, a jump host's connection, if given), its host key
@@ -3104,11 +3197,11 @@ class HostSession:
         silence = self.protocol.check_silence(time.monotonic(), interval)
         if isinstance(silence, Silent):
             pid = self.hello.get("pid")
-            if not self.spec.local and self._conn is not None and isinstance(pid, int) and pid > 1:
+            ssh = self.transport if isinstance(self.transport, SshTransport) else None
+            if ssh is not None and ssh.conn is not None and isinstance(pid, int) and pid > 1:
                 # sshd still answers: take the connection from _fail, to wake the stub first.
-                self._waking = asyncio.ensure_future(self._wake_and_close(self._conn, pid))
-                self._conn = None
-                self._abort = lambda: None
+                conn = ssh.take_connection()
+                self._waking = asyncio.ensure_future(self._wake_and_close(conn, pid))
             reason = f"no answer from the stub in {silence.seconds:.0f} s"
             self._fail(HostError(self.name, "stub", reason))
             return
@@ -3356,9 +3449,15 @@ class HostSession:
                     self.closed.set_result(None)
             elif step is Close.STDIN:
                 with contextlib.suppress(Exception):  # (the channel may be gone already)
-                    self._write_eof()
+                    if self.transport is not None:
+                        self.transport.write_eof()
             else:
                 self._write(step)
+
+    def _write(self, data: bytes) -> None:
+        """Send DATA (frames, or the stub's source) to the stub, once its transport is open."""
+        if self.transport is not None:
+            self.transport.write(data)
 
     async def close(self, grace: float = 3.0) -> None:
         """Wait briefly for the stub to exit, then drop the connection.
@@ -3385,17 +3484,9 @@ class HostSession:
         if self._watcher is not None:
             self._watcher.cancel()
             self._watcher = None
-        conn = self._conn
-        self._conn = None
-        if conn is None:
-            return
-        with contextlib.suppress(Exception):
-            if self.spec.local:
-                if not self.closed.done():
-                    conn.kill()
-                conn.close()
-            else:
-                conn.close()
+        if self.transport is not None:
+            with contextlib.suppress(Exception):
+                self.transport.close()
 
     def _fail(self, error: HostError) -> None:
         """Mark the host lost (or failed at start) and give its tasks back."""
@@ -3410,8 +3501,9 @@ class HostSession:
             if waiter is not None and not waiter.done():
                 waiter.set_exception(error)
                 waiter.exception()  # mark retrieved: the opener re-raises it if it waits
-        with contextlib.suppress(Exception):
-            self._abort()
+        if self.transport is not None:
+            with contextlib.suppress(Exception):
+                self.transport.abort()
         self._drop()
         if not self.closed.done():
             self.closed.set_result(None)
@@ -3513,8 +3605,8 @@ def _become_stub(stdio: tuple[int, int, int], mask: Iterable[int]) -> NoReturn:
 
 
 class _ForkedStub:
-    """The head's end of a forked local stub: its pid and its three pipes, standing in for
-    the subprocess transport an exec'd stub has (kill, close, then on_closed with the
+    """The pipes and pid of a forked local stub (ForkTransport's), standing in for the
+    subprocess transport an exec'd stub has (kill, close, then on_closed with the
     exit status once both its output pipes reached EOF and it was reaped)."""
 
     def __init__(self, session: HostSession, pid: int) -> None:
