@@ -8095,7 +8095,13 @@ class _Progress:
         """Open the bar (its total is set when the run knows it)."""
         from tqdm import tqdm
 
-        self.bar = tqdm(total=None, unit="task", file=sys.stderr, dynamic_ncols=True, leave=False)
+        class _Bar(tqdm):  # type: ignore[type-arg]
+            """tqdm without its monitor thread: the bar is redrawn on a timer (_tick), and
+            with no thread running, local stubs can be forked (_may_fork_stub)."""
+
+            monitor_interval = 0
+
+        self.bar = _Bar(total=None, unit="task", file=sys.stderr, dynamic_ncols=True, leave=False)
         self.run: _Run | None = None
         self._shown = 0.0
         self._timer: asyncio.TimerHandle | None = None

@@ -295,6 +295,17 @@ def test_progress_bar_on_a_terminal_and_not_with_no_progress(tmp_path: Path) -> 
     assert "task/s" not in hidden and "40 of 40 tasks done" in hidden
 
 
+def test_a_run_on_a_terminal_forks_its_local_stub(tmp_path: Path) -> None:
+    """With the progress bar (a terminal), the head runs no thread of its own when local
+    stubs start, so they are forks of the head, as without a terminal (tests/test_perf.py)."""
+    tasks = tmp_path / "tasks.txt"
+    stub = tmp_path / "stub.txt"
+    tasks.write_text(f"tr '\\0' ' ' < /proc/$PPID/cmdline > {stub}\n")  # the stub's argv
+    shown = _run_in_terminal(["run", str(tasks), "-o", str(tmp_path / "o")], tmp_path).decode()
+    assert "1 of 1 tasks done" in shown, shown
+    assert f"-m sshfan run {tasks} -o " in stub.read_text(), stub.read_text()
+
+
 def test_pipe_feeds_chunks_on_stdin_and_merges_in_order(
     sshd: SshServer, tmp_path: Path, run_sshfan
 ) -> None:
