@@ -2000,18 +2000,20 @@ class HostWindow:
 
     RECENT = 5  # durations typical() looks at
 
-    def observe(self, duration: float) -> None:
-        """Fold one finished task's duration into the running estimate."""
-        self.recent.append(duration)
+    def observe(self, duration: float, known_long: bool = False) -> None:
+        """Fold one finished task's duration into the running estimate (and, unless it
+        was KNOWN_LONG from an earlier run, into typical(): it says nothing of the host)."""
+        if not known_long:
+            self.recent.append(duration)
         if self.mean_task is None:
             self.mean_task = duration
         else:
             self.mean_task += 0.2 * (duration - self.mean_task)
 
     def typical(self) -> float | None:
-        """How long a task takes on this host now: the median of its last few, which a
-        few long tasks (handed out first, LPT) do not skew as they do the mean; None
-        before any finished."""
+        """How long a task takes on this host now: the median of its last few, which an
+        odd long task does not skew as it does the mean; tasks known to be long (handed
+        out first, LPT) are left out. None before any finished."""
         if not self.recent:
             return None
         ordered = sorted(self.recent)
@@ -2581,7 +2583,7 @@ class HostProtocol:
             )
         del self.in_flight[seq]
         self.window.in_flight -= 1
-        self.window.observe(duration)
+        self.window.observe(duration, known_long=task.long)
         self.may_drop = True
         self.progress_at = time.monotonic()
         exit_code, signum = _status_fields(status)
