@@ -6276,14 +6276,22 @@ class _Run:
         total_slots = sum(s.window.slots for s in self.sessions if s.state == HostState.READY) or 1
         left_to_hand = self._left_to_hand()
         loads = self._near_end(left_to_hand)
+        held: list[HostSession] = []
         for session in emptiest_first:
             if not self.scheduler.has_work():
                 break
             cap = None if left is None else -(-left * session.window.slots // total_slots)
             if session in loads:  # a slow host near the end takes only what it ends first
                 share = self._end_share(session, loads, left_to_hand)
-                cap = share if cap is None else min(cap, share)
+                if cap is None or share < cap:
+                    cap = share
+                    held.append(session)
             session.refill(self.scheduler, self._others_alive(session), cap)
+        if held and self.scheduler.has_work() and not any(s.in_flight for s in self.sessions):
+            # The others did not take the tasks after all (a retry that avoids the host it
+            # failed on), and no result is coming to look again: the slow hosts take them.
+            for session in held:
+                session.refill(self.scheduler, self._others_alive(session))
 
     def _left_to_hand(self) -> int:
         """Tasks not handed out yet: the fresh ones still in the file, and the requeued."""

@@ -378,6 +378,30 @@ def test_speculate_with_a_slow_host_gives_one_result_a_task_and_leaves_nothing(
                 os.kill(pid, signal.SIGKILL)
 
 
+def test_a_retry_that_avoids_its_host_still_runs_on_a_slow_host_held_back(
+    sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """Near the end the slow host h2 is held back (h1 would end every task first), but
+    the last task's retry avoids h1, where it failed: once nothing else runs, h2 takes
+    it, and the run ends instead of waiting for a result that never comes."""
+    flag = tmp_path / "failed-once"
+    lines = [f"sleep ${{SLOW:-0.05}}; echo out {n}" for n in range(1, 30)]
+    lines.append(
+        f'if [ -z "$SLOW" ] && [ ! -e {flag} ]; then touch {flag}; exit 1; fi; echo out 30'
+    )
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text("\n".join(lines) + "\n")
+    hosts = tmp_path / "hosts.toml"
+    hosts.write_text(sshd.hosts_toml(["h1", "h2"]) + 'env = { SLOW = "0.5" }\n')
+    out = tmp_path / "out.txt"
+    done = run_sshfan(
+        ["run", str(tasks), "-H", str(hosts), "-o", str(out), "--retries", "1"], timeout=60
+    )
+    err = done.stderr.decode(errors="replace")
+    assert done.returncode == 0, err
+    assert out.read_bytes() == b"".join(b"out %d\n" % n for n in range(1, 31))
+
+
 def test_stub_cancel_kills_a_running_task_and_answers_a_queued_one(tmp_path: Path) -> None:
     """CANCEL kills a running task's whole group at once (the stub goes on serving) and
     answers for a queued one without starting it: one RESULT each, flagged CANCELLED."""
