@@ -2299,6 +2299,7 @@ class HostProtocol:
         self.dropping = False  # a DROP is on its way
         self.drops_asked = 0  # DROPs sent whose DROPPED has not come yet
         self.killing = False  # a DROP "kill" was sent: running tasks may end CANCELLED
+        self.halted = False  # a DROP "halt" or "kill" was sent: the stub starts nothing more
         self.may_drop = True  # False after a DROP found nothing, until the next result
         self.progress_at = time.monotonic()  # its last result, or work sent to it idle
         self.rtt: float | None = None
@@ -2391,6 +2392,7 @@ class HostProtocol:
         self.dropping = True
         self.drops_asked += 1
         self.killing = self.killing or halt == "kill"  # its tasks come back CANCELLED
+        self.halted = self.halted or bool(halt)
         return encode_frame(KIND_DROP, halt.encode())
 
     def cancel(self, seq: int) -> bytes | None:
@@ -2676,6 +2678,31 @@ def _protocol_attribute(name: str) -> property:
     )
 
 
+# What a session tells its run, all through _Run.deliver: the protocol's TaskDone (once
+# a task's --return files are back), OutputPiece and TasksGivenBack, and these.
+
+
+@dataclasses.dataclass
+class HostLost:
+    """The host failed to start or was lost (ERROR says why): TASKS it held go back."""
+
+    error: HostError
+    tasks: list[Task]
+
+
+@dataclasses.dataclass
+class Settled:
+    """The host's events so far are all delivered: the run may journal, refill, finish."""
+
+
+@dataclasses.dataclass
+class SourceSent:
+    """The stub's source is on its way: the run may send CONFIG and tasks behind it."""
+
+
+RunEvent = TaskDone | OutputPiece | TasksGivenBack | HostLost | Settled | SourceSent
+
+
 class StubTransport:
     """One stub's channel, and nothing else: it opens (each kind its own way), writes,
     closes the stub's stdin, aborts and closes; what comes out (stdout, stderr, the exit
@@ -2914,8 +2941,7 @@ class HostSession:
         self._write(source)
         if not self.spec.local:
             self.hello_wait_since = time.monotonic()
-            if self.run is not None:
-                self.run.send_early(self)
+            self._tell(SourceSent())
         # Generous: a loaded machine can take seconds to start Python; a dead host is
         # caught sooner by the connect timeout or the channel closing.
         wait = max(2 * self.spec.connect_timeout, 30.0)
@@ -3153,37 +3179,31 @@ class HostSession:
                 return
             if event is None:
                 break
-            try:
-                self._act(event)
-            except Exception as exc:
-                if self.run is None:
-                    raise
-                self.run.bug(exc)
-                return
-        if self.run is not None and self.protocol.frames_in != before:
-            self.run.after_batch(self)
+            self._act(event)
+        if self.protocol.frames_in != before:
+            self._tell(Settled())
 
     def _act(self, event: HostEvent) -> None:
-        """Do what EVENT from the protocol asks of this session and of the run."""
-        run = self.run
-        if isinstance(event, TaskDone):
-            if self.files is not None and not event.cancelled:
-                self.fetching[event.task.seq] = event.task  # done once its files are back
-                self._spawn(self._fetch(event.task, event.result))
-            elif run is not None:
-                self._hand_on(event.task, event.result, cancelled=event.cancelled)
-        elif isinstance(event, Hello) and not self._hello.done():
-            self._hello.set_result(event.info)
-        elif isinstance(event, Pong) and self._pong is not None and not self._pong.done():
-            if event.payload == self._pong_for:
+        """Do what EVENT from the protocol asks of this session, or pass it to the run."""
+        if isinstance(event, TaskDone) and self.files is not None and not event.cancelled:
+            self.fetching[event.task.seq] = event.task  # done once its files are back
+            self._spawn(self._fetch(event.task, event.result))
+        elif isinstance(event, Hello):
+            if not self._hello.done():
+                self._hello.set_result(event.info)
+        elif isinstance(event, Pong):
+            if self._pong is not None and not self._pong.done() and event.payload == self._pong_for:
                 self._pong.set_result(event.rtt)
-        elif isinstance(event, OutputPiece) and run is not None:
-            offset = run.journal.append(KIND_OUTPUT, event.parts)
-            skip = FRAME_HEADER.size + OUTPUT_HEAD.size
-            size = run.journal.size - offset - skip
-            event.task.pieces.append((offset + skip, event.stream, size))
-        elif isinstance(event, TasksGivenBack) and run is not None:
-            run.scheduler.put_back(event.tasks)
+        else:
+            self._tell(event)
+
+    def _tell(self, event: RunEvent) -> None:
+        """Deliver EVENT to the run, if there is one: the one way a session talks to it.
+
+        Whatever the run does with it is the run's (_Run.deliver): an exception there is
+        never taken for this host's fault."""
+        if self.run is not None:
+            self.run.deliver(self, event)
 
     def _watch(self) -> None:
         """Every keepalive/3 s: ping a stub that has gone silent; give the host up when
@@ -3319,7 +3339,8 @@ class HostSession:
                     stderr=message,
                     arg=task.arg,
                 )
-                self._report(task, failed)
+                self._tell(TaskDone(task, failed, cancelled=False))
+                self._tell(Settled())
             return
         except HostError as exc:
             self._fail(exc)
@@ -3329,13 +3350,11 @@ class HostSession:
             return
         if not self._ours(task, self.in_flight):
             return
-        if self.run is not None and (
-            self.run.scheduler.stopped or self.state == HostState.DRAINING
-        ):
+        if self.protocol.halted or self.state == HostState.DRAINING:
             # Halted, or the host left the hosts file, while its files went: not sent after all.
             self.protocol.let_go(task.seq)
-            self.run.scheduler.put_back([task])
-            self.run.after_batch(self)
+            self._tell(TasksGivenBack([task]))
+            self._tell(Settled())
             return
         self._write(self.protocol.staged(task))
 
@@ -3354,25 +3373,13 @@ class HostSession:
             return
         if self._ours(task, self.fetching):
             del self.fetching[task.seq]
-            self._report(task, result)
+            self._tell(TaskDone(task, result, cancelled=False))
+            self._tell(Settled())
 
-    def _report(self, task: Task, result: TaskResult) -> None:
-        """Hand a result finished off the frame path (files moved) to the run."""
-        if self.run is not None:
-            self._hand_on(task, result, cancelled=False)
-            self.run.after_batch(self)
-
-    def _hand_on(self, task: Task, result: TaskResult, cancelled: bool) -> None:
-        """Give a result to the run; with --halt, release the stub's queue if it goes on."""
-        assert self.run is not None
-        self.run.on_result(self, task, result, cancelled=cancelled)
-        halt = self.run.halt
-        going_on = (
-            self.state == HostState.READY and not self.run.summary.halted
-        )  # (no write past EOF)
-        if halt and not cancelled and halt.counts(result.ok) and going_on:
-            # The stub holds its queue for this result (Stub.finished): go on.
-            self._write(self.protocol.release(result.seq))
+    def release(self, seq: int) -> None:
+        """The stub holds its queue for task SEQ's result (--halt): go on, if it is up."""
+        if self.state == HostState.READY:  # (no write past EOF)
+            self._write(self.protocol.release(seq))
 
     def drop_queued(self, halt: str = "") -> None:
         """Ask the stub to give back the tasks it has not started: for idle hosts, or
@@ -3422,11 +3429,11 @@ class HostSession:
     def drain(self) -> None:
         """The host left the hosts file: give back the tasks it has not started, take no
         new ones, and end once the running ones are done (retire_if_idle)."""
-        if self.state == HostState.CONNECTING and self.in_flight and self.run is not None:
+        if self.state == HostState.CONNECTING and self.in_flight:
             # Not up yet: tasks sent ahead of its hello (send_early) go back to the queue;
             # the stub sees EOF once the connection is dropped, and kills what it started.
             given = [self.protocol.let_go(seq) for seq in list(self.in_flight)]
-            self.run.scheduler.put_back([task for task in given if task is not None])
+            self._tell(TasksGivenBack([task for task in given if task is not None]))
         self._do(self.protocol.drain())
 
     def retire_if_idle(self) -> None:
@@ -3509,8 +3516,11 @@ class HostSession:
         self._drop()
         if not self.closed.done():
             self.closed.set_result(None)
-        if self.run is not None:
-            self.run.on_host_lost(self, tasks)
+        self._tell(HostLost(error, tasks))
+
+    def give_up(self, error: HostError) -> None:
+        """The run gives this host up for ERROR: as if it had failed (_fail)."""
+        self._fail(error)
 
 
 class _LocalStubProtocol(asyncio.SubprocessProtocol):
@@ -5961,7 +5971,7 @@ class _Run:
         except HostError:
             return  # reported by on_host_lost
         except Exception as exc:  # a bug must not leave the run waiting on this host
-            session._fail(HostError(session.name, "start", f"{type(exc).__name__}: {exc}"))
+            session.give_up(HostError(session.name, "start", f"{type(exc).__name__}: {exc}"))
             return
         if session.hello_wait_since is not None:
             waited = time.monotonic() - session.hello_wait_since
@@ -6008,6 +6018,37 @@ class _Run:
         loop.call_later(1.0, self._sync_tick)
 
     # -- events from hosts ----------------------------------------------------
+
+    def deliver(self, session: HostSession, event: RunEvent) -> None:
+        """An event from SESSION: the one way a session talks to the run.
+
+        An exception here is the run's own bug: it ends the run (bug), never the host (a
+        worker's misbehaviour is the protocol's ProtocolError, raised before this)."""
+        if self._bug is not None:
+            return  # the run is ending on a bug: nothing more is acted on
+        try:
+            if isinstance(event, TaskDone):
+                self.on_result(session, event.task, event.result, cancelled=event.cancelled)
+                halt = self.halt
+                counts = halt is not None and halt.counts(event.result.ok)
+                if counts and not event.cancelled and not self.summary.halted:
+                    # The stub holds its queue for this result (Stub.finished): go on.
+                    session.release(event.result.seq)
+            elif isinstance(event, OutputPiece):
+                offset = self.journal.append(KIND_OUTPUT, event.parts)
+                skip = FRAME_HEADER.size + OUTPUT_HEAD.size
+                size = self.journal.size - offset - skip
+                event.task.pieces.append((offset + skip, event.stream, size))
+            elif isinstance(event, TasksGivenBack):
+                self.scheduler.put_back(event.tasks)
+            elif isinstance(event, HostLost):
+                self.on_host_lost(session, event.tasks)
+            elif isinstance(event, Settled):
+                self.after_batch(session)
+            elif isinstance(event, SourceSent):
+                self.send_early(session)
+        except Exception as exc:
+            self.bug(exc)
 
     def on_result(
         self, session: HostSession, task: Task, result: TaskResult, cancelled: bool
@@ -6471,7 +6512,7 @@ class _Run:
                 f"took {self._slowest_hello:.1f} s); its {len(session.in_flight)} task(s) "
                 "go to idle hosts"
             )
-            session._fail(HostError(session.name, "bootstrap", reason))
+            session.give_up(HostError(session.name, "bootstrap", reason))
         if due < math.inf and self._hello_timer is None:
             self._hello_timer = asyncio.get_running_loop().call_later(due, self._give_up_later)
 

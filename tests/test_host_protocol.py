@@ -225,49 +225,42 @@ def test_every_frame_kind_has_a_name_and_only_the_stubs_have_handlers() -> None:
     assert sshfan.frame_name(KIND_RESULT) == "RESULT (kind 8)"
 
 
-class _BrokenJournal:
-    """A journal whose append fails as a bug in the run's own code would."""
-
-    size = 0
-
-    def append(self, kind: int, payload: Any) -> int:
-        """Raise the KeyError the old data handler took for a bad frame."""
-        raise KeyError("a bug in the run")
-
-
 class _Run:
-    """Just enough of a run for a session to hand it events, recording bugs."""
+    """Just enough of a run for a session to deliver events to: its handling of them
+    fails as a bug in the run's own code would."""
 
     max_ahead = None
     timeout = None
-    journal = _BrokenJournal()
 
     def __init__(self) -> None:
-        """No bug yet."""
-        self.bugs: list[BaseException] = []
+        """Nothing delivered yet."""
+        self.delivered: list[Any] = []
 
-    def bug(self, exc: BaseException) -> None:
-        """Record a bug in the run's handling."""
-        self.bugs.append(exc)
+    def deliver(self, session: Any, event: Any) -> None:
+        """Record EVENT, then raise the KeyError the old data handler took for a bad frame."""
+        self.delivered.append(event)
+        raise KeyError("a bug in the run")
 
 
 def test_a_bug_in_the_runs_handling_is_not_the_hosts_protocol_error() -> None:
-    """The run's own exception (here a KeyError from the journal) goes to run.bug: the host
-    stays up, holding its task, with no error: it is not failed and its tasks not requeued."""
+    """An exception from the run's handling of an event (here a KeyError) is not the host's
+    fault: the session does not fail the host or give its task back (the real run's deliver
+    ends the run on it, as the tests below show)."""
 
-    async def scenario() -> tuple[HostState, HostError | None, list[int], list[BaseException]]:
+    async def scenario() -> tuple[HostState, HostError | None, list[int], list[Any]]:
         """Feed one output frame to a ready session of the fake run."""
         run = _Run()
         session = sshfan.HostSession(sshfan.HostSpec(name="w", local=True), run)  # type: ignore[arg-type]
         session.hello = {"proto": PROTO_VERSION}
         session.protocol.move(HostState.READY)
         session.in_flight[1] = Task(1, "echo 1")
-        session.on_data(output(1, b"x"))
-        return session.state, session.error, list(session.in_flight), run.bugs
+        with pytest.raises(KeyError, match="a bug in the run"):
+            session.on_data(output(1, b"x"))
+        return session.state, session.error, list(session.in_flight), run.delivered
 
-    state, error, held, bugs = asyncio.run(scenario())
+    state, error, held, delivered = asyncio.run(scenario())
     assert (state, error, held) == (HostState.READY, None, [1])
-    assert [type(b) for b in bugs] == [KeyError]
+    assert [type(e) for e in delivered] == [OutputPiece]
 
 
 def test_a_bug_in_the_runs_handling_ends_the_run_raising_it(
@@ -452,3 +445,41 @@ def test_a_closed_channel_is_done_when_closing_and_a_named_loss_otherwise() -> N
     old.stderr(b"SyntaxError: invalid syntax\n")
     error = old.closed()
     assert error is not None and "too old" in error.reason
+
+
+def test_a_session_tells_its_run_only_through_deliver() -> None:
+    """The run hears of a host only as events: the protocol's (an output piece, a result)
+    and the session's (Settled after each batch; HostLost with the tasks it held when a
+    frame breaks the protocol), all through run.deliver."""
+
+    class Run:
+        """Records what is delivered."""
+
+        max_ahead = None
+        timeout = None
+
+        def __init__(self) -> None:
+            """Nothing yet."""
+            self.events: list[Any] = []
+
+        def deliver(self, session: Any, event: Any) -> None:
+            """Record EVENT."""
+            self.events.append(event)
+
+    async def scenario() -> tuple[list[Any], HostState]:
+        """A batch of output and a result, then a result for a task never given."""
+        run = Run()
+        session = sshfan.HostSession(sshfan.HostSpec(name="w", local=True), run)  # type: ignore[arg-type]
+        session.hello = {"proto": PROTO_VERSION}
+        session.protocol.move(HostState.READY)
+        for seq in (1, 2):
+            session.in_flight[seq] = Task(seq, f"echo {seq}")
+        session.on_data(output(1, b"one\n") + result(1))
+        session.on_data(result(9))
+        return run.events, session.state
+
+    events, state = asyncio.run(scenario())
+    assert [type(e) for e in events] == [OutputPiece, TaskDone, sshfan.Settled, sshfan.HostLost]
+    lost = events[-1]
+    assert lost.error.stage == "protocol" and [t.seq for t in lost.tasks] == [2]
+    assert state == HostState.LOST
