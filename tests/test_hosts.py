@@ -405,22 +405,21 @@ def test_host_whose_settings_change_mid_run_goes_on_with_them(
     sshd: SshServer, tmp_path: Path
 ) -> None:
     """A host that keeps its name but changes its settings (env, slots) in the hosts file:
-    its old stub finishes the task it runs; the rest run under the new settings."""
+    its old stub finishes the task it runs; the rest run under the new settings, with the
+    run's own options (--workdir) as before."""
     started, flag, marks = tmp_path / "started", tmp_path / "flag", tmp_path / "marks"
     marks.mkdir()
     count = 6
     # Task 1 holds h1's only slot until the test lets it go, after all the others ran.
     lines = [f"touch {started}; while [ ! -e {flag} ]; do sleep 0.05; done; echo 1 $MARK"]
-    lines += [f"echo {n} $MARK; touch {marks}/{n}" for n in range(2, count + 1)]
+    lines += [f"echo {n} $MARK; pwd; touch {marks}/{n}" for n in range(2, count + 1)]
     tasks = tmp_path / "tasks.txt"
     tasks.write_text("\n".join(lines) + "\n")
     hosts, out, err = tmp_path / "hosts.toml", tmp_path / "out.jsonl", tmp_path / "stderr.txt"
     replace_file(hosts, sshd.hosts_toml(["h1"], slots=1) + 'env = { MARK = "old" }\n')
-    proc = start_sshfan(
-        ["run", str(tasks), "-H", str(hosts), "-o", str(out), "-f", "jsonl", "--no-progress"],
-        tmp_path,
-        err,
-    )
+    workdir = tmp_path / "wd"
+    argv = ["run", str(tasks), "-H", str(hosts), "-o", str(out), "-f", "jsonl"]
+    proc = start_sshfan([*argv, "--workdir", str(workdir), "--no-progress"], tmp_path, err)
     try:
         wait_for("task 1 started on h1", started.exists, proc)
         replace_file(hosts, sshd.hosts_toml(["h1"], slots=2) + 'env = { MARK = "new" }\n')
@@ -433,7 +432,7 @@ def test_host_whose_settings_change_mid_run_goes_on_with_them(
             proc.wait()
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["stdout"] for r in records] == ["1 old\n"] + [
-        f"{n} new\n" for n in range(2, count + 1)
+        f"{n} new\n{workdir}\n" for n in range(2, count + 1)
     ]
     assert {r["host"] for r in records} == {"h1"}
     stderr_text = err.read_text()
