@@ -12,13 +12,11 @@ from pathlib import Path
 import pytest
 
 TESTS_DIR = Path(__file__).resolve().parent
-REPO_ROOT = TESTS_DIR.parent
 if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))
 
 from sshd import SshServer  # noqa: E402 - importable only after the sys.path insert
-
-RunSshfan = Callable[..., "subprocess.CompletedProcess[bytes]"]
+from support import RunSshfan, sshfan_argv, sshfan_env  # noqa: E402 - as sshd
 
 # Tests that start a server or the sshfan CLI are the end-to-end layer: marked "e2e",
 # so that `pytest -m "not e2e"` runs the fast, in-process layer alone. (A hung test is
@@ -82,17 +80,12 @@ def run_sshfan(tmp_path: Path) -> RunSshfan:
         env: dict[str, str] | None = None,
     ) -> subprocess.CompletedProcess[bytes]:
         """Run sshfan with args; env holds extra variables on top of os.environ."""
-        full_env = dict(os.environ)
-        full_env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(REPO_ROOT), full_env.get("PYTHONPATH", "")) if p
-        )
-        full_env.update(env or {})
-        argv = [sys.executable, "-m", "sshfan", *args]
+        argv = sshfan_argv(*args)
         # Own session, so a timeout can kill sshfan and its ssh/local helpers together.
         proc = subprocess.Popen(
             argv,
             cwd=cwd if cwd is not None else tmp_path,
-            env=full_env,
+            env=sshfan_env(env),
             stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

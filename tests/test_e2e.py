@@ -21,9 +21,15 @@ from pathlib import Path
 
 import pytest
 from sshd import SshServer
-from support import closed_port, write_hosts_file
-
-RunSshfan = Callable[..., "subprocess.CompletedProcess[bytes]"]
+from support import (
+    REPO_ROOT,
+    RunSshfan,
+    check_exit,
+    closed_port,
+    sshfan_argv,
+    until_hosts_ran,
+    write_hosts_file,
+)
 
 HOME = pwd.getpwuid(os.getuid()).pw_dir
 
@@ -117,14 +123,6 @@ def assert_same_bytes(actual: bytes, wanted: bytes, what: str) -> None:
     pytest.fail(
         f"{what}: {len(actual)} bytes, expected {len(wanted)}; first difference at byte {at}: "
         f"got {actual[max(0, at - 40) : at + 40]!r}, expected {wanted[max(0, at - 40) : at + 40]!r}"
-    )
-
-
-def check_exit(result: subprocess.CompletedProcess[bytes], code: int) -> None:
-    """Assert sshfan exited with code, showing its stderr if not."""
-    assert result.returncode == code, (
-        f"exit {result.returncode}, expected {code}; stderr:\n"
-        f"{result.stderr.decode(errors='replace')[-4000:]}"
     )
 
 
@@ -252,8 +250,6 @@ def test_tasks_run_in_home_dir(
     check_jsonl(out.read_bytes(), run_locally(lines), names)
 
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
 # Set by the shells on the way (login shell, the task's /bin/sh) or naming the connection.
 SHELL_VARS = {"_", "SHLVL", "PWD", "OLDPWD", "SSH_CLIENT", "SSH_CONNECTION"}
 
@@ -293,9 +289,7 @@ def test_local_tasks_see_the_environment_sshfan_was_given(tmp_path: Path) -> Non
     tasks.write_text("env\n")
     out = tmp_path / "env.txt"
     args = ["run", str(tasks), "-o", str(out), "--no-progress"]
-    result = subprocess.run(
-        [sys.executable, "-m", "sshfan", *args], env=env, cwd=tmp_path, capture_output=True
-    )
+    result = subprocess.run(sshfan_argv(*args), env=env, cwd=tmp_path, capture_output=True)
     check_exit(result, 0)
     own = {"SSHFAN_SEQ": "1", "SSHFAN_SLOT": "1", "SSHFAN_HOST": "local"}
     assert env_of(out.read_text()) == {**env, **own}
@@ -328,16 +322,18 @@ def test_one_failure_exits_one(sshd: SshServer, run_sshfan: RunSshfan, tmp_path:
 
 
 def test_work_spreads_over_hosts(sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path) -> None:
-    """With one slot per host and slow tasks, both host entries get work."""
-    lines = [f"sleep 1; echo task{i}" for i in range(8)]
+    """With one slot per host, both host entries get work (each task waits until both have
+    started one, so a host that connects late still gets its share)."""
+    gate = until_hosts_ran(tmp_path / "seen", 2)
+    lines = [f"{gate}; echo task{i}" for i in range(8)]
     tasks = tmp_path / "slow.txt"
     tasks.write_text("\n".join(lines) + "\n")
     hosts = write_hosts_file(tmp_path, sshd.hosts_toml(["h1", "h2"], slots=1))
     out = tmp_path / "slow.jsonl"
     result = run_sshfan(jsonl_run_args(tasks, hosts, out))
     check_exit(result, 0)
-    # The reference runs the lines without their sleep: the same output in no time.
-    quick = run_locally([line.removeprefix("sleep 1; ") for line in lines])
+    # The reference runs the lines without their wait: the same output in no time.
+    quick = run_locally([line.removeprefix(f"{gate}; ") for line in lines])
     wanted = [dataclasses.replace(want, task=lines[want.seq - 1]) for want in quick]
     records = check_jsonl(out.read_bytes(), wanted, {"h1", "h2"})
     assert {r["host"] for r in records} == {"h1", "h2"}

@@ -12,22 +12,23 @@ from pathlib import Path
 
 import pytest
 from sshd import SshServer
-from support import procs_with
+from support import (
+    own_number,
+    procs_with,
+    sshfan_argv,
+    sshfan_command,
+    sshfan_env,
+    until_hosts_ran,
+    write_hosts_file,
+)
 
 import sshfan
-
-
-def _hosts(server: SshServer, tmp_path: Path, names: list[str], **extra: object) -> Path:
-    """Write a hosts file with NAMES all pointing at SERVER."""
-    path = tmp_path / "hosts.toml"
-    path.write_text(server.hosts_toml(names, **extra))
-    return path
 
 
 def test_tag_joblog_and_slots_over_ssh(sshd: SshServer, tmp_path: Path, run_sshfan) -> None:
     """--tagstring '{host}\\t{#}' prefixes lines with host and seq (--tag with the line, as
     GNU parallel's); --joblog is GNU parallel's; -j sets slots."""
-    hosts = _hosts(sshd, tmp_path, ["h1", "h2"], slots=1)
+    hosts = write_hosts_file(tmp_path, sshd.hosts_toml(["h1", "h2"], slots=1))
     tasks = tmp_path / "tasks.txt"
     tasks.write_text("printf 'a\\nb\\n'\n\necho one\nexit 4\nkill -KILL $$\n")
     out = tmp_path / "out.txt"
@@ -64,7 +65,7 @@ def test_halt_on_error_stops_new_tasks_and_resume_runs_the_rest(
     sshd: SshServer, tmp_path: Path, run_sshfan
 ) -> None:
     """After the first failure no new task starts; exit 1; --resume runs what was left."""
-    hosts = _hosts(sshd, tmp_path, ["h1"], slots=1)
+    hosts = write_hosts_file(tmp_path, sshd.hosts_toml(["h1"], slots=1))
     tasks = tmp_path / "tasks.txt"
     tasks.write_text(
         "sleep 0.3; exit 1\n" + "".join(f"sleep 0.3; echo {n}\n" for n in range(2, 12))
@@ -104,7 +105,7 @@ def test_results_lists_failures_from_the_journal(
     sshd: SshServer, tmp_path: Path, run_sshfan
 ) -> None:
     """`sshfan results OUT --failed` shows the failed tasks and their stderr, runs nothing."""
-    hosts = _hosts(sshd, tmp_path, ["h1"], slots=2)
+    hosts = write_hosts_file(tmp_path, sshd.hosts_toml(["h1"], slots=2))
     tasks = tmp_path / "tasks.txt"
     tasks.write_text("echo fine\necho broken >&2; exit 3\necho also fine\n")
     out = tmp_path / "out.txt"
@@ -135,7 +136,7 @@ def test_check_reports_auto_slots_as_the_cpu_count(
 
 def test_python_api_yields_whole_results(sshd: SshServer, tmp_path: Path) -> None:
     """run_tasks yields every result with whole output, large and binary included."""
-    hosts = _hosts(sshd, tmp_path, ["h1", "h2"], slots=2)
+    hosts = write_hosts_file(tmp_path, sshd.hosts_toml(["h1", "h2"], slots=2))
     commands = ["echo one", "head -c 600000 /dev/zero", "printf '\\377'; exit 5"]
     results = {r.seq: r for r in sshfan.run_tasks(commands, hosts=str(hosts))}
     assert sorted(results) == [1, 2, 3]
@@ -147,8 +148,8 @@ def test_python_api_yields_whole_results(sshd: SshServer, tmp_path: Path) -> Non
 
 def test_python_api_async_twin_and_early_stop_kills_tasks(sshd: SshServer, tmp_path: Path) -> None:
     """The async iterator yields as tasks finish; leaving early kills what still runs."""
-    hosts = _hosts(sshd, tmp_path, ["h1"], slots=2)
-    marker = "43.217"
+    hosts = write_hosts_file(tmp_path, sshd.hosts_toml(["h1"], slots=2))
+    marker = own_number("43.217")
 
     async def first_only() -> bytes:
         """Take the first result and leave."""
@@ -194,7 +195,7 @@ def test_known_hosts_accept_new_records_then_enforces(
     """accept-new trusts a first-seen key and records it; a changed key is refused after."""
     home = tmp_path / "home"
     home.mkdir()
-    hosts = _hosts(sshd, tmp_path, ["h1"], known_hosts="accept-new")
+    hosts = write_hosts_file(tmp_path, sshd.hosts_toml(["h1"], known_hosts="accept-new"))
     tasks = tmp_path / "tasks.txt"
     tasks.write_text("echo hi\n")
     args = ["run", str(tasks), "--hosts", str(hosts), "-o", str(tmp_path / "out.txt")]
@@ -223,9 +224,8 @@ def test_readme_api_example_runs(tmp_path: Path) -> None:
     example = section.split("```python\n", 1)[1].split("```", 1)[0]
     script = tmp_path / "example.py"
     script.write_text(example)
-    env = dict(os.environ, PYTHONPATH=str(Path(sshfan.__file__).parent))
     result = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=60
+        [sys.executable, str(script)], capture_output=True, text=True, env=sshfan_env(), timeout=60
     )
     assert result.returncode == 0, result.stderr
     rows = sorted(line.split() for line in result.stdout.splitlines())
@@ -239,15 +239,10 @@ def test_readme_first_command_runs_a_job(tmp_path: Path) -> None:
     command = readme.split("```sh\n", 1)[1].split("```", 1)[0].strip()
     steps = command.split(" && ")
     assert steps[:2] == ["python3 -m venv .venv", ".venv/bin/pip install ."]
-    # The installed entry point, stood in for by this checkout's module.
-    bin_dir = tmp_path / ".venv" / "bin"
-    bin_dir.mkdir(parents=True)
-    (bin_dir / "sshfan").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m sshfan "$@"\n')
-    (bin_dir / "sshfan").chmod(0o755)
-    env = dict(os.environ, PYTHONPATH=str(Path(sshfan.__file__).parent))
+    sshfan_command(tmp_path / ".venv" / "bin")  # the entry point the install would make
     result = subprocess.run(
         ["sh", "-c", " && ".join(steps[2:])],
-        cwd=tmp_path, capture_output=True, text=True, env=env, timeout=60,
+        cwd=tmp_path, capture_output=True, text=True, env=sshfan_env(), timeout=60,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     hostname = subprocess.run(["hostname"], capture_output=True, text=True).stdout.strip()
@@ -266,8 +261,7 @@ def _run_in_terminal(args: list[str], cwd: Path) -> bytes:
     if pid == 0:  # the child: become the terminal's program
         fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
         os.chdir(cwd)
-        os.environ["PYTHONPATH"] = str(Path(sshfan.__file__).parent)
-        os.execv(sys.executable, [sys.executable, "-m", "sshfan", *args])
+        os.execve(sys.executable, sshfan_argv(*args), sshfan_env())
     printed = b""
     while True:
         try:
@@ -310,7 +304,7 @@ def test_pipe_feeds_chunks_on_stdin_and_merges_in_order(
     sshd: SshServer, tmp_path: Path, run_sshfan
 ) -> None:
     """--pipe cuts the data at line ends, feeds each chunk to one run, merges in chunk order."""
-    hosts = _hosts(sshd, tmp_path, ["h1", "h2"], slots=2)
+    hosts = write_hosts_file(tmp_path, sshd.hosts_toml(["h1", "h2"], slots=2))
     data = tmp_path / "data.txt"
     data.write_bytes(b"".join(b"line %d \xc3\xa9\n" % n for n in range(300_000)))
     out = tmp_path / "out.txt"
@@ -363,20 +357,11 @@ def test_readme_ci_recipe_runs_as_written(tmp_path: Path) -> None:
     authorized.touch(mode=0o600)
     server = SshServer(tmp_path / "server")
     server.authorized_keys = authorized  # the server trusts what the recipe adds
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    wrapper = bin_dir / "sshfan"
-    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m sshfan "$@"\n')
-    wrapper.chmod(0o755)
+    bin_dir = sshfan_command(tmp_path / "bin").parent
     work = tmp_path / "job"
     work.mkdir()
     (work / "smoke-tasks.txt").write_text("echo one\necho two\n")
-    env = dict(
-        os.environ,
-        HOME=str(home),
-        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-        PYTHONPATH=str(Path(sshfan.__file__).parent),
-    )
+    env = sshfan_env({"HOME": str(home), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
     # Key generation and authorisation first: the fallback server reads keys at start.
     script = _ci_recipe_script(0)
     keygen, rest = script.split("ssh-keyscan", 1)
@@ -413,7 +398,8 @@ def test_ssh_config_alias_and_proxyjump(sshd: SshServer, tmp_path: Path, run_ssh
         '[[hosts]]\nname = "buildbox"\n[[hosts]]\nname = "behindjump"\n'
     )
     tasks = tmp_path / "tasks.txt"
-    tasks.write_text("".join(f"sleep 0.2; echo {n}\n" for n in range(6)))
+    gate = until_hosts_ran(tmp_path / "seen", 2)  # both hosts take tasks, however slow to join
+    tasks.write_text("".join(f"{gate}; echo {n}\n" for n in range(6)))
     out = tmp_path / "out.jsonl"
     result = run_sshfan(
         ["run", str(tasks), "--hosts", str(hosts), "-o", str(out), "--format", "jsonl"],
@@ -439,10 +425,14 @@ def test_idle_host_takes_back_a_task_queued_behind_a_long_one(
     sshd: SshServer, tmp_path: Path, run_sshfan
 ) -> None:
     """At the end of the file, a task queued behind a long one moves to a host that idles."""
-    hosts = _hosts(sshd, tmp_path, ["h1", "h2"], slots=1)
+    hosts = write_hosts_file(tmp_path, sshd.hosts_toml(["h1", "h2"], slots=1))
     tasks = tmp_path / "tasks.txt"
     # One slot per host and one task queued ahead: the first host gets tasks 1 and 2.
-    tasks.write_text("sleep 4; echo long\nsleep 1; echo queued\necho a\necho b\n")
+    # Task 1 runs until task 2 has run (a minute at most): queued behind it, task 2 runs
+    # only if another host takes it back, however slow this machine is.
+    ran = tmp_path / "queued.ran"
+    wait = f"i=0; while [ ! -e {ran} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done"
+    tasks.write_text(f"{wait}; echo long\ntouch {ran}; echo queued\necho a\necho b\n")
     out = tmp_path / "out.jsonl"
     args = ["run", str(tasks), "--hosts", str(hosts), "-o", str(out), "--format", "jsonl"]
     result = run_sshfan(args)

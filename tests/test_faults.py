@@ -4,14 +4,13 @@ Each test that kills or freezes a server gets fresh ones from `sshd_factory`; a 
 file may list several servers, each standing in for a separate machine. All the
 "machines" are this one, so a task's processes are visible in /proc and a test can
 check that none is left behind (tasks carry a unique number like `sleep 37.102` as
-a marker for that).
+a marker for that, with the session's pid appended by `own_number`: another suite may
+run the same tests on the same machine).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -22,80 +21,40 @@ from pathlib import Path
 
 import pytest
 from sshd import SshServer
-from support import capturing_python, closed_port, early_seqs, procs_with
+from support import (
+    LOCAL_BLOCK,
+    NO_HANG,
+    Head,
+    RunSshfan,
+    assert_no_procs_soon,
+    capturing_python,
+    check_exit,
+    closed_port,
+    early_seqs,
+    err_lines,
+    host_block,
+    journal_done,
+    jsonl_records,
+    kill_marked,
+    numbered_tasks,
+    own_number,
+    procs_with,
+    run_args,
+    wait_for,
+    write_file,
+)
 
 import sshfan
 
-RunSshfan = Callable[..., "subprocess.CompletedProcess[bytes]"]
 MakeServer = Callable[..., SshServer]
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-NO_HANG = 60.0  # seconds: a generous bound that only a hang exceeds
-LOCAL_BLOCK = '[[hosts]]\nname = "here"\nlocal = true\nslots = 2\n'  # this machine, no SSH
 # Its stubs are forks of the head; with an interpreter named, they are new Pythons that
 # read the stub's source, as on an SSH host.
 BLOCKS = {"fork": LOCAL_BLOCK, "exec": LOCAL_BLOCK + 'python = "python3"\n'}
 
-
 # ---------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------
-
-
-def toml_str(value: str | Path) -> str:
-    """Encode a string as a TOML basic string (JSON's escapes are valid TOML)."""
-    return json.dumps(str(value))
-
-
-def host_block(server: SshServer, name: str, slots: int = 2, **extra: object) -> str:
-    """Return a [[hosts]] table for one host on SERVER, with extra keys as given."""
-    values: dict[str, object] = {
-        "name": name,
-        "address": server.host,
-        "port": server.port,
-        "user": server.user,
-        "identity": str(server.client_key),
-        "known_hosts": str(server.known_hosts),
-        "slots": slots,
-    }
-    values.update(extra)
-    lines = ["[[hosts]]"]
-    for key, value in values.items():
-        if isinstance(value, bool):
-            lines.append(f"{key} = {'true' if value else 'false'}")
-        elif isinstance(value, int | float):
-            lines.append(f"{key} = {value!r}")
-        elif isinstance(value, dict):
-            inner = ", ".join(f"{k} = {toml_str(v)}" for k, v in value.items())
-            lines.append(f"{key} = {{ {inner} }}")
-        else:
-            lines.append(f"{key} = {toml_str(str(value))}")
-    return "\n".join(lines) + "\n\n"
-
-
-def write_file(path: Path, text: str, mode: int = 0o644) -> Path:
-    """Write text to path with the given mode and return the path."""
-    path.write_text(text)
-    path.chmod(mode)
-    return path
-
-
-def check_exit(result: subprocess.CompletedProcess[bytes], code: int) -> None:
-    """Assert sshfan exited with code, showing its stderr if not."""
-    assert result.returncode == code, (
-        f"exit {result.returncode}, expected {code}; stderr:\n"
-        f"{result.stderr.decode(errors='replace')[-4000:]}"
-    )
-
-
-def err_lines(stderr: bytes) -> list[str]:
-    """Return the non-empty lines of sshfan's stderr."""
-    return [line for line in stderr.decode(errors="replace").splitlines() if line.strip()]
-
-
-def jsonl_records(path: Path) -> list[dict[str, object]]:
-    """Read a jsonl output file into records."""
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def assert_each_once_in_order(records: list[dict[str, object]], seqs: list[int]) -> None:
@@ -104,109 +63,9 @@ def assert_each_once_in_order(records: list[dict[str, object]], seqs: list[int])
     assert got == seqs, f"records by seq: {got}"
 
 
-def journal_done(path: Path) -> dict[int, dict[str, object]]:
-    """Read (without changing) a journal file: each done task's metadata by seq."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return {}
-    done: dict[int, dict[str, object]] = {}
-    offset = 0
-    head = sshfan.FRAME_HEADER.size
-    while offset + head <= len(data):
-        magic, kind, length = sshfan.FRAME_HEADER.unpack_from(data, offset)
-        assert magic == sshfan.FRAME_MAGIC, f"journal corrupt at byte {offset}"
-        if offset + head + length > len(data):
-            break  # a record still being written
-        if kind == sshfan.KIND_DONE:
-            start = offset + head
-            (meta_len,) = sshfan.DONE_HEAD.unpack_from(data, start)
-            meta_start = start + sshfan.DONE_HEAD.size
-            meta = json.loads(data[meta_start : meta_start + meta_len])
-            done[int(meta["seq"])] = meta
-        offset += head + length
-    return done
-
-
-def wait_for(what: str, predicate: Callable[[], object], timeout: float = 30.0) -> None:
-    """Poll predicate until it is true; fail naming WHAT after TIMEOUT seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.05)
-
-
 def sleeping(seconds: str) -> int:
     """Count live `sleep SECONDS` processes (the marker a test's tasks sleep for)."""
     return sum(1 for _pid, argv in procs_with(seconds) if argv == f"sleep {seconds} ")
-
-
-def assert_no_procs_soon(marker: str, timeout: float = 5.0) -> None:
-    """Assert that within TIMEOUT seconds no process with MARKER in its argv is left."""
-    deadline = time.monotonic() + timeout
-    while (left := procs_with(marker)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not left, f"processes left behind after {timeout:g} s: {left}"
-
-
-def kill_marked(marker: str) -> None:
-    """SIGKILL leftover task processes this test started (identified by its unique marker)."""
-    for pid, _argv in procs_with(marker):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-
-
-class Head:
-    """`python -m sshfan ...` running in the background, its output going to files."""
-
-    def __init__(self, args: list[str], workdir: Path, name: str = "") -> None:
-        """Start sshfan with ARGS in WORKDIR (in its own session); NAME its output files."""
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
-        )
-        self.stdout_path = workdir / f"{name or f'head-{time.monotonic_ns()}'}.stdout"
-        self.stderr_path = self.stdout_path.with_suffix(".stderr")
-        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "sshfan", *args],
-                cwd=workdir,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                start_new_session=True,
-            )
-
-    def signal(self, signum: int) -> None:
-        """Send a signal to the head process (only)."""
-        self.proc.send_signal(signum)
-
-    def wait(self, timeout: float = NO_HANG) -> subprocess.CompletedProcess[bytes]:
-        """Wait for the head to exit (failing the test if it hangs) and return what it did."""
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.stop()
-            pytest.fail(
-                f"sshfan did not exit within {timeout:g} s; stderr:\n"
-                f"{self.stderr_path.read_text(errors='replace')[-4000:]}"
-            )
-        return subprocess.CompletedProcess(
-            self.proc.args, self.proc.returncode, self.stdout_path.read_bytes(), self.stderr()
-        )
-
-    def stderr(self) -> bytes:
-        """What the head has written on stderr so far."""
-        return self.stderr_path.read_bytes()
-
-    def stop(self) -> None:
-        """SIGKILL the head's process group if it is still running, and reap it."""
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
 
 
 @pytest.fixture
@@ -225,17 +84,6 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., Head]]:
     finally:
         for head in heads:
             head.stop()
-
-
-def run_args(tasks: Path, hosts: Path, out: Path, *extra: str) -> list[str]:
-    """Return `sshfan run` arguments for TASKS on HOSTS into OUT."""
-    return ["run", str(tasks), "--hosts", str(hosts), "-o", str(out), "--no-progress", *extra]
-
-
-def numbered_tasks(path: Path, count: int, line: str) -> Path:
-    """Write COUNT tasks made from LINE with {n} replaced by the task's number (1-based)."""
-    path.write_text("".join(line.format(n=n) + "\n" for n in range(1, count + 1)))
-    return path
 
 
 def start_marked_run(
@@ -318,7 +166,7 @@ def test_host_lost_mid_output_leaves_no_partial_output(
     """A host killed while a task streams megabytes: the task runs again on the other
     host and the merged output holds each task's output once, whole, in order."""
     alpha, bravo = sshd_factory(), sshd_factory()
-    marker = "61.73"  # alpha's tasks stall here, half-way through their output
+    marker = own_number("61.73")  # alpha's tasks stall here, half-way through their output
     mark = tmp_path / "alpha-streaming"
     count = 6
     # bravo's tasks first wait (up to 30 s) for alpha to be streaming, so that alpha
@@ -699,7 +547,7 @@ def test_interrupted_head_kills_tasks_then_resumes(
 ) -> None:
     """SIGINT/SIGTERM: exit 130 naming --resume, running tasks killed; --resume finishes."""
     # A number unique per case, to find the task processes.
-    sleeper = f"37.{100 + signum}{['ssh', 'exec', 'fork'].index(where)}"
+    sleeper = own_number(f"37.{100 + signum}{['ssh', 'exec', 'fork'].index(where)}")
     go = tmp_path / "go"
     mark = tmp_path / "started.log"
     quick = [f"echo {n} >> {mark}; echo {n}" for n in range(1, 5)]
@@ -744,7 +592,7 @@ def test_head_killed_leaves_no_orphans(
     where: str, sshd_factory: MakeServer, spawn: Callable[..., Head], tmp_path: Path
 ) -> None:
     """After SIGKILL of the head, every task process (children too) is gone within 5 s."""
-    sleeper = {"ssh": "41.5", "exec": "41.6", "fork": "41.8"}[where]
+    sleeper = own_number({"ssh": "41.5", "exec": "41.6", "fork": "41.8"}[where])
     block = host_block(sshd_factory(), "solo", slots=2) if where == "ssh" else BLOCKS[where]
     hosts = write_file(tmp_path / "hosts.toml", block)
     line = f"sh -c 'sleep {sleeper}; echo x' ; sleep {sleeper}"
@@ -766,7 +614,7 @@ def test_head_and_local_stubs_killed_as_a_group_leave_no_task_behind(
 ) -> None:
     """SIGKILL to the head's whole process group (local stubs included, as a CI job
     timeout sends it): the stubs' wardens still kill every task."""
-    sleeper = "41.7" if where == "exec" else "41.9"
+    sleeper = own_number("41.7" if where == "exec" else "41.9")
     hosts = write_file(tmp_path / "hosts.toml", BLOCKS[where])
     line = f"sh -c 'sleep {sleeper}; echo x' ; sleep {sleeper}"
     tasks = write_file(tmp_path / "tasks.txt", f"{line}\n{line}\n{line}\n")
@@ -786,12 +634,18 @@ def test_a_stub_killed_outright_leaves_no_task_behind(
     """SIGKILL a stub while its task runs a child: the stub cannot clean up, so its
     warden kills the task's process group; the task reruns on the other host (or
     stub), the run ends 0, and no task process, stub or warden is left."""
-    sleeper = {"ssh": "43.5", "exec": "43.6", "fork": "43.7"}[where]
+    sleeper = own_number({"ssh": "43.5", "exec": "43.6", "fork": "43.7"}[where])
     flag = tmp_path / "killed-once"
+    python = tmp_path / "bin" / "python3"  # this test's own name for Python (see below)
+    python.parent.mkdir()
+    python.symlink_to(Path(sys.executable).resolve())
     if where == "ssh":
-        blocks = host_block(sshd, "one", slots=1) + host_block(sshd, "two", slots=1)
+        blocks = host_block(sshd, "one", slots=1, python=str(python))
+        blocks += host_block(sshd, "two", slots=1, python=str(python))
+    elif where == "exec":
+        blocks = LOCAL_BLOCK + f"python = {json.dumps(str(python))}\n"  # 2 slots: two stubs
     else:
-        blocks = BLOCKS[where]  # 2 slots: two stubs
+        blocks = BLOCKS["fork"]
     hosts = write_file(tmp_path / "hosts.toml", blocks)
     killer = (
         f"test -e {flag} || {{ touch {flag}; sleep {sleeper} & sleep 0.3; "
@@ -800,10 +654,10 @@ def test_a_stub_killed_outright_leaves_no_task_behind(
     lines = ["echo 1", killer, "echo 3", "echo 4"]
     tasks = write_file(tmp_path / "tasks.txt", "\n".join(lines) + "\n")
     out = tmp_path / "out.txt"
-    # Stubs of other runs on this machine (another test suite) are not this run's. A
-    # forked stub (and its warden) has the head's command line, which names TASKS.
-    marker = str(tasks) if where == "fork" else "sshfan-stub"
-    others = {pid for pid, _argv in procs_with(marker)}
+    # This run's stubs and wardens, told apart by their command line from the stubs of
+    # other runs on this machine (another test suite's, started at any moment): an exec'd
+    # stub's names this test's Python; a forked one's is the head's, which names TASKS.
+    marker = str(tasks) if where == "fork" else str(python)
     try:
         result = run_sshfan(run_args(tasks, hosts, out), timeout=NO_HANG)
         check_exit(result, 0)
@@ -812,9 +666,7 @@ def test_a_stub_killed_outright_leaves_no_task_behind(
         assert_no_procs_soon(sleeper)
         # This run's stubs and their wardens are gone too.
         deadline = time.monotonic() + 5.0
-        while (left := [p for p in procs_with(marker) if p[0] not in others]) and (
-            time.monotonic() < deadline
-        ):
+        while (left := procs_with(marker)) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not left, f"stubs or wardens left behind: {left}"
     finally:
@@ -826,7 +678,7 @@ def test_timeout_kills_task_and_children(
     where: str, sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path
 ) -> None:
     """--timeout 1: the task is recorded timed out, exit 1, and none of its processes remain."""
-    sleeper = {"ssh": "42.5", "exec": "42.6", "fork": "42.7"}[where]
+    sleeper = own_number({"ssh": "42.5", "exec": "42.6", "fork": "42.7"}[where])
     block = host_block(sshd, "solo", slots=2) if where == "ssh" else BLOCKS[where]
     hosts = write_file(tmp_path / "hosts.toml", block)
     tasks = write_file(
@@ -862,7 +714,7 @@ def test_timeout_kills_children_outside_the_process_group(
     """GNU timeout moves itself to a group of its own, setsid to a session of its own;
     both still hold the task's pipes. Each timed-out task is killed with all of them and
     counts as one timed-out task (the stub used to crash on it, on every host, forever)."""
-    mark = "44.5" if where == "ssh" else "44.6"
+    mark = own_number("44.5" if where == "ssh" else "44.6")
     block = host_block(sshd, "solo", slots=3) if where == "ssh" else LOCAL_BLOCK
     hosts = write_file(tmp_path / "hosts.toml", block)
     lines = [

@@ -13,17 +13,14 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 from sshd import SshServer
+from support import RunSshfan, needs_parallel, run_parallel, sshfan_argv, sshfan_env
 
 from sshfan import fill_file_template, results_dirname, transfer_paths
-
-RunSshfan = Callable[..., "subprocess.CompletedProcess[bytes]"]
 
 # Names a shell and a transfer must both get right: spaces, both quotes, a subdirectory.
 ODD_NAMES = ["in/x y.txt", 'in/it\'s "q".txt', "plain.txt"]
@@ -99,21 +96,15 @@ RESULT_LINES = [
 ]
 
 
-@pytest.mark.skipif(shutil.which("parallel") is None, reason="GNU parallel is not installed")
+@needs_parallel
 def test_results_tree_matches_parallel(run_sshfan: RunSshfan, tmp_path: Path) -> None:
     """The same tasks give parallel's --results tree, plus sshfan's exitval files; a
     --resume rebuilds it from the journal, earlier runs' tasks too."""
     tasks = tmp_path / "tasks"
     tasks.write_text("".join(line + "\n" for line in RESULT_LINES))
-    with open(tasks, "rb") as stdin:
-        subprocess.run(
-            ["parallel", "--results", str(tmp_path / "P")],
-            stdin=stdin,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            cwd=tmp_path,
-            check=False,
-        )
+    run_parallel(
+        ["--results", str(tmp_path / "P")], cwd=tmp_path, input=tasks.read_bytes(), status=None
+    )
     result = run_sshfan(["run", str(tasks), "--results", "S", "-o", "out", "--no-progress"])
     assert result.returncode == 1, result.stderr
     wanted = tree(tmp_path / "P")
@@ -131,18 +122,14 @@ def test_results_tree_matches_parallel(run_sshfan: RunSshfan, tmp_path: Path) ->
     assert tree(tmp_path / "S") == {**wanted, **exitvals}
 
 
-@pytest.mark.skipif(shutil.which("parallel") is None, reason="GNU parallel is not installed")
+@needs_parallel
 def test_results_tree_with_command_names_dirs_by_line(
     run_sshfan: RunSshfan, tmp_path: Path
 ) -> None:
     """With --command, the directory is the line (parallel's argument), not the command."""
     lines = tmp_path / "lines"
     lines.write_text("one\ntwo/three\n")
-    subprocess.run(
-        ["parallel", "--results", str(tmp_path / "P"), "echo", "::::", str(lines)],
-        stdout=subprocess.DEVNULL,
-        check=True,
-    )
+    run_parallel(["--results", str(tmp_path / "P"), "echo", "::::", str(lines)])
     result = run_sshfan(["run", str(lines), "-c", "echo {}", "--results", "S", "-o", "out"])
     assert result.returncode == 0, result.stderr
     got = {k: v for k, v in tree(tmp_path / "S").items() if not k.endswith("/exitval")}
@@ -319,9 +306,7 @@ def test_head_killed_during_return_then_resume(
     head, worker, hosts = setup_dirs(tmp_path, sshd, hosts=1)
     (head / "tasks").write_text("big\n")
     args = [
-        sys.executable,
-        "-m",
-        "sshfan",
+        *sshfan_argv(),
         "run",
         "tasks",
         "-H",
@@ -334,7 +319,7 @@ def test_head_killed_during_return_then_resume(
         "out",
         "--no-progress",
     ]
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    env = sshfan_env()
     proc = subprocess.Popen(
         args, cwd=head, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
@@ -372,11 +357,10 @@ def test_head_killed_during_upload_leaves_no_part_then_resume(
         big.truncate(2_000_000_000)  # sparse: cheap here, far too long to send before the kill
     args = ["run", "tasks", "-H", str(hosts), "-c", "wc -c < {}", "--tf", "{}", "--cleanup"]
     args += ["-o", "out", "--no-progress"]
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sshfan", *args],
+        sshfan_argv(*args),
         cwd=head,
-        env=env,
+        env=sshfan_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -434,9 +418,9 @@ def test_host_lost_during_return_runs_the_task_elsewhere(
         )
     (tmp_path / "hosts.toml").write_text("\n\n".join(blocks) + "\n")
     (head / "tasks").write_text("a\nb\n")
-    args = [sys.executable, "-m", "sshfan", "run", "tasks", "-H", str(tmp_path / "hosts.toml")]
+    args = [*sshfan_argv(), "run", "tasks", "-H", str(tmp_path / "hosts.toml")]
     args += ["-c", "head -c 64000000 /dev/urandom > {}.bin", "--return", "{}.bin", "-o", "out"]
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    env = sshfan_env()
     proc = subprocess.Popen(
         args, cwd=head, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
@@ -500,9 +484,9 @@ def test_host_leaving_the_hosts_file_still_returns_its_files(
         os.replace(new, hosts)
 
     write_hosts(["h1"])
-    args = [sys.executable, "-m", "sshfan", "run", "tasks", "-H", str(hosts), "-f", "jsonl"]
+    args = [*sshfan_argv(), "run", "tasks", "-H", str(hosts), "-f", "jsonl"]
     args += ["-c", f"{hold}; echo {{}} > {{}}.out", "--return", "{}.out", "-o", "out"]
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    env = sshfan_env()
     proc = subprocess.Popen(args, cwd=head, env=env, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60

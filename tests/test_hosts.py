@@ -7,24 +7,27 @@ parallel where the two share an option.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from sshd import HOST, SshServer
+from support import (
+    RunSshfan,
+    defaults_file,
+    needs_parallel,
+    run_parallel,
+    sshfan_argv,
+    sshfan_env,
+    wait_for,
+)
 
 import sshfan
-
-RunSshfan = Callable[..., "subprocess.CompletedProcess[bytes]"]
 
 
 def usage_error(call: Callable[[], object]) -> str:
@@ -200,13 +203,6 @@ def test_only_and_exclude_pick_by_glob_and_range() -> None:
 # ---------------------------------------------------------------------------
 
 
-def defaults_file(sshd: SshServer, tmp_path: Path, hosts: str = "") -> Path:
-    """A hosts file with the test server's [defaults] (user, port, key), and HOSTS after."""
-    path = tmp_path / "hosts.toml"
-    path.write_text(sshd.hosts_toml([]) + hosts)
-    return path
-
-
 def tasks_file(tmp_path: Path, count: int) -> Path:
     """COUNT tasks that each print their number."""
     path = tmp_path / "tasks.txt"
@@ -290,10 +286,7 @@ def test_only_and_exclude_on_a_ranged_hosts_file(
     assert "stdin holds the tasks" in result.stderr.decode()
 
 
-@pytest.mark.skipif(
-    shutil.which("parallel") is None and not os.environ.get("SSHFAN_REQUIRE_PARALLEL"),
-    reason="GNU parallel is not installed",
-)
+@needs_parallel
 def test_sshlogin_output_matches_gnu_parallel(
     sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path
 ) -> None:
@@ -303,27 +296,11 @@ def test_sshlogin_output_matches_gnu_parallel(
     tasks.write_text("\n".join(lines) + "\n")
     login = f"{sshd.user}@{HOST}:{sshd.port}"
     ssh = " ".join(sshd.ssh_argv()[:-1])  # the server's options, without the destination
-    wanted = subprocess.run(
-        ["parallel", "--will-cite", "-k", "--ssh", ssh, "-S", login],
-        input=tasks.read_bytes(),
-        capture_output=True,
-        check=True,
-    ).stdout
+    wanted = run_parallel(["-k", "--ssh", ssh, "-S", login], input=tasks.read_bytes())
     defaults = defaults_file(sshd, tmp_path)
     result = run_sshfan(["run", str(tasks), "-H", str(defaults), "-S", login, "-o", "-"])
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout == wanted
-
-
-def wait_for(what: str, ready: Callable[[], bool], proc: subprocess.Popen[bytes]) -> None:
-    """Wait (at most a minute) until READY() holds; fail naming WHAT if it never does."""
-    deadline = time.monotonic() + 60
-    while not ready():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail(f"never happened: {what} (sshfan exit {proc.poll()})")
-        time.sleep(0.05)
 
 
 def test_hosts_join_and_drain_mid_run(sshd: SshServer, tmp_path: Path) -> None:
@@ -339,31 +316,22 @@ def test_hosts_join_and_drain_mid_run(sshd: SshServer, tmp_path: Path) -> None:
     tasks.write_text("\n".join(lines) + "\n")
     hosts = tmp_path / "hosts.toml"
 
-    def write_hosts(text: str) -> None:
-        """Replace the hosts file at once, as an editor or a config tool does."""
-        new = tmp_path / "hosts.new"
-        new.write_text(text)
-        os.replace(new, hosts)
-
-    write_hosts(sshd.hosts_toml(["h1"], slots=1))
+    replace_file(hosts, sshd.hosts_toml(["h1"], slots=1))
     out, err = tmp_path / "out.jsonl", tmp_path / "stderr.txt"
-    env = {**os.environ, "PYTHONPATH": str(Path(sshfan.__file__).parent)}
-    argv = [sys.executable, "-m", "sshfan", "run", str(tasks), "-H", str(hosts)]
-    with open(err, "wb") as stderr:
-        proc = subprocess.Popen(
-            [*argv, "-o", str(out), "-f", "jsonl", "--no-progress"],
-            cwd=tmp_path,
-            env=env,
-            stderr=stderr,
-            start_new_session=True,
-        )
+    proc = start_sshfan(
+        ["run", str(tasks), "-H", str(hosts), "-o", str(out), "-f", "jsonl", "--no-progress"],
+        tmp_path,
+        err,
+    )
     try:
         wait_for("task 1 started on h1", started.exists, proc)
-        write_hosts('[[hosts]]\nname = "h9"\nslots = "many"\n')
+        replace_file(hosts, '[[hosts]]\nname = "h9"\nslots = "many"\n')
         wait_for(
-            "a warning for the broken file", lambda: b"keeps its hosts" in err.read_bytes(), proc
+            "a warning for the broken file",
+            lambda: b"keeps its hosts" in err.read_bytes(),
+            proc,
         )
-        write_hosts(sshd.hosts_toml(["h2"], slots=2))
+        replace_file(hosts, sshd.hosts_toml(["h2"], slots=2))
         wait_for("h2 ran tasks 2-8", lambda: len(list(marks.iterdir())) == count - 1, proc)
         flag.touch()
         assert proc.wait(120) == 0, err.read_text()
@@ -390,12 +358,11 @@ def replace_file(path: Path, text: str) -> None:
 
 def start_sshfan(args: list[str], cwd: Path, stderr: Path) -> subprocess.Popen[bytes]:
     """Start `python -m sshfan ARGS` in its own session, its stderr into the file STDERR."""
-    env = {**os.environ, "PYTHONPATH": str(Path(sshfan.__file__).parent)}
     with open(stderr, "wb") as err:
         return subprocess.Popen(
-            [sys.executable, "-m", "sshfan", *args],
+            sshfan_argv(*args),
             cwd=cwd,
-            env=env,
+            env=sshfan_env(),
             stderr=err,
             start_new_session=True,
         )

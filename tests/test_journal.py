@@ -17,30 +17,29 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from sshd import SshServer
-from support import closed_port
-from test_faults import (
+from support import (
     LOCAL_BLOCK,
     NO_HANG,
     Head,
+    RunSshfan,
     check_exit,
+    closed_port,
     err_lines,
     host_block,
     journal_done,
     run_args,
+    sshfan_argv,
+    sshfan_env,
     wait_for,
     write_file,
 )
 
 import sshfan
 
-RunSshfan = Callable[..., "subprocess.CompletedProcess[bytes]"]
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 MIB = 1024 * 1024
 
 
@@ -121,17 +120,15 @@ def test_resume_of_a_finished_run_with_large_outputs_is_exact(
 def limited_run(args: list[str], cwd: Path, max_bytes: int) -> subprocess.CompletedProcess[bytes]:
     """Run sshfan with ARGS, no file it writes allowed past MAX_BYTES (writes then fail
     with EFBIG, as on a full disk they fail with ENOSPC)."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
 
     def limit() -> None:
         """In the child: cap the size of files it writes."""
         resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
 
     return subprocess.run(
-        [sys.executable, "-m", "sshfan", *args],
+        sshfan_argv(*args),
         cwd=cwd,
-        env=env,
+        env=sshfan_env(),
         stdin=subprocess.DEVNULL,
         capture_output=True,
         timeout=NO_HANG,
@@ -286,10 +283,11 @@ def test_results_failed_reads_only_the_tail_of_a_large_output(
         "sys.stdout.write(repr((r.returncode, r.stdout.decode(), "
         "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)))"
     )
-    argv = [sys.executable, "-c", probe, sys.executable, "-m", "sshfan"]
-    argv += ["results", "unused", "--journal", str(journal), "--failed"]
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-    code, shown, max_rss_kib = eval(subprocess.check_output(argv, env=env, timeout=NO_HANG))
+    argv = [sys.executable, "-c", probe]
+    argv += sshfan_argv("results", "unused", "--journal", str(journal), "--failed")
+    code, shown, max_rss_kib = eval(
+        subprocess.check_output(argv, env=sshfan_env(), timeout=NO_HANG)
+    )
     assert code == 1
     assert "the last words" in shown and "second" in shown
     assert "fine" not in shown

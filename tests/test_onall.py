@@ -10,30 +10,23 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 from sshd import HOST, SshServer
-from support import capturing_python, closed_port, early_seqs
-
-import sshfan
-
-RunSshfan = Callable[..., "subprocess.CompletedProcess[bytes]"]
-
-needs_parallel = pytest.mark.skipif(
-    shutil.which("parallel") is None and not os.environ.get("SSHFAN_REQUIRE_PARALLEL"),
-    reason="GNU parallel is not installed",
+from support import (
+    RunSshfan,
+    capturing_python,
+    closed_port,
+    defaults_file,
+    early_seqs,
+    needs_parallel,
+    run_parallel,
+    sshfan_argv,
+    sshfan_env,
 )
 
-
-def defaults_file(sshd: SshServer, tmp_path: Path, extra: str = "") -> Path:
-    """A hosts file with only the test server's [defaults] (and EXTRA after them)."""
-    path = tmp_path / "hosts.toml"
-    path.write_text(sshd.hosts_toml([]) + extra)
-    return path
+import sshfan
 
 
 def logins(sshd: SshServer) -> tuple[str, str]:
@@ -176,10 +169,8 @@ def test_onall_and_nonall_match_gnu_parallel(
     hosts = defaults_file(sshd, tmp_path)
     tasks = tmp_path / "tasks.txt"
     tasks.write_text("echo a\n\nprintf 'b\\nb2\\n'\nprintf nonl\n")
-    parallel = ["parallel", "--will-cite", "-k", "--ssh", parallel_ssh(sshd), "-S", f"{one},{two}"]
-    wanted = subprocess.run(
-        [*parallel, "--onall", "::::", str(tasks)], capture_output=True, check=True
-    ).stdout
+    parallel = ["-k", "--ssh", parallel_ssh(sshd), "-S", f"{one},{two}"]
+    wanted = run_parallel([*parallel, "--onall", "::::", str(tasks)])
     out = tmp_path / "out.txt"
     result = run_sshfan(
         ["run", str(tasks), "--onall", "-H", str(hosts), "-S", f"{one},{two}", "-o", str(out)]
@@ -188,9 +179,9 @@ def test_onall_and_nonall_match_gnu_parallel(
     assert out.read_bytes() == wanted
     journal = out.with_name("out.txt.journal")
     listed = subprocess.run(
-        ["python3", "-m", "sshfan", "results", str(out), "-f", "jsonl"],
+        sshfan_argv("results", str(out), "-f", "jsonl"),
         capture_output=True,
-        env={**os.environ, "PYTHONPATH": str(Path(sshfan.__file__).parent)},
+        env=sshfan_env(),
         check=False,
     )
     records = [json.loads(line) for line in listed.stdout.splitlines()]
@@ -199,9 +190,7 @@ def test_onall_and_nonall_match_gnu_parallel(
     ]
     assert journal.exists()
     command = "echo x; uname -s"
-    wanted = subprocess.run(
-        [*parallel, "--nonall", command], capture_output=True, check=True
-    ).stdout
+    wanted = run_parallel([*parallel, "--nonall", command])
     result = run_sshfan(["run", "--nonall", "-H", str(hosts), "-S", f"{one},{two}", command])
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout == wanted

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 import shlex
-import socket
 import subprocess
 from pathlib import Path
 
 from sshd import SshServer
+from support import closed_port
 
 import sshfan
 
@@ -128,9 +128,7 @@ def test_connect_errors_name_the_cause_and_where(
 ) -> None:
     """A refused port, a name that does not resolve, and keys the server refuses, each said
     as such with the stage and the address; nothing ran, so no --resume advice."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        closed = sock.getsockname()[1]
+    closed = closed_port()
     other = tmp_path / "other_key"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
     hosts = (

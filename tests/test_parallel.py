@@ -10,31 +10,16 @@ they fail instead.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 from sshd import SshServer
+from support import needs_parallel, run_parallel
 
 import sshfan
 
-
-def _gnu_parallel() -> str | None:
-    """The path of GNU parallel (not moreutils' parallel), or None."""
-    path = shutil.which("parallel")
-    if path is None:
-        return None
-    version = subprocess.run([path, "--version"], capture_output=True, timeout=30)
-    return path if version.stdout.startswith(b"GNU parallel") else None
-
-
-PARALLEL = _gnu_parallel()
-if PARALLEL is None and os.environ.get("SSHFAN_REQUIRE_PARALLEL") == "1":
-    raise RuntimeError("GNU parallel is required here (SSHFAN_REQUIRE_PARALLEL=1) but missing")
-pytestmark = pytest.mark.skipif(PARALLEL is None, reason="GNU parallel is not installed")
+pytestmark = needs_parallel
 
 # Arguments that trip quoting and path handling: quotes, blanks, $, backslashes, globs,
 # ~, a leading dash, the characters parallel quotes and shlex does not, empty ones,
@@ -106,21 +91,6 @@ TEMPLATES = [
 ]
 
 
-def _parallel(
-    args: list[str], input: bytes = b"", tmp_path: Path | None = None, failed: int = 0
-) -> bytes:
-    """Run GNU parallel with ARGS (its citation notice silenced); return its stdout.
-    FAILED: how many jobs fail (parallel's exit status)."""
-    assert PARALLEL is not None
-    home = (tmp_path or Path("/tmp")) / "parallel-home"
-    (home / ".parallel").mkdir(parents=True, exist_ok=True)
-    (home / ".parallel" / "will-cite").touch()
-    env = dict(os.environ, HOME=str(home))
-    done = subprocess.run([PARALLEL, *args], input=input, capture_output=True, env=env, timeout=120)
-    assert done.returncode == failed, done.stderr
-    return done.stdout
-
-
 def _lines_file(tmp_path: Path, lines: list[str], name: str = "args.txt") -> Path:
     """Write LINES (their bytes as they stand for, see sshfan.as_bytes) one a line."""
     path = tmp_path / name
@@ -133,7 +103,7 @@ def _lines_file(tmp_path: Path, lines: list[str], name: str = "args.txt") -> Pat
 def test_replacement_strings_and_quoting_match_parallel(tmp_path: Path, template: str) -> None:
     """Each template filled with each tricky line gives parallel's --dry-run bytes."""
     args = _lines_file(tmp_path, TRICKY)
-    expected = _parallel(["--dry-run", "-k", "-j1", template, "::::", str(args)], tmp_path=tmp_path)
+    expected = run_parallel(["--dry-run", "-k", "-j1", template, "::::", str(args)])
     filled = sshfan.Template(template)
     got = b"".join(
         sshfan.as_bytes(filled.render(line, seq, slot="1")) + b"\n"
@@ -149,9 +119,7 @@ def test_colsep_columns_match_parallel(tmp_path: Path, colsep: str) -> None:
     lines = [" a, b c.d/e.f ,x ", "a", "", " ", "a,,b", "x;y ; z", "p\tq\t", ",lead", "é,caf\udce9"]
     args = _lines_file(tmp_path, lines)
     template = "echo {} X {1} X {2} X {3} X {-1} X {2.} X {1/} X {1//} X {1/.} X {-4}"
-    expected = _parallel(
-        ["--dry-run", "-k", "--colsep", colsep, template, "::::", str(args)], tmp_path=tmp_path
-    )
+    expected = run_parallel(["--dry-run", "-k", "--colsep", colsep, template, "::::", str(args)])
     filled = sshfan.Template(template, colsep)
     got = b"".join(
         sshfan.as_bytes(filled.render(line, n, "1")) + b"\n" for n, line in enumerate(lines, 1)
@@ -176,7 +144,7 @@ def test_run_end_to_end_matches_parallel(tmp_path: Path, run_sshfan) -> None:
     lines = [line for line in TRICKY if "\t" not in line] + ["", "last one"]
     args = _lines_file(tmp_path, lines, "names.txt")
     template = "printf '%s|' {#} {} {.} {/} {//} {/.} {1} {2}; echo"
-    expected = _parallel(["-k", "-j2", template, "::::", str(args)], tmp_path=tmp_path)
+    expected = run_parallel(["-k", "-j2", template, "::::", str(args)])
     out = tmp_path / "out.txt"
     result = run_sshfan(["run", str(args), "-c", template, "-o", str(out), "-j", "2"])
     assert result.returncode == 0, result.stderr
@@ -204,7 +172,7 @@ def test_dry_run_prints_what_parallel_prints(tmp_path: Path, run_sshfan) -> None
     run to run: sshfan gives task N the slot (N-1) mod SLOTS + 1.)"""
     args = _lines_file(tmp_path, ["a b", "", "caf\udce9", "x"])
     template = "echo {} {#} {%} > /dev/null; touch ran"
-    expected = _parallel(["--dry-run", "-k", "-j1", template, "::::", str(args)], tmp_path=tmp_path)
+    expected = run_parallel(["--dry-run", "-k", "-j1", template, "::::", str(args)])
     out = tmp_path / "out.txt"
     result = run_sshfan(
         ["run", str(args), "-c", template, "-j", "1", "--dry-run", "-o", str(out)], cwd=tmp_path
@@ -230,9 +198,7 @@ def test_pipe_fills_seq_and_slot_like_parallel(tmp_path: Path, run_sshfan) -> No
     work = tmp_path / "work"
     work.mkdir()
     template = f"cat > {work}/part{{#}}; echo {{#}} {{}} {{//}}"
-    expected = _parallel(
-        ["--pipe", "-N3", "-k", "-j1", template], input=data.read_bytes(), tmp_path=tmp_path
-    )
+    expected = run_parallel(["--pipe", "-N3", "-k", "-j1", template], input=data.read_bytes())
     result = run_sshfan(
         ["run", str(data), "--pipe", "--lines", "3", "-c", template, "-o", "-", "-j", "1"],
         cwd=work,
@@ -252,13 +218,13 @@ def test_tag_and_tagstring_match_parallel(tmp_path: Path, run_sshfan) -> None:
     args = _lines_file(tmp_path, ["a b", "", "c'd", "x,y z"])
     template = "printf 'one\\ntwo'"
     for extra in (["--tag"], ["--tagstring", "<{}|{#}|{.}|{1}>\\t"], ["--tag", "-C", ","]):
-        expected = _parallel(["-k", *extra, template + " {}", "::::", str(args)], tmp_path=tmp_path)
+        expected = run_parallel(["-k", *extra, template + " {}", "::::", str(args)])
         result = run_sshfan(["run", str(args), "-c", template + " {}", *extra, "-o", "-"])
         assert result.returncode == 0, result.stderr
         assert result.stdout == expected, extra
     commands = tmp_path / "commands.txt"
     commands.write_text("echo p\nprintf 'q\\nr'\n")
-    expected = _parallel(["-k", "--tag", "::::", str(commands)], tmp_path=tmp_path)
+    expected = run_parallel(["-k", "--tag", "::::", str(commands)])
     tagged = run_sshfan(["run", str(commands), "--tag", "-o", "-"])
     assert tagged.stdout == expected == b"echo p\tp\nprintf 'q\\nr'\tq\nprintf 'q\\nr'\tr"
     hosts = run_sshfan(["run", str(commands), "--tagstring", "{host}:{#}", "-o", "-"])
@@ -287,9 +253,7 @@ def test_joblog_matches_parallels(tmp_path: Path, run_sshfan) -> None:
     args = _lines_file(tmp_path, ["a b", "exit 3", "it's", "kill"])
     template = "printf '%s\tx' {}; echo err >&2; case {} in exit*) exit 3;; kill) kill $$;; esac"
     theirs, ours = tmp_path / "parallel.log", tmp_path / "sshfan.log"
-    _parallel(
-        ["--joblog", str(theirs), "-k", template, "::::", str(args)], tmp_path=tmp_path, failed=2
-    )
+    run_parallel(["--joblog", str(theirs), "-k", template, "::::", str(args)], status=2)
     result = run_sshfan(
         ["run", str(args), "-c", template, "--joblog", str(ours), "-o", str(tmp_path / "o")]
     )
@@ -308,7 +272,7 @@ def test_joblog_matches_parallels(tmp_path: Path, run_sshfan) -> None:
     assert ours.read_bytes().count(b"Seq\tHost") == 1 and len(ours.read_bytes().splitlines()) == 9
     data = tmp_path / "data.txt"
     data.write_text("abc\ndef\nghi\n")
-    _parallel(["--joblog", str(theirs), "--pipe", "-N2", "-k", "wc -c"], input=data.read_bytes())
+    run_parallel(["--joblog", str(theirs), "--pipe", "-N2", "-k", "wc -c"], input=data.read_bytes())
     run_sshfan(
         [
             "run",

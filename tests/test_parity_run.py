@@ -3,31 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 from sshd import SshServer
+from support import GNU_PARALLEL, needs_parallel, run_parallel
 
 import sshfan
-
-PARALLEL = shutil.which("parallel")
-needs_parallel = pytest.mark.skipif(PARALLEL is None, reason="GNU parallel is not installed")
-
-
-def _parallel(args: list[str], cwd: Path, data: bytes | None = None) -> bytes:
-    """Run GNU parallel (no citation notice) with ARGS in CWD; return its stdout."""
-    assert PARALLEL is not None
-    result = subprocess.run(
-        [PARALLEL, "--will-cite", *args],
-        input=data,
-        capture_output=True,
-        cwd=cwd,
-        check=False,
-        timeout=120,
-    )
-    return result.stdout
 
 
 def _chunk_sizes(path: Path, block: int) -> list[int]:
@@ -61,7 +44,9 @@ def test_pipe_chunks_end_where_gnu_parallels_do(tmp_path: Path, name: str, block
     data = TRICKY_DATA[name]
     path = tmp_path / "data"
     path.write_bytes(data)
-    theirs = _parallel(["--pipe", "--block", block, "-k", "cat; echo ==="], tmp_path, data)
+    theirs = run_parallel(
+        ["--pipe", "--block", block, "-k", "cat; echo ==="], cwd=tmp_path, input=data
+    )
     ours = b"".join(
         chunk + b"===\n" for chunk in sshfan._pipe_chunks(path, None, sshfan._parse_size(block))
     )
@@ -93,7 +78,9 @@ def test_block_sizes_read_as_gnu_parallel_reads_them(tmp_path: Path, run_sshfan)
     data.write_bytes(b"".join(b"%05d\n" % n for n in range(1000)))
     ours = run_sshfan(["run", str(data), "--pipe", "--block", "1k", "-c", "wc -c", "-o", "-"])
     assert ours.returncode == 0, ours.stderr
-    theirs = _parallel(["--pipe", "--block", "1k", "-k", "wc -c"], tmp_path, data.read_bytes())
+    theirs = run_parallel(
+        ["--pipe", "--block", "1k", "-k", "wc -c"], cwd=tmp_path, input=data.read_bytes()
+    )
     assert ours.stdout.split() == theirs.split()
     for bad in ("inf", "0", "-1", "2G", "lots"):
         refused = run_sshfan(["run", str(data), "--pipe", "--block", bad, "-c", "cat"])
@@ -176,7 +163,7 @@ def test_halt_with_one_slot_runs_the_tasks_gnu_parallel_runs(
     """-j 1: the same tasks run as under GNU parallel --halt, and none after it halts."""
     tasks, theirs = _halt_files(tmp_path, "parallel")
     result = subprocess.run(
-        [PARALLEL, "--will-cite", "-j1", "--halt", halt],
+        [GNU_PARALLEL, "--will-cite", "-j1", "--halt", halt],
         stdin=tasks.open("rb"),
         capture_output=True,
         check=False,
@@ -246,7 +233,7 @@ def test_workdir_and_shell_as_gnu_parallel(tmp_path: Path, run_sshfan) -> None:
     for wd in ("made/here", "."):
         ours = run_sshfan(["run", str(tasks), "--wd", wd, "--shell", "bash", "-o", "-"])
         assert ours.returncode == 0, ours.stderr
-        theirs = _parallel(["-k", "--wd", wd], tmp_path, tasks.read_bytes())
+        theirs = run_parallel(["-k", "--wd", wd], cwd=tmp_path, input=tasks.read_bytes())
         assert ours.stdout.splitlines()[0] == theirs.splitlines()[0]
         assert ours.stdout.splitlines()[1] == b"bash"
     assert (tmp_path / "made" / "here").is_dir()
@@ -454,7 +441,13 @@ def test_resume_failed_reruns_what_gnu_parallels_does(tmp_path: Path, run_sshfan
                 (where / "runs").write_text("")
             if tool == "parallel":
                 extra = ["--resume-failed"] if second else []
-                _parallel(["-j2", "--joblog", "jl", *extra], where, tasks.read_bytes())
+                failed = 0 if second else 2  # tasks 2 and 4, until `fixed` exists
+                run_parallel(
+                    ["-j2", "--joblog", "jl", *extra],
+                    cwd=where,
+                    input=tasks.read_bytes(),
+                    status=failed,
+                )
             else:
                 extra = ["--resume-failed"] if second else []
                 run_sshfan(["run", "tasks.txt", "-j", "2", "-o", "out", *extra], cwd=where)

@@ -11,14 +11,13 @@ import json
 import os
 import re
 import signal
-import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from sshd import SshServer
-from support import procs_with
+from support import RunSshfan, procs_with
 
 from sshfan import (
     FLAG_CANCELLED,
@@ -40,8 +39,6 @@ from sshfan import (
     local_host,
     sheds,
 )
-
-RunSshfan = Callable[..., "subprocess.CompletedProcess[bytes]"]
 
 
 def imported_modules(stderr: bytes) -> set[str]:

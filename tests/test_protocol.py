@@ -12,13 +12,13 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from sshd import SshServer
-from test_faults import (
+from support import (
     NO_HANG,
+    RunSshfan,
     assert_no_procs_soon,
     check_exit,
     err_lines,
@@ -27,12 +27,13 @@ from test_faults import (
     jsonl_records,
     kill_marked,
     numbered_tasks,
+    own_number,
     run_args,
+    sshfan_argv,
+    sshfan_env,
     wait_for,
     write_file,
 )
-
-RunSshfan = Callable[..., "subprocess.CompletedProcess[bytes]"]
 
 FAKE = Path(__file__).resolve().parent / "fake_worker.py"
 
@@ -146,11 +147,10 @@ def test_frozen_stub_under_a_healthy_sshd_is_lost(
     line = f'[ "$WHO" = alpha ] && echo $PPID >> {pids}; sleep 0.25; echo {{n}}'
     tasks = numbered_tasks(tmp_path / "tasks.txt", count, line)
     out = tmp_path / "out.jsonl"
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
     head = subprocess.Popen(
-        [sys.executable, "-m", "sshfan", *run_args(tasks, hosts, out, "--format", "jsonl")],
+        sshfan_argv(*run_args(tasks, hosts, out, "--format", "jsonl")),
         cwd=tmp_path,
-        env=env,
+        env=sshfan_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         start_new_session=True,
@@ -161,7 +161,7 @@ def test_frozen_stub_under_a_healthy_sshd_is_lost(
         stub = stub_pid_of(pids)
         os.kill(stub, signal.SIGSTOP)
         _, stderr = head.communicate(timeout=NO_HANG)
-        wait_for("the frozen stub to be woken and exit", lambda: not alive(stub), 15.0)
+        wait_for("the frozen stub to be woken and exit", lambda: not alive(stub), timeout=15.0)
     finally:
         if head.poll() is None:
             os.killpg(head.pid, signal.SIGKILL)
@@ -184,12 +184,13 @@ def test_a_task_longer_than_keepalive_on_a_healthy_stub_is_not_lost(
 ) -> None:
     """A stub busy with a silent task for twice `keepalive` still answers the head's pings."""
     hosts = write_file(tmp_path / "hosts.toml", host_block(sshd, "solo", slots=1, keepalive=3))
-    tasks = write_file(tmp_path / "tasks.txt", "sleep 4.5; echo long\necho short\n")
+    long = own_number("4.5")  # seconds: longer than keepalive, and this test's marker
+    tasks = write_file(tmp_path / "tasks.txt", f"sleep {long}; echo long\necho short\n")
     out = tmp_path / "out.jsonl"
     try:
         result = run_sshfan(run_args(tasks, hosts, out, "--format", "jsonl"), timeout=NO_HANG)
     finally:
-        kill_marked("sleep 4.5")
+        kill_marked(f"sleep {long}")
     check_exit(result, 0)
     assert [r["stdout"] for r in jsonl_records(out)] == ["long\n", "short\n"]
     assert b"warning" not in result.stderr, result.stderr.decode()

@@ -47,10 +47,14 @@ def _stream() -> tuple[bytes, list[tuple[int, bytes]]]:
         (KIND_RESULT, encode_result(1, 0, 0, 0.25, b"out\n", b"")),
         (KIND_OUTPUT, b"\x00" * 9 + bytes(range(256)) * 40),
         (KIND_RESULT, b""),
-        # Payloads collected piecewise: just at the size, larger, and back to back.
+        # Payloads collected piecewise: just at the size, larger, and back to back (each
+        # just over the size: fed a byte at a time, more bytes only cost time).
         (KIND_OUTPUT, bytes(range(251)) * (sshfan.COLLECT_FROM // 251 + 1)),
-        (KIND_OUTPUT, b"\x01" * 9 + bytes(range(7, 256)) * 1200),
-        (KIND_TASKS, encode_tasks([(seq, b"x" * 900) for seq in range(1, 200)])),
+        (KIND_OUTPUT, b"\x01" * 9 + bytes(range(7, 256)) * (sshfan.COLLECT_FROM // 249 + 2)),
+        (
+            KIND_TASKS,
+            encode_tasks([(s, b"x" * 900) for s in range(1, sshfan.COLLECT_FROM // 900 + 3)]),
+        ),
         (KIND_RESULT, encode_result(2, 1, 0, 0.5, b"", b"err\n")),
     ]
     return b"".join(encode_frame(k, p) for k, p in frames), frames
@@ -94,10 +98,11 @@ def test_decoder_skips_a_login_banner_before_the_first_frame() -> None:
     """Text printed by shell start-up files before the stub's first frame is skipped."""
     data, frames = _stream()
     banner = b"Welcome to build1!\nLast login: yesterday\n"
+    stream = banner + data
     decoder = FrameDecoder()
     got = []
-    for start in range(0, len(banner + data), 5):
-        got += decoder.feed((banner + data)[start : start + 5])
+    for start in range(0, len(stream), 5):
+        got += decoder.feed(stream[start : start + 5])
     assert got == frames
     assert decoder.banner == banner
 
