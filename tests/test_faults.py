@@ -40,6 +40,7 @@ from support import (
     own_number,
     procs_with,
     run_args,
+    until_hosts_ran,
     wait_for,
     write_file,
 )
@@ -966,8 +967,11 @@ def test_stub_killed_on_one_host(sshd: SshServer, run_sshfan: RunSshfan, tmp_pat
     lock = tmp_path / "stub-killed"
     count = 20
     # A task's parent is the stub: the first task to run on the victim kills its stub.
+    # Tasks first wait until both hosts have started one, so the victim gets work however
+    # the two logins race.
+    gate = until_hosts_ran(tmp_path / "seen", 2)
     killer = f'if [ "$WHO" = victim ] && mkdir {lock} 2>/dev/null; then kill -9 $PPID; fi'
-    tasks = numbered_tasks(tmp_path / "tasks.txt", count, killer + "; sleep 0.2; echo {n}")
+    tasks = numbered_tasks(tmp_path / "tasks.txt", count, f"{gate}; {killer}; echo {{n}}")
     out = tmp_path / "out.jsonl"
     started = time.monotonic()
     result = run_sshfan(run_args(tasks, hosts, out, "--format", "jsonl"), timeout=NO_HANG)
