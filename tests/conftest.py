@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import py_compile
 import signal
 import subprocess
 import sys
@@ -22,6 +24,17 @@ from support import RunSshfan, sshfan_argv, sshfan_env  # noqa: E402 - as sshd
 # so that `pytest -m "not e2e"` runs the fast, in-process layer alone. (A hung test is
 # failed by pytest-timeout's `timeout` in pyproject.toml.)
 E2E_FIXTURES = frozenset({"sshd", "sshd_factory", "run_sshfan"})
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Byte-compile sshfan.py once, as `pip install` does, for the sshfan runs to come.
+
+    Where PYTHONDONTWRITEBYTECODE is set, every `python -m sshfan` of the suite (hundreds)
+    would compile the whole module again before doing anything; an installed sshfan has
+    its bytecode. Python still reads a .pyc it does not write (the ignored __pycache__/),
+    and ignores it once sshfan.py changes."""
+    source = TESTS_DIR.parent / "sshfan.py"
+    py_compile.compile(str(source), cfile=importlib.util.cache_from_source(str(source)))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
