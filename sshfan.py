@@ -3600,14 +3600,24 @@ def _become_stub(stdio: tuple[int, int, int], mask: Iterable[int]) -> NoReturn:
     try:
         gc.freeze()  # the head's objects: never scanned (and so never copied) by the stub
         signal.set_wakeup_fd(-1)
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
-            signal.signal(signum, signal.SIG_DFL)  # stub_main and serve set their own
+        # As exec does: a signal the head (or a program using sshfan) catches is back to
+        # its default, one it ignores stays ignored; stub_main and serve set their own.
+        # Every one not ignored, as a handler set in C (faulthandler's) may not show here.
+        for signum in signal.valid_signals():
+            if signal.getsignal(signum) != signal.SIG_IGN:
+                with contextlib.suppress(OSError, ValueError):  # (SIGKILL, SIGSTOP)
+                    signal.signal(signum, signal.SIG_DFL)
         high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) for fd in stdio]  # (0-2 may be one)
         for target, fd in enumerate(high):
             os.dup2(fd, target)
         # None of the head's files stay open here: its journal and output, its lock, its
-        # event loop, other stubs' pipes (a head's EOF to them must stay an EOF).
-        os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+        # event loop, other stubs' pipes (a head's EOF to them must stay an EOF). The open
+        # ones as listed, not a range: without close_range(2) (Linux < 5.9) that is a
+        # close() for every possible fd, a million under some limits.
+        for name in os.listdir("/proc/self/fd"):
+            if int(name) > 2:
+                with contextlib.suppress(OSError):  # (the listing's own fd: closed already)
+                    os.close(int(name))
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         stub_main()
     except BaseException as exc:

@@ -6,6 +6,7 @@ No timing is asserted here: the figures live in docs/performance.md, from tests/
 from __future__ import annotations
 
 import array
+import asyncio
 import contextlib
 import json
 import os
@@ -19,6 +20,7 @@ import pytest
 from sshd import SshServer
 from support import RunSshfan, procs_with
 
+import sshfan
 from sshfan import (
     FLAG_CANCELLED,
     INPUT_HEAD,
@@ -88,6 +90,30 @@ def test_default_local_host_forks_its_stub(
         assert stub.endswith(f"-m sshfan {' '.join(args)} "), stub
     else:
         assert " -S -c " in stub and "sshfan-stub" in stub, stub
+
+
+def test_forked_stub_catches_no_signal_of_the_program_that_forked_it() -> None:
+    """A program using sshfan may catch a signal (SIGUSR1 here): a forked local stub does
+    not run that program's handler, as an exec'd one would not; the signals it catches
+    are its own (SIGINT, SIGTERM, SIGHUP and SIGCHLD)."""
+
+    async def stub_signals() -> list[sshfan.TaskResult]:
+        """Run one task that reads its stub's caught signals, on a one-slot local host."""
+        host = local_host(1)
+        command = "grep SigCgt /proc/$PPID/status; tr '\\0' ' ' < /proc/$PPID/cmdline"
+        return [r async for r in sshfan.run_tasks_async([command], [host])]
+
+    signal.signal(signal.SIGUSR1, lambda signum, frame: None)
+    try:
+        [result] = asyncio.run(stub_signals())
+    finally:
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    caught_line, argv = result.stdout.decode().splitlines()
+    mask = int(caught_line.split()[1], 16)
+    # (Not the C library's own, outside valid_signals: glibc catches 32 and 33 for threads.)
+    caught = {n for n in signal.valid_signals() if mask >> (n - 1) & 1}
+    assert "sshfan-stub" not in argv, "the stub was exec'd, not forked: nothing tested"
+    assert caught == {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD}, caught
 
 
 # -- longest first (LPT) from the duration history ------------------------------------
