@@ -1997,6 +1997,7 @@ class HostWindow:
         self.start_ahead = slots  # until a duration is known (see _Run.fair_start)
         self.max_ahead = self.MAX_AHEAD  # fewer for large --pipe chunks (memory)
         self.recent: deque[float] = deque(maxlen=self.RECENT)  # the last durations here
+        self._typical: float | None = None  # their median (typical)
 
     RECENT = 5  # durations typical() looks at
 
@@ -2005,6 +2006,8 @@ class HostWindow:
         was KNOWN_LONG from an earlier run, into typical(): it says nothing of the host)."""
         if not known_long:
             self.recent.append(duration)
+            ordered = sorted(self.recent)
+            self._typical = ordered[len(ordered) // 2]
         if self.mean_task is None:
             self.mean_task = duration
         else:
@@ -2014,10 +2017,7 @@ class HostWindow:
         """How long a task takes on this host now: the median of its last few, which an
         odd long task does not skew as it does the mean; tasks known to be long (handed
         out first, LPT) are left out. None before any finished."""
-        if not self.recent:
-            return None
-        ordered = sorted(self.recent)
-        return ordered[len(ordered) // 2]
+        return self._typical
 
     def ahead(self) -> int:
         """Tasks to keep queued beyond the slots so that no slot waits on the head."""
@@ -2042,7 +2042,7 @@ class HostWindow:
 # would finish before they could (each task to the slot that would end it first), and a
 # --speculate copy starts where it would end before the running copy is expected to.
 
-SLOW_HOST = 1.5  # a host whose tasks take this many times the others' (typical) is slow
+SLOW_HOST = 2.0  # a host whose tasks take this many times the others' (typical) is slow
 END_SIMULATED = 20_000  # tasks end_share follows at most (the rest: not near the end)
 
 
@@ -6372,18 +6372,28 @@ class _Run:
         left = self._left_to_hand()
         loads = self._near_end(left)
         for session, load in loads.items():
-            if session.queued() <= 0 or not session.may_drop:
+            if session.queued() <= 0 or not session.may_drop or not self._slow(session, loads):
                 continue
             others = [o for s, o in loads.items() if s is not session]
             if sheds(load, others, left, time.monotonic()):
                 session.drop_queued()
 
+    @staticmethod
+    def _slow(session: HostSession, loads: dict[HostSession, HostLoad]) -> bool:
+        """Whether SESSION's host is slow (is_slow) next to the other hosts: a local host's
+        stubs (lanes) share one machine, and one of them is never slow next to another."""
+        others = [load for s, load in loads.items() if s.name != session.name]
+        return is_slow(loads[session], others)
+
     def _end_share(
         self, session: HostSession, loads: dict[HostSession, HostLoad], left: int
     ) -> int:
         """How many of LEFT tasks SESSION takes now, near the end (end_share)."""
+        want = session.window.want()
+        if not self._slow(session, loads):
+            return want
         others = [load for s, load in loads.items() if s is not session]
-        return end_share(loads[session], others, left, time.monotonic(), session.window.want())
+        return end_share(loads[session], others, left, time.monotonic(), want)
 
     def _rebalance(self) -> None:
         """At the end of the file, take queued tasks back from busy hosts while one idles.

@@ -32,6 +32,7 @@ from sshfan import (
     Scheduler,
     Task,
     Template,
+    _Run,
     copy_pays,
     encode_tasks,
     end_share,
@@ -274,6 +275,24 @@ def test_only_a_markedly_slower_host_is_slow() -> None:
     assert not is_slow(HostLoad(2, None), fast)
     assert not is_slow(HostLoad(2, 1.2), [HostLoad(2, None)])
     assert not is_slow(HostLoad(2, 1.2), [HostLoad(2, 0.0)])  # (no division by zero)
+
+
+def test_a_local_host_stub_is_never_slow_next_to_another_of_its_stubs() -> None:
+    """A local host's stubs (lanes) share one machine: one whose recent tasks ran longer
+    is not slow next to another; next to a host of another name it may be."""
+
+    class Stub:
+        """A session as _Run._slow sees it: a host name (hashed by identity)."""
+
+        def __init__(self, name: str) -> None:
+            """Name the host."""
+            self.name = name
+
+    lane1, lane2, other = Stub("local"), Stub("local"), Stub("h2")
+    loads = {lane1: HostLoad(2, 1.2), lane2: HostLoad(2, 0.3)}
+    assert not _Run._slow(lane1, loads)  # type: ignore[arg-type]
+    loads[other] = HostLoad(2, 0.3)
+    assert _Run._slow(lane1, loads)  # type: ignore[arg-type]
 
 
 def test_a_slow_host_takes_only_the_tasks_it_would_end_first() -> None:
