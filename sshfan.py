@@ -46,6 +46,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import enum
+import errno
 import fcntl
 import fnmatch
 import functools
@@ -68,6 +69,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -77,7 +79,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
-from typing import IO, Any, NoReturn
+from typing import IO, Any, NamedTuple, NoReturn
 
 __version__ = "0.1.0"
 
@@ -1663,6 +1665,7 @@ class Task:
     avoid: str | None = None  # a host this retry should not go back to
     data: bytes = b""  # stdin for the task (--pipe); empty: /dev/null
     pieces: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)
+    direct: bool = False  # this try's stdout goes straight into the merged output
     arg: str | None = None  # the line, when --command made COMMAND from it (--results)
     long: bool = False  # known long from an earlier run: handed out first, to a free slot
     sent: float = 0.0  # when it went to its host (time.monotonic), for --speculate
@@ -1738,6 +1741,7 @@ class Scheduler:
             task.attempts += 1
             task.pieces = []
             task.started = 0.0
+            task.direct = False
         return taken
 
     def put_back(self, tasks: list[Task]) -> None:
@@ -1845,6 +1849,7 @@ class OnAllScheduler(Scheduler):
             task.attempts += 1
             task.pieces = []
             task.started = 0.0
+            task.direct = False
         return taken
 
     def put_back(self, tasks: list[Task]) -> None:
@@ -2142,6 +2147,16 @@ def copy_pays(origin: HostLoad, helper: HostLoad, sent: float, now: float) -> bo
 # section) move the bytes and act on what it returns.
 
 
+class OutputRange(NamedTuple):
+    """Bytes of a task's stdout that are in the merged output file, not in the journal."""
+
+    path: str  # the output file (its real path)
+    dev: int  # its st_dev and st_ino: a file replaced since is not the one written
+    ino: int
+    offset: int
+    length: int
+
+
 @dataclasses.dataclass
 class TaskResult:
     """A finished task, as the run reports it (stdout/stderr hold the tails in memory)."""
@@ -2161,6 +2176,9 @@ class TaskResult:
     returned: list[str] = dataclasses.field(default_factory=list)  # --return files fetched
     slot: int = 0  # the job slot it ran in (1..all slots of all hosts; 0: not known)
     sent: int = 0  # bytes fed to its stdin (--pipe)
+    # Stdout streamed straight into the merged output file, ahead of the tail in stdout:
+    # where it is there (MergedOutput.write_direct).
+    in_output: OutputRange | None = None
 
     @property
     def ok(self) -> bool:
@@ -4536,6 +4554,11 @@ class Journal:
         self.recorded = False  # whether a record after the header was written by this run
         self.failed_before = 0  # failed tasks found in the journal when it was reopened
         self.failed_seqs: list[int] = []  # which ones (the index --resume-failed reruns)
+        # Done tasks whose last record has stdout in the merged output (OutputRange),
+        # found when it was reopened: --resume copies them in first (take_in_outputs).
+        self.in_output: set[int] = set()
+        # Made durable before each sync: the merged output's bytes the records point to.
+        self.before_sync: Callable[[], None] | None = None
 
     @classmethod
     def create(cls, path: Path, header: dict[str, Any]) -> Journal:
@@ -4612,6 +4635,10 @@ class Journal:
                     failed.extend(bytes(seq + 1 - len(failed)))
                 done[seq] = offset  # a task run again (--resume-failed): its last record
                 failed[seq] = bool(meta["exit_code"] or meta["timed_out"])
+                if "in_output" in meta:
+                    journal.in_output.add(seq)
+                else:
+                    journal.in_output.discard(seq)
             offset += FRAME_HEADER.size + length
         if not header:
             os.close(fd)
@@ -4625,6 +4652,13 @@ class Journal:
     def committed(self) -> bool:
         """Whether the journal at PATH is this run's (a record of its own was written)."""
         return self._commit is None
+
+    def commit(self) -> None:
+        """Make the journal at PATH this run's now (as the first record would): before
+        the merged output is written to other than from the journal's records."""
+        if self._commit is not None:
+            self._pending.append(b"")  # flush runs the commit only when it has something
+            self.flush()
 
     def _rename_into_place(self, temp: Path, target: Path) -> None:
         """Make the new journal (header durable) the one at TARGET, replacing an old one."""
@@ -4693,9 +4727,11 @@ class Journal:
         if self._dirty and self._error is None:
             self._dirty = False  # first: a write racing this fsync marks it dirty again
             try:
+                if self.before_sync is not None:
+                    self.before_sync()  # the output bytes records point to, first
                 os.fsync(self._fd)
-            except OSError as exc:
-                self._error = self._named(exc)
+            except OSError as exc:  # (the output's, from before_sync, names the output)
+                self._error = exc if exc.filename else self._named(exc)
                 raise self._error from None
 
     @property
@@ -4734,6 +4770,7 @@ class Journal:
             arg=_get_text(meta, "arg"),
             returned=meta.get("returned", []),
             slot=meta.get("slot", 0),
+            in_output=OutputRange(*meta["in_output"]) if "in_output" in meta else None,
         )
 
     def add_hosts(self, hosts: list[str]) -> None:
@@ -4761,9 +4798,89 @@ class Journal:
             _put_text(meta, "arg", result.arg)
         if result.returned:
             meta["returned"] = result.returned
+        if result.in_output is not None:
+            meta["in_output"] = list(result.in_output)
         encoded = json.dumps(meta).encode()
         payload = b"".join((DONE_HEAD.pack(len(encoded)), encoded, result.stdout, result.stderr))
         return self.append(KIND_DONE, payload)
+
+    def check_in_outputs(self, done: array.array[int]) -> int:
+        """--resume: a done task whose stdout is no longer where its record says (the
+        output replaced, cut or gone) is not done: it runs again. Return the first seq
+        that runs (tasks after it may come out longer or shorter than before)."""
+        for seq in sorted(self.in_output):
+            if done[seq] < 0:  # to run again anyway (--resume-failed)
+                self.in_output.discard(seq)
+                continue
+            where = self.load_result(done[seq]).in_output
+            assert where is not None
+            try:
+                info = os.stat(where.path)
+                there = (info.st_dev, info.st_ino) == (where.dev, where.ino)
+                there = there and info.st_size >= where.offset + where.length
+            except OSError:
+                there = False
+            if not there:
+                done[seq] = -1
+                self.in_output.discard(seq)
+                if seq in self.failed_seqs:
+                    self.failed_seqs.remove(seq)
+                    self.failed_before -= 1
+        return next((seq for seq in range(1, len(done)) if done[seq] < 0), len(done))
+
+    def in_output_end(self, done: array.array[int]) -> int:
+        """Where in the output the last byte of the done tasks' stdout there ends."""
+        ends = [self.load_result(done[seq]).in_output for seq in self.in_output]
+        return max((w.offset + w.length for w in ends if w is not None), default=0)
+
+    def take_in_outputs(self, done: array.array[int], seqs: list[int]) -> None:
+        """Copy into the journal the stdout that done tasks SEQS left in the merged output,
+        each with a new record: it will not be where it was once tasks before it have
+        run again. One whose bytes cannot be read after all runs again."""
+        for seq in sorted(seqs):
+            self.in_output.discard(seq)
+            result = self.load_result(done[seq])
+            where = result.in_output
+            assert where is not None
+            pieces: list[tuple[int, int, int]] | None = []
+            try:
+                source = os.open(where.path, os.O_RDONLY)
+            except OSError:
+                source = -1
+            try:
+                info = os.fstat(source) if source >= 0 else None
+                if (
+                    info is None
+                    or (info.st_dev, info.st_ino) != (where.dev, where.ino)
+                    or info.st_size < where.offset + where.length
+                ):
+                    pieces = None
+                for at in range(0, where.length if pieces is not None else 0, OUTPUT_PIECE * 4):
+                    size = min(OUTPUT_PIECE * 4, where.length - at)
+                    try:
+                        data = os.pread(source, size, where.offset + at)
+                    except OSError:
+                        data = b""
+                    if len(data) != size:
+                        pieces = None
+                        break
+                    head = OUTPUT_HEAD.pack(seq, 1)
+                    start = self.append(KIND_OUTPUT, [head, data])
+                    pieces.append((start + FRAME_HEADER.size + len(head), 1, size))
+                    self.flush()  # a piece at a time: memory stays flat
+            finally:
+                if source >= 0:
+                    os.close(source)
+            if pieces is None:  # not done after all: this run runs it again
+                done[seq] = -1
+                if seq in self.failed_seqs:
+                    self.failed_seqs.remove(seq)
+                    self.failed_before -= 1
+                continue
+            pieces += [p for p in result.pieces if p[1] != 1]
+            copied = dataclasses.replace(result, pieces=pieces, in_output=None)
+            done[seq] = self.add_result(copied)
+            self.flush()
 
     def close(self) -> None:
         """Flush, sync and close the file; raise a write error met on the way."""
@@ -4775,12 +4892,29 @@ class Journal:
                 if self._settle is not None:
                     settle, self._settle = self._settle, None
                     settle()
+                if self.before_sync is not None:
+                    self.before_sync()
                 os.fsync(self._fd)
         except OSError as exc:
             raise (exc if exc.filename else self._named(exc)) from None
         finally:
             os.close(self._fd)
             self._fd = -1
+
+
+def _write_parts(fd: int, parts: list[Any]) -> int:
+    """Write PARTS (bytes-like) to FD in order, in as few writes as it takes; their size."""
+    total = 0
+    for start in range(0, len(parts), _IOV_BATCH):
+        batch = parts[start : start + _IOV_BATCH]
+        size = sum(len(part) for part in batch)
+        written = os.writev(fd, batch)
+        if written < size:  # a short write to a regular file: go on with the rest
+            rest = memoryview(b"".join(batch))[written:]
+            while rest:
+                rest = rest[os.write(fd, rest) :]
+        total += size
+    return total
 
 
 def _sync_directory(path: Path) -> None:
@@ -4820,8 +4954,28 @@ def _get_text(record: dict[str, Any], key: str) -> str | None:
     return record.get(key)
 
 
+def _output_chunks(where: OutputRange) -> Iterator[bytes]:
+    """The stdout a task wrote straight into the merged output, read back from there."""
+    fd = os.open(where.path, os.O_RDONLY)
+    try:
+        info = os.fstat(fd)
+        if (info.st_dev, info.st_ino) != (where.dev, where.ino):
+            raise OSError(errno.ESTALE, "replaced since the run wrote it", where.path)
+        for at in range(0, where.length, OUTPUT_PIECE * 4):
+            size = min(OUTPUT_PIECE * 4, where.length - at)
+            data = os.pread(fd, size, where.offset + at)
+            if len(data) != size:
+                raise OSError(errno.ESTALE, "cut since the run wrote it", where.path)
+            yield data
+    finally:
+        os.close(fd)
+
+
 def _stream_chunks(result: TaskResult, journal: Journal, stream: int) -> Iterator[bytes]:
-    """A task's stdout (1) or stderr (2) as chunks: pieces from the journal, then the tail."""
+    """A task's stdout (1) or stderr (2) as chunks: what is in the merged output or the
+    journal, then the tail."""
+    if stream == 1 and result.in_output is not None:
+        yield from _output_chunks(result.in_output)
     for offset, piece_stream, length in result.pieces:
         if piece_stream == stream:
             yield journal.read(offset, length)
@@ -4986,6 +5140,9 @@ def render_result(
             prefix = tag(result)
             chunks = _stream_chunks(result, journal, 1) if journal else iter([result.stdout])
             _write_tagged(out, prefix, chunks)
+        elif result.in_output is not None and journal is not None:  # read back from there
+            for chunk in _stream_chunks(result, journal, 1):
+                out.write(chunk)
         elif result.pieces and journal is not None:
             pieces = [(offset, length) for offset, stream, length in result.pieces if stream == 1]
             if not _copy_in_kernel(journal, pieces, out):
@@ -5007,7 +5164,7 @@ def render_result(
     record["timed_out"] = result.timed_out
     record["duration_s"] = round(result.duration_s, 6)
     record["attempts"] = result.attempts
-    if not result.pieces or journal is None:
+    if (not result.pieces and result.in_output is None) or journal is None:
         for name, data in (("stdout", result.stdout), ("stderr", result.stderr)):
             try:
                 record[name] = data.decode("utf-8")
@@ -5066,6 +5223,23 @@ class MergedOutput:
         self._backlog = 0  # results handed to the thread and not yet written
         self._error: OSError | None = None
         self.written = False  # whether anything was written (the output opened)
+        # Whether the task next in order may write its stdout straight into the output
+        # as it streams in (write_direct), if the output is a regular file: each byte
+        # then goes to disk once, not to the journal and again to the output. The run
+        # allows it when nothing else can write that task's output (_Run.__init__).
+        self.direct = False
+        self._direct_seq = 0  # the task whose stdout went straight in (0: none)
+        self._direct_at = 0  # where in the output it starts
+        self._direct_length = 0
+        self._direct_file: tuple[str, int, int] | None = None  # path, st_dev, st_ino
+        self._direct_fd = -1
+        self._direct_unsynced = False
+        # --resume over an output holding done tasks' stdout (OutputRange): it is not
+        # emptied but rendered over, those bytes skipped, and cut at the end (finish)
+        # once past the last of them (IN_PLACE_END): a run that stops before leaves
+        # them for the next --resume.
+        self.in_place = False
+        self.in_place_end = 0
 
     def put(self, seq: int, offset: int, result: TaskResult | None = None) -> None:
         """Record that SEQ is done (its DONE record at OFFSET); write what is now in order."""
@@ -5083,6 +5257,98 @@ class MergedOutput:
         """A blank line: nothing to render for SEQ."""
         self.put(seq, self.BLANK)
 
+    def write_direct(self, task: Task, parts: list[Any], skip: int) -> bool:
+        """Write a piece of TASK's stdout (PARTS, less their first SKIP bytes) straight
+        into the output if it may go there now; say whether it went. It may when the task
+        is next in order, nothing is left to write before it, and this try of it has no
+        stdout in the journal."""
+        if not task.direct:
+            if not (self.direct and self._copier) or task.seq != self.next_seq:
+                return False
+            if self._error is not None or any(p[1] == 1 for p in task.pieces):
+                return False
+            with self._lock:
+                if self._backlog:
+                    return False
+            # The journal becomes this run's before the output is changed, as at a first
+            # record: a head killed now leaves a journal that --resume continues.
+            self.journal.commit()
+            if not self.written:
+                self.open()
+            try:
+                self.out.flush()
+                fd = self.out.fileno()
+                if self._direct_seq == task.seq:  # an earlier try's bytes: start over
+                    self._rewind()
+                else:
+                    info = os.fstat(fd)
+                    if not stat.S_ISREG(info.st_mode):
+                        self.direct = False  # a pipe or a terminal: through the journal
+                        return False
+                    self._direct_file = (os.path.realpath(self.name), info.st_dev, info.st_ino)
+                    self._direct_seq = task.seq
+                    self._direct_at = os.lseek(fd, 0, os.SEEK_CUR)
+            except OSError as exc:
+                raise self._named(exc) from None
+            self._direct_fd = fd
+            self._direct_length = 0
+            task.direct = True
+        data = []
+        for part in parts:  # the OUTPUT frame's head is not output
+            if skip >= len(part):
+                skip -= len(part)
+                continue
+            data.append(memoryview(part)[skip:] if skip else part)
+            skip = 0
+        try:
+            written = _write_parts(self._direct_fd, data)
+        except OSError as exc:
+            raise self._named(exc) from None
+        self._direct_length += written
+        self._direct_unsynced = True
+        return True
+
+    def direct_range(self) -> OutputRange:
+        """Where the stdout that write_direct wrote for the task next in order is."""
+        assert self._direct_file is not None
+        return OutputRange(*self._direct_file, self._direct_at, self._direct_length)
+
+    def sync_direct(self) -> None:
+        """fsync the output if stdout went straight into it since the last time (before
+        the journal's records that point to those bytes are made durable)."""
+        if self._direct_unsynced:
+            self._direct_unsynced = False
+            try:
+                os.fsync(self._direct_fd)
+            except OSError as exc:
+                raise self._named(exc) from None
+
+    def _render_from_output(self, result: TaskResult, where: OutputRange) -> None:
+        """Render a task an earlier run streamed into the output: skip its bytes if they
+        are where this render has got to in the same file, else copy them from there."""
+        self._raise_error()
+        self.wait()  # the copier thread writes at the file's position too
+        self.out.flush()
+        fd = self.out.fileno()
+        info = os.fstat(fd)
+        at = os.lseek(fd, 0, os.SEEK_CUR)
+        if (info.st_dev, info.st_ino) == (where.dev, where.ino):
+            if where.offset != at:  # never: one that could move was copied (take_in_outputs)
+                raise OSError(errno.EIO, f"task {result.seq}'s output moved", self.name)
+            os.lseek(fd, where.length, os.SEEK_CUR)
+        else:
+            for chunk in _output_chunks(where):
+                self.out.write(chunk)
+        self.out.write(result.stdout)
+
+    def _rewind(self) -> None:
+        """Cut the output back to where the direct task's stdout starts (an earlier try
+        of it wrote there; nothing after it has been written)."""
+        self.out.flush()
+        fd = self.out.fileno()
+        os.ftruncate(fd, self._direct_at)
+        os.lseek(fd, self._direct_at, os.SEEK_SET)
+
     def _emit(self, offset: int, result: TaskResult | None) -> None:
         """Render one result (from memory if given, else from the journal)."""
         if offset == self.BLANK:
@@ -5090,6 +5356,24 @@ class MergedOutput:
         self.written = True
         if result is None:
             result = self.journal.load_result(offset)
+        if self._direct_seq and result.seq == self._direct_seq:
+            self._direct_seq = 0
+            if result.in_output is not None:  # its stdout is in place: only the tail is left
+                try:
+                    self.out.write(result.stdout)
+                except OSError as exc:
+                    raise self._named(exc) from None
+                return
+            try:  # this try's stdout is in the journal: an earlier try's bytes go
+                self._rewind()
+            except OSError as exc:
+                raise self._named(exc) from None
+        elif result.in_output is not None and self.fmt == "text" and self.tag is None:
+            try:  # an earlier run's (--resume)
+                self._render_from_output(result, result.in_output)
+            except OSError as exc:
+                raise self._named(exc) from None
+            return
         if self._copier:
             self._raise_error()
             with self._lock:
@@ -5158,7 +5442,15 @@ class MergedOutput:
         self.wait()
         self._raise_error()
         try:
+            if self._direct_seq:  # a task that did not finish: its stdout goes (as --group)
+                self._direct_seq = 0
+                self._rewind()
             self.out.flush()
+            if self.in_place and self.written:  # what an earlier run wrote past the end
+                fd = self.out.fileno()
+                end = os.lseek(fd, 0, os.SEEK_CUR)
+                if end >= self.in_place_end:
+                    os.ftruncate(fd, end)
         except OSError as exc:
             raise self._named(exc) from None
 
@@ -6045,6 +6337,8 @@ class _Run:
                     # The stub holds its queue for this result (Stub.finished): go on.
                     session.release(event.result.seq)
             elif isinstance(event, OutputPiece):
+                if event.stream == 1 and self.write_direct(event.task, event.parts):
+                    return
                 offset = self.journal.append(KIND_OUTPUT, event.parts)
                 skip = FRAME_HEADER.size + OUTPUT_HEAD.size
                 size = self.journal.size - offset - skip
@@ -6087,6 +6381,8 @@ class _Run:
             if len(hosts) > self._hosts_journaled:  # before any result of a host that joined
                 self.journal.add_hosts(hosts)
                 self._hosts_journaled = len(hosts)
+        if task.direct and self.merged is not None:
+            result.in_output = self.merged.direct_range()
         offset = self.journal.add_result(result)
         key = self.scheduler.order_key(session.name, result.seq)
         self._to_merge.append((key, offset, result))
@@ -6098,6 +6394,17 @@ class _Run:
             self._halt_counted += 1
             if halt.reached(self._halt_counted, summary.total - summary.resumed):
                 self._halt(result)
+
+    def write_direct(self, task: Task, parts: list[Any]) -> bool:
+        """Write a piece of stdout of the task next in order straight into the merged
+        output (MergedOutput.write_direct); say whether it went."""
+        if self.merged is None or not self.merged.direct:
+            return False
+        try:
+            return self.merged.write_direct(task, parts, OUTPUT_HEAD.size)
+        except OSError as exc:  # the output or the journal cannot be written: stop the run
+            self.abort(_write_error(exc))
+            return True
 
     def _halt(self, result: TaskResult) -> None:
         """The --halt condition is met: no task starts anywhere; with "now" kill the running."""
@@ -7096,6 +7403,11 @@ async def run_async(
                 merged = MergedOutput(
                     out, opts.fmt, journal, line_tagger(opts), copier=True, name=name
                 )
+                # Not where two tries of a task may stream at once (--speculate), nor
+                # where tasks are not merged in seq order (--onall).
+                merged.direct = opts.output != "-" and not opts.speculate and not opts.onall
+                if merged.direct:
+                    journal.before_sync = merged.sync_direct
         history = None
         longest: list[Task] = []
         template = command_template(opts)
@@ -7120,6 +7432,21 @@ async def run_async(
         hosts = run_hosts(opts.hosts, opts)
         run = _Run(hosts, scheduler, journal, merged, opts, log, on_done, whole)
         run.todo = todo
+        if journal.in_output:
+            # --resume of a run that wrote tasks' stdout straight into its output: what is
+            # still there stays there, the output rendered over it in place (its bytes
+            # skipped), unless a task before it runs again and moves it: that is copied
+            # into the journal first.
+            first = journal.check_in_outputs(done)
+            try:
+                journal.take_in_outputs(done, [seq for seq in journal.in_output if seq > first])
+            except OSError as exc:
+                run.abort(_write_error(exc))
+                return run.summary
+            if merged is not None and journal.in_output and isinstance(out, _LazyOutput):
+                out.keep = True
+                merged.in_place = True
+                merged.in_place_end = journal.in_output_end(done)
         run.summary.total = count
         run.summary.hosts = [spec.name for spec in opts.hosts]
         run.summary.resumed = sum(1 for off in done if off >= 0)
@@ -7272,6 +7599,8 @@ def joblog_row(result: TaskResult, local: set[str], now: float) -> bytes:
     its stdout; JobRuntime is cut (not rounded) to milliseconds; Command is the command as
     run, quoted, with its TABs as they are and newlines as NULs."""
     received = len(result.stdout) + sum(p[2] for p in result.pieces if p[1] == 1)
+    if result.in_output is not None:
+        received += result.in_output.length
     start = now - result.duration_s
     runtime = int(result.duration_s * 1000) / 1000
     exitval = 0 if result.signal else result.exit_code
@@ -7302,11 +7631,11 @@ def _with_joblog(
 
 def whole_result(result: TaskResult, journal: Journal) -> TaskResult:
     """The result with its whole stdout and stderr in memory (pieces read back)."""
-    if not result.pieces:
+    if not result.pieces and result.in_output is None:
         return result
     out = b"".join(_stream_chunks(result, journal, 1))
     err = b"".join(_stream_chunks(result, journal, 2))
-    return dataclasses.replace(result, stdout=out, stderr=err, pieces=[])
+    return dataclasses.replace(result, stdout=out, stderr=err, pieces=[], in_output=None)
 
 
 # ============================================================================
@@ -8386,6 +8715,7 @@ class _LazyOutput(io.RawIOBase):
         super().__init__()
         self.path = path
         self._file: IO[bytes] | None = None
+        self.keep = False  # open it without emptying it (rendered over in place)
 
     def _target(self) -> IO[bytes]:
         """Open the output on first use."""
@@ -8394,7 +8724,11 @@ class _LazyOutput(io.RawIOBase):
                 self._file = sys.stdout.buffer
             else:
                 try:
-                    self._file = open(self.path, "wb")  # noqa: SIM115 - closed in close()
+                    if self.keep:
+                        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o666)
+                        self._file = open(fd, "wb")  # noqa: SIM115 - closed in close()
+                    else:
+                        self._file = open(self.path, "wb")  # noqa: SIM115 - closed in close()
                 except OSError as exc:  # (checked before the run: this is a change since)
                     raise OSError(exc.errno, exc.strerror, self.path) from None
         return self._file

@@ -588,3 +588,120 @@ def test_kill_and_resume_torture_ends_byte_exact(
             f"round(s) of {count} tasks), {len(runs)} task starts ({len(runs) - rounds * count} "
             f"rerun), {sum(sizes)} output bytes a round"
         )
+
+
+# ---------------------------------------------------------------------------
+# Large stdout goes to disk once: straight into the output, the journal pointing to it
+# ---------------------------------------------------------------------------
+
+ONE_SLOT = '[[hosts]]\nname = "here"\nlocal = true\nslots = 1\n'  # tasks one at a time, in order
+
+
+def counted(name: str, line: str) -> str:
+    """LINE, first appending a line to the file NAME (how many times the task ran)."""
+    return f"echo x >> {name}; {line}"
+
+
+def runs_of(path: Path) -> int:
+    """How many times a counted task ran."""
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def test_large_stdout_goes_into_the_output_once(run_sshfan: RunSshfan, tmp_path: Path) -> None:
+    """Tasks next in order stream their stdout straight into the output: the journal holds
+    only where it is (and the tails), and `sshfan results` reads it back from there."""
+    sizes = [3_000_000, 5, 2_000_000]
+    tasks = write_tasks(tmp_path / "tasks.txt", [big_task(n, s) for n, s in enumerate(sizes, 1)])
+    hosts = write_file(tmp_path / "hosts.toml", ONE_SLOT)
+    out = tmp_path / "out.txt"
+    check_exit(run_sshfan(run_args(tasks, hosts, out), timeout=NO_HANG), 0)
+    assert out.read_bytes() == big_expected(sizes)
+    journal = Path(f"{out}.journal")
+    assert journal.stat().st_size < MIB  # (it held every byte again: 5 MB)
+    assert "in_output" in journal_done(journal)[1]
+    shown = run_sshfan(["results", str(out), "--format", "jsonl"], timeout=NO_HANG)
+    check_exit(shown, 0)
+    lengths = [len(json.loads(line)["stdout"]) for line in shown.stdout.splitlines()]
+    assert lengths == [size + 1 for size in sizes]
+
+
+def test_kill_during_large_stdout_then_resume(run_sshfan: RunSshfan, tmp_path: Path) -> None:
+    """The head killed while a task streams into the output: --resume keeps the finished
+    task's bytes where they are (it does not run again), runs the cut one again over its
+    partial output, and ends 0 with the output exact."""
+    second = (
+        "if [ -e again ]; then head -c 3000000 /dev/zero | tr '\\0' c; echo; "
+        "else touch again; head -c 2000000 /dev/zero | tr '\\0' c; sleep 60; fi"
+    )
+    lines = [counted("ran1", big_task(1, 3_000_000)), counted("ran2", second), big_task(3, 7)]
+    tasks = write_tasks(tmp_path / "tasks.txt", lines)
+    hosts = write_file(tmp_path / "hosts.toml", ONE_SLOT)
+    out = tmp_path / "out.txt"
+    head = Head(run_args(tasks, hosts, out), tmp_path, "first")
+    try:
+        # Task 2's first pieces are in the output (past task 1's 3,000,001 bytes).
+        wait_for("task 2's output", lambda: out.exists() and out.stat().st_size > 4_000_000)
+    finally:
+        head.stop()  # SIGKILL to its group: the stub and the task with it
+    assert "in_output" in journal_done(Path(f"{out}.journal"))[1]
+    resumed = run_sshfan(run_args(tasks, hosts, out, "--resume"), timeout=NO_HANG)
+    check_exit(resumed, 0)
+    assert out.read_bytes() == big_expected([3_000_000, 3_000_000, 7])
+    assert (runs_of(tmp_path / "ran1"), runs_of(tmp_path / "ran2")) == (1, 2)
+
+
+def test_resume_runs_again_a_task_whose_bytes_left_the_output(
+    run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """An output cut short after the run: --resume runs again the task whose stdout is no
+    longer all there (and only it), and the output is exact again."""
+    sizes = [2_000_000, 2_000_000]
+    lines = [counted(f"ran{n}", big_task(n, s)) for n, s in enumerate(sizes, 1)]
+    tasks = write_tasks(tmp_path / "tasks.txt", lines)
+    hosts = write_file(tmp_path / "hosts.toml", ONE_SLOT)
+    out = tmp_path / "out.txt"
+    check_exit(run_sshfan(run_args(tasks, hosts, out), timeout=NO_HANG), 0)
+    os.truncate(out, 3_000_000)  # task 2's bytes, from 2,000,001 on, are cut
+    check_exit(run_sshfan(run_args(tasks, hosts, out, "--resume"), timeout=NO_HANG), 0)
+    assert out.read_bytes() == big_expected(sizes)
+    assert (runs_of(tmp_path / "ran1"), runs_of(tmp_path / "ran2")) == (1, 2)
+
+
+def test_resume_failed_moves_the_later_tasks_output(run_sshfan: RunSshfan, tmp_path: Path) -> None:
+    """--resume-failed runs a failed task again and its output grows: the large stdout of
+    the task after it, which was in the output, is copied first, and comes out exact."""
+    first = (
+        "if [ -e again ]; then head -c 700000 /dev/zero | tr '\\0' b; echo; "
+        "else touch again; echo short; exit 1; fi"
+    )
+    lines = [first, counted("ran2", big_task(2, 2_000_000))]
+    tasks = write_tasks(tmp_path / "tasks.txt", lines)
+    hosts = write_file(tmp_path / "hosts.toml", ONE_SLOT)
+    out = tmp_path / "out.txt"
+    check_exit(run_sshfan(run_args(tasks, hosts, out), timeout=NO_HANG), 1)
+    assert "in_output" in journal_done(Path(f"{out}.journal"))[2]
+    again = run_sshfan(run_args(tasks, hosts, out, "--resume-failed"), timeout=NO_HANG)
+    check_exit(again, 0)
+    assert out.read_bytes() == big_expected([700_000, 2_000_000])
+    assert runs_of(tmp_path / "ran2") == 1
+
+
+def test_a_retried_task_leaves_only_its_last_try_in_the_output(
+    run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """A try that streamed stdout into the output and failed: the try that succeeds
+    replaces it, whether its own output is large or a line."""
+    retried = (
+        "if [ -e again{n} ]; then {then}; "
+        "else touch again{n}; head -c 1500000 /dev/zero | tr '\\0' x; exit 1; fi"
+    )
+    lines = [
+        retried.format(n=1, then="echo ok"),
+        retried.format(n=2, then="head -c 1000000 /dev/zero | tr '\\0' b; echo"),
+    ]
+    tasks = write_tasks(tmp_path / "tasks.txt", lines)
+    hosts = write_file(tmp_path / "hosts.toml", ONE_SLOT)
+    out = tmp_path / "out.txt"
+    ran = run_sshfan(run_args(tasks, hosts, out, "--retries", "1"), timeout=NO_HANG)
+    check_exit(ran, 0)
+    assert out.read_bytes() == b"ok\n" + b"b" * 1_000_000 + b"\n"
