@@ -6147,6 +6147,49 @@ class RunSummary:
             return 1 if self.onall and ran and not self.fatal else 3
         return 1 if self.failed or self.timed_out or self.resumed_failed else 0
 
+    @property
+    def journaled(self) -> int:
+        """Tasks whose result is in the journal, this run's and earlier ones'."""
+        return self.resumed + self.ok + self.failed + self.timed_out
+
+    def count(self, result: TaskResult) -> None:
+        """Count a journaled task: its outcome, its host's durations and failures."""
+        stats = self.per_host.get(result.host)
+        if stats is None:
+            stats = self.per_host[result.host] = DurationStats()
+        stats.add(result.duration_s)
+        if result.timed_out:
+            self.timed_out += 1
+        elif result.exit_code:
+            self.failed += 1
+        else:
+            self.ok += 1
+        if not result.ok:
+            self.failed_per_host[result.host] = self.failed_per_host.get(result.host, 0) + 1
+            self.failures.append(result)  # the first ones in seq order are kept
+            if len(self.failures) > FAILURES_SHOWN:
+                self.failures.sort(key=lambda r: r.seq)
+                self.failures.pop()
+
+    def stub_lost(self, host: str, reason: str, tasks: int) -> None:
+        """One of HOST's stubs (a local host's lanes) was lost for REASON with TASKS
+        requeued; the host itself goes on."""
+        self.lost_stubs.setdefault(host, []).append(reason)
+        self.lost_per_host[host] = self.lost_per_host.get(host, 0) + tasks
+
+    def host_skipped(self, host: str, reason: str) -> None:
+        """HOST never came up, for REASON."""
+        self.skipped_hosts[host] = reason
+
+    def host_lost(self, host: str, reason: str, tasks: int) -> None:
+        """HOST was lost once up, for REASON, with TASKS it held."""
+        self.lost_hosts[host] = reason
+        self.lost_per_host[host] = self.lost_per_host.get(host, 0) + tasks
+
+    def served(self, host: str) -> bool:
+        """Whether HOST ran tasks (or lost some it held) in this run."""
+        return host in self.per_host or host in self.lost_per_host
+
 
 class _Run:
     """One run of tasks over hosts: feeds hosts, journals results, renders the output."""
@@ -6449,7 +6492,7 @@ class _Run:
         batch = self._to_merge
         self._to_merge = []
         for _seq, _offset, result in batch:
-            self._count(result)  # a task counts as done once its record is written
+            self.summary.count(result)  # a task counts as done once its record is written
         for seq, offset, result in batch:
             if self.merged is not None:
                 self.merged.put(seq, offset, result)
@@ -6458,26 +6501,6 @@ class _Run:
             self.on_done(whole_result(result, self.journal) if self.whole else result)
         if self.merged is not None:
             self.merged.flush()
-
-    def _count(self, result: TaskResult) -> None:
-        """Count a journaled task in the summary."""
-        summary = self.summary
-        stats = summary.per_host.get(result.host)
-        if stats is None:
-            stats = summary.per_host[result.host] = DurationStats()
-        stats.add(result.duration_s)
-        if result.timed_out:
-            summary.timed_out += 1
-        elif result.exit_code:
-            summary.failed += 1
-        else:
-            summary.ok += 1
-        if not result.ok:
-            summary.failed_per_host[result.host] = summary.failed_per_host.get(result.host, 0) + 1
-            summary.failures.append(result)  # the first ones in seq order are kept
-            if len(summary.failures) > FAILURES_SHOWN:
-                summary.failures.sort(key=lambda r: r.seq)
-                summary.failures.pop()
 
     def _finish_output(self) -> None:
         """Wait until the merged output has everything put so far; raise its write error."""
@@ -6500,22 +6523,18 @@ class _Run:
             s for s in lanes if s.state in (HostState.CONNECTING, HostState.READY, HostState.DONE)
         ]
         if serving:  # one of a local host's stubs: the host itself goes on
-            self.summary.lost_stubs.setdefault(session.name, []).append(reason)
-            lost = self.summary.lost_per_host.get(session.name, 0) + len(tasks)
-            self.summary.lost_per_host[session.name] = lost
+            self.summary.stub_lost(session.name, reason, len(tasks))
             self.log(
                 f"sshfan: warning: host {session.name} lost one of its {len(lanes)} stubs "
                 f"({reason}); {len(tasks)} task(s) requeued"
             )
         elif session.state == HostState.FAILED:
-            self.summary.skipped_hosts[session.name] = reason
+            self.summary.host_skipped(session.name, reason)
             self.scheduler.host_gone(session.name)
             self.log(f"sshfan: warning: skipping host {session.name}: {reason}")
         else:
             self.scheduler.host_gone(session.name)
-            self.summary.lost_hosts[session.name] = reason
-            lost = self.summary.lost_per_host.get(session.name, 0) + len(tasks)
-            self.summary.lost_per_host[session.name] = lost
+            self.summary.host_lost(session.name, reason, len(tasks))
             fate = "left unrun (--onall)" if self.scheduler.pinned else "requeued"
             self.log(
                 f"sshfan: warning: lost host {session.name} ({reason}); {len(tasks)} task(s) {fate}"
@@ -6863,7 +6882,7 @@ class _Run:
         elif not self.scheduler.has_work() and not in_flight:
             complete = self.scheduler.exhausted()
             # Results of the batch being read are in the journal, not yet counted.
-            missing = self.summary.total - self.journaled() - len(self._to_merge)
+            missing = self.summary.total - self.summary.journaled - len(self._to_merge)
             # Handed out, yet not done: never call that complete (--onall leaves a lost
             # host's tasks unrun on purpose, and says so).
             if complete and missing > 0 and not self.scheduler.pinned:
@@ -6878,11 +6897,6 @@ class _Run:
         else:
             self._give_up_slow()
 
-    def journaled(self) -> int:
-        """Tasks whose result is in the journal, this run's and earlier ones'."""
-        summary = self.summary
-        return summary.resumed + summary.ok + summary.failed + summary.timed_out
-
     def _finish(self, complete: bool) -> None:
         """Tell every stub there is no more work and wake execute()."""
         self.summary.complete = complete
@@ -6896,7 +6910,7 @@ class _Run:
     def _host_served(self, name: str) -> bool:
         """Whether host NAME ran tasks or has a stub up (one of a local host's lanes may
         still be starting when the others have done all the work)."""
-        if name in self.summary.per_host or name in self.summary.lost_per_host:
+        if self.summary.served(name):
             return True
         return any(
             s.name == name and s.state in (HostState.READY, HostState.CLOSING, HostState.DONE)

@@ -703,3 +703,42 @@ def test_module_contents_list_matches_the_numbered_banners() -> None:
     listed = re.findall(r"(?m)^ +(\d+)\. (.*)$", sshfan.__doc__ or "")
     assert banners and listed == banners
     assert [int(n) for n, _ in banners] == list(range(1, len(banners) + 1))
+
+
+def test_the_summary_counts_results_and_keeps_the_first_failures() -> None:
+    """RunSummary.count: outcomes, per-host durations and failures; of the failures, the
+    first FAILURES_SHOWN in seq order are kept, whatever order they came in."""
+    summary = sshfan.RunSummary(total=10)
+
+    def result(
+        seq: int, host: str, exit_code: int = 0, timed_out: bool = False
+    ) -> sshfan.TaskResult:
+        """A TaskResult of SEQ on HOST."""
+        return sshfan.TaskResult(seq, "x", host, exit_code, None, timed_out, 0.5, 1)
+
+    for seq in (9, 8, 7, 6, 5, 4):
+        summary.count(result(seq, "a", exit_code=1))
+    summary.count(result(1, "b", timed_out=True))
+    summary.count(result(2, "b"))
+    assert (summary.ok, summary.failed, summary.timed_out, summary.journaled) == (1, 6, 1, 8)
+    assert summary.failed_per_host == {"a": 6, "b": 1}
+    assert (summary.per_host["a"].count, summary.per_host["b"].count) == (6, 2)
+    assert sorted(r.seq for r in summary.failures) == [1, 4, 5, 6, 7][: sshfan.FAILURES_SHOWN]
+    assert summary.exit_code == 3  # not complete yet
+    summary.complete = True
+    assert summary.exit_code == 1
+
+
+def test_the_summary_records_hosts_lost_skipped_and_stubs_lost() -> None:
+    """A lost host, a skipped one and a local host's lost stub each land where the report
+    reads them, with the tasks they held; a host that lost tasks counts as served."""
+    summary = sshfan.RunSummary()
+    summary.host_lost("a", "connection: reset", 3)
+    summary.host_skipped("b", "auth: denied")
+    summary.stub_lost("local", "stub: gone", 2)
+    summary.stub_lost("local", "stub: gone again", 1)
+    assert summary.lost_hosts == {"a": "connection: reset"}
+    assert summary.skipped_hosts == {"b": "auth: denied"}
+    assert summary.lost_stubs == {"local": ["stub: gone", "stub: gone again"]}
+    assert summary.lost_per_host == {"a": 3, "local": 3}
+    assert summary.served("a") and summary.served("local") and not summary.served("b")
