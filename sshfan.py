@@ -8349,7 +8349,7 @@ def _cli() -> Any:
             if nonall:
                 code = _one_command(opts, compact=False)
             elif dry_run:
-                code = dry_run_tasks(opts, sys.stdout.buffer)
+                code = dry_run_tasks(opts, _stdout())
             else:
                 code = _run_command(opts, progress=not no_progress and sys.stderr.isatty())
         except SshfanError as exc:
@@ -8628,6 +8628,8 @@ def _run_command(opts: RunOptions, progress: bool) -> int:
         )
     if opts.output != "-":
         _check_writable_dir(Path(opts.output), "output")
+    else:
+        _stdout()
     bar = _Progress() if progress else None
     out: IO[bytes] = _LazyOutput(opts.output)
     summary: RunSummary | None = None
@@ -8674,6 +8676,8 @@ def _one_command(opts: RunOptions, compact: bool) -> int:
         raise UsageError("--resume needs the earlier run's journal: give -o FILE or --journal")
     if opts.output != "-":
         _check_writable_dir(Path(opts.output), "output")
+    else:
+        _stdout()
     # In memory where there is such a directory: a scratch journal needs no fsync to disk.
     shm = "/dev/shm" if os.access("/dev/shm", os.W_OK | os.X_OK) else None
     scratch = Path(tempfile.mkdtemp(prefix="sshfan-all-", dir=shm))
@@ -8721,6 +8725,13 @@ def _one_command(opts: RunOptions, compact: bool) -> int:
     return summary.exit_code
 
 
+def _stdout() -> IO[bytes]:
+    """Stdout's bytes, or a usage error when it was closed before sshfan started."""
+    if sys.stdout is None:  # (the shell's >&-: Python leaves sys.stdout None)
+        raise UsageError("stdout is closed: nowhere to write the output (give -o FILE)")
+    return sys.stdout.buffer
+
+
 class _LazyOutput(io.RawIOBase):
     """The merged output file, created at the first write or close (after inputs are checked)."""
 
@@ -8735,7 +8746,7 @@ class _LazyOutput(io.RawIOBase):
         """Open the output on first use."""
         if self._file is None:
             if self.path == "-":
-                self._file = sys.stdout.buffer
+                self._file = _stdout()
             else:
                 try:
                     if self.keep:
@@ -8771,7 +8782,7 @@ class _LazyOutput(io.RawIOBase):
             try:
                 file.flush()
             finally:
-                if file is not sys.stdout.buffer:
+                if self.path != "-":
                     file.close()
         super().close()
 
@@ -8851,8 +8862,8 @@ def _parse_size(text: str) -> int:
 
 def _print_results(path: Path, failed_only: bool, fmt: str) -> int:
     """Print the journal's finished tasks in seq order; 1 if any shown task failed."""
+    out = _stdout()
     journal, header, done = Journal.open_read(path)  # a run may be writing it: never cut
-    out = sys.stdout.buffer
     shown = failures = 0
     try:
         if fmt == "table":

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from support import RunSshfan, write_hosts_file
+from support import RunSshfan, sshfan_argv, sshfan_env, write_hosts_file
 
 import sshfan
 
@@ -367,6 +367,37 @@ def test_output_in_missing_directory(
     assert_usage_error(result, str(out.parent))
     assert not marker.exists()
     assert not (tmp_path / "no").exists()
+
+
+def run_stdout_closed(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+    """Run sshfan ARGS in TMP_PATH with its stdout closed, as a shell's `>&-` leaves it."""
+    argv = ["sh", "-c", 'exec "$@" >&-', "sh", *sshfan_argv(*args)]
+    return subprocess.run(
+        argv, cwd=tmp_path, env=sshfan_env(), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+
+
+@pytest.mark.parametrize("args", [["run", "-o", "-"], ["run", "--dry-run"]])
+def test_stdout_closed_for_output(
+    args: list[str], tasks: Path, marker: Path, tmp_path: Path
+) -> None:
+    """Output on a closed stdout is refused (exit 2, one line), not a traceback; nothing runs."""
+    result = run_stdout_closed(tmp_path, *args[:1], str(tasks), *args[1:], "--no-progress")
+    assert_usage_error(result, "stdout is closed")
+    assert not marker.exists()
+
+
+def test_stdout_closed_output_to_file(run_sshfan: RunSshfan, tmp_path: Path) -> None:
+    """A closed stdout does not matter to a run whose output is a file: it ends 0 and
+    complete; `sshfan results`, which prints on stdout, is refused with one line."""
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text("echo one\necho two\n")
+    out = tmp_path / "out.txt"
+    result = run_stdout_closed(tmp_path, "run", str(tasks), "-o", str(out), "--no-progress")
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    assert b"Traceback" not in result.stderr
+    assert out.read_bytes() == b"one\ntwo\n"
+    assert_usage_error(run_stdout_closed(tmp_path, "results", str(out)), "stdout is closed")
 
 
 def test_bad_tasks_file_keeps_previous_output(run_sshfan: RunSshfan, tmp_path: Path) -> None:
