@@ -6123,6 +6123,7 @@ class RunSummary:
     halt: str = ""  # the --halt condition that stopped the run
     backups: int = 0  # --speculate: backup copies started
     backups_won: int = 0  # ... and how many of them finished first
+    speculating: bool = False  # --speculate was on: the summary says what it did, if nothing
     complete: bool = False
     fatal: str = ""
     output: str = ""
@@ -6229,6 +6230,7 @@ class _Run:
         self.history: DurationHistory | None = None  # durations to learn for later runs
         # Not with --halt: a stub holds its queue for results the head ignores from a copy.
         self.speculate = opts.speculate and not self.files and self.halt is None
+        self.summary.speculating = self.speculate
         # --speculate: a task running twice -> (the session of its first copy, the backup's)
         self.copies: dict[int, tuple[HostSession, HostSession]] = {}
         self.copied: set[int] = set()  # seqs given a backup copy: one each, ever
@@ -7958,7 +7960,7 @@ def format_summary(summary: RunSummary) -> list[str]:
         lines.append(
             f"sshfan: halted (--halt {summary.halt}): {left} task(s) not run; --resume runs them"
         )
-    if summary.backups:
+    if summary.backups or summary.speculating:
         lines.append(
             f"sshfan: --speculate: {summary.backups} backup copies started, "
             f"{summary.backups_won} finished first"

@@ -407,9 +407,10 @@ def test_speculate_with_a_slow_host_gives_one_result_a_task_and_leaves_nothing(
         records = [json.loads(line) for line in out.read_bytes().splitlines()]
         assert [r["seq"] for r in records] == list(range(1, 11))
         assert [r["stdout"] for r in records] == [f"out {n}\n" for n in range(1, 11)]
-        copies = re.search(r"(\d+) backup copies started, (\d+) finished first", err)
-        if copies:
-            assert int(copies.group(1)) >= int(copies.group(2))
+        # The summary says how many copies started and won, none too.
+        copies = re.search(r"--speculate: (\d+) backup copies started, (\d+) finished first", err)
+        assert copies, err
+        assert int(copies.group(1)) >= int(copies.group(2))
         deadline = time.monotonic() + 10
         while procs_with(marker) and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -442,6 +443,16 @@ def test_a_retry_that_avoids_its_host_still_runs_on_a_slow_host_held_back(
     err = done.stderr.decode(errors="replace")
     assert done.returncode == 0, err
     assert out.read_bytes() == b"".join(b"out %d\n" % n for n in range(1, 31))
+
+
+def test_speculate_says_so_when_no_copy_was_needed(tmp_path: Path, run_sshfan: RunSshfan) -> None:
+    """With --speculate the summary says how many copies started and won, none too."""
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text("echo a\necho b\n")
+    done = run_sshfan(["run", str(tasks), "-o", str(tmp_path / "out.txt"), "--speculate"])
+    err = done.stderr.decode(errors="replace")
+    assert done.returncode == 0, err
+    assert "sshfan: --speculate: 0 backup copies started, 0 finished first" in err, err
 
 
 def test_stub_cancel_kills_a_running_task_and_answers_a_queued_one(tmp_path: Path) -> None:
