@@ -2129,6 +2129,55 @@ def sheds(load: HostLoad, others: list[HostLoad], left: int, now: float) -> bool
     return end_share(running, others, left + queued, now, queued) < queued
 
 
+def fair_cap(left: int | None, slots: int, ready_slots: int) -> int | None:
+    """At most how many tasks a host of SLOTS takes in one refill: once the file is read
+    (LEFT tasks not handed out; None: still reading, no cap), its slots' share of them
+    among READY_SLOTS, rounded up, so that what is left is not all given to the first."""
+    if left is None:
+        return None
+    return -(-left * slots // max(ready_slots, 1))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class HostQueue:
+    """What rebalancing knows of a ready host's queue: the tasks it holds beyond its slots."""
+
+    queued: int  # tasks held beyond its slots (below 0: it has idle slots)
+    slots: int
+    mean: float | None  # its mean task duration so far (None: none finished yet)
+    waited: float  # seconds since its last result (or since work was sent to it idle)
+    cost: float  # seconds a DROP and the hand-over cost (HostSession.drop_cost)
+    may_drop: bool = True  # False after a DROP found nothing queued, until a result
+
+
+def worth_taking_back(held: HostQueue) -> bool:
+    """Whether taking back a host's queued tasks can pay: they would wait longer than the
+    DROP costs (unknown durations: assume it pays).
+
+    The wait is what the mean duration predicts, or, if longer, how long the host has
+    gone without a result: a long task after short ones holds the queue behind it
+    before the mean knows about it."""
+    if held.queued <= 0 or not held.may_drop:
+        return False
+    if held.mean is None:
+        return True
+    return max(held.queued * held.mean / held.slots, held.waited) > held.cost
+
+
+def take_back(queues: list[HostQueue]) -> tuple[list[int], float]:
+    """Rebalancing, once no fresh task is left and a host idles: which of QUEUES (their
+    indexes) to ask back their queued tasks now, and in how many seconds to look again
+    for the others, once their wait will outlast a DROP's cost (inf: no need)."""
+    asked: list[int] = []
+    again = math.inf
+    for index, held in enumerate(queues):
+        if worth_taking_back(held):
+            asked.append(index)
+        elif held.queued > 0 and held.may_drop:
+            again = min(again, held.cost - held.waited)
+    return asked, again
+
+
 def copy_pays(origin: HostLoad, helper: HostLoad, sent: float, now: float) -> bool:
     """--speculate: whether a copy of a task running on a slow ORIGIN since SENT, started
     now on an idle slot of HELPER, would end before the running copy is due there."""
@@ -3426,19 +3475,19 @@ class HostSession:
         return len(self.in_flight) - self.window.slots
 
     def worth_dropping(self, now: float) -> bool:
-        """Whether taking back this host's queued tasks can pay: they would wait longer than
-        the round trip a DROP costs (unknown durations: assume it pays).
+        """Whether taking back this host's queued tasks can pay (worth_taking_back)."""
+        return worth_taking_back(self.queue_at(now))
 
-        The wait is what the mean duration predicts, or, if longer, how long the host has
-        gone without a result: a long task after short ones holds the queue behind it
-        before the mean knows about it."""
-        if self.queued() <= 0 or not self.may_drop:
-            return False
-        mean = self.window.mean_task
-        if mean is None:
-            return True
-        wait = max(self.queued() * mean / self.window.slots, now - self.progress_at)
-        return wait > self.drop_cost()
+    def queue_at(self, now: float) -> HostQueue:
+        """What rebalancing knows of this host's queue at NOW (HostQueue)."""
+        return HostQueue(
+            self.queued(),
+            self.window.slots,
+            self.window.mean_task,
+            now - self.progress_at,
+            self.drop_cost(),
+            self.may_drop,
+        )
 
     def drop_cost(self) -> float:
         """Seconds a DROP and the hand-over cost: twice a round trip and its latency."""
@@ -6659,7 +6708,7 @@ class _Run:
         for session in emptiest_first:
             if not self.scheduler.has_work():
                 break
-            cap = None if left is None else -(-left * session.window.slots // total_slots)
+            cap = fair_cap(left, session.window.slots, total_slots)
             if session in loads:  # a slow host near the end takes only what it ends first
                 share = self._end_share(session, loads, left_to_hand)
                 if cap is None or share < cap:
@@ -6738,12 +6787,9 @@ class _Run:
         if not any(s not in loads or self._end_share(s, loads, 1) for s in idle):
             return  # (a slow host idles by choice at the end: it would not take them)
         now = time.monotonic()
-        recheck = math.inf
-        for session in ready:
-            if session.worth_dropping(now):
-                session.drop_queued()
-            elif session.queued() > 0 and session.may_drop:
-                recheck = min(recheck, session.progress_at + session.drop_cost() - now)
+        asked, recheck = take_back([session.queue_at(now) for session in ready])
+        for index in asked:
+            ready[index].drop_queued()
         if recheck < math.inf and self._recheck is None:
             # No result may come for a while (a long task): look again once it pays.
             self._recheck = asyncio.get_running_loop().call_later(

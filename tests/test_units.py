@@ -7,6 +7,7 @@ import ast
 import asyncio
 import io
 import json
+import math
 import os
 import re
 import subprocess
@@ -742,3 +743,31 @@ def test_the_summary_records_hosts_lost_skipped_and_stubs_lost() -> None:
     assert summary.lost_stubs == {"local": ["stub: gone", "stub: gone again"]}
     assert summary.lost_per_host == {"a": 3, "local": 3}
     assert summary.served("a") and summary.served("local") and not summary.served("b")
+
+
+def test_a_refill_caps_each_host_at_its_slots_share_once_the_file_is_read() -> None:
+    """fair_cap: no cap while the file is still read; then each host's slots' share of
+    what is left, rounded up (a 1-slot host gets one of the last few, not none)."""
+    assert sshfan.fair_cap(None, 4, 8) is None
+    assert sshfan.fair_cap(10, 4, 8) == 5
+    assert sshfan.fair_cap(3, 1, 8) == 1
+    assert sshfan.fair_cap(0, 4, 8) == 0
+    assert sshfan.fair_cap(5, 2, 0) == 10  # no ready host counted: no division by zero
+
+
+def test_queued_tasks_are_taken_back_where_their_wait_outlasts_a_drop() -> None:
+    """take_back asks back the queues whose predicted wait (or silence) exceeds what a DROP
+    costs, and says when to look again at the others; an empty or just-emptied queue is
+    left alone, and with no durations known it always pays."""
+    queue = sshfan.HostQueue
+    long_ones = queue(queued=2, slots=1, mean=1.5, waited=0.0, cost=0.1)
+    tiny_ones = queue(queued=3, slots=1, mean=0.001, waited=0.02, cost=0.1)
+    idle = queue(queued=-1, slots=1, mean=0.001, waited=9.0, cost=0.1)
+    unknown = queue(queued=1, slots=2, mean=None, waited=0.0, cost=0.1)
+    found_nothing = queue(queued=2, slots=1, mean=1.5, waited=5.0, cost=0.1, may_drop=False)
+    asked, again = sshfan.take_back([long_ones, tiny_ones, idle, unknown, found_nothing])
+    assert asked == [0, 3]
+    assert again == pytest.approx(0.08)  # tiny_ones: once it has waited 0.1 s in all
+    silent = queue(queued=3, slots=1, mean=0.001, waited=0.5, cost=0.1)  # a long one runs
+    assert sshfan.take_back([silent]) == ([0], math.inf)
+    assert sshfan.take_back([idle]) == ([], math.inf)
