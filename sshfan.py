@@ -3017,6 +3017,10 @@ class HostSession:
         )
         if self._hello.done():
             self._hello.result()  # the host's failure, if it failed
+            if self.state != HostState.CONNECTING and self.error is not None:
+                # Failed right behind its hello: the stub's ERROR for a CONFIG sent early
+                # (a workdir that is not there) can come in the same read as the hello.
+                raise self.error
         elif self.closed.done():
             raise HostError(self.name, "start", "the run ended before the host was up")
         else:
@@ -3933,6 +3937,33 @@ _STRICT_VALUES = {
 }
 
 
+def _import_asyncssh() -> None:
+    """Import asyncssh (once) without the slow half of its search for optional libraries.
+
+    As it imports, asyncssh looks for liboqs (post-quantum key exchange) and nettle (UMAC)
+    with ctypes.util.find_library, which for a library the ld.so cache does not list goes
+    on to run gcc and then ld: ten processes for an absent liboqs, 20-100 ms of every run
+    here (docs/performance.md). While asyncssh imports, the cache alone answers: both are
+    optional (asyncssh then offers its other algorithms), and what gcc or ld find outside
+    the cache dlopen mostly could not load by that name. Nothing changes with
+    LD_LIBRARY_PATH set (ld's step searches it) or where ctypes has no cache step."""
+    if "asyncssh" in sys.modules:
+        return
+    import ctypes.util
+
+    from_cache = getattr(ctypes.util, "_findSoname_ldconfig", None)
+    full = ctypes.util.find_library
+    if from_cache is None or os.environ.get("LD_LIBRARY_PATH"):
+        import asyncssh  # noqa: F401
+
+        return
+    ctypes.util.find_library = from_cache
+    try:
+        import asyncssh  # noqa: F401
+    finally:
+        ctypes.util.find_library = full
+
+
 @functools.cache
 def _ssh_config_class() -> type:
     """asyncssh's ssh config parser, taught the host key options it does not read itself."""
@@ -3961,6 +3992,8 @@ def _ssh_config_path() -> Path | None:
 def ssh_target(spec: HostSpec) -> SshTarget:
     """Resolve SPEC through ~/.ssh/config as OpenSSH would; UsageError if the config is bad."""
     import getpass
+
+    _import_asyncssh()  # (the first SSH step of a run, a check or an `all`)
 
     address = spec.address or spec.name
     path = _ssh_config_path()

@@ -12,6 +12,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -67,6 +69,33 @@ def test_local_run_imports_no_asyncssh_tqdm(tmp_path: Path, run_sshfan: RunSshfa
     modules = imported_modules(done.stderr)
     assert "asyncio" in modules  # the import listing was captured
     assert not {m for m in modules if m.split(".")[0] in ("asyncssh", "tqdm", "tomllib", "tomli")}
+
+
+def test_asyncssh_import_runs_no_compiler_or_linker(tmp_path: Path) -> None:
+    """Importing asyncssh for an SSH run looks its optional libraries up in the ld.so cache
+    only: no gcc or ld is run (ctypes.util.find_library alone would run both for a library
+    the cache lacks, as it does here for one that does not exist)."""
+    calls = tmp_path / "calls"
+    for tool in ("gcc", "cc", "ld"):
+        script = tmp_path / tool
+        script.write_text(f"#!/bin/sh\necho {tool} >> {calls}\nexit 1\n")
+        script.chmod(0o755)
+    probe = (
+        "import ctypes.util, os, sys, sshfan\n"
+        "ctypes.util.find_library('sshfan-no-such-library')\n"
+        "print(os.path.exists(sys.argv[1]))\n"
+        "os.unlink(sys.argv[1])\n"
+        "sshfan._import_asyncssh()\n"
+        "print(os.path.exists(sys.argv[1]), 'asyncssh' in sys.modules)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
+    env["PATH"] = f"{tmp_path}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = str(Path(sshfan.__file__).parent)
+    done = subprocess.run(
+        [sys.executable, "-c", probe, str(calls)], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "False", "True"], done.stdout
 
 
 @pytest.mark.parametrize("where", ["default", "hosts file"])
