@@ -4386,6 +4386,11 @@ class HostFiles:
         self._conn = conn
         self._tell_parts = tell_parts
         self._parts: list[str] = []  # absolute paths on the worker, as the stub needs them
+        # In every temporary name this host writes: two hosts entries on one machine (or two
+        # runs) sending the same basefile into one directory would otherwise write one
+        # file at once, one renaming it into place while the other still truncates and
+        # writes it, and one stub's PARTS cleanup would remove the other's upload.
+        self._unique = os.urandom(4).hex()
         self._home: str | None = None  # where the SFTP server resolves relative paths
         self._sftp: Any = None
         self._starting: asyncio.Future[Any] | None = None
@@ -4450,7 +4455,7 @@ class HostFiles:
             raise TransferError(f"cannot read {local}: {_why(exc)}") from None
         sftp = await self.sftp()
         target = self.remote(remote)
-        part = _part_name(target, tag)
+        part = _part_name(target, f"{tag}-{self._unique}")
         async with self._moving:
             # The stub learns of the file before the SFTP server does (frames on one
             # connection keep their order): if the head dies mid-upload, the stub sees

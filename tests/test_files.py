@@ -276,6 +276,25 @@ def test_basefile_with_cleanup_leaves_nothing(
     assert script.read_text().startswith("#!/bin/sh")  # the head's own copy is untouched
 
 
+def test_basefile_to_hosts_sharing_a_directory(
+    sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """Hosts entries on one machine with one workdir each send the same --basefile there
+    at once: each upload goes under a name of its own, so none truncates, renames away or
+    removes another's; no host is lost and every task reads the whole file."""
+    head, worker, hosts = setup_dirs(tmp_path, sshd, hosts=4)
+    data = bytes(range(256)) * 4096 * 32  # 32 MiB: the uploads overlap
+    (head / "big").write_bytes(data)
+    (head / "tasks").write_text("".join(f"cksum < big # {n}\n" for n in range(8)))
+    result = run_sshfan(["run", "tasks", "-H", str(hosts), "--bf", "big", "-o", "out"], cwd=head)
+    assert result.returncode == 0, result.stderr
+    assert b"lost host" not in result.stderr, result.stderr.decode(errors="replace")
+    expected = subprocess.run(["cksum"], input=data, capture_output=True, check=True).stdout
+    assert (head / "out").read_bytes() == expected * 8
+    assert (worker / "big").read_bytes() == data
+    assert not list(worker.glob(".*.part"))
+
+
 def test_missing_basefile_is_usage_error(run_sshfan: RunSshfan, tmp_path: Path) -> None:
     """A --basefile that is not there: exit 2 naming it, before anything runs."""
     (tmp_path / "tasks").write_text("echo x\n")
@@ -364,10 +383,11 @@ def test_head_killed_during_upload_leaves_no_part_then_resume(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    part = worker / ".big.bin.sshfan-1.part"
+    part = worker / "none yet"
     deadline = time.monotonic() + 120
     try:
         while proc.poll() is None and time.monotonic() < deadline:
+            part = next(worker.glob(".big.bin.sshfan-1-*.part"), part)
             if part.exists() and part.stat().st_size > 0:
                 proc.send_signal(signal.SIGKILL)
                 break
