@@ -23,7 +23,7 @@ from support import RunSshfan, sshfan_argv, sshfan_env  # noqa: E402 - as sshd
 # Tests that start a server or the sshfan CLI are the end-to-end layer: marked "e2e",
 # so that `pytest -m "not e2e"` runs the fast, in-process layer alone. (A hung test is
 # failed by pytest-timeout's `timeout` in pyproject.toml.)
-E2E_FIXTURES = frozenset({"sshd", "sshd_factory", "run_sshfan"})
+E2E_FIXTURES = frozenset({"sshd", "sshd_factory", "run_sshfan", "spawn"})
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
