@@ -67,9 +67,9 @@ def test_halt_on_error_stops_new_tasks_and_resume_runs_the_rest(
     """After the first failure no new task starts; exit 1; --resume runs what was left."""
     hosts = write_hosts_file(tmp_path, sshd.hosts_toml(["h1"], slots=1))
     tasks = tmp_path / "tasks.txt"
-    tasks.write_text(
-        "sleep 0.3; exit 1\n" + "".join(f"sleep 0.3; echo {n}\n" for n in range(2, 12))
-    )
+    # One slot: tasks 2-11 wait queued behind the failing task 1 (no sleep of theirs is
+    # needed for that: the stub holds its queue after a failure until the head says).
+    tasks.write_text("sleep 0.3; exit 1\n" + "".join(f"echo {n}\n" for n in range(2, 12)))
     out = tmp_path / "out.jsonl"
     args = ["run", str(tasks), "--hosts", str(hosts), "-o", str(out), "--format", "jsonl"]
     first = run_sshfan([*args, "--no-progress", "--halt-on-error"])
