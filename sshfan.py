@@ -9027,10 +9027,10 @@ def main() -> None:
             command = getattr(getattr(exc, "ctx", None), "command_path", "sshfan")
             print(f"sshfan: error: {message} (see '{command} --help')", file=sys.stderr)
         code = exc.exit_code
-    # Every file is closed by now. What is left is the interpreter's exit, whose last full
-    # collection walks everything imported or made since run's freeze (asyncssh, the
-    # connections): the largest part of a run's tail after its last result (measured in
-    # docs/performance.md); frozen, it is skipped.
+    # Every file is closed by now. What is left is the interpreter's exit (where _console
+    # cannot skip it, or main() is called otherwise), whose last full collection walks all
+    # imported or made since run's freeze (asyncssh, the connections): most of a run's tail
+    # after its last result (measured in docs/performance.md); frozen, it is skipped.
     gc.freeze()
     sys.exit(code if isinstance(code, int) else 0)
 
