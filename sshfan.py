@@ -2870,11 +2870,39 @@ class ForkTransport(StubTransport):
 
 
 class SshTransport(StubTransport):
-    """A stub on a session channel of an SSH connection, which it owns."""
+    """A stub on a session channel of its own SSH connection to SPEC's host: connects as
+    OpenSSH would (ssh config, host keys checked and recorded, ProxyJump), then runs the
+    bootstrap on a channel. LOG takes its warnings (a changed key let through, a key
+    recorded)."""
 
     conn: Any = None  # the asyncssh connection, once open() has it
 
-    async def open(self, conn: Any, command: str) -> None:
+    def __init__(self, session: HostSession, spec: HostSpec, log: Callable[[str], None]) -> None:
+        """Prepare (but do not open) the connection to SPEC's host that feeds SESSION."""
+        super().__init__(session)
+        self.spec = spec
+        self.name = spec.name
+        self.log = log
+
+    async def open(self, code: str) -> None:
+        """Connect, and start the stub through the fixed bootstrap command running CODE."""
+        spec = self.spec
+        target = ssh_target(spec)
+        jump = await self._open_jumps(target) if target.proxy_jump else None
+        try:
+            conn = await self._connect_checked(spec, target, jump)
+        except BaseException:
+            if jump is not None:
+                jump.close()
+            raise
+        if jump is not None:
+            conn.set_tunnel(jump)  # closed with the connection, as asyncssh's own
+        # -S: no site module; the stub needs only the standard library, and site's .pth
+        # files cost a worker 20-30 ms of start-up.
+        command = f"{shlex.quote(spec.python)} -S -c {shlex.quote(code)}"
+        await self._start(conn, command)
+
+    async def _start(self, conn: Any, command: str) -> None:
         """Run COMMAND (the bootstrap) on a channel of CONN, which this transport now owns
         (closing it closes CONN); HostError if no channel opens."""
         import asyncssh
@@ -2913,6 +2941,132 @@ class SshTransport(StubTransport):
         transport no longer writes to it, aborts or closes it."""
         conn, self.conn, self._stdin = self.conn, None, None
         return conn
+
+    async def _connect_checked(self, spec: HostSpec, target: SshTarget, tunnel: Any) -> Any:
+        """Connect to TARGET (over TUNNEL, a jump host's connection, if given), its host key
+        checked and a first-seen one recorded as OpenSSH does; return the connection."""
+        import asyncssh
+
+        options: dict[str, Any] = {
+            "connect_timeout": spec.connect_timeout,
+            # A keepalive every third of the allowance; the host is lost when two go
+            # unanswered, that is about `keepalive` seconds after it fell silent.
+            "keepalive_interval": spec.keepalive / 3,
+            "keepalive_count_max": 2,
+            "agent_forwarding": False,
+            "encryption_algs": _preferred_ciphers(),
+            # A key with a passphrase is used through ssh-agent, as OpenSSH does (preflight
+            # has made sure an agent holds the hosts file's); asyncssh would refuse it.
+            "ignore_encrypted": True,
+        }
+        if tunnel is not None:
+            options["tunnel"] = tunnel
+        if spec.user:
+            options["username"] = spec.user
+        if spec.port:
+            options["port"] = spec.port
+        if target.identities:
+            # OpenSSH skips an IdentityFile of ssh config that does not exist, and ignores
+            # one that others can read; asyncssh would fail on the first and use the second
+            # (the hosts file's are checked before the run).
+            options["client_keys"] = [p for p in target.identities if _usable_identity(p)]
+        address = spec.address or spec.name
+        entries = (
+            []
+            if target.strict == "off"
+            else known_host_entries(target.known_hosts, target.key_name)
+        )
+        record = False
+        if target.strict == "off":
+            options["known_hosts"] = None
+        elif entries or target.strict == "yes":
+            # Only the keys OpenSSH would find for the name (no fallback to the bare host
+            # or to the address, which asyncssh's own lookup tries): none means unknown.
+            options["known_hosts"] = _trusted_keys(entries)
+        else:  # StrictHostKeyChecking accept-new or no: trust a first-seen key, record it
+            options["known_hosts"] = None
+            record = True
+        try:
+            try:
+                conn = await self._connect(address, options, target)
+            except asyncssh.HostKeyNotVerifiable as exc:
+                if target.strict != "no" or not entries:
+                    raise
+                # StrictHostKeyChecking no: OpenSSH warns of a changed key and goes on.
+                hint = _host_key_hint(target, exc.reason)
+                self.log(f"sshfan: warning: {self.name}: host key: {hint}; connecting anyway")
+                conn = await self._connect(address, {**options, "known_hosts": None}, target)
+        except asyncssh.HostKeyNotVerifiable as exc:
+            raise HostError(self.name, "host key", _host_key_hint(target, exc.reason)) from None
+        except asyncssh.PermissionDenied:
+            raise HostError(self.name, "auth", _auth_failure(target, options)) from None
+        except asyncssh.Error as exc:
+            raise HostError(self.name, "connect", f"{target.where}: {exc.reason}") from None
+        except OSError as exc:
+            raise HostError(self.name, *_connect_failure(target, exc)) from None
+        except asyncssh.KeyImportError as exc:
+            files = ", ".join(target.identities) or "the default keys"
+            raise HostError(self.name, "auth", f"cannot use identity {files}: {exc}") from None
+        except ValueError as exc:
+            raise HostError(self.name, "connect", f"{target.where}: {exc}") from None
+        if record:
+            try:
+                recorded = _record_host_key(target, conn.get_server_host_key())
+            except OSError as exc:  # as OpenSSH: say so, and go on with the trusted key
+                recorded = None
+                self.log(
+                    f"sshfan: warning: {self.name}: cannot record the new host key in "
+                    f"{exc.filename or target.record_in}: {exc.strerror}"
+                )
+            if recorded:
+                name = target.key_name
+                self.log(f"sshfan: {self.name}: new host key for {name} recorded in {recorded}")
+        return conn
+
+    async def _open_jumps(self, target: SshTarget, depth: int = 0) -> Any:
+        """Connect through TARGET's ProxyJump hosts in turn, each checked as OpenSSH checks
+        it (its own ssh config, not the hosts file's keys); return the last connection."""
+        conn = None
+        try:
+            for hop in str(target.proxy_jump).split(","):
+                user, host, port = _jump_host(hop)
+                hop_spec = HostSpec(
+                    name=host,
+                    user=user,
+                    port=port,
+                    connect_timeout=self.spec.connect_timeout,
+                    keepalive=self.spec.keepalive,
+                )
+                hop_target = ssh_target(hop_spec)
+                if conn is None and hop_target.proxy_jump:  # the first hop's own ProxyJump
+                    if depth >= 8:
+                        raise HostError(self.name, "connect", f"ProxyJump loops at {host}")
+                    conn = await self._open_jumps(hop_target, depth + 1)
+                try:
+                    new = await self._connect_checked(hop_spec, hop_target, conn)
+                except HostError as exc:
+                    reason = f"jump host {host}: {exc.reason}"
+                    raise HostError(self.name, exc.stage, reason) from None
+                if conn is not None:
+                    new.set_tunnel(conn)
+                conn = new
+        except BaseException:
+            if conn is not None:
+                conn.close()
+            raise
+        return conn
+
+    async def _connect(self, address: str, options: dict[str, Any], target: SshTarget) -> Any:
+        """asyncssh.connect, within the connect timeout (and a margin for the key exchange)."""
+        import asyncssh
+
+        timeout = self.spec.connect_timeout
+        try:
+            return await asyncio.wait_for(asyncssh.connect(address, **options), timeout + 5)
+        except asyncio.TimeoutError:
+            raise HostError(
+                self.name, "connect", f"{target.where}: timed out after {timeout:g} s"
+            ) from None
 
 
 class HostSession:
@@ -2996,8 +3150,13 @@ class HostSession:
             local = self.transport = LocalTransport(self)
             await local.open(self.spec.python, code)
         else:
-            ssh = self.transport = SshTransport(self)
-            await self._open_ssh(ssh, code)
+            log = self.run.log if self.run is not None else lambda line: None
+            ssh = self.transport = SshTransport(self, self.spec, log)
+            await ssh.open(code)
+            if self.run is not None and self.run.files:
+                self.files = HostFiles(
+                    self.name, ssh.conn, self.spec.workdir, self.run.files, self._tell_parts
+                )
         # The run may have ended meanwhile (finish() abandoned this host). Checked, not
         # left to cancellation: asyncio.wait_for (Python < 3.12) swallows a cancel that
         # comes as its awaitable completes, and this host would then wait for a hello
@@ -3075,156 +3234,6 @@ class HostSession:
             error = HostError(self.name, "protocol", "no answer to a ping")
             self._fail(error)
             raise error from None
-
-    async def _open_ssh(self, transport: SshTransport, code: str) -> None:
-        """Connect over SSH and start the stub through the fixed bootstrap command."""
-        spec = self.spec
-        target = ssh_target(spec)
-        jump = await self._open_jumps(target) if target.proxy_jump else None
-        try:
-            conn = await self._connect_checked(spec, target, jump)
-        except BaseException:
-            if jump is not None:
-                jump.close()
-            raise
-        if jump is not None:
-            conn.set_tunnel(jump)  # closed with the connection, as asyncssh's own
-        # -S: no site module; the stub needs only the standard library, and site's .pth
-        # files cost a worker 20-30 ms of start-up.
-        command = f"{shlex.quote(spec.python)} -S -c {shlex.quote(code)}"
-        await transport.open(conn, command)
-        if self.run is not None and self.run.files:
-            self.files = HostFiles(self.name, conn, spec.workdir, self.run.files, self._tell_parts)
-
-    async def _connect_checked(self, spec: HostSpec, target: SshTarget, tunnel: Any) -> Any:
-        """Connect to TARGET (over TUNNEL, a jump host's connection, if given), its host key
-        checked and a first-seen one recorded as OpenSSH does; return the connection."""
-        import asyncssh
-
-        options: dict[str, Any] = {
-            "connect_timeout": spec.connect_timeout,
-            # A keepalive every third of the allowance; the host is lost when two go
-            # unanswered, that is about `keepalive` seconds after it fell silent.
-            "keepalive_interval": spec.keepalive / 3,
-            "keepalive_count_max": 2,
-            "agent_forwarding": False,
-            "encryption_algs": _preferred_ciphers(),
-            # A key with a passphrase is used through ssh-agent, as OpenSSH does (preflight
-            # has made sure an agent holds the hosts file's); asyncssh would refuse it.
-            "ignore_encrypted": True,
-        }
-        if tunnel is not None:
-            options["tunnel"] = tunnel
-        if spec.user:
-            options["username"] = spec.user
-        if spec.port:
-            options["port"] = spec.port
-        if target.identities:
-            # OpenSSH skips an IdentityFile of ssh config that does not exist, and ignores
-            # one that others can read; asyncssh would fail on the first and use the second
-            # (the hosts file's are checked before the run).
-            options["client_keys"] = [p for p in target.identities if _usable_identity(p)]
-        address = spec.address or spec.name
-        entries = (
-            []
-            if target.strict == "off"
-            else known_host_entries(target.known_hosts, target.key_name)
-        )
-        record = False
-        if target.strict == "off":
-            options["known_hosts"] = None
-        elif entries or target.strict == "yes":
-            # Only the keys OpenSSH would find for the name (no fallback to the bare host
-            # or to the address, which asyncssh's own lookup tries): none means unknown.
-            options["known_hosts"] = _trusted_keys(entries)
-        else:  # StrictHostKeyChecking accept-new or no: trust a first-seen key, record it
-            options["known_hosts"] = None
-            record = True
-        try:
-            try:
-                conn = await self._connect(address, options, target)
-            except asyncssh.HostKeyNotVerifiable as exc:
-                if target.strict != "no" or not entries:
-                    raise
-                # StrictHostKeyChecking no: OpenSSH warns of a changed key and goes on.
-                if self.run is not None:
-                    hint = _host_key_hint(target, exc.reason)
-                    self.run.log(
-                        f"sshfan: warning: {self.name}: host key: {hint}; connecting anyway"
-                    )
-                conn = await self._connect(address, {**options, "known_hosts": None}, target)
-        except asyncssh.HostKeyNotVerifiable as exc:
-            raise HostError(self.name, "host key", _host_key_hint(target, exc.reason)) from None
-        except asyncssh.PermissionDenied:
-            raise HostError(self.name, "auth", _auth_failure(target, options)) from None
-        except asyncssh.Error as exc:
-            raise HostError(self.name, "connect", f"{target.where}: {exc.reason}") from None
-        except OSError as exc:
-            raise HostError(self.name, *_connect_failure(target, exc)) from None
-        except asyncssh.KeyImportError as exc:
-            files = ", ".join(target.identities) or "the default keys"
-            raise HostError(self.name, "auth", f"cannot use identity {files}: {exc}") from None
-        except ValueError as exc:
-            raise HostError(self.name, "connect", f"{target.where}: {exc}") from None
-        if record:
-            try:
-                recorded = _record_host_key(target, conn.get_server_host_key())
-            except OSError as exc:  # as OpenSSH: say so, and go on with the trusted key
-                recorded = None
-                if self.run is not None:
-                    self.run.log(
-                        f"sshfan: warning: {self.name}: cannot record the new host key in "
-                        f"{exc.filename or target.record_in}: {exc.strerror}"
-                    )
-            if recorded and self.run is not None:
-                name = target.key_name
-                self.run.log(f"sshfan: {self.name}: new host key for {name} recorded in {recorded}")
-        return conn
-
-    async def _open_jumps(self, target: SshTarget, depth: int = 0) -> Any:
-        """Connect through TARGET's ProxyJump hosts in turn, each checked as OpenSSH checks
-        it (its own ssh config, not the hosts file's keys); return the last connection."""
-        conn = None
-        try:
-            for hop in str(target.proxy_jump).split(","):
-                user, host, port = _jump_host(hop)
-                hop_spec = HostSpec(
-                    name=host,
-                    user=user,
-                    port=port,
-                    connect_timeout=self.spec.connect_timeout,
-                    keepalive=self.spec.keepalive,
-                )
-                hop_target = ssh_target(hop_spec)
-                if conn is None and hop_target.proxy_jump:  # the first hop's own ProxyJump
-                    if depth >= 8:
-                        raise HostError(self.name, "connect", f"ProxyJump loops at {host}")
-                    conn = await self._open_jumps(hop_target, depth + 1)
-                try:
-                    new = await self._connect_checked(hop_spec, hop_target, conn)
-                except HostError as exc:
-                    reason = f"jump host {host}: {exc.reason}"
-                    raise HostError(self.name, exc.stage, reason) from None
-                if conn is not None:
-                    new.set_tunnel(conn)
-                conn = new
-        except BaseException:
-            if conn is not None:
-                conn.close()
-            raise
-        return conn
-
-    async def _connect(self, address: str, options: dict[str, Any], target: SshTarget) -> Any:
-        """asyncssh.connect, within the connect timeout (and a margin for the key exchange)."""
-        import asyncssh
-
-        timeout = self.spec.connect_timeout
-        try:
-            return await asyncio.wait_for(asyncssh.connect(address, **options), timeout + 5)
-        except asyncio.TimeoutError:
-            raise HostError(
-                self.name, "connect", f"{target.where}: timed out after {timeout:g} s"
-            ) from None
 
     # -- receiving ------------------------------------------------------------
 
