@@ -8985,6 +8985,8 @@ def _print_results(path: Path, failed_only: bool, fmt: str) -> int:
     finally:
         journal.close()
     total = header.get("count", "?")
+    if "onall" in header and isinstance(total, int):  # every task once on each host
+        total *= len(header["onall"])
     recorded = sum(offset >= 0 for offset in done)
     print(f"sshfan: {shown} shown; {recorded} of {total} tasks recorded in {path}", file=sys.stderr)
     return 1 if failures else 0

@@ -188,6 +188,7 @@ def test_onall_and_nonall_match_gnu_parallel(
     assert [(r["host"], r["seq"]) for r in records] == [
         (host, seq) for host in (one, two) for seq in (1, 3, 4)
     ]
+    assert b"6 shown; 6 of 6 tasks recorded" in listed.stderr  # (each task once per host)
     assert journal.exists()
     command = "echo x; uname -s"
     wanted = run_parallel([*parallel, "--nonall", command])
