@@ -2603,6 +2603,11 @@ class HostProtocol:
             raise ProtocolError(self.name, f"a hello that is not a JSON object: {payload[:80]!r}")
         if hello.get("proto") != PROTO_VERSION:
             raise HostError(self.name, "bootstrap", f"stub speaks protocol {hello.get('proto')}")
+        cpus = hello.get("cpus")  # (None: a stub whose os.cpu_count() could not tell)
+        if cpus is not None and (type(cpus) is not int or cpus < 1):
+            # slots = "auto" takes it as the host's slots: none or fewer would never
+            # be given a task, and a run with no other host would wait on it for good.
+            raise ProtocolError(self.name, f"a hello whose cpus is not a count: {cpus!r}")
         self.hello = hello
         return Hello(hello)
 

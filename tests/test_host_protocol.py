@@ -176,6 +176,11 @@ def test_frames_before_the_hello_and_bad_hellos() -> None:
     with pytest.raises(HostError) as caught:
         feed(HostProtocol("w", 1), encode_frame(KIND_HELLO, b'{"proto": 999}'))
     assert caught.value.stage == "bootstrap" and not isinstance(caught.value, ProtocolError)
+    for cpus in (0, -3, "8", 2.5, True):  # slots = "auto" would be this many
+        with pytest.raises(ProtocolError, match="cpus is not a count"):
+            feed(HostProtocol("w", 1), hello(cpus=cpus))
+    none = feed(HostProtocol("w", 1), hello(cpus=None))  # os.cpu_count() may not know
+    assert [type(event) for event in none] == [sshfan.Hello]
 
 
 def test_the_stubs_error_names_its_stage_not_a_protocol_error() -> None:
