@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import py_compile
@@ -34,7 +35,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     its bytecode. Python still reads a .pyc it does not write (the ignored __pycache__/),
     and ignores it once sshfan.py changes."""
     source = TESTS_DIR.parent / "sshfan.py"
-    py_compile.compile(str(source), cfile=importlib.util.cache_from_source(str(source)))
+    with contextlib.suppress(OSError):  # a read-only checkout: each run compiles, as before
+        py_compile.compile(str(source), cfile=importlib.util.cache_from_source(str(source)))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
