@@ -26,7 +26,7 @@ Python 3.6+). The public API is `__all__`; everything else is internal.
    5. Shipping the stub: its source and the bootstrap that starts it
    6. Scheduler (sans-IO)
    7. Host protocol (sans-IO): a stub's frames in, events out; host states
-   8. Transports: the head's end of a stub channel, over SSH or a local subprocess
+   8. Transports (SSH, local, forked) and HostSession, which drives a host's protocol
    9. Files to and from workers (GNU parallel's --transferfile, --return, --basefile)
   10. Journal and output
   11. The run: hosts, scheduler, journal and output together
@@ -2738,7 +2738,7 @@ def frame_name(kind: int) -> str:
 
 
 # ============================================================================
-# 8. Transports: the head's end of a stub channel, over SSH or a local subprocess
+# 8. Transports (SSH, local, forked) and HostSession, which drives a host's protocol
 # ============================================================================
 
 
