@@ -3957,8 +3957,8 @@ def _import_asyncssh() -> None:
 
     As it imports, asyncssh looks for liboqs (post-quantum key exchange) and nettle (UMAC)
     with ctypes.util.find_library, which for a library the ld.so cache does not list goes
-    on to run gcc and then ld: ten processes for an absent liboqs, 20-100 ms of every run
-    here (docs/performance.md). While asyncssh imports, the cache alone answers: both are
+    on to run gcc and then ld: ten processes for an absent liboqs, a noticeable part of
+    every SSH run's start. While asyncssh imports, the cache alone answers: both are
     optional (asyncssh then offers its other algorithms), and what gcc or ld find outside
     the cache dlopen mostly could not load by that name. Nothing changes with
     LD_LIBRARY_PATH set (ld's step searches it) or where ctypes has no cache step."""
@@ -9047,7 +9047,7 @@ def main() -> None:
     # Every file is closed by now. What is left is the interpreter's exit (where _console
     # cannot skip it, or main() is called otherwise), whose last full collection walks all
     # imported or made since run's freeze (asyncssh, the connections): most of a run's tail
-    # after its last result (measured in docs/performance.md); frozen, it is skipped.
+    # after its last result; frozen, it is skipped.
     gc.freeze()
     sys.exit(code if isinstance(code, int) else 0)
 
@@ -9057,8 +9057,8 @@ def _console() -> NoReturn:
 
     When main() ends, every file the run wrote is closed and its errors are in the exit
     code. Freeing each object the head made is then work for nothing, and after a local
-    stub was forked from the head, each page it writes to is first copied (measured in
-    docs/performance.md). What the exit still owes is done: stdout and stderr flushed.
+    stub was forked from the head, each page it writes to is first copied. What the exit
+    still owes is done: stdout and stderr flushed.
     Anything unusual (a thread still running, a flush that fails) takes Python's own
     exit, which reports it as it always has."""
     try:
