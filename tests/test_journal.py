@@ -614,10 +614,14 @@ def test_large_stdout_goes_into_the_output_once(run_sshfan: RunSshfan, tmp_path:
     tasks = write_tasks(tmp_path / "tasks.txt", [big_task(n, s) for n, s in enumerate(sizes, 1)])
     hosts = write_file(tmp_path / "hosts.toml", ONE_SLOT)
     out = tmp_path / "out.txt"
-    check_exit(run_sshfan(run_args(tasks, hosts, out), timeout=NO_HANG), 0)
+    joblog = tmp_path / "joblog"
+    ran = run_sshfan(run_args(tasks, hosts, out, "--joblog", str(joblog)), timeout=NO_HANG)
+    check_exit(ran, 0)
     assert out.read_bytes() == big_expected(sizes)
     journal = Path(f"{out}.journal")
     assert journal.stat().st_size < MIB  # (it held every byte again: 5 MB)
+    received = [int(row.split("\t")[5]) for row in joblog.read_text().splitlines()[1:]]
+    assert sorted(received) == sorted(size + 1 for size in sizes)  # the joblog's Receive
     assert "in_output" in journal_done(journal)[1]
     shown = run_sshfan(["results", str(out), "--format", "jsonl"], timeout=NO_HANG)
     check_exit(shown, 0)
