@@ -2582,15 +2582,26 @@ class HostProtocol:
 
     def receive(self, data: bytes) -> Iterator[HostEvent]:
         """The events in DATA from the stub's stdout, one frame at a time (the caller acts
-        on each before the next frame is checked); raises for a frame not asked for."""
-        for kind, payload in self.decoder.feed(data):
+        on each before the next frame is checked); raises ProtocolError for bytes that are
+        not a frame, a frame not asked for or one that does not decode, HostError for the
+        stub's ERROR."""
+        try:
+            frames = self.decoder.feed(data)
+        except FrameError as exc:
+            raise ProtocolError(self.name, f"bytes that are not a frame: {exc}") from None
+        for kind, payload in frames:
             self.frames_in += 1
             if not self.hello and kind not in (KIND_HELLO, KIND_ERROR):
                 raise ProtocolError(self.name, f"{frame_name(kind)} before the hello")
             handler = FRAME_KINDS.get(kind, ("", None))[1]
             if handler is None:
                 raise ProtocolError(self.name, f"an unexpected {frame_name(kind)}")
-            event = handler(self, payload)
+            try:
+                event = handler(self, payload)
+            except (ValueError, KeyError, TypeError, struct.error) as exc:
+                # Its payload does not decode (truncated, not JSON, wrong types): the
+                # peer's fault, as any frame it was not asked for.
+                raise ProtocolError(self.name, f"a bad {frame_name(kind)}: {exc}") from None
             if event is not None:
                 yield event
 
@@ -3256,12 +3267,8 @@ class HostSession:
         while True:
             try:
                 event = next(events, None)
-            except HostError as exc:
+            except HostError as exc:  # (ProtocolError: the stub sent what was not asked for)
                 self._fail(exc)
-                return
-            except (FrameError, struct.error, ValueError, KeyError, TypeError) as exc:
-                # A frame that decodes badly is the peer's fault: the host fails, not the run.
-                self._fail(HostError(self.name, "protocol", f"bad frame: {exc}"))
                 return
             if event is None:
                 break

@@ -140,6 +140,10 @@ VIOLATIONS = {
     ),
     "timed out, no --timeout": ([result(1, flags=FLAG_TIMED_OUT)], "but it has no --timeout"),
     "unknown flags": ([result(1, flags=8)], "unknown flags 0x8"),
+    "truncated RESULT": ([encode_frame(KIND_RESULT, b"\x00\x01")], "a bad RESULT (kind 8)"),
+    "truncated OUTPUT": ([encode_frame(KIND_OUTPUT, b"\x01")], "a bad OUTPUT (kind 7)"),
+    "DROPPED of lists": ([encode_frame(KIND_DROPPED, b"[[1]]")], "a bad DROPPED (kind 11)"),
+    "not a frame": ([b"this is not a frame at all\n"], "bytes that are not a frame"),
 }
 
 
@@ -148,6 +152,8 @@ def test_each_frame_not_asked_for_is_a_protocol_error(name: str) -> None:
     """Each unasked frame raises ProtocolError naming it, stage "protocol"."""
     frames, words = VIOLATIONS[name]
     protocol = ready()
+    if name == "DROPPED of lists":
+        protocol.drops_asked = 1
     with pytest.raises(ProtocolError) as caught:
         feed(protocol, *frames)
     assert caught.value.stage == "protocol" and words in caught.value.reason, caught.value
