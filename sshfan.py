@@ -4726,28 +4726,16 @@ class Journal:
                 raise UsageError(f"{path}: journal is corrupt at byte {offset}")
             if offset + FRAME_HEADER.size + length > end:
                 break
-            if kind == KIND_JOURNAL and offset == 0:
-                header = json.loads(os.pread(fd, length, offset + FRAME_HEADER.size))
-            elif kind == KIND_HOSTS and "onall" in header:
-                hosts = json.loads(os.pread(fd, length, offset + FRAME_HEADER.size))["onall"]
-                if hosts[: len(header["onall"])] != header["onall"]:  # joined hosts only add
-                    os.close(fd)
-                    raise UsageError(f"{path}: journal is corrupt at byte {offset}")
-                header["onall"] = hosts
-            elif kind == KIND_DONE:
-                meta = journal._read_meta(offset)
-                seq = meta["seq"]
-                if "onall" in header:  # every task on every host: indexed by (host, seq)
-                    seq += _onall_place(header, meta["host"], path) * header["lines"]
-                if len(done) <= seq:
-                    done.extend([-1] * (seq + 1 - len(done)))
-                    failed.extend(bytes(seq + 1 - len(failed)))
-                done[seq] = offset  # a task run again (--resume-failed): its last record
-                failed[seq] = bool(meta["exit_code"] or meta["timed_out"])
-                if "in_output" in meta:
-                    journal.in_output.add(seq)
-                else:
-                    journal.in_output.discard(seq)
+            try:
+                header = cls._scan_record(journal, header, kind, offset, length, done, failed)
+            except (ValueError, KeyError, TypeError, IndexError, struct.error):
+                # A whole record (a torn one ends the scan above) that does not read as
+                # one: the file was changed by something else, or damaged.
+                os.close(fd)
+                raise UsageError(f"{path}: journal is corrupt at byte {offset}") from None
+            except UsageError:
+                os.close(fd)
+                raise
             offset += FRAME_HEADER.size + length
         if not header:
             os.close(fd)
@@ -4756,6 +4744,46 @@ class Journal:
         journal.failed_seqs = [seq for seq, bad in enumerate(failed) if bad]
         journal.size = journal._written = offset
         return journal, header, done
+
+    @staticmethod
+    def _scan_record(
+        journal: Journal,
+        header: dict[str, Any],
+        kind: int,
+        offset: int,
+        length: int,
+        done: array.array[int],
+        failed: bytearray,
+    ) -> dict[str, Any]:
+        """Take in the whole record of KIND at OFFSET (_scan); return the header as it
+        now stands. A record that does not read as its kind raises ValueError or kin."""
+        path, fd = journal.path, journal.fd
+        if kind == KIND_JOURNAL and offset == 0:
+            header = json.loads(os.pread(fd, length, offset + FRAME_HEADER.size))
+            if not isinstance(header, dict):
+                raise ValueError("a header that is not an object")
+        elif kind == KIND_HOSTS and "onall" in header:
+            hosts = json.loads(os.pread(fd, length, offset + FRAME_HEADER.size))["onall"]
+            if hosts[: len(header["onall"])] != header["onall"]:  # joined hosts only add
+                raise ValueError("a host list that is not the one before and more")
+            header["onall"] = hosts
+        elif kind == KIND_DONE:
+            meta = journal._read_meta(offset)
+            seq = meta["seq"]
+            if type(seq) is not int or seq < 1:
+                raise ValueError(f"seq {seq!r}")
+            if "onall" in header:  # every task on every host: indexed by (host, seq)
+                seq += _onall_place(header, meta["host"], path) * header["lines"]
+            if len(done) <= seq:
+                done.extend([-1] * (seq + 1 - len(done)))
+                failed.extend(bytes(seq + 1 - len(failed)))
+            done[seq] = offset  # a task run again (--resume-failed): its last record
+            failed[seq] = bool(meta["exit_code"] or meta["timed_out"])
+            if "in_output" in meta:
+                journal.in_output.add(seq)
+            else:
+                journal.in_output.discard(seq)
+        return header
 
     @property
     def committed(self) -> bool:

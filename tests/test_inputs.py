@@ -443,6 +443,51 @@ def test_resume_with_damaged_journal(damage: bytes, run_sshfan: RunSshfan, tmp_p
     assert_usage_error(run_tasks(run_sshfan, tasks, tmp_path, "--resume"), str(journal))
 
 
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        (b'{"seq": 1,', b'{"seq":-1,'),
+        (b'{"seq": 1,', b'{"seq": 1;'),
+        (b'"exit_code"', b'"exit_codE"'),
+    ],
+    ids=["negative-seq", "not-json", "no-exit-code"],
+)
+def test_journal_with_a_damaged_record(
+    old: bytes, new: bytes, run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """A whole record that does not read as one (framing intact): --resume and `sshfan
+    results` exit 2 with one line naming the journal, never a traceback."""
+    tasks, out, journal = finished_run(run_sshfan, tmp_path)
+    data = journal.read_bytes()
+    assert data.count(old) >= 1
+    journal.write_bytes(data.replace(old, new, 1))
+    assert_usage_error(run_tasks(run_sshfan, tasks, tmp_path, "--resume"), str(journal), "corrupt")
+    assert_usage_error(run_sshfan(["results", str(out)]), str(journal), "corrupt")
+
+
+@pytest.mark.parametrize(
+    "hosts", [b"not json", b'{"onall": ["b", "a", "c"]}'], ids=["torn", "reordered"]
+)
+def test_onall_journal_with_a_damaged_host_list(
+    hosts: bytes, run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """An --onall journal's host list record (hosts that joined) that does not read, or
+    does not extend the hosts before it: exit 2, one line naming the journal."""
+    hosts_file = write_hosts_file(
+        tmp_path, "".join(f'[[hosts]]\nname = "{n}"\nlocal = true\nslots = 1\n' for n in "ab")
+    )
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text("echo x\n")
+    args = ["run", str(tasks), "--onall", "-H", str(hosts_file), "-o", "out.txt", "--no-progress"]
+    result = run_sshfan(args)
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    journal = tmp_path / "out.txt.journal"
+    with journal.open("ab") as handle:
+        handle.write(sshfan.encode_frame(sshfan.KIND_HOSTS, hosts))
+    assert_usage_error(run_sshfan([*args, "--resume"]), journal.name, "corrupt")
+    assert_usage_error(run_sshfan(["results", "out.txt"]), journal.name, "corrupt")
+
+
 def test_resume_without_journal_runs_everything(run_sshfan: RunSshfan, tmp_path: Path) -> None:
     """--resume with no journal yet is an ordinary full run."""
     tasks = tmp_path / "tasks.txt"
