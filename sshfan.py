@@ -2667,6 +2667,8 @@ class HostProtocol:
             raise ProtocolError(
                 self.name, f"task {seq} reported timed out, but it has no --timeout"
             )
+        if not 0.0 <= duration < math.inf:  # (NaN too) jsonl's duration_s would not be JSON
+            raise ProtocolError(self.name, f"result for task {seq} lasting {duration!r} s")
         del self.in_flight[seq]
         self.window.in_flight -= 1
         self.window.observe(duration, known_long=task.long)

@@ -140,6 +140,14 @@ VIOLATIONS = {
     ),
     "timed out, no --timeout": ([result(1, flags=FLAG_TIMED_OUT)], "but it has no --timeout"),
     "unknown flags": ([result(1, flags=8)], "unknown flags 0x8"),
+    "NaN duration": (
+        [encode_frame(KIND_RESULT, encode_result(1, 0, 0, float("nan"), b"", b"", 1))],
+        "lasting nan s",
+    ),
+    "negative duration": (
+        [encode_frame(KIND_RESULT, encode_result(1, 0, 0, -1.0, b"", b"", 1))],
+        "lasting -1.0 s",
+    ),
     "truncated RESULT": ([encode_frame(KIND_RESULT, b"\x00\x01")], "a bad RESULT (kind 8)"),
     "truncated OUTPUT": ([encode_frame(KIND_OUTPUT, b"\x01")], "a bad OUTPUT (kind 7)"),
     "DROPPED of lists": ([encode_frame(KIND_DROPPED, b"[[1]]")], "a bad DROPPED (kind 11)"),
