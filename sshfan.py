@@ -5472,8 +5472,10 @@ class MergedOutput:
         info = os.fstat(fd)
         at = os.lseek(fd, 0, os.SEEK_CUR)
         if (info.st_dev, info.st_ino) == (where.dev, where.ino):
-            if where.offset != at:  # never: one that could move was copied (take_in_outputs)
-                raise OSError(errno.EIO, f"task {result.seq}'s output moved", self.name)
+            # Never otherwise: one that could move was copied (take_in_outputs), and only
+            # an output opened without emptying it (in_place) still has the bytes.
+            if where.offset != at or not self.in_place:
+                raise OSError(errno.EIO, f"task {result.seq}'s output is gone", self.name)
             os.lseek(fd, where.length, os.SEEK_CUR)
         else:
             for chunk in _output_chunks(where):
