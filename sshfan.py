@@ -6214,7 +6214,16 @@ class DurationHistory:
         if self.path is None or median is None:
             return
         threshold = max(self.LONG_MIN, 2 * median)
-        fresh = {key: d for d, key in sorted(self._longest, reverse=True) if d >= threshold}
+        # A task text that also ran short in this run is not long: the same command many
+        # times over, a few of them on a slow host, would go first on every later run.
+        least: dict[bytes, float] = {}
+        for d, key in self._longest:
+            least[key] = min(d, least.get(key, d))
+        fresh = {
+            key: d
+            for d, key in sorted(self._longest, reverse=True)
+            if d >= threshold and least[key] >= threshold
+        }
         if not fresh and not self._measured:
             return  # nothing learnt: leave the file alone
         entries = dict(fresh)

@@ -201,6 +201,22 @@ def test_history_round_trip_forgets_tasks_that_ran_short(tmp_path: Path) -> None
     assert set(third.known) == {third.key("long b")}
 
 
+def test_history_a_command_that_also_ran_short_is_not_long(tmp_path: Path) -> None:
+    """One command run many times, a few of them long (on a slow host): it is not long,
+    or every later run would hand all its copies out as long tasks."""
+    path = tmp_path / "durations"
+    history = DurationHistory(path)
+    history.load()
+    for _ in range(10):
+        history.record("same", 0.3)
+    history.record("same", 1.2)
+    history.record("once", 1.2)
+    history.save(0.3)
+    again = DurationHistory(path)
+    again.load()
+    assert set(again.known) == {again.key("once")}
+
+
 def test_history_stays_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """However many long tasks runs see, the file keeps the MAX most recent."""
     monkeypatch.setattr(DurationHistory, "MAX", 10)
