@@ -586,6 +586,7 @@ def read_sshloginfile(name: str) -> list[dict[str, Any]]:
     path = sshloginfile_path(name)
     try:
         if path == "-":
+            _stdin()  # (closed: a usage error)
             text = sys.stdin.read()
         else:
             with _reading(path, "sshloginfile"):
@@ -7140,7 +7141,7 @@ def _spool_path(journal: Path) -> Path:
 def _spool_stdin(path: Path) -> Path:
     """Copy tasks from stdin to PATH, so they can be scanned and read again."""
     with open(path, "wb") as handle:
-        while chunk := sys.stdin.buffer.read(1 << 20):
+        while chunk := _stdin().read(1 << 20):
             handle.write(chunk)
     return path
 
@@ -8874,6 +8875,30 @@ def _one_command(opts: RunOptions, compact: bool) -> int:
     return summary.exit_code
 
 
+def _stdin() -> IO[bytes]:
+    """Stdin's bytes, or a usage error when it was closed before sshfan started."""
+    if sys.stdin is None:  # (the shell's <&-: Python leaves sys.stdin None)
+        raise UsageError("stdin is closed: nothing to read from '-'")
+    return sys.stdin.buffer
+
+
+def _open_std_fds() -> None:
+    """As OpenSSH's sanitise_stdfd: a closed fd 0, 1 or 2 is opened on /dev/null, so no
+    file sshfan opens takes its number (and output meant for it). sys.stdin and sys.stdout
+    stay None (_stdin, _stdout refuse them); text for a closed stderr is dropped, where
+    print() would have sent it to stdout, into the merged output of `-o -`."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    if sys.stderr is None:
+        sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115 - fd 2, for the process
+
+
 def _stdout() -> IO[bytes]:
     """Stdout's bytes, or a usage error when it was closed before sshfan started."""
     if sys.stdout is None:  # (the shell's >&-: Python leaves sys.stdout None)
@@ -9067,6 +9092,7 @@ def _print_err(line: str) -> None:
 
 def main() -> None:
     """Console entry point: usage errors become one line on stderr and exit 2."""
+    _open_std_fds()
     app = _cli()
     try:
         code = app(prog_name="sshfan", standalone_mode=False)  # also under python -m sshfan

@@ -369,12 +369,32 @@ def test_output_in_missing_directory(
     assert not (tmp_path / "no").exists()
 
 
-def run_stdout_closed(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
-    """Run sshfan ARGS in TMP_PATH with its stdout closed, as a shell's `>&-` leaves it."""
-    argv = ["sh", "-c", 'exec "$@" >&-', "sh", *sshfan_argv(*args)]
+def run_stdout_closed(
+    tmp_path: Path, *args: str, close: str = ">&-"
+) -> subprocess.CompletedProcess[bytes]:
+    """Run sshfan ARGS in TMP_PATH with its stdout (or as CLOSE says) closed, as a shell's
+    `>&-` leaves it."""
+    argv = ["sh", "-c", f'exec "$@" {close}', "sh", *sshfan_argv(*args)]
     return subprocess.run(
-        argv, cwd=tmp_path, env=sshfan_env(), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE
+        argv, cwd=tmp_path, env=sshfan_env(), stdin=subprocess.DEVNULL, capture_output=True
     )
+
+
+def test_stderr_closed(tmp_path: Path) -> None:
+    """With stderr closed (2>&-) the summary goes nowhere, not into the output on stdout:
+    `-o -` gives the tasks' bytes alone, as parallel does, and the complete run ends 0."""
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text("echo one\necho two >&2\necho three\n")
+    result = run_stdout_closed(
+        tmp_path, "run", str(tasks), "-o", "-", "--no-progress", close="2>&-"
+    )
+    assert (result.returncode, result.stdout) == (0, b"one\nthree\n")
+
+
+def test_stdin_closed_for_tasks(marker: Path, tmp_path: Path) -> None:
+    """TASKS '-' with stdin closed (<&-) is refused with one line (exit 2), no traceback."""
+    result = run_stdout_closed(tmp_path, "run", "-", "-o", "out", "--no-progress", close="<&-")
+    assert_usage_error(result, "stdin is closed")
 
 
 @pytest.mark.parametrize("args", [["run", "-o", "-"], ["run", "--dry-run"]])
