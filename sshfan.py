@@ -3091,8 +3091,8 @@ class SshTransport(StubTransport):
 
 class HostSession:
     """The head's end of one host: drives its HostProtocol over its StubTransport (which
-    only moves bytes) and acts on what the protocol returns; the run's part in the
-    protocol's events (_act)."""
+    only moves bytes), acts on what the protocol returns, and tells the run what it must
+    know as events (_tell: the run's deliver)."""
 
     def __init__(self, spec: HostSpec, run: _Run | None) -> None:
         """Prepare (but do not open) the session for SPEC within RUN."""
@@ -3260,8 +3260,8 @@ class HostSession:
     def on_data(self, data: bytes) -> None:
         """Bytes from the stub's stdout: the protocol's events, each acted on in turn.
 
-        Only what the protocol raises is the host's fault (it fails the host); an
-        exception in acting on an event is the run's own bug and ends the run (_Run.bug)."""
+        Only what the protocol raises is the host's fault (it fails the host); what the
+        run does with an event is the run's (_Run.deliver takes its exceptions for bugs)."""
         if self.state in HOST_GONE:
             return
         self.protocol.heard(time.monotonic())
