@@ -3264,20 +3264,28 @@ class HostSession:
         run does with an event is the run's (_Run.deliver takes its exceptions for bugs)."""
         if self.state in HOST_GONE:
             return
-        self.protocol.heard(time.monotonic())
-        events = self.protocol.receive(data)
-        before = self.protocol.frames_in
-        while True:
-            try:
-                event = next(events, None)
-            except HostError as exc:  # (ProtocolError: the stub sent what was not asked for)
-                self._fail(exc)
-                return
-            if event is None:
-                break
-            self._act(event)
-        if self.protocol.frames_in != before:
-            self._tell(Settled())
+        try:
+            self.protocol.heard(time.monotonic())
+            events = self.protocol.receive(data)
+            before = self.protocol.frames_in
+            while True:
+                try:
+                    event = next(events, None)
+                except HostError as exc:  # (ProtocolError: the stub sent what was not asked)
+                    self._fail(exc)
+                    return
+                if event is None:
+                    break
+                self._act(event)
+            if self.protocol.frames_in != before:
+                self._tell(Settled())
+        except Exception as exc:
+            # Any other exception is sshfan's own bug (the protocol's or the session's):
+            # raised into the transport's callback it would close the channel and look
+            # like a lost host. The run ends on it instead, and the host keeps its tasks.
+            if self.run is None:
+                raise
+            self.run.bug(exc)
 
     def _act(self, event: HostEvent) -> None:
         """Do what EVENT from the protocol asks of this session, or pass it to the run."""

@@ -252,8 +252,13 @@ class _Run:
     timeout = None
 
     def __init__(self) -> None:
-        """Nothing delivered yet."""
+        """Nothing delivered yet, no bug seen."""
         self.delivered: list[Any] = []
+        self.bugs: list[BaseException] = []
+
+    def bug(self, exc: BaseException) -> None:
+        """Record a bug the session hands to the run (the real run ends on it)."""
+        self.bugs.append(exc)
 
     def deliver(self, session: Any, event: Any) -> None:
         """Record EVENT, then raise the KeyError the old data handler took for a bad frame."""
@@ -266,20 +271,20 @@ def test_a_bug_in_the_runs_handling_is_not_the_hosts_protocol_error() -> None:
     fault: the session does not fail the host or give its task back (the real run's deliver
     ends the run on it, as the tests below show)."""
 
-    async def scenario() -> tuple[HostState, HostError | None, list[int], list[Any]]:
+    async def scenario() -> tuple[HostState, HostError | None, list[int], _Run]:
         """Feed one output frame to a ready session of the fake run."""
         run = _Run()
         session = sshfan.HostSession(sshfan.HostSpec(name="w", local=True), run)  # type: ignore[arg-type]
         session.hello = {"proto": PROTO_VERSION}
         session.protocol.move(HostState.READY)
         session.in_flight[1] = Task(1, "echo 1")
-        with pytest.raises(KeyError, match="a bug in the run"):
-            session.on_data(output(1, b"x"))
-        return session.state, session.error, list(session.in_flight), run.delivered
+        session.on_data(output(1, b"x"))
+        return session.state, session.error, list(session.in_flight), run
 
-    state, error, held, delivered = asyncio.run(scenario())
+    state, error, held, run = asyncio.run(scenario())
     assert (state, error, held) == (HostState.READY, None, [1])
-    assert [type(e) for e in delivered] == [OutputPiece]
+    assert [type(e) for e in run.delivered] == [OutputPiece]
+    assert [repr(e) for e in run.bugs] == [repr(KeyError("a bug in the run"))]
 
 
 def test_a_bug_in_the_runs_handling_ends_the_run_raising_it(
@@ -502,3 +507,19 @@ def test_a_session_tells_its_run_only_through_deliver() -> None:
     lost = events[-1]
     assert lost.error.stage == "protocol" and [t.seq for t in lost.tasks] == [2]
     assert state == HostState.LOST
+
+
+def test_a_bug_in_the_host_protocol_ends_the_run_raising_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bug in sshfan's own handling of a host's bytes (here in HostProtocol) surfaces as
+    that bug, not as the host's channel closed under it and a run that ends "no host left"."""
+
+    def broken(self: sshfan.HostProtocol, now: float) -> None:
+        """Fail as a bug in the protocol's own code would."""
+        raise AttributeError("a bug in the protocol")
+
+    monkeypatch.setattr(sshfan.HostProtocol, "heard", broken)
+    host = sshfan.HostSpec(name="local", local=True, python=sys.executable, slots=1)
+    with pytest.raises(AttributeError, match="a bug in the protocol"):
+        list(sshfan.run_tasks(["echo hello"], hosts=[host]))
