@@ -6,7 +6,6 @@ No timing is asserted here: the figures live in docs/performance.md, from tests/
 from __future__ import annotations
 
 import array
-import asyncio
 import contextlib
 import json
 import os
@@ -125,20 +124,30 @@ def test_default_local_host_forks_its_stub(
 def test_forked_stub_catches_no_signal_of_the_program_that_forked_it() -> None:
     """A program using sshfan may catch a signal (SIGUSR1 here): a forked local stub does
     not run that program's handler, as an exec'd one would not; the signals it catches
-    are its own (SIGINT, SIGTERM, SIGHUP and SIGCHLD)."""
+    are its own (SIGINT, SIGTERM, SIGHUP and SIGCHLD).
 
-    async def stub_signals() -> list[sshfan.TaskResult]:
-        """Run one task that reads its stub's caught signals, on a one-slot local host."""
-        host = local_host(1)
+    The program is a fresh Python: a local stub is forked only by a one-thread process,
+    and the test runner may have threads of its own (pytest-xdist's workers do)."""
+    program = r"""if True:
+        import asyncio, signal, sys, sshfan
+        signal.signal(signal.SIGUSR1, lambda signum, frame: None)
+        host = sshfan.HostSpec(name="local", local=True, python=sys.executable, slots=1)
         command = "grep SigCgt /proc/$PPID/status; tr '\\0' ' ' < /proc/$PPID/cmdline"
-        return [r async for r in sshfan.run_tasks_async([command], [host])]
 
-    signal.signal(signal.SIGUSR1, lambda signum, frame: None)
-    try:
-        [result] = asyncio.run(stub_signals())
-    finally:
-        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
-    caught_line, argv = result.stdout.decode().splitlines()
+        async def main():
+            return [r async for r in sshfan.run_tasks_async([command], [host])]
+
+        [result] = asyncio.run(main())
+        sys.stdout.buffer.write(result.stdout)
+    """
+    ran = subprocess.run(
+        [sys.executable, "-c", program],
+        capture_output=True,
+        cwd=Path(sshfan.__file__).parent,
+        timeout=60,
+        check=True,
+    )
+    caught_line, argv = ran.stdout.decode().split("\n", 1)  # (argv: the program, lines)
     mask = int(caught_line.split()[1], 16)
     # (Not the C library's own, outside valid_signals: glibc catches 32 and 33 for threads.)
     caught = {n for n in signal.valid_signals() if mask >> (n - 1) & 1}

@@ -634,7 +634,7 @@ def test_readme_test_command_is_what_ci_runs() -> None:
     assert any("install" in step and "-e '.[test]'" in step for step in ci_steps)
     # Same pytest arguments; only the interpreter (a venv's, CI's python3) differs.
     assert readme_steps[-1].split(" -m ", 1)[1] == ci_steps[-1].split(" -m ", 1)[1]
-    assert ci_steps[-1].split(" -m ", 1)[1] == "pytest -q"
+    assert ci_steps[-1].split(" -m ", 1)[1] == "pytest -q -n 2"
 
 
 def test_readme_hosts_file_example_loads_as_it_says(tmp_path: Path) -> None:
