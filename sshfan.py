@@ -28,11 +28,13 @@ Python 3.6+). The public API is `__all__`; everything else is internal.
    7. Host protocol (sans-IO): a stub's frames in, events out; host states
    8. Transports (SSH, local, forked) and HostSession, which drives a host's protocol
    9. Files to and from workers (GNU parallel's --transferfile, --return, --basefile)
-  10. Journal and output
-  11. The run: hosts, scheduler, journal and output together
-  12. Python API
-  13. Checking hosts
-  14. Command line
+  10. Task input: the tasks file, GNU parallel's replacement strings, --pipe chunks
+  11. Journal
+  12. Merged output: text, jsonl, gathered hosts and --results, from the journal
+  13. The run: hosts, scheduler, journal and output together
+  14. Python API
+  15. Checking hosts
+  16. Command line
 """
 
 from __future__ import annotations
@@ -4635,7 +4637,361 @@ def _sync_file(path: str) -> None:
 
 
 # ============================================================================
-# 10. Journal and output
+# 10. Task input: the tasks file, GNU parallel's replacement strings, --pipe chunks
+# ============================================================================
+
+TASK_LINE_MAX = 1024 * 1024  # a task line longer than this is refused as bad input
+
+
+@contextlib.contextmanager
+def _reading(path: str | os.PathLike[str], what: str) -> Iterator[None]:
+    """Turn a missing, directory or unreadable input file into one clear line (exit 2)."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise UsageError(f"{path}: {what} not found") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path}: is a directory, not a {what}") from None
+    except PermissionError:
+        raise UsageError(f"{path}: {what} is not readable (permission denied)") from None
+
+
+def _task_line(raw: bytes) -> str:
+    """A line of the tasks file as text: its bytes kept as they are (undecodable ones as
+    surrogates, as Python does for file names), the line end (LF or CRLF) cut off."""
+    line = raw.decode("utf-8", "surrogateescape")
+    if line.endswith("\n"):
+        line = line[:-1]
+    if line.endswith("\r"):
+        line = line[:-1]
+    return line
+
+
+def as_bytes(text: str) -> bytes:
+    """The bytes a task's text stands for (see _task_line)."""
+    return text.encode("utf-8", "surrogateescape")
+
+
+def _check_exec_length(where: str, command: str) -> None:
+    """Refuse (exit 2) a command the worker's kernel could not exec as `/bin/sh -c COMMAND`."""
+    size = len(as_bytes(command))
+    if size > EXEC_ARG_MAX:
+        raise UsageError(
+            f"{where}: the command is {size} bytes; a worker can run at most {EXEC_ARG_MAX} "
+            "(Linux's limit on one argument, MAX_ARG_STRLEN, and /bin/sh -c takes it as one)"
+        )
+
+
+def scan_tasks(path: Path, template: Template | None = None) -> tuple[int, str]:
+    """Check a tasks file (no NUL, commands short enough to exec); return its task count
+    and sha256. With a --command TEMPLATE every line is a task, blank ones too."""
+    digest = hashlib.sha256()
+    count = 0
+    with _reading(path, "tasks file"), open(path, "rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            digest.update(raw)
+            if len(raw) > TASK_LINE_MAX:
+                raise UsageError(f"{path}:{number}: task line longer than {TASK_LINE_MAX} bytes")
+            if b"\0" in raw:
+                raise UsageError(f"{path}:{number}: task contains a NUL byte")
+            line = _task_line(raw)
+            if template is not None:
+                count += 1
+                if template.may_exceed(line):
+                    command = template.render(line, number, slot=SLOT_WIDEST)
+                    _check_exec_length(f"{path}:{number}", command)
+            elif line.strip():
+                count += 1
+                _check_exec_length(f"{path}:{number}", line)
+    return count, digest.hexdigest()
+
+
+# Replacement strings, as GNU parallel's defaults define them: {} {.} {/} {//} {/.},
+# positional {n} {n.} {n/} {n//} {n/.} (n may be negative, or followed by blanks), {#}, {%}.
+_REPLACEMENT = re.compile(r"\{(?:(-?\d+)\s*)?(//|/\.|/|\.|)\}|\{([#%])\}")
+_TAG_REPLACEMENT = re.compile(_REPLACEMENT.pattern + r"|\{(host)\}")
+_PERL_EXPRESSION = re.compile(r"\{=.*?=\}", re.S)
+_NEEDS_QUOTES = re.compile(r"[^-_.+a-zA-Z0-9/]")
+# The slot number is known only when the stub starts the task: the head writes this mark
+# (NUL, which no task line or argument can hold) and the stub puts the number in its place.
+SLOT_MARK = "\0"
+SLOT_WIDEST = "9" * 6  # a slot number as wide as any, for length checks before the run
+EXEC_ARG_MAX = 131072 - 1  # Linux's MAX_ARG_STRLEN (32 pages), less the terminating NUL
+
+
+def shell_quote(text: str) -> str:
+    """Quote TEXT for /bin/sh exactly as GNU parallel does (its shell_quote_scalar_default).
+
+    Unlike shlex.quote it also quotes `@ % = : ,` and every non-ASCII byte, and it drops
+    the empty '' a leading or trailing single quote would leave."""
+    if not text:
+        return "''"
+    if not _NEEDS_QUOTES.search(text):
+        return text
+    quoted = "'" + text.replace("'", "'\"'\"'") + "'"
+    if quoted.startswith("''"):
+        quoted = quoted[2:]
+    if quoted.endswith("''"):
+        quoted = quoted[:-2]
+    return quoted
+
+
+def _strip_trailing_slashes(path: str) -> str:
+    """Perl File::Basename's _strip_trailing_sep: drop the slashes after the last character
+    that is not one (a lone run of slashes keeps one)."""
+    return re.sub(r"(.)/*\Z", r"\1", path, count=1, flags=re.S)
+
+
+def _fileparse(path: str) -> tuple[str, str]:
+    """Perl File::Basename's fileparse: (basename, directory with its slash, or './')."""
+    match = re.match(r"(.*/)?(.*)", path, re.S)
+    assert match is not None  # the pattern matches any string
+    return match.group(2), match.group(1) or "./"
+
+
+def perl_dirname(path: str) -> str:
+    """dirname() as Perl's File::Basename has it (what {//} uses): 'a/b/' gives 'a'."""
+    base, directory = _fileparse(path)
+    directory = _strip_trailing_slashes(directory)
+    if not base:
+        base, directory = _fileparse(directory)
+        directory = _strip_trailing_slashes(directory)
+    return directory
+
+
+def _no_extension(text: str) -> str:
+    """{.}: the last '.' after the last '/' and what follows it removed."""
+    return re.sub(r"\.[^/.]*$", "", text, count=1)
+
+
+def _basename(text: str) -> str:
+    """{/}: everything up to the last '/' removed."""
+    return re.sub(r".*/", "", text, count=1)
+
+
+_TRANSFORMS: dict[str, Callable[[str], str]] = {
+    "": lambda text: text,
+    ".": _no_extension,
+    "/": _basename,
+    "//": perl_dirname,
+    "/.": lambda text: _no_extension(_basename(text)),
+}
+
+
+def _unescape_tagstring(text: str) -> str:
+    """--tagstring's escapes, as GNU parallel reads them: \\t \\n \\r and octal \\NNN, \\N."""
+    text = text.replace("\\t", "\t").replace("\\n", "\n").replace("\\r", "\r")
+    text = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8) & 0xFF), text)
+    return re.sub(r"\\([0-7])", lambda m: chr(int(m.group(1), 8)), text)
+
+
+class Template:
+    """A --command, --pipe command or --tagstring, cut once into text and replacement strings,
+    filled for each line exactly as GNU parallel fills it."""
+
+    def __init__(self, text: str, colsep: str | None = None, kind: str = "command") -> None:
+        """Parse TEXT; KIND is 'command' (-c), 'pipe' (no line: one empty argument, nothing
+        appended), 'tag' (--tagstring: nothing quoted, {host} known too) or 'plain' (a file
+        name: nothing quoted, nothing appended)."""
+        if _PERL_EXPRESSION.search(text):
+            raise UsageError(f"{text!r}: {{= perl expression =}} is not supported by sshfan")
+        self.text = text
+        self.colsep = re.compile(colsep) if colsep is not None else None
+        pattern = _TAG_REPLACEMENT if kind == "tag" else _REPLACEMENT
+        self.parts: list[str | tuple[str, str | None, str]] = []
+        first = -1
+        at = 0
+        for match in pattern.finditer(text):
+            if first < 0:
+                first = match.start()
+            self.parts.append(text[at : match.start()])
+            position, operation, special = match.group(1), match.group(2), match.group(3)
+            if kind == "tag" and match.group(4):
+                self.parts.append(("host", None, ""))
+            elif special:
+                self.parts.append((special, None, ""))
+            else:
+                self.parts.append(("arg", position, operation))
+            at = match.end()
+        self.parts.append(text[at:])
+        if first < 0 and kind == "command":  # no replacement string: the line is appended
+            self.parts[-1] += " "
+            self.parts += [("arg", None, ""), ""]
+        # As parallel: when the command's first word holds a replacement string ({}, my_{},
+        # V={} excepted), nothing is quoted, so that `-c '{}'` runs the line itself.
+        self.quote = kind in ("command", "pipe") and not (
+            first >= 0 and not re.search(r"[ \t\n=]", text[:first])
+        )
+        self.uses_line = any(isinstance(p, tuple) and p[0] == "arg" for p in self.parts)
+        self._growth = sum(isinstance(p, tuple) for p in self.parts)
+        self._fixed = sum(len(as_bytes(p)) for p in self.parts if isinstance(p, str))
+
+    def columns(self, line: str) -> list[str]:
+        """The line's arguments: its --colsep columns, trimmed of blanks (parallel's implied
+        --trim rl), or the whole line."""
+        if self.colsep is None:
+            return [line]
+        return [column.strip(" \t\n\r\f\v") for column in self.colsep.split(line)]
+
+    def render(self, line: str, seq: int, slot: str = SLOT_MARK, host: str = "") -> str:
+        """The template filled for LINE, task SEQ (slot SLOT, on HOST for a tag)."""
+        quote = shell_quote if self.quote else (lambda text: text)
+        columns: list[str] | None = None
+        out = []
+        for part in self.parts:
+            if isinstance(part, str):
+                out.append(part)
+                continue
+            what, position, operation = part
+            if what == "#":
+                out.append(str(seq))
+            elif what == "%":
+                out.append(slot)
+            elif what == "host":
+                out.append(host)
+            else:
+                if columns is None:
+                    columns = self.columns(line)
+                transform = _TRANSFORMS[operation]
+                if position is None or position == "0":  # parallel reads {0} as {}
+                    out.append(" ".join(quote(transform(c)) for c in columns))
+                    continue
+                number = int(position)
+                index = number - 1 if number > 0 else len(columns) + number
+                if -len(columns) <= index < len(columns):
+                    out.append(quote(transform(columns[index])))
+                # else a column that is not there: nothing, not even '' (as parallel)
+        return "".join(out)
+
+    def may_exceed(self, line: str) -> bool:
+        """Whether the filled template might be too long to exec (a cheap upper bound)."""
+        # A replacement is at most the line quoted: 5 bytes for each of its bytes (a ' is
+        # '"'"'), and 2 quotes and a space for each of its columns (at most a char each).
+        widest = 5 * len(as_bytes(line)) + 3 * (len(line) + 1) + 20
+        return self._fixed + self._growth * widest > EXEC_ARG_MAX
+
+
+def read_tasks(
+    path: Path,
+    merged: MergedOutput | None,
+    done: array.array[int],
+    template: Template | None = None,
+) -> Iterator[Task]:
+    """Stream the tasks file as Tasks; skipped and already-journaled tasks go to MERGED.
+
+    Without a template a line is a command and a blank line is skipped; with one every
+    line is an argument, a blank one too (an empty {}), as GNU parallel has it."""
+    with open(path, "rb") as handle:
+        for seq, raw in enumerate(handle, 1):
+            line = _task_line(raw)
+            if template is None and not line.strip():
+                if merged is not None:
+                    merged.skip(seq)
+            elif seq < len(done) and done[seq] >= 0:
+                if merged is not None:
+                    merged.put(seq, done[seq])
+            elif template is not None:
+                yield Task(seq, template.render(line, seq), arg=line)
+            else:
+                yield Task(seq, line)
+
+
+def known_long_tasks(
+    path: Path, done: array.array[int], history: DurationHistory, template: Template | None = None
+) -> list[Task]:
+    """The tasks of the file that HISTORY knows to be long, longest first (for LPT).
+
+    A pass over the file of its own, made only when the history holds something: the
+    run itself streams the file, and this keeps only the tasks it finds (a bounded few)."""
+    found: list[tuple[float, Task]] = []
+    if not history.known:
+        return []
+    with open(path, "rb") as handle:
+        for seq, raw in enumerate(handle, 1):
+            line = _task_line(raw)
+            if (template is None and not line.strip()) or (seq < len(done) and done[seq] >= 0):
+                continue
+            command = line if template is None else template.render(line, seq)
+            duration = history.known.get(history.key(command))
+            if duration is not None:
+                arg = line if template is not None else None
+                found.append((duration, Task(seq, command, arg=arg, long=True)))
+    found.sort(key=lambda pair: (-pair[0], pair[1].seq))
+    return [task for _, task in found]
+
+
+PIPE_READ = 1024 * 1024  # bytes read at a time while looking for the end of a long record
+PIPE_AHEAD_BYTES = 16 * 1024 * 1024  # --pipe data a host holds queued beyond its slots, about
+
+
+def _pipe_chunks(path: Path, lines: int | None, block: int) -> Iterator[bytes]:
+    """Cut a data file into --pipe chunks: LINES lines each, or records (lines) up to BLOCK
+    bytes, as GNU parallel cuts them: a chunk ends at the last line end within BLOCK bytes,
+    a line longer than BLOCK goes whole, and the rest of the file, once it fits, is the last."""
+    with open(path, "rb") as handle:
+        if lines:
+            while chunk := b"".join(itertools.islice(handle, lines)):
+                yield chunk
+            return
+        buf = bytearray()
+        eof = False
+        while True:
+            # More than BLOCK bytes say whether the chunk is the file's last one.
+            while len(buf) <= block and not eof:
+                more = handle.read(max(block + 1 - len(buf), PIPE_READ))
+                eof = not more
+                buf += more
+            if not buf:
+                return
+            if len(buf) <= block:
+                yield bytes(buf)
+                return
+            end = buf.rfind(b"\n", 0, block)
+            if end < 0:  # one record longer than the block: it goes whole, never cut
+                start = block
+                while (end := buf.find(b"\n", start)) < 0 and not eof:
+                    start = len(buf)
+                    more = handle.read(PIPE_READ)
+                    eof = not more
+                    buf += more
+                if end < 0:
+                    end = len(buf) - 1
+            yield bytes(buf[: end + 1])
+            del buf[: end + 1]
+
+
+def scan_chunks(path: Path, lines: int | None, block: int) -> tuple[int, str]:
+    """Count a --pipe data file's chunks and hash it."""
+    digest = hashlib.sha256()
+    count = 0
+    with _reading(path, "data file"):
+        for count, chunk in enumerate(_pipe_chunks(path, lines, block), 1):  # noqa: B007
+            digest.update(chunk)
+    return count, digest.hexdigest()
+
+
+def read_chunks(
+    path: Path,
+    merged: MergedOutput | None,
+    done: array.array[int],
+    command: Template,
+    lines: int | None,
+    block: int,
+) -> Iterator[Task]:
+    """Stream --pipe chunks as Tasks running COMMAND with the chunk on stdin; seq counts chunks.
+
+    As in GNU parallel, {#} and {%} in COMMAND are the chunk's number and slot, and the
+    other replacement strings stand for an empty argument."""
+    for seq, chunk in enumerate(_pipe_chunks(path, lines, block), 1):
+        if seq < len(done) and done[seq] >= 0:
+            if merged is not None:
+                merged.put(seq, done[seq])
+        else:
+            yield Task(seq, command.render("", seq), data=chunk, arg="")
+
+
+# ============================================================================
+# 11. Journal
 # ============================================================================
 # The journal is an append-only file of frames (the same framing as the wire):
 # a header record, OUTPUT pieces of large outputs as they stream in, and one DONE
@@ -4649,7 +5005,6 @@ def _sync_file(path: str) -> None:
 JOURNAL_VERSION = 1
 _IOV_BATCH = 512  # buffers per writev: well under IOV_MAX (1024 on Linux)
 DONE_HEAD = struct.Struct(">I")
-TASK_LINE_MAX = 1024 * 1024  # a task line longer than this is refused as bad input
 
 
 class Journal:
@@ -5100,6 +5455,11 @@ def _get_text(record: dict[str, Any], key: str) -> str | None:
     if key + "_b64" in record:
         return base64.b64decode(record[key + "_b64"]).decode("utf-8", "surrogateescape")
     return record.get(key)
+
+
+# ============================================================================
+# 12. Merged output: text, jsonl, gathered hosts and --results, from the journal
+# ============================================================================
 
 
 def _output_chunks(where: OutputRange) -> Iterator[bytes]:
@@ -5739,355 +6099,8 @@ class ResultsTree:
                     handle.write(chunk)
 
 
-@contextlib.contextmanager
-def _reading(path: str | os.PathLike[str], what: str) -> Iterator[None]:
-    """Turn a missing, directory or unreadable input file into one clear line (exit 2)."""
-    try:
-        yield
-    except FileNotFoundError:
-        raise UsageError(f"{path}: {what} not found") from None
-    except IsADirectoryError:
-        raise UsageError(f"{path}: is a directory, not a {what}") from None
-    except PermissionError:
-        raise UsageError(f"{path}: {what} is not readable (permission denied)") from None
-
-
-def _task_line(raw: bytes) -> str:
-    """A line of the tasks file as text: its bytes kept as they are (undecodable ones as
-    surrogates, as Python does for file names), the line end (LF or CRLF) cut off."""
-    line = raw.decode("utf-8", "surrogateescape")
-    if line.endswith("\n"):
-        line = line[:-1]
-    if line.endswith("\r"):
-        line = line[:-1]
-    return line
-
-
-def as_bytes(text: str) -> bytes:
-    """The bytes a task's text stands for (see _task_line)."""
-    return text.encode("utf-8", "surrogateescape")
-
-
-def _check_exec_length(where: str, command: str) -> None:
-    """Refuse (exit 2) a command the worker's kernel could not exec as `/bin/sh -c COMMAND`."""
-    size = len(as_bytes(command))
-    if size > EXEC_ARG_MAX:
-        raise UsageError(
-            f"{where}: the command is {size} bytes; a worker can run at most {EXEC_ARG_MAX} "
-            "(Linux's limit on one argument, MAX_ARG_STRLEN, and /bin/sh -c takes it as one)"
-        )
-
-
-def scan_tasks(path: Path, template: Template | None = None) -> tuple[int, str]:
-    """Check a tasks file (no NUL, commands short enough to exec); return its task count
-    and sha256. With a --command TEMPLATE every line is a task, blank ones too."""
-    digest = hashlib.sha256()
-    count = 0
-    with _reading(path, "tasks file"), open(path, "rb") as handle:
-        for number, raw in enumerate(handle, 1):
-            digest.update(raw)
-            if len(raw) > TASK_LINE_MAX:
-                raise UsageError(f"{path}:{number}: task line longer than {TASK_LINE_MAX} bytes")
-            if b"\0" in raw:
-                raise UsageError(f"{path}:{number}: task contains a NUL byte")
-            line = _task_line(raw)
-            if template is not None:
-                count += 1
-                if template.may_exceed(line):
-                    command = template.render(line, number, slot=SLOT_WIDEST)
-                    _check_exec_length(f"{path}:{number}", command)
-            elif line.strip():
-                count += 1
-                _check_exec_length(f"{path}:{number}", line)
-    return count, digest.hexdigest()
-
-
-# Replacement strings, as GNU parallel's defaults define them: {} {.} {/} {//} {/.},
-# positional {n} {n.} {n/} {n//} {n/.} (n may be negative, or followed by blanks), {#}, {%}.
-_REPLACEMENT = re.compile(r"\{(?:(-?\d+)\s*)?(//|/\.|/|\.|)\}|\{([#%])\}")
-_TAG_REPLACEMENT = re.compile(_REPLACEMENT.pattern + r"|\{(host)\}")
-_PERL_EXPRESSION = re.compile(r"\{=.*?=\}", re.S)
-_NEEDS_QUOTES = re.compile(r"[^-_.+a-zA-Z0-9/]")
-# The slot number is known only when the stub starts the task: the head writes this mark
-# (NUL, which no task line or argument can hold) and the stub puts the number in its place.
-SLOT_MARK = "\0"
-SLOT_WIDEST = "9" * 6  # a slot number as wide as any, for length checks before the run
-EXEC_ARG_MAX = 131072 - 1  # Linux's MAX_ARG_STRLEN (32 pages), less the terminating NUL
-
-
-def shell_quote(text: str) -> str:
-    """Quote TEXT for /bin/sh exactly as GNU parallel does (its shell_quote_scalar_default).
-
-    Unlike shlex.quote it also quotes `@ % = : ,` and every non-ASCII byte, and it drops
-    the empty '' a leading or trailing single quote would leave."""
-    if not text:
-        return "''"
-    if not _NEEDS_QUOTES.search(text):
-        return text
-    quoted = "'" + text.replace("'", "'\"'\"'") + "'"
-    if quoted.startswith("''"):
-        quoted = quoted[2:]
-    if quoted.endswith("''"):
-        quoted = quoted[:-2]
-    return quoted
-
-
-def _strip_trailing_slashes(path: str) -> str:
-    """Perl File::Basename's _strip_trailing_sep: drop the slashes after the last character
-    that is not one (a lone run of slashes keeps one)."""
-    return re.sub(r"(.)/*\Z", r"\1", path, count=1, flags=re.S)
-
-
-def _fileparse(path: str) -> tuple[str, str]:
-    """Perl File::Basename's fileparse: (basename, directory with its slash, or './')."""
-    match = re.match(r"(.*/)?(.*)", path, re.S)
-    assert match is not None  # the pattern matches any string
-    return match.group(2), match.group(1) or "./"
-
-
-def perl_dirname(path: str) -> str:
-    """dirname() as Perl's File::Basename has it (what {//} uses): 'a/b/' gives 'a'."""
-    base, directory = _fileparse(path)
-    directory = _strip_trailing_slashes(directory)
-    if not base:
-        base, directory = _fileparse(directory)
-        directory = _strip_trailing_slashes(directory)
-    return directory
-
-
-def _no_extension(text: str) -> str:
-    """{.}: the last '.' after the last '/' and what follows it removed."""
-    return re.sub(r"\.[^/.]*$", "", text, count=1)
-
-
-def _basename(text: str) -> str:
-    """{/}: everything up to the last '/' removed."""
-    return re.sub(r".*/", "", text, count=1)
-
-
-_TRANSFORMS: dict[str, Callable[[str], str]] = {
-    "": lambda text: text,
-    ".": _no_extension,
-    "/": _basename,
-    "//": perl_dirname,
-    "/.": lambda text: _no_extension(_basename(text)),
-}
-
-
-def _unescape_tagstring(text: str) -> str:
-    """--tagstring's escapes, as GNU parallel reads them: \\t \\n \\r and octal \\NNN, \\N."""
-    text = text.replace("\\t", "\t").replace("\\n", "\n").replace("\\r", "\r")
-    text = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8) & 0xFF), text)
-    return re.sub(r"\\([0-7])", lambda m: chr(int(m.group(1), 8)), text)
-
-
-class Template:
-    """A --command, --pipe command or --tagstring, cut once into text and replacement strings,
-    filled for each line exactly as GNU parallel fills it."""
-
-    def __init__(self, text: str, colsep: str | None = None, kind: str = "command") -> None:
-        """Parse TEXT; KIND is 'command' (-c), 'pipe' (no line: one empty argument, nothing
-        appended), 'tag' (--tagstring: nothing quoted, {host} known too) or 'plain' (a file
-        name: nothing quoted, nothing appended)."""
-        if _PERL_EXPRESSION.search(text):
-            raise UsageError(f"{text!r}: {{= perl expression =}} is not supported by sshfan")
-        self.text = text
-        self.colsep = re.compile(colsep) if colsep is not None else None
-        pattern = _TAG_REPLACEMENT if kind == "tag" else _REPLACEMENT
-        self.parts: list[str | tuple[str, str | None, str]] = []
-        first = -1
-        at = 0
-        for match in pattern.finditer(text):
-            if first < 0:
-                first = match.start()
-            self.parts.append(text[at : match.start()])
-            position, operation, special = match.group(1), match.group(2), match.group(3)
-            if kind == "tag" and match.group(4):
-                self.parts.append(("host", None, ""))
-            elif special:
-                self.parts.append((special, None, ""))
-            else:
-                self.parts.append(("arg", position, operation))
-            at = match.end()
-        self.parts.append(text[at:])
-        if first < 0 and kind == "command":  # no replacement string: the line is appended
-            self.parts[-1] += " "
-            self.parts += [("arg", None, ""), ""]
-        # As parallel: when the command's first word holds a replacement string ({}, my_{},
-        # V={} excepted), nothing is quoted, so that `-c '{}'` runs the line itself.
-        self.quote = kind in ("command", "pipe") and not (
-            first >= 0 and not re.search(r"[ \t\n=]", text[:first])
-        )
-        self.uses_line = any(isinstance(p, tuple) and p[0] == "arg" for p in self.parts)
-        self._growth = sum(isinstance(p, tuple) for p in self.parts)
-        self._fixed = sum(len(as_bytes(p)) for p in self.parts if isinstance(p, str))
-
-    def columns(self, line: str) -> list[str]:
-        """The line's arguments: its --colsep columns, trimmed of blanks (parallel's implied
-        --trim rl), or the whole line."""
-        if self.colsep is None:
-            return [line]
-        return [column.strip(" \t\n\r\f\v") for column in self.colsep.split(line)]
-
-    def render(self, line: str, seq: int, slot: str = SLOT_MARK, host: str = "") -> str:
-        """The template filled for LINE, task SEQ (slot SLOT, on HOST for a tag)."""
-        quote = shell_quote if self.quote else (lambda text: text)
-        columns: list[str] | None = None
-        out = []
-        for part in self.parts:
-            if isinstance(part, str):
-                out.append(part)
-                continue
-            what, position, operation = part
-            if what == "#":
-                out.append(str(seq))
-            elif what == "%":
-                out.append(slot)
-            elif what == "host":
-                out.append(host)
-            else:
-                if columns is None:
-                    columns = self.columns(line)
-                transform = _TRANSFORMS[operation]
-                if position is None or position == "0":  # parallel reads {0} as {}
-                    out.append(" ".join(quote(transform(c)) for c in columns))
-                    continue
-                number = int(position)
-                index = number - 1 if number > 0 else len(columns) + number
-                if -len(columns) <= index < len(columns):
-                    out.append(quote(transform(columns[index])))
-                # else a column that is not there: nothing, not even '' (as parallel)
-        return "".join(out)
-
-    def may_exceed(self, line: str) -> bool:
-        """Whether the filled template might be too long to exec (a cheap upper bound)."""
-        # A replacement is at most the line quoted: 5 bytes for each of its bytes (a ' is
-        # '"'"'), and 2 quotes and a space for each of its columns (at most a char each).
-        widest = 5 * len(as_bytes(line)) + 3 * (len(line) + 1) + 20
-        return self._fixed + self._growth * widest > EXEC_ARG_MAX
-
-
-def read_tasks(
-    path: Path,
-    merged: MergedOutput | None,
-    done: array.array[int],
-    template: Template | None = None,
-) -> Iterator[Task]:
-    """Stream the tasks file as Tasks; skipped and already-journaled tasks go to MERGED.
-
-    Without a template a line is a command and a blank line is skipped; with one every
-    line is an argument, a blank one too (an empty {}), as GNU parallel has it."""
-    with open(path, "rb") as handle:
-        for seq, raw in enumerate(handle, 1):
-            line = _task_line(raw)
-            if template is None and not line.strip():
-                if merged is not None:
-                    merged.skip(seq)
-            elif seq < len(done) and done[seq] >= 0:
-                if merged is not None:
-                    merged.put(seq, done[seq])
-            elif template is not None:
-                yield Task(seq, template.render(line, seq), arg=line)
-            else:
-                yield Task(seq, line)
-
-
-def known_long_tasks(
-    path: Path, done: array.array[int], history: DurationHistory, template: Template | None = None
-) -> list[Task]:
-    """The tasks of the file that HISTORY knows to be long, longest first (for LPT).
-
-    A pass over the file of its own, made only when the history holds something: the
-    run itself streams the file, and this keeps only the tasks it finds (a bounded few)."""
-    found: list[tuple[float, Task]] = []
-    if not history.known:
-        return []
-    with open(path, "rb") as handle:
-        for seq, raw in enumerate(handle, 1):
-            line = _task_line(raw)
-            if (template is None and not line.strip()) or (seq < len(done) and done[seq] >= 0):
-                continue
-            command = line if template is None else template.render(line, seq)
-            duration = history.known.get(history.key(command))
-            if duration is not None:
-                arg = line if template is not None else None
-                found.append((duration, Task(seq, command, arg=arg, long=True)))
-    found.sort(key=lambda pair: (-pair[0], pair[1].seq))
-    return [task for _, task in found]
-
-
-PIPE_READ = 1024 * 1024  # bytes read at a time while looking for the end of a long record
-PIPE_AHEAD_BYTES = 16 * 1024 * 1024  # --pipe data a host holds queued beyond its slots, about
-
-
-def _pipe_chunks(path: Path, lines: int | None, block: int) -> Iterator[bytes]:
-    """Cut a data file into --pipe chunks: LINES lines each, or records (lines) up to BLOCK
-    bytes, as GNU parallel cuts them: a chunk ends at the last line end within BLOCK bytes,
-    a line longer than BLOCK goes whole, and the rest of the file, once it fits, is the last."""
-    with open(path, "rb") as handle:
-        if lines:
-            while chunk := b"".join(itertools.islice(handle, lines)):
-                yield chunk
-            return
-        buf = bytearray()
-        eof = False
-        while True:
-            # More than BLOCK bytes say whether the chunk is the file's last one.
-            while len(buf) <= block and not eof:
-                more = handle.read(max(block + 1 - len(buf), PIPE_READ))
-                eof = not more
-                buf += more
-            if not buf:
-                return
-            if len(buf) <= block:
-                yield bytes(buf)
-                return
-            end = buf.rfind(b"\n", 0, block)
-            if end < 0:  # one record longer than the block: it goes whole, never cut
-                start = block
-                while (end := buf.find(b"\n", start)) < 0 and not eof:
-                    start = len(buf)
-                    more = handle.read(PIPE_READ)
-                    eof = not more
-                    buf += more
-                if end < 0:
-                    end = len(buf) - 1
-            yield bytes(buf[: end + 1])
-            del buf[: end + 1]
-
-
-def scan_chunks(path: Path, lines: int | None, block: int) -> tuple[int, str]:
-    """Count a --pipe data file's chunks and hash it."""
-    digest = hashlib.sha256()
-    count = 0
-    with _reading(path, "data file"):
-        for count, chunk in enumerate(_pipe_chunks(path, lines, block), 1):  # noqa: B007
-            digest.update(chunk)
-    return count, digest.hexdigest()
-
-
-def read_chunks(
-    path: Path,
-    merged: MergedOutput | None,
-    done: array.array[int],
-    command: Template,
-    lines: int | None,
-    block: int,
-) -> Iterator[Task]:
-    """Stream --pipe chunks as Tasks running COMMAND with the chunk on stdin; seq counts chunks.
-
-    As in GNU parallel, {#} and {%} in COMMAND are the chunk's number and slot, and the
-    other replacement strings stand for an empty argument."""
-    for seq, chunk in enumerate(_pipe_chunks(path, lines, block), 1):
-        if seq < len(done) and done[seq] >= 0:
-            if merged is not None:
-                merged.put(seq, done[seq])
-        else:
-            yield Task(seq, command.render("", seq), data=chunk, arg="")
-
-
 # ============================================================================
-# 11. The run: hosts, scheduler, journal and output together
+# 13. The run: hosts, scheduler, journal and output together
 # ============================================================================
 
 WATCH_INTERVAL = 1.0  # seconds between looks at the hosts files (hosts that come and go)
@@ -7811,7 +7824,7 @@ def whole_result(result: TaskResult, journal: Journal) -> TaskResult:
 
 
 # ============================================================================
-# 12. Python API
+# 14. Python API
 # ============================================================================
 
 TasksArg = str | os.PathLike[str] | Iterable[str]
@@ -7978,7 +7991,7 @@ def run_tasks(
 
 
 # ============================================================================
-# 13. Checking hosts
+# 15. Checking hosts
 # ============================================================================
 
 
@@ -8029,7 +8042,7 @@ async def check_hosts(hosts: list[HostSpec]) -> list[HostCheck]:
 
 
 # ============================================================================
-# 14. Command line
+# 16. Command line
 # ============================================================================
 
 _FORMATS = ("text", "jsonl")
