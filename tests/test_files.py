@@ -317,6 +317,26 @@ def test_local_host_transfers_nothing(run_sshfan: RunSshfan, tmp_path: Path) -> 
     assert (tmp_path / "a.txt").exists()  # --cleanup removes files on workers only
 
 
+def kill_once_growing(proc: subprocess.Popen[bytes], find: Callable[[], Path], what: str) -> Path:
+    """SIGKILL the head PROC as soon as the part file FIND names has bytes in it; return
+    that file. Fails if the transfer (WHAT) ended before it could be killed."""
+    part = find()
+    deadline = time.monotonic() + 120
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            part = find()
+            if part.exists() and part.stat().st_size > 0:
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.002)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"the {what} finished before the kill"
+    return part
+
+
 def test_head_killed_during_return_then_resume(
     sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path
 ) -> None:
@@ -342,19 +362,7 @@ def test_head_killed_during_return_then_resume(
     proc = subprocess.Popen(
         args, cwd=head, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-    part = head / ".big.bin.sshfan-1.part"
-    deadline = time.monotonic() + 120
-    try:
-        while proc.poll() is None and time.monotonic() < deadline:
-            if part.exists() and part.stat().st_size > 0:
-                proc.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.002)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the return finished before the kill"
+    part = kill_once_growing(proc, lambda: head / ".big.bin.sshfan-1.part", "return")
     assert not (head / "big.bin").exists()  # the partial file never has the final name
 
     result = run_sshfan([*args[3:], "--resume"], cwd=head)
@@ -383,20 +391,9 @@ def test_head_killed_during_upload_leaves_no_part_then_resume(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    part = worker / "none yet"
-    deadline = time.monotonic() + 120
-    try:
-        while proc.poll() is None and time.monotonic() < deadline:
-            part = next(worker.glob(".big.bin.sshfan-1-*.part"), part)
-            if part.exists() and part.stat().st_size > 0:
-                proc.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.002)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the upload finished before the kill"
+    part = kill_once_growing(
+        proc, lambda: next(worker.glob(".big.bin.sshfan-1-*.part"), worker / "none yet"), "upload"
+    )
     deadline = time.monotonic() + 60
     while part.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
