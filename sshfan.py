@@ -3972,8 +3972,12 @@ _STRICT_VALUES = {
 }
 
 
+# asyncssh's X.509 certificate support: OpenSSH has none, so neither does sshfan (below).
+_ASYNCSSH_X509 = "asyncssh.crypto.x509"
+
+
 def _import_asyncssh() -> None:
-    """Import asyncssh (once) without the slow half of its search for optional libraries.
+    """Import asyncssh (once) without the parts of its start that an OpenSSH peer never uses.
 
     As it imports, asyncssh looks for liboqs (post-quantum key exchange) and nettle (UMAC)
     with ctypes.util.find_library, which for a library the ld.so cache does not list goes
@@ -3981,22 +3985,31 @@ def _import_asyncssh() -> None:
     every SSH run's start. While asyncssh imports, the cache alone answers: both are
     optional (asyncssh then offers its other algorithms), and what gcc or ld find outside
     the cache dlopen mostly could not load by that name. Nothing changes with
-    LD_LIBRARY_PATH set (ld's step searches it) or where ctypes has no cache step."""
+    LD_LIBRARY_PATH set (ld's step searches it) or where ctypes has no cache step.
+
+    It also tries X.509 certificate support, for host and user keys in X.509
+    certificates: an SSH extension OpenSSH does not implement, so no OpenSSH server,
+    known_hosts or authorized_keys file sshfan meets holds one. The try imports
+    cryptography's x509 package, the largest single part of asyncssh's import, and then
+    usually fails anyway (it needs pyOpenSSL). Skipped, asyncssh goes on as it does
+    without pyOpenSSL, with OpenSSH's key and certificate types; the module stays
+    importable for anyone who asks for it later."""
     if "asyncssh" in sys.modules:
         return
     import ctypes.util
 
     from_cache = getattr(ctypes.util, "_findSoname_ldconfig", None)
     full = ctypes.util.find_library
-    if from_cache is None or os.environ.get("LD_LIBRARY_PATH"):
-        import asyncssh  # noqa: F401
-
-        return
-    ctypes.util.find_library = from_cache
+    cached = from_cache is not None and not os.environ.get("LD_LIBRARY_PATH")
+    blocked = sys.modules.setdefault(_ASYNCSSH_X509, None) is None
+    if cached:
+        ctypes.util.find_library = from_cache
     try:
         import asyncssh  # noqa: F401
     finally:
         ctypes.util.find_library = full
+        if blocked and sys.modules.get(_ASYNCSSH_X509, 0) is None:
+            del sys.modules[_ASYNCSSH_X509]
 
 
 @functools.cache

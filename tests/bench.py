@@ -373,9 +373,13 @@ def fmt(value: float | None, unit: str) -> str:
 class Bench:
     """Shared state: the sshd, a scratch directory, sizes and round counts."""
 
-    def __init__(self, workdir: Path, server: SshServer, quick: bool, rounds: int) -> None:
-        """Keep the scratch dir and server; pick sizes for quick or full runs."""
+    def __init__(
+        self, workdir: Path, server: SshServer, quick: bool, rounds: int, python: str
+    ) -> None:
+        """Keep the scratch dir and server; pick sizes for quick or full runs; run sshfan
+        with the interpreter PYTHON (see clean_python)."""
         self.dir = workdir
+        self.python = python
         self.server = server
         self.quick = quick
         self.rounds = rounds
@@ -438,7 +442,7 @@ class Bench:
         extra: tuple[str, ...] = (),
     ) -> Ran:
         """Run `python -m sshfan run` to completion; raise BenchError unless it exits 0."""
-        argv = [sys.executable, "-m", "sshfan", "run", str(tasks), "-o", str(out)]
+        argv = [self.python, "-m", "sshfan", "run", str(tasks), "-o", str(out)]
         argv += ["--no-progress", "--format", fmt, *extra]
         if hosts is not None:
             argv += ["--hosts", str(hosts)]
@@ -790,7 +794,7 @@ class Bench:
             """One task that renames the file it was sent; its result comes back; MB/s."""
             with self.rundir() as d:
                 (d / "payload.bin").symlink_to(data)
-                argv = [sys.executable, "-m", "sshfan", "run", str(tasks), "-o", "out"]
+                argv = [self.python, "-m", "sshfan", "run", str(tasks), "-o", "out"]
                 argv += ["--no-progress", "--hosts", str(hosts), "-c", "mv {} {}.back"]
                 argv += ["--tf", "{}", "--return", "{}.back"]
                 ran = checked(run(argv, cwd=d, env=self.env), "sshfan")
@@ -1075,7 +1079,7 @@ class Bench:
             """`sshfan all -H hosts uname -r`: host: line lines, checked exactly."""
             with self.rundir() as d:
                 out = d / "out.txt"
-                argv = [sys.executable, "-m", "sshfan", "all", "-H", str(hosts), "uname", "-r"]
+                argv = [self.python, "-m", "sshfan", "all", "-H", str(hosts), "uname", "-r"]
                 ran = checked(run(argv, stdout=out, cwd=d, env=self.env), "sshfan")
                 self.sshfan_runs.append(ran)
                 wanted = "".join(f"{name}: {kernel}\n" for name in ONE_COMMAND_HOSTS)
@@ -1150,7 +1154,7 @@ class Bench:
             log(f"[{row.name}] round {i + 1}/{self.rounds}")
             row.attempt("sshfan", once)
             row.attempt("comparison", ssh_once)
-        head = [sys.executable, "-m", "sshfan", "--help"]
+        head = [self.python, "-m", "sshfan", "--help"]
         walls = sorted(checked(run(head, env=self.env), "sshfan --help").wall for _ in range(3))
         row.notes.append(
             f"head start-up alone (`python -m sshfan --help`): median {walls[1]:.3f} s; "
@@ -1187,12 +1191,16 @@ class Bench:
         # What the interpreter alone costs here, with and without this machine's site-packages
         # .pth files (which GNU parallel, a Perl script, does not pay).
         floors = []
-        for flags in ([], ["-S"]):
+        for label, python, flags in (
+            ("python3", sys.executable, []),
+            ("python3", sys.executable, ["-S"]),
+            ("sshfan's python3", self.python, []),
+        ):
             walls = sorted(
-                checked(run([sys.executable, *flags, "-c", "pass"], env=self.env), "python").wall
+                checked(run([python, *flags, "-c", "pass"], env=self.env), "python").wall
                 for _ in range(5)
             )
-            floors.append(f"`python3 {' '.join([*flags, '-c', 'pass'])}` {walls[2]:.3f} s")
+            floors.append(f"`{label} {' '.join([*flags, '-c', 'pass'])}` {walls[2]:.3f} s")
         row.notes.append("the interpreter alone (median of 5): " + ", ".join(floors))
         judge(row, lambda s, c: s / c, lambda r: r <= 1.0)
         value = row.median("sshfan")
@@ -1297,6 +1305,39 @@ def precompile() -> None:
         log("PYTHONDONTWRITEBYTECODE is set: sshfan.py byte-compiled once, as pip would")
 
 
+def clean_python(workdir: Path, machine: bool) -> str:
+    """The interpreter sshfan runs with in the bench: this one (with MACHINE), else a
+    fresh venv of it that sees the same installed packages but not their .pth files.
+
+    This interpreter's site-packages may run start-up hooks that a user's own install
+    of sshfan would not have: the machine's (a sandbox's CA bundle hook here), and an
+    editable install's import finder. Python runs them at every start (46 ms of the 57
+    of `python3 -c pass` here, against GNU parallel's Perl, which pays none). A venv
+    whose only .pth names those directories as plain paths imports the same modules,
+    as a `pip install sshfan` into a venv would, without running the hooks."""
+    if machine:
+        return sys.executable
+    import site
+    import sysconfig
+
+    venv = workdir / "python"
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, capture_output=True
+    )
+    probe = [
+        str(venv / "bin" / "python"),
+        "-c",
+        "import sysconfig; print(sysconfig.get_path('purelib'))",
+    ]
+    purelib = Path(subprocess.run(probe, check=True, capture_output=True, text=True).stdout.strip())
+    dirs = [*site.getsitepackages(), sysconfig.get_path("purelib"), sysconfig.get_path("platlib")]
+    if site.ENABLE_USER_SITE:
+        dirs.append(site.getusersitepackages())
+    seen = list(dict.fromkeys(d for d in dirs if os.path.isdir(d)))
+    (purelib / "sshfan-bench-deps.pth").write_text("".join(f"{d}\n" for d in seen))
+    return str(venv / "bin" / "python")
+
+
 @contextlib.contextmanager
 def plain_login(wanted: bool) -> Iterator[tuple[Path, str] | None]:
     """With WANTED, as root: a throwaway user whose login shell is a plain /bin/sh (no
@@ -1364,6 +1405,12 @@ def main(argv: list[str] | None = None) -> int:
         "removed by the bench), to measure sshfan rather than root's shell start-up",
     )
     parser.add_argument(
+        "--machine-python",
+        action="store_true",
+        help="run sshfan with this interpreter as it is, its site-packages' .pth start-up "
+        "hooks included, instead of a clean venv of it (see clean_python)",
+    )
+    parser.add_argument(
         "--only", action="append", choices=sorted(SCENARIOS), help="run only these (repeatable)"
     )
     args = parser.parse_args(argv)
@@ -1379,7 +1426,9 @@ def main(argv: list[str] | None = None) -> int:
             bench_server(workdir, plain) as server,
         ):
             log(f"sshd ({server.kind}) on {server.host}:{server.port}, user {server.user}")
-            bench = Bench(workdir, server, args.quick, rounds)
+            python = clean_python(workdir, args.machine_python)
+            log(f"sshfan runs with {python}")
+            bench = Bench(workdir, server, args.quick, rounds, python)
             for name in names:
                 bench.settle()
                 begun = time.perf_counter()

@@ -97,6 +97,24 @@ def test_asyncssh_import_runs_no_compiler_or_linker(tmp_path: Path) -> None:
     assert done.stdout.split() == ["True", "False", "True"], done.stdout
 
 
+def test_asyncssh_import_leaves_out_x509_and_keeps_it_importable(tmp_path: Path) -> None:
+    """An SSH run's asyncssh comes without X.509 certificate support (OpenSSH has none; it
+    is the largest part of asyncssh's import), offers OpenSSH's key types as before, and
+    leaves nothing behind that would refuse a later import of asyncssh's X.509 module."""
+    probe = (
+        "import sys, sshfan\n"
+        "sshfan._import_asyncssh()\n"
+        "import asyncssh, asyncssh.public_key as pk\n"
+        "print('cryptography.x509' in sys.modules, pk._x509_available)\n"
+        "print('ssh-ed25519' in [a.decode() for a in pk.get_public_key_algs()])\n"
+        "print('asyncssh.crypto.x509' in sys.modules)\n"  # no None left to refuse an import
+    )
+    env = dict(os.environ, PYTHONPATH=str(Path(sshfan.__file__).parent))
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "False", "True", "False"], done.stdout
+
+
 @pytest.mark.parametrize("where", ["default", "hosts file"])
 def test_default_local_host_forks_its_stub(
     where: str, tmp_path: Path, run_sshfan: RunSshfan
