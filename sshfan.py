@@ -8584,9 +8584,10 @@ def _cli() -> Any:
                 raise UsageError("--gather is for text output, not --format jsonl")
             if not (hosts or sshlogin or sshloginfile):
                 raise UsageError("all: give the hosts: --hosts FILE, -S or --slf")
-            specs = load_host_sources(
-                HostSources(hosts, sshlogin or [], sshloginfile or [], only or [], exclude or [])
+            sources = HostSources(
+                hosts, sshlogin or [], sshloginfile or [], only or [], exclude or []
             )
+            specs = load_host_sources(sources)
             style = "jsonl" if fmt == "jsonl" else "gather" if gather else "lines"
             opts = RunOptions(
                 " ".join(command),
@@ -8597,6 +8598,7 @@ def _cli() -> Any:
                 timeout=timeout,
                 journal=journal,
                 onall=True,
+                sources=sources,  # watched, as for run --onall: a host that joins runs it too
             )
             code = _one_command(opts, compact=True)
         except SshfanError as exc:

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -457,6 +458,30 @@ def test_onall_hosts_join_and_drain_mid_run(sshd: SshServer, tmp_path: Path) -> 
     assert proc.wait(120) == 0, err.read_text()
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["host"], r["seq"]) for r in records] == every
+
+
+def test_all_runs_the_command_on_a_host_that_joins(sshd: SshServer, tmp_path: Path) -> None:
+    """`sshfan all` watches its hosts file as run --onall does: a host added while the
+    command runs runs it too, and its lines come after the others'."""
+    flag, marks = tmp_path / "flag", tmp_path / "marks"
+    marks.mkdir()
+    command = f"touch {marks}/$SSHFAN_HOST; while [ ! -e {flag} ]; do sleep 0.05; done; hostname"
+    hosts, out, err = tmp_path / "hosts.toml", tmp_path / "out.txt", tmp_path / "stderr.txt"
+    replace_file(hosts, sshd.hosts_toml(["h1", "h2"]))
+    proc = start_sshfan(["all", "-H", str(hosts), "-o", str(out), command], tmp_path, err)
+    try:
+        wait_for("the command started on h1 and h2", lambda: len(list(marks.iterdir())) == 2, proc)
+        replace_file(hosts, sshd.hosts_toml(["h1", "h2", "h3"]))
+        wait_for("the command started on h3", (marks / "h3").exists, proc)
+        flag.touch()
+        assert proc.wait(120) == 0, err.read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    name = socket.gethostname()
+    assert out.read_text() == "".join(f"{host}: {name}\n" for host in ("h1", "h2", "h3"))
+    assert "sshfan: host h3 joined" in err.read_text()
 
 
 def test_example_hosts_file_parses_with_its_range() -> None:
