@@ -7624,7 +7624,7 @@ async def run_async(
         todo: dict[str, int] = {}
         if opts.onall:
             scheduler, todo = onall_scheduler(
-                tasks_path, merged, done, opts, count, prepared.identity
+                tasks_path, merged, done, opts, template, count, prepared.identity
             )
             count *= len(opts.hosts)
         hosts = run_hosts(opts.hosts, opts)
@@ -7753,6 +7753,7 @@ def onall_scheduler(
     merged: MergedOutput | None,
     done: array.array[int],
     opts: RunOptions,
+    template: Template | None,
     count: int,
     identity: tuple,
 ) -> tuple[OnAllScheduler, dict[str, int]]:
@@ -7766,7 +7767,7 @@ def onall_scheduler(
         base = place * lines
         block = None if merged is None else _HostBlock(merged, base)
         mine = done[base : base + lines + 1]  # mine[seq] is done[base + seq]
-        tasks = read_tasks(path, block, mine, opts.command)  # type: ignore[arg-type]
+        tasks = read_tasks(path, block, mine, template)
         return _read_unchanged(tasks, path, identity), count - sum(1 for o in mine[1:] if o >= 0)
 
     sources: dict[str, Iterator[Task]] = {}

@@ -197,6 +197,35 @@ def test_onall_and_nonall_match_gnu_parallel(
     assert result.stdout == wanted
 
 
+@needs_parallel
+def test_onall_with_a_template_matches_gnu_parallel(
+    sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """--onall -c TEMPLATE fills each line into the template on every host, --tag and
+    the joblog's rows as parallel's (the rows' times aside)."""
+    one, two = logins(sshd)
+    hosts = defaults_file(sshd, tmp_path)
+    args = tmp_path / "args.txt"
+    args.write_text("x\ny z\n\nit's\n")
+    parallel = ["-k", "--ssh", parallel_ssh(sshd), "-S", f"{one},{two}", "--onall", "--tag"]
+    wanted_log = tmp_path / "parallel.log"
+    wanted = run_parallel([*parallel, "--joblog", str(wanted_log), "echo {#}", "::::", str(args)])
+    log = tmp_path / "sshfan.log"
+    result = run_sshfan(
+        ["run", str(args), "-c", "echo {#}", "--onall", "--tag", "-H", str(hosts)]
+        + ["-S", f"{one},{two}", "--joblog", str(log), "-o", "-"]
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout == wanted
+
+    def rows(path: Path) -> list[list[str]]:
+        """The joblog's rows without Starttime and JobRuntime, in host then seq order."""
+        lines = [line.split("\t") for line in path.read_text().splitlines()]
+        return sorted([*row[:2], *row[4:]] for row in lines[1:])
+
+    assert rows(log) == rows(wanted_log)
+
+
 def test_onall_scheduler_keeps_each_task_on_its_host() -> None:
     """Each host draws its own pass over the tasks; what a lost host held goes back to it
     alone, and once it is gone the run stops waiting on it without calling itself whole."""
