@@ -6076,21 +6076,28 @@ def _results_name_max(directory: Path) -> int:
     return low
 
 
-def results_dirname(arg: str, name_max: int) -> bytes:
-    """A task's directory under --results DIR/1/, named from its line as parallel names it:
-    backslash, tab, NUL and slash written as \\\\ \\t \\0 \\_ (args_as_dirname)."""
-    text = arg.replace("\\", "\\\\").replace("\t", "\\t").replace("\0", "\\0")
-    name = text.replace("/", "\\_").encode("utf-8", "surrogateescape")
-    return name if len(name) <= name_max else name[:name_max]
+def results_dirname(columns: list[str], name_max: int) -> bytes:
+    """A task's directory under --results DIR, named from its arguments as parallel names
+    it (args_as_dirname): 1/ARG, or 1/COL1/2/COL2/... under --colsep, each as written
+    (not trimmed), with backslash, tab, NUL and slash written as \\\\ \\t \\0 \\_, and each
+    cut to the longest name the file system takes."""
+    parts = []
+    for number, column in enumerate(columns, 1):
+        text = column.replace("\\", "\\\\").replace("\t", "\\t").replace("\0", "\\0")
+        name = text.replace("/", "\\_").encode("utf-8", "surrogateescape")
+        parts += [str(number).encode(), name[:name_max]]
+    return b"/".join(parts)
 
 
 class ResultsTree:
     """--results DIR: each task's stdout, stderr, seq and exitval files, in GNU parallel's
-    tree (DIR/1/LINE/...), written from the journal after its DONE record."""
+    tree (DIR/1/LINE/..., or DIR/1/COL1/2/COL2/... under --colsep), written from the
+    journal after its DONE record."""
 
-    def __init__(self, root: str) -> None:
-        """Write under ROOT (created if missing)."""
+    def __init__(self, root: str, colsep: str | None = None) -> None:
+        """Write under ROOT (created if missing), lines cut into columns at COLSEP."""
         self.root = os.fsencode(root)
+        self.colsep = re.compile(colsep) if colsep is not None else None
         self.name_max = 0  # found on first use
 
     def write(self, result: TaskResult, journal: Journal) -> None:
@@ -6099,7 +6106,8 @@ class ResultsTree:
             os.makedirs(self.root, exist_ok=True)
             self.name_max = _results_name_max(Path(os.fsdecode(self.root)))
         arg = result.command if result.arg is None else result.arg
-        directory = os.path.join(self.root, b"1", results_dirname(arg, self.name_max))
+        columns = [arg] if self.colsep is None else self.colsep.split(arg)
+        directory = os.path.join(self.root, results_dirname(columns, self.name_max))
         os.makedirs(directory, exist_ok=True)
         for name, chunks in (
             (b"seq", [str(result.seq).encode()]),
@@ -6401,7 +6409,7 @@ class _Run:
         self._halt_counted = 0
         self.max_ahead = max_ahead(opts)
         self.whole = whole  # hand on_done whole outputs (read back from the journal)
-        self.results = ResultsTree(opts.results) if opts.results else None
+        self.results = ResultsTree(opts.results, opts.colsep) if opts.results else None
         self.files = opts.files if opts.files else None  # files to move for SSH hosts
         self.log = log
         self.on_done = on_done
@@ -8429,7 +8437,8 @@ def _cli() -> Any:
             "--results",
             "--res",
             metavar="DIR",
-            help="Also write each task's stdout, stderr, seq, exitval in DIR/1/LINE/.",
+            help="Also write each task's stdout, stderr, seq, exitval in DIR/1/LINE/"
+            " (with --colsep DIR/1/COL1/2/COL2/).",
         ),
         transferfile: list[str] | None = typer.Option(
             None,

@@ -78,8 +78,9 @@ def test_file_templates_are_filled_unquoted() -> None:
 
 def test_results_dirname_quotes_as_parallel() -> None:
     """args_as_dirname: \\ tab NUL / become \\\\ \\t \\0 \\_; a long name is cut."""
-    assert results_dirname("a/b\\c\td", 255) == b"a\\_b\\\\c\\td"
-    assert results_dirname("x" * 300, 255) == b"x" * 255
+    assert results_dirname(["a/b\\c\td"], 255) == b"1/a\\_b\\\\c\\td"
+    assert results_dirname(["x" * 300], 255) == b"1/" + b"x" * 255
+    assert results_dirname(["x" * 300, "", "y"], 255) == b"1/" + b"x" * 255 + b"/2//3/y"
 
 
 # ---------------------------------------------------------------------------
@@ -134,6 +135,31 @@ def test_results_tree_with_command_names_dirs_by_line(
     assert result.returncode == 0, result.stderr
     got = {k: v for k, v in tree(tmp_path / "S").items() if not k.endswith("/exitval")}
     assert got == tree(tmp_path / "P")
+
+
+@needs_parallel
+def test_results_tree_with_colsep_has_a_level_per_column(
+    run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """Under --colsep, parallel's tree is DIR/1/COL1/2/COL2/...: the columns as cut, blanks
+    kept, as many as each line has."""
+    lines = tmp_path / "lines"
+    lines.write_text(" a , b \nc\n,x\n\nd,e,f/g\na,b,\n\t x\t;y\n")
+    template = "echo {1}-{2}"
+    for colsep in (",", r"\s*[,;]\s*"):
+        parallel_dir, sshfan_dir = tmp_path / f"P{colsep}", tmp_path / f"S{colsep}"
+        run_parallel(
+            ["--results", str(parallel_dir), "--colsep", colsep, template, "::::", str(lines)]
+        )
+        result = run_sshfan(
+            ["run", str(lines), "-c", template, "--colsep", colsep]
+            + ["--results", str(sshfan_dir), "-o", str(sshfan_dir) + ".out"]
+        )
+        assert result.returncode == 0, result.stderr
+        got = {k: v for k, v in tree(sshfan_dir).items() if not k.endswith("/exitval")}
+        wanted = tree(parallel_dir)
+        assert "1/d/2/e/3/f\\_g/stdout" in wanted
+        assert got == wanted
 
 
 def test_results_with_pipe_is_refused(run_sshfan: RunSshfan, tmp_path: Path) -> None:
