@@ -8356,7 +8356,7 @@ def _cli() -> Any:
             help="TASKS is data: cut it into chunks, each fed on stdin to one run of --command.",
         ),
         lines: int | None = typer.Option(
-            None, "--lines", metavar="N", help="--pipe: N lines per chunk."
+            None, "--lines", "-N", metavar="N", help="--pipe: N lines per chunk (parallel's -N)."
         ),
         block: str = typer.Option(
             "1M",

@@ -88,6 +88,18 @@ def test_block_sizes_read_as_gnu_parallel_reads_them(tmp_path: Path, run_sshfan)
         assert refused.stderr.count(b"\n") == 1 and b"--block" in refused.stderr, refused.stderr
 
 
+@needs_parallel
+def test_pipe_dash_n_is_gnu_parallels_records_per_chunk(tmp_path: Path, run_sshfan) -> None:
+    """--pipe -N 3 (sshfan's --lines) cuts chunks of 3 lines, as parallel's -N does."""
+    data = tmp_path / "data"
+    data.write_bytes(b"".join(b"%d\n" % n for n in range(1, 8)) + b"a\r\nlast")
+    command = "echo {#}; od -c"
+    ours = run_sshfan(["run", str(data), "--pipe", "-N", "3", "-c", command, "-o", "-"])
+    assert ours.returncode == 0, ours.stderr
+    theirs = run_parallel(["--pipe", "-N", "3", "-k", command], input=data.read_bytes())
+    assert ours.stdout == theirs
+
+
 def test_chunks_larger_than_a_frame_reach_the_task_whole(
     sshd: SshServer, tmp_path: Path, run_sshfan
 ) -> None:
