@@ -1573,7 +1573,8 @@ def stub_main() -> None:
         "cpus": len(os.sched_getaffinity(0))
         if hasattr(os, "sched_getaffinity")
         else os.cpu_count(),
-        "hostname": socket.gethostname(),
+        # gethostname() is uname's nodename; the socket module would add to every start
+        "hostname": os.uname().nodename,
         "pid": os.getpid(),
     }
     try:
@@ -1616,7 +1617,7 @@ def _module_lines() -> list[str]:
 
 # The stub's own imports: the shipped region uses these and nothing else (a test checks).
 _SHIPPED_IMPORTS = (
-    "import collections, contextlib, json, mmap, os, selectors, signal, socket, struct\n"
+    "import collections, contextlib, json, mmap, os, selectors, signal, struct\n"
     "import subprocess, sys, time\n"
 )
 
