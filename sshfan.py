@@ -2366,6 +2366,9 @@ class HostProtocol:
         # Tasks done on the worker whose --return files (or --cleanup) are under way: the
         # host still holds them (they go back if it is lost).
         self.fetching: dict[int, Task] = {}
+        # Held tasks whose files are still on their way (hold with STAGING): not sent to
+        # the stub until staged(), so nothing from it may name them before then.
+        self.staging: set[int] = set()
         self.cancelled: set[int] = set()  # seqs told to CANCEL whose RESULT has not come yet
         self.window = HostWindow(slots)
         self.dropping = False  # a DROP is on its way
@@ -2432,6 +2435,7 @@ class HostProtocol:
 
     def staged(self, task: Task) -> bytes:
         """The TASKS frame for a held TASK whose files are now on the worker."""
+        self.staging.discard(task.seq)
         entry = (task.seq, task.command.encode("utf-8"), task.data)
         return encode_frame(KIND_TASKS, encode_tasks([entry]))
 
@@ -2439,19 +2443,23 @@ class HostProtocol:
         """The RELEASE frame: the stub holds its queue for task SEQ's result (--halt); go on."""
         return encode_frame(KIND_RELEASE, INPUT_HEAD.pack(seq))
 
-    def hold(self, tasks: list[Task]) -> None:
-        """Count TASKS held by the host (sent now, or once their files are there)."""
+    def hold(self, tasks: list[Task], staging: bool = False) -> None:
+        """Count TASKS held by the host: sent now, or with STAGING once their files are
+        there (staged)."""
         now = time.monotonic()
         if not self.in_flight:
             self.progress_at = now
         for task in tasks:
             task.sent = now
             self.in_flight[task.seq] = task
+            if staging:
+                self.staging.add(task.seq)
         self.window.in_flight += len(tasks)
 
     def let_go(self, seq: int) -> Task | None:
         """Stop counting task SEQ as held (never sent after all); return it, if it was."""
         task = self.in_flight.pop(seq, None)
+        self.staging.discard(seq)
         if task is not None:
             self.window.in_flight -= 1
         return task
@@ -2545,6 +2553,7 @@ class HostProtocol:
         tasks = [*self.in_flight.values(), *self.fetching.values()]
         self.in_flight.clear()
         self.fetching.clear()
+        self.staging.clear()
         self.window.in_flight = 0
         return tasks
 
@@ -2646,6 +2655,8 @@ class HostProtocol:
             return None  # a cancelled copy's output: not journaled
         if task is None:
             raise ProtocolError(self.name, f"output for task {seq} it was not given")
+        if seq in self.staging:
+            raise ProtocolError(self.name, f"output for task {seq} it was not sent yet")
         if stream not in (1, 2):
             raise ProtocolError(self.name, f"output for task {seq} on stream {stream}")
         return OutputPiece(task, stream, parts)
@@ -2661,6 +2672,8 @@ class HostProtocol:
             raise ProtocolError(
                 self.name, f"result for task {seq} it was not given (or a second one)"
             )
+        if seq in self.staging:
+            raise ProtocolError(self.name, f"result for task {seq} it was not sent yet")
         if flags & ~(FLAG_TIMED_OUT | FLAG_CANCELLED):
             raise ProtocolError(self.name, f"result for task {seq} with unknown flags {flags:#x}")
         if flags & FLAG_CANCELLED and self.state != HostState.CLOSING and not self.killing:
@@ -2711,6 +2724,9 @@ class HostProtocol:
         unknown = [seq for seq in seqs if seq not in self.in_flight]
         if set(unknown) - self.cancelled:
             raise ProtocolError(self.name, f"DROPPED task {unknown[0]} it does not hold")
+        unsent = [seq for seq in seqs if seq in self.staging]
+        if unsent:
+            raise ProtocolError(self.name, f"DROPPED task {unsent[0]} it was not sent yet")
         self.cancelled.difference_update(unknown)  # dropped before its CANCEL came
         dropped = [self.in_flight.pop(seq) for seq in seqs if seq in self.in_flight]
         self.window.in_flight -= len(dropped)
@@ -3384,7 +3400,7 @@ class HostSession:
     def send_tasks(self, tasks: list[Task]) -> int:
         """Send TASKS to the stub and count them in flight; return how many."""
         if self.files is not None:  # each task goes to the stub once its files are there
-            self.protocol.hold(tasks)
+            self.protocol.hold(tasks, staging=True)
             for task in tasks:
                 self._spawn(self._stage(task))
             return len(tasks)

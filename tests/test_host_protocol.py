@@ -181,6 +181,36 @@ def test_a_dropped_naming_tasks_not_held_is_a_protocol_error(
         feed(protocol, encode_frame(KIND_DROPPED, payload))
 
 
+@pytest.mark.parametrize(
+    ("frame", "words"),
+    [
+        (result(3), "result for task 3 it was not sent"),
+        (output(3, b"made up\n"), "output for task 3 it was not sent"),
+        (encode_frame(KIND_DROPPED, b"[3]"), "DROPPED task 3 it was not sent"),
+    ],
+    ids=["RESULT", "OUTPUT", "DROPPED"],
+)
+def test_a_task_held_while_its_files_go_is_not_the_stubs_yet(frame: bytes, words: str) -> None:
+    """A task held while its --transferfile files go (hold, staging) is not on the worker
+    until its TASKS frame goes (staged): a RESULT, OUTPUT or DROPPED for it before then
+    is a protocol error, not a result for a task that never ran. Once sent, it is the
+    stub's as any other."""
+    protocol = ready()
+    protocol.drops_asked = 1
+    task = Task(3, "echo 3")
+    protocol.hold([task], staging=True)
+    with pytest.raises(ProtocolError, match=words):
+        feed(protocol, frame)
+    protocol = ready()
+    protocol.hold([task], staging=True)
+    protocol.staged(task)
+    (done,) = feed(protocol, result(3))
+    assert isinstance(done, TaskDone) and done.task is task
+    protocol = ready()
+    protocol.hold([task], staging=True)
+    assert protocol.let_go(3) is task and not protocol.staging
+
+
 def test_frames_before_the_hello_and_bad_hellos() -> None:
     """Only HELLO (or ERROR) may come first; a hello is a JSON object of our version."""
     with pytest.raises(ProtocolError, match=r"RESULT \(kind 8\) before the hello"):
