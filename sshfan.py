@@ -8389,11 +8389,12 @@ def _cli() -> Any:
             metavar="N",
             help="Tasks at once on every host (overrides the hosts file).",
         ),
-        timeout: float | None = typer.Option(
+        timeout: str | None = typer.Option(
             None,
             "--timeout",
             metavar="SECONDS",
-            help="Kill a task (its whole process group) after SECONDS.",
+            help="Kill a task (its whole process group) after SECONDS (or 1m30s, 2h, 1d,"
+            " as GNU parallel).",
         ),
         retries: int = typer.Option(
             0, "--retries", metavar="N", help="Re-run a failed task up to N times."
@@ -8519,7 +8520,7 @@ def _cli() -> Any:
                 fmt=fmt,
                 resume=resume or resume_failed,
                 resume_failed=resume_failed,
-                timeout=timeout,
+                timeout=_parse_seconds(timeout),
                 retries=retries,
                 journal=journal,
                 slots=slots,
@@ -8593,8 +8594,8 @@ def _cli() -> Any:
         fmt: str = typer.Option(
             "text", "--format", "-f", metavar="FORMAT", help="Output format: text or jsonl."
         ),
-        timeout: float | None = typer.Option(
-            None, "--timeout", metavar="SECONDS", help="Kill the command after SECONDS."
+        timeout: str | None = typer.Option(
+            None, "--timeout", metavar="SECONDS", help="Kill the command after SECONDS (or 1m30s)."
         ),
         resume: bool = typer.Option(
             False, "--resume", help="Run only on the hosts the journal has no result from."
@@ -8622,7 +8623,7 @@ def _cli() -> Any:
                 output,
                 fmt=style,
                 resume=resume,
-                timeout=timeout,
+                timeout=_parse_seconds(timeout),
                 journal=journal,
                 onall=True,
                 sources=sources,  # watched, as for run --onall: a host that joins runs it too
@@ -9074,6 +9075,22 @@ def _check_workdir(workdir: str | None) -> str | None:
             "use --workdir DIR or --workdir ."
         )
     return workdir
+
+
+def _parse_seconds(text: str | None) -> float | None:
+    """A --timeout as GNU parallel reads it: seconds, or with units s m h d (1m30s, 1.5h,
+    2d; a number after the last unit is seconds, as in parallel's 1m30)."""
+    if text is None:
+        return None
+    spec = text.strip()
+    with contextlib.suppress(ValueError):
+        return float(spec)  # a plain number (RunOptions refuses those not above 0)
+    units = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+    parts = re.findall(r"(\d+\.?\d*|\.\d+)([smhd]?)", spec, re.IGNORECASE)
+    if not spec or "".join(number + unit for number, unit in parts) != spec:
+        hint = " (parallel's N% of the median runtime is not supported)" if "%" in spec else ""
+        raise UsageError(f"--timeout: not a duration: {text!r} (e.g. 30, 1.5, 1m30s, 2h){hint}")
+    return sum(float(number) * units[unit.lower()] for number, unit in parts)
 
 
 def _parse_size(text: str) -> int:

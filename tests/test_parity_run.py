@@ -88,6 +88,35 @@ def test_block_sizes_read_as_gnu_parallel_reads_them(tmp_path: Path, run_sshfan)
         assert refused.stderr.count(b"\n") == 1 and b"--block" in refused.stderr, refused.stderr
 
 
+def test_timeouts_read_as_gnu_parallel_reads_them() -> None:
+    """Seconds, or s m h d units summed (a bare number after a unit is seconds); parallel's
+    N% is refused in one line."""
+    seconds = sshfan._parse_seconds
+    assert [seconds(t) for t in ("30", "1.5", "1m30s", "1m30", "2h", "1D", ".5m")] == [
+        30,
+        1.5,
+        90,
+        90,
+        7200,
+        86400,
+        30,
+    ]
+    for bad in ("200%", "1x", "m", ""):
+        with pytest.raises(sshfan.UsageError, match="--timeout"):
+            seconds(bad)
+
+
+@needs_parallel
+def test_timeout_with_units_kills_what_gnu_parallels_kills(tmp_path: Path, run_sshfan) -> None:
+    """--timeout 0.1m: the task still sleeping is killed, the other's output is kept."""
+    tasks = tmp_path / "tasks"
+    tasks.write_text("echo a\nsleep 60; echo b\n")
+    ours = run_sshfan(["run", str(tasks), "--timeout", "0.1m", "-o", "-"])
+    theirs = run_parallel(["-k", "--timeout", "0.1m"], input=tasks.read_bytes(), status=1)
+    assert ours.returncode == 1, ours.stderr
+    assert ours.stdout == theirs == b"a\n"
+
+
 @needs_parallel
 def test_pipe_dash_n_is_gnu_parallels_records_per_chunk(tmp_path: Path, run_sshfan) -> None:
     """--pipe -N 3 (sshfan's --lines) cuts chunks of 3 lines, as parallel's -N does."""
