@@ -522,7 +522,7 @@ def parse_sshlogin(text: str, where: str) -> list[dict[str, Any]]:
             )
         values["user"] = user
     port = ""
-    ipv6 = re.fullmatch(r"\[([0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*)\](?::(\w+))?", host)
+    ipv6 = re.fullmatch(r"\[([0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*(?:%[\w.-]+)?)\](?::(\w+))?", host)
     if ipv6:
         hosts, port = [ipv6.group(1)], ipv6.group(2) or ""
     elif host.count(":") >= 2:  # a bare IPv6 address has no port
@@ -537,6 +537,17 @@ def parse_sshlogin(text: str, where: str) -> list[dict[str, Any]]:
             raise UsageError(f"{where}: '{login}': bad range in '{host}': {exc}") from None
     if not all(hosts) or any(re.search(r"[\s@/]", name) for name in hosts):
         raise UsageError(f"{where}: '{text.strip()}' is not [N/][user@]host[:port]")
+    # As OpenSSH's ssh refuses them on its command line (valid_hostname, valid_ruser): a
+    # name that would read as an option, or shell metacharacters; and an IPv6 address
+    # that is not one (`[::1`, `h:22:33`), which parallel cannot parse either.
+    for name in hosts:
+        ipv6_like = ipv6 or name.count(":") >= 2
+        if ipv6_like and not re.fullmatch(r"[0-9A-Fa-f:.]+(%[\w.-]+)?", name):
+            raise UsageError(f"{where}: '{text.strip()}': '{name}' is not an IPv6 address")
+        if name.startswith("-") or re.search(r"[\x00-\x1f\x7f'`\"$\\;&<>|(){},\[\]]", name):
+            raise UsageError(f"{where}: '{text.strip()}': host name '{name}' is not valid")
+    if at and (user.startswith("-") or re.search(r"[\x00-\x1f\x7f'`\";&<>|(){}]", user)):
+        raise UsageError(f"{where}: '{text.strip()}': user name '{user}' is not valid")
     if port:
         if not port.isdigit() or not 0 < int(port) < 65536:
             raise UsageError(f"{where}: '{login}': port must be 1-65535, not '{port}'")

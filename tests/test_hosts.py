@@ -123,12 +123,30 @@ def test_sshlogins_as_gnu_parallel_writes_them() -> None:
         ("myssh -p 2 h", "runs 'myssh'"),
         ("ssh -o Foo=1 h", "ssh option '-o' is not supported"),
         ("web[1-", "bad range in 'web[1-'"),
+        ("-oProxyCommand=x", "host name '-oProxyCommand=x' is not valid"),
+        ("h;id", "host name 'h;id' is not valid"),
+        ("-x@h", "user name '-x' is not valid"),
+        ("a`id`@h", "user name 'a`id`' is not valid"),
+        ("[::1", "'[::1' is not an IPv6 address"),
+        ("h:22:33", "'h:22:33' is not an IPv6 address"),
     ],
 )
 def test_sshlogins_refused_with_one_line(login: str, says: str) -> None:
     """What sshfan cannot honour is refused, naming the option and the login."""
     message = usage_error(lambda: sshfan.parse_sshlogins(login, "-S"))
     assert message.startswith("-S: ") and says in message, message
+
+
+def test_names_refused_are_those_openssh_refuses() -> None:
+    """A host or user name OpenSSH's ssh refuses on its command line, sshfan refuses too
+    (exit 2 rather than connect to what ssh never would)."""
+    for login, user, host in [("h;id", None, "h;id"), ("-x@h", "-x", "h")]:
+        argv = ["ssh", "-F", "/dev/null", "-o", "BatchMode=yes"]
+        argv += ["-l", user] if user else []
+        done = subprocess.run([*argv, "--", host, "true"], capture_output=True, timeout=30)
+        assert done.returncode == 255 and b"contains invalid characters" in done.stderr
+        assert usage_error(lambda bad=login: sshfan.parse_sshlogins(bad, "-S")).startswith("-S: ")
+    assert sshfan.parse_sshlogins("u@[fe80::1%lo]:22", "-S")[0]["address"] == "fe80::1%lo"
 
 
 def test_sshloginfile_format(tmp_path: Path) -> None:
