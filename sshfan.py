@@ -2968,6 +2968,7 @@ class SshTransport(StubTransport):
             raise HostError(
                 self.session.name, "bootstrap", f"cannot open a channel: {reason}"
             ) from None
+        _use_fast_receive(conn)
         self._stdin = channel
 
     def write_eof(self) -> None:
@@ -3874,6 +3875,139 @@ def _ssh_session_class() -> type:
             self.session.on_closed(exc)
 
     return _SshStubSession
+
+
+# asyncssh's receive path costs the head more CPU than all else in a run whose tasks print
+# a lot: per packet (sshd sends 32 KiB ones) it re-slices its whole input buffer (a
+# `bytes` of up to 256 KiB) once or twice, copies the packet four more times on its way
+# to the channel, and formats a log line's arguments that nothing prints. The connection
+# class below takes a stub channel's plain data packet, when AES-GCM protects it, in one
+# step: decrypted in place from a growing bytearray, and handed to the channel (asyncssh's
+# own _accept_data, which keeps the window) as a view of the decrypted packet. Any other
+# packet, or one that does not check out, is left in the buffer untouched for asyncssh's
+# own code, which then decrypts and handles it as ever (so a bad MAC, a rekey, window
+# adjusts, EOF and close, the stub's stderr and forwarded channels all go asyncssh's
+# way; an SFTP channel's data comes the fast way, as bytes). It reaches into asyncssh's
+# internals, so it is used only with the versions whose receive path it was written
+# against (the installed source of what it reproduces is checked by a test); with any
+# other, sshfan runs on asyncssh's code unchanged.
+FAST_RECEIVE_ASYNCSSH = ("2.24.1",)
+
+
+@functools.cache
+def _fast_receive_class() -> type | None:
+    """The client connection class with the fast receive path, or None when the installed
+    asyncssh is not one it was written against (or lacks a part it relies on)."""
+    import asyncssh
+    from asyncssh.channel import SSHChannel, SSHClientChannel
+    from asyncssh.connection import SSHClientConnection, SSHConnection
+    from asyncssh.crypto.cipher import GCMCipher
+    from asyncssh.encryption import GCMEncryption
+    from asyncssh.logging import SSHLogger
+
+    parts = (
+        (SSHConnection, ("_recv_pkthdr", "_recv_data", "_finish_recv_packet", "data_received")),
+        (SSHChannel, ("_accept_data",)),
+        (GCMCipher, ("_update_iv",)),
+        (SSHLogger, ("_debug_level",)),
+    )
+    if asyncssh.__version__ not in FAST_RECEIVE_ASYNCSSH or not all(
+        hasattr(cls, name) for cls, names in parts for name in names
+    ):
+        return None
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    channel_data = 94  # MSG_CHANNEL_DATA
+    length = struct.Struct(">I")
+    session_class = _ssh_session_class()
+
+    class _FastReceiveConnection(SSHClientConnection):  # type: ignore[misc]
+        """asyncssh's client connection, with a stub channel's data taken in one step."""
+
+        _fast_aead: tuple[Any, Any] | None = None  # (the GCMCipher, its AESGCM) in use
+
+        def data_received(self, data: bytes, datatype: Any = None) -> None:
+            """Append DATA to the input buffer (in place, once it is a bytearray) and parse."""
+            buf = self._inpbuf
+            if type(buf) is bytearray:
+                buf += data
+            else:
+                self._inpbuf = buf + data
+            self._recv_data()
+
+        def _recv_pkthdr(self) -> bool:
+            """Take the next packet: a stub's data at once, any other through asyncssh."""
+            if (
+                type(self._recv_encryption) is GCMEncryption
+                and self._decompressor is None
+                and self._auth_complete
+                and self.logger._debug_level < 2  # asyncssh would log each packet
+            ):
+                taken = self._recv_channel_data()
+                if taken is not None:
+                    return taken
+            if type(self._inpbuf) is not bytes:  # asyncssh's own code slices bytes
+                self._inpbuf = bytes(self._inpbuf)
+            return super()._recv_pkthdr()
+
+        def _recv_channel_data(self) -> bool | None:
+            """Handle the next packet if it is plain data for a session channel: True when
+            it did, False when the packet is not all here yet, None to leave it (and the
+            buffer as it was) to asyncssh."""
+            buf = self._inpbuf
+            if type(buf) is not bytearray:
+                buf = self._inpbuf = bytearray(buf)
+            if len(buf) < 4:
+                return False
+            (size,) = length.unpack_from(buf)
+            end = 4 + size + self._recv_macsize  # length (clear, authenticated), body, tag
+            if size > self._max_recv_pktlen:
+                return None  # asyncssh's own check says so
+            if len(buf) < end:
+                return False
+            cipher = self._recv_encryption._cipher
+            aead = self._fast_aead
+            if aead is None or aead[0] is not cipher:  # new keys: a new GCMCipher
+                aead = self._fast_aead = (cipher, AESGCM(cipher._key))
+            with memoryview(buf) as view:
+                try:
+                    plain = aead[1].decrypt(cipher._iv, view[4:end], view[:4])
+                except InvalidTag:
+                    return None
+            # padding length, type, channel (4), data length (4), data, padding
+            if len(plain) < 10 or plain[1] != channel_data:
+                return None
+            channel = self._channels.get(int.from_bytes(plain[2:6], "big"))
+            count = int.from_bytes(plain[6:10], "big")
+            if (
+                type(channel) is not SSHClientChannel
+                or channel._recv_state != "open"
+                or count > channel._recv_window
+                or 10 + count + plain[0] != len(plain)
+            ):
+                return None
+            # Decrypted for good: as asyncssh would have, step the IV, drop the packet.
+            cipher._update_iv()
+            seq = self._recv_seq
+            del buf[:end]  # in place: what is left moves only once it is under half
+            data = memoryview(plain)[10 : 10 + count]
+            if type(channel._session) is not session_class:
+                data = bytes(data)  # asyncssh's own sessions (SFTP) get bytes
+            channel._accept_data(data)
+            self._finish_recv_packet(channel_data, seq)
+            return True
+
+    return _FastReceiveConnection
+
+
+def _use_fast_receive(conn: Any) -> None:
+    """Give CONN (an open asyncssh client connection) the fast receive path, if it may."""
+    import asyncssh
+
+    fast = _fast_receive_class()
+    if fast is not None and type(conn) is asyncssh.SSHClientConnection:
+        conn.__class__ = fast
 
 
 def _preferred_ciphers() -> list[str]:

@@ -236,6 +236,7 @@ class SshServer:
         self.log = self.workdir / "server.log"
         self._proc: subprocess.Popen[bytes] | None = None
         self._frozen: list[int] = []
+        self.extra_config: list[str] = []  # more sshd_config lines (OpenSSH only)
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -414,6 +415,7 @@ class SshServer:
                     "LogLevel ERROR",
                     # As a stock sshd has it: sshfan moves --transferfile/--return files by SFTP.
                     "Subsystem sftp internal-sftp",
+                    *self.extra_config,
                     "",
                 ]
             )

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from sshd import SshServer
-from support import RunSshfan, procs_with
+from support import RunSshfan, procs_with, write_hosts_file
 
 import sshfan
 from sshfan import (
@@ -590,3 +590,211 @@ def test_speculate_a_failed_copy_leaves_the_other_to_decide(
     records = [json.loads(line) for line in out.read_bytes().splitlines()]
     assert [r["seq"] for r in records] == list(range(1, 13))
     assert records[-1]["host"] == "h1" and records[-1]["stdout"] == "out 12\n"
+
+
+# -- the SSH receive path (sshfan's fast path for a stub's data, section 8) -----------
+
+# Sizes around SSH packets (sshd sends 32 KiB), asyncio's 256 KiB reads, the stub's
+# 256 KiB output pieces and the 2 MiB channel window.
+AWKWARD_SIZES = (0, 1, 32_759, 32_768 + 13, 262_143, 262_144 + 5, 2_097_152 - 3, 3_000_017)
+
+# sha256 of the source of the asyncssh code the fast receive path reproduces or relies
+# on, for each asyncssh version it is used with: a new version goes into
+# sshfan.FAST_RECEIVE_ASYNCSSH only once its receive path has been read again.
+FAST_RECEIVE_SOURCES = {
+    "2.24.1": "13912cb7088051369a5d1daab096fa300103a205d745d2f084a7303098fe4769",
+}
+
+
+def random_files(directory: Path, sizes: tuple[int, ...]) -> list[Path]:
+    """Files of random (incompressible) bytes of SIZES in DIRECTORY."""
+    directory.mkdir(exist_ok=True)
+    files = []
+    for n, size in enumerate(sizes):
+        path = directory / f"r{n}.bin"
+        path.write_bytes(os.urandom(size))
+        files.append(path)
+    return files
+
+
+@pytest.fixture
+def fast_receive(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict]:
+    """Count the packets sshfan's fast receive path takes in this process, and the
+    distinct AES-GCM key sets it takes them under (a rekey makes a new one)."""
+    sshfan._fast_receive_class.cache_clear()
+    cls = sshfan._fast_receive_class()
+    assert cls is not None, "the installed asyncssh gets no fast receive path"
+    seen: dict = {"packets": 0, "ciphers": [], "connections": []}
+    take = cls._recv_channel_data
+
+    def counted(self: object) -> bool | None:
+        """The fast path, counted."""
+        cipher = self._recv_encryption._cipher  # type: ignore[attr-defined]
+        taken = take(self)
+        if taken:
+            seen["packets"] += 1
+            if not any(c is cipher for c in seen["ciphers"]):
+                seen["ciphers"].append(cipher)
+        return taken
+
+    monkeypatch.setattr(cls, "_recv_channel_data", counted)
+    use = sshfan._use_fast_receive
+
+    def noted(conn: object) -> None:
+        """Give CONN the path, and note its class."""
+        use(conn)
+        seen["connections"].append(type(conn))
+
+    monkeypatch.setattr(sshfan, "_use_fast_receive", noted)
+    yield seen
+    sshfan._fast_receive_class.cache_clear()
+
+
+def cat_results(hosts: Path, files: list[Path]) -> dict[int, sshfan.TaskResult]:
+    """Run `cat FILE` for each of FILES (and the same to stderr) through the Python API."""
+    commands = [f"cat {f}; cat {f} >&2" for f in files]
+    return {r.seq: r for r in sshfan.run_tasks(commands, hosts=str(hosts))}
+
+
+def test_ssh_output_is_byte_exact_through_a_run(
+    sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """Random bytes of awkward sizes come out of a run over SSH byte for byte, in order,
+    stdout into the output file and stderr beside it in the jsonl records."""
+    files = random_files(tmp_path / "data", AWKWARD_SIZES)
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text("".join(f"cat {f}\n" for f in files))
+    hosts = write_hosts_file(tmp_path, sshd.hosts_toml(["h1"], slots=2))
+    out = tmp_path / "out.bin"
+    done = run_sshfan(["run", str(tasks), "-H", str(hosts), "-o", str(out)])
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    assert out.read_bytes() == b"".join(f.read_bytes() for f in files)
+
+
+def test_fast_receive_takes_a_stubs_data_byte_exact(
+    sshd: SshServer, tmp_path: Path, fast_receive: dict
+) -> None:
+    """A stub's channel data goes through sshfan's fast receive path, and every task's
+    stdout and stderr arrive whole."""
+    import asyncssh
+
+    files = random_files(tmp_path / "data", AWKWARD_SIZES)
+    hosts = write_hosts_file(tmp_path, sshd.hosts_toml(["h1"], slots=2))
+    results = cat_results(hosts, files)
+    for n, path in enumerate(files, 1):
+        assert results[n].ok
+        assert results[n].stdout == path.read_bytes() == results[n].stderr, path
+    assert fast_receive["connections"] == [sshfan._fast_receive_class()]
+    assert issubclass(fast_receive["connections"][0], asyncssh.SSHClientConnection)
+    # Both streams, over 32 KiB packets: most of them came the fast way.
+    assert fast_receive["packets"] > 2 * sum(AWKWARD_SIZES) // 32_768 * 0.9
+
+
+def test_fast_receive_crosses_rekeys(tmp_path: Path, fast_receive: dict) -> None:
+    """Key exchanges the server starts every 1 MB (OpenSSH's RekeyLimit) in the middle of
+    a stub's output: asyncssh's own code takes them, the fast path goes on under each new
+    key, and the bytes arrive whole."""
+    server = SshServer(tmp_path / "sshd", "openssh")
+    server.extra_config = ["RekeyLimit 1M"]
+    with server:
+        files = random_files(tmp_path / "data", (6_000_011, 32_768 + 13))
+        hosts = write_hosts_file(tmp_path, server.hosts_toml(["h1"]))
+        results = cat_results(hosts, files)
+    for n, path in enumerate(files, 1):
+        assert results[n].stdout == path.read_bytes() == results[n].stderr, path
+    assert len(fast_receive["ciphers"]) >= 6  # 12 MB at 1 MB a key, the last keys idle
+    assert fast_receive["packets"] > 12_000_000 // 32_768 * 0.9
+
+
+def test_without_fast_receive_asyncssh_receives_as_ever(
+    sshd: SshServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With an asyncssh the fast receive path was not written against, the connection
+    stays asyncssh's own, and the bytes arrive whole."""
+    import asyncssh
+
+    monkeypatch.setattr(sshfan, "FAST_RECEIVE_ASYNCSSH", ())
+    sshfan._fast_receive_class.cache_clear()
+    kinds: list[type] = []
+    use = sshfan._use_fast_receive
+
+    def noted(conn: object) -> None:
+        """Leave CONN as it is (no fast path), and note its class."""
+        use(conn)
+        kinds.append(type(conn))
+
+    monkeypatch.setattr(sshfan, "_use_fast_receive", noted)
+    try:
+        assert sshfan._fast_receive_class() is None
+        files = random_files(tmp_path / "data", AWKWARD_SIZES)
+        hosts = write_hosts_file(tmp_path, sshd.hosts_toml(["h1"], slots=2))
+        results = cat_results(hosts, files)
+    finally:
+        sshfan._fast_receive_class.cache_clear()
+    for n, path in enumerate(files, 1):
+        assert results[n].stdout == path.read_bytes() == results[n].stderr, path
+    assert kinds == [asyncssh.SSHClientConnection]
+
+
+def test_fast_receive_only_with_an_asyncssh_it_knows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast receive path is built only for the asyncssh versions it was written
+    against, and only when the parts it relies on are there."""
+    import asyncssh
+    from asyncssh.crypto.cipher import GCMCipher
+
+    try:
+        monkeypatch.setattr(asyncssh, "__version__", "2.99.0")
+        sshfan._fast_receive_class.cache_clear()
+        assert sshfan._fast_receive_class() is None
+        monkeypatch.setattr(asyncssh, "__version__", sshfan.FAST_RECEIVE_ASYNCSSH[0])
+        monkeypatch.delattr(GCMCipher, "_update_iv")
+        sshfan._fast_receive_class.cache_clear()
+        assert sshfan._fast_receive_class() is None
+    finally:
+        monkeypatch.undo()
+        sshfan._fast_receive_class.cache_clear()
+
+
+def fast_receive_source_digest() -> str:
+    """sha256 over the source of the asyncssh code the fast receive path reproduces or
+    relies on (the receive path from data_received to the channel's session)."""
+    import hashlib
+    import inspect
+
+    from asyncssh.channel import SSHChannel
+    from asyncssh.connection import SSHConnection
+    from asyncssh.crypto.cipher import GCMCipher
+    from asyncssh.encryption import GCMEncryption
+    from asyncssh.packet import SSHPacketHandler
+
+    parts = [
+        SSHConnection.data_received,
+        SSHConnection._recv_data,
+        SSHConnection._recv_pkthdr,
+        SSHConnection._recv_packet,
+        SSHConnection._finish_recv_packet,
+        SSHPacketHandler.process_packet,
+        SSHChannel._process_data,
+        SSHChannel._accept_data,
+        SSHChannel._deliver_data,
+        GCMEncryption.decrypt_header,
+        GCMEncryption.decrypt_packet,
+        GCMCipher.__init__,
+        GCMCipher._update_iv,
+        GCMCipher.verify_and_decrypt,
+    ]
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(inspect.getsource(part).encode())
+    return digest.hexdigest()
+
+
+def test_fast_receive_versions_have_the_source_it_was_written_against() -> None:
+    """Each asyncssh version the fast receive path is used with is one whose receive path
+    was read for it: the installed one, if listed, has exactly that source."""
+    import asyncssh
+
+    assert set(sshfan.FAST_RECEIVE_ASYNCSSH) == set(FAST_RECEIVE_SOURCES)
+    if asyncssh.__version__ not in FAST_RECEIVE_SOURCES:
+        pytest.skip(f"asyncssh {asyncssh.__version__} gets no fast receive path")
+    assert fast_receive_source_digest() == FAST_RECEIVE_SOURCES[asyncssh.__version__]
