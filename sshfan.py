@@ -4542,16 +4542,25 @@ def fill_file_template(template: str, line: str, seq: int) -> str:
     return Template(template, kind="plain").render(line, seq)
 
 
-def transfer_paths(path: str) -> tuple[str, str]:
+def transfer_paths(path: str, returned: bool = False) -> tuple[str, str]:
     """Where a transferred file is on the head and on the worker, as rsync -R puts it
     for GNU parallel: (local path, remote path relative to the workdir or absolute).
 
     `/tmp/./foo/bar` is /tmp/foo/bar here and foo/bar under the workdir there; without
-    the `/./` marker the path is the same on both ends (relative to each end's dir)."""
-    if "/./" in path:
-        head, rest = path.split("/./", 1)
-        return f"{head}/{rest}", rest
-    return path, path
+    the `/./` marker the path is the same on both ends (relative to each end's dir). With
+    several markers a file sent is cut at the first (rsync -R), a file RETURNED at the
+    last (parallel's sshreturn), as `--trc out/./{}.out` on `in/./f` needs."""
+    if "/./" not in path:
+        return path, path
+    cut = path.rpartition("/./")[2] if returned else path.partition("/./")[2]
+    return _without_markers(path), _without_markers(cut)
+
+
+def _without_markers(path: str) -> str:
+    """PATH with each `/./` made `/` (overlapping ones too: `a/././b` is `a/b`)."""
+    while "/./" in path:
+        path = path.replace("/./", "/")
+    return path
 
 
 def _remote_workdir(workdir: str | None) -> str:
@@ -4714,7 +4723,7 @@ class HostFiles:
         problems = []
         for template in self.options.returns:
             name = fill_file_template(template, line, task.seq)
-            local, remote = transfer_paths(name)
+            local, remote = transfer_paths(name, returned=True)
             try:
                 await self._get(remote, local, str(task.seq))
             except TransferError as exc:
@@ -4759,11 +4768,15 @@ class HostFiles:
     async def clean_for(self, task: Task) -> None:
         """--cleanup: remove TASK's transferred and returned files on the worker."""
         line = task.command if task.arg is None else task.arg
-        names = [
-            fill_file_template(template, line, task.seq)
-            for template in (*self.options.transfer, *self.options.returns)
+        paths = [
+            transfer_paths(fill_file_template(template, line, task.seq), returned)[1]
+            for templates, returned in (
+                (self.options.transfer, False),
+                (self.options.returns, True),
+            )
+            for template in templates
         ]
-        await self._remove([transfer_paths(name)[1] for name in names])
+        await self._remove(paths)
 
     async def clean_bases(self) -> None:
         """--cleanup: remove the basefiles at the end of the host's run."""

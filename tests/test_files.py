@@ -17,8 +17,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from sshd import SshServer
-from support import RunSshfan, needs_parallel, run_parallel, sshfan_argv, sshfan_env
+from support import (
+    PARALLEL_REQUIRED,
+    RunSshfan,
+    needs_parallel,
+    run_parallel,
+    sshfan_argv,
+    sshfan_env,
+)
 
 from sshfan import fill_file_template, results_dirname, transfer_paths
 
@@ -64,6 +72,10 @@ def test_transfer_paths_follow_rsync_relative_marker() -> None:
     assert transfer_paths("tmp/./foo/bar") == ("tmp/foo/bar", "foo/bar")
     # --trc out/./{}.out on in/file: in/file.out there, out/in/file.out here
     assert transfer_paths("out/./in/file.out") == ("out/in/file.out", "in/file.out")
+    # Two markers (`--trc out/./{}.out` on `in/./file`): sent as rsync -R cuts, at the
+    # first; returned as parallel's sshreturn cuts, at the last.
+    assert transfer_paths("out/./in/./f.out") == ("out/in/f.out", "in/f.out")
+    assert transfer_paths("out/./in/./f.out", returned=True) == ("out/in/f.out", "f.out")
 
 
 def test_file_templates_are_filled_unquoted() -> None:
@@ -207,6 +219,52 @@ def test_transfer_and_return_odd_names(
     assert tree(worker) == {}  # the files, the .out files, and in/ are all gone
     assert not list(head.rglob("*.part"))
     assert {r["host"] for r in records(head / "out").values()} <= {"w1", "w2"}
+
+
+@needs_parallel
+@pytest.mark.skipif(
+    shutil.which("rsync") is None and not PARALLEL_REQUIRED,
+    reason="GNU parallel moves files with rsync, which is not installed",
+)
+def test_transfer_and_return_with_markers_as_gnu_parallel(
+    sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """--tf/--return with `/./` in the line and in the return template, and --wd: the same
+    files here and on the worker as parallel leaves, and the same output."""
+    command = 'f=$(echo {} | sed \'s|.*/[.]/||\'); tr a-z A-Z < "$f" > "$f.up"; cat "$f.up"'
+    options = ["--tf", "{}", "--return", "out/./{}.up", "--return", "{}.up"]
+
+    def side(name: str) -> tuple[Path, Path]:
+        """A head dir with two input files listed with a marker, and a worker dir."""
+        head, worker = tmp_path / name / "head", tmp_path / name / "worker"
+        (head / "in" / "sub").mkdir(parents=True)
+        worker.mkdir()
+        # (No blanks: parallel 20221122 cannot --return a name with one over rsync.)
+        for each in ("a.txt", "sub/b.txt"):
+            (head / "in" / each).write_text(f"data {each}\n")
+        (head / "files").write_text("in/./a.txt\nin/./sub/b.txt\n")
+        return head, worker
+
+    head, worker = side("parallel")
+    wanted = run_parallel(
+        ["-k", "--ssh", " ".join(sshd.ssh_argv()[:-1]), "-S", f"{sshd.host}:{sshd.port}"]
+        + ["--wd", str(worker), *options, command, "::::", "files"],
+        cwd=head,
+    )
+    wanted_trees = tree(head), tree(worker)
+    head, worker = side("sshfan")
+    hosts = tmp_path / "hosts.toml"
+    hosts.write_text(sshd.hosts_toml([]))
+    result = run_sshfan(
+        ["run", "files", "-H", str(hosts), "-S", f"{sshd.host}:{sshd.port}", "--wd", str(worker)]
+        + [*options, "-c", command, "-o", "-"],
+        cwd=head,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == wanted == b"DATA A.TXT\nDATA SUB/B.TXT\n"
+    here = {k: v for k, v in tree(head).items() if not k.startswith("files.sshfan-journal")}
+    assert (here, tree(worker)) == wanted_trees
+    assert "out/in/sub/b.txt.up" in wanted_trees[0]
 
 
 def test_sparse_files_travel_whole(sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path) -> None:
