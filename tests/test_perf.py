@@ -623,7 +623,10 @@ def fast_receive(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict]:
     distinct AES-GCM key sets it takes them under (a rekey makes a new one)."""
     sshfan._fast_receive_class.cache_clear()
     cls = sshfan._fast_receive_class()
-    assert cls is not None, "the installed asyncssh gets no fast receive path"
+    if cls is None:  # (a newer asyncssh: its receive path is asyncssh's own, tested below)
+        import asyncssh
+
+        pytest.skip(f"asyncssh {asyncssh.__version__} gets no fast receive path")
     seen: dict = {"packets": 0, "ciphers": [], "connections": []}
     take = cls._recv_channel_data
 
