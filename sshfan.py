@@ -2582,7 +2582,12 @@ class HostProtocol:
         if self.state in HOST_GONE:
             return None
         if self.state == HostState.CONNECTING:
-            return HostError(self.name, "bootstrap", self._bootstrap_reason())
+            if not self.hello:
+                return HostError(self.name, "bootstrap", self._bootstrap_reason())
+            # Its hello and its end came in one read (a task sent behind its source killed
+            # it at once): it was up, if only just, so it is lost, not a host that failed
+            # to start (whose tasks never ran and go back as first tries).
+            self.move(HostState.READY)
         if self.exit_status not in (None, 0):
             reason = f"stub exited {self.exit_status}: {self._stderr_text()}"
         return HostError(self.name, "connection", reason or "closed by the remote end")

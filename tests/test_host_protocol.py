@@ -469,6 +469,21 @@ def test_a_failed_host_gives_back_all_it_held_once() -> None:
     assert never.fail(error) == [] and never.state == HostState.FAILED
 
 
+def test_a_stub_that_ends_right_behind_its_hello_is_lost_not_failed_to_start() -> None:
+    """A hello and the channel's end taken in one read, before the session saw the host up
+    (a task sent behind the source killed the stub): the host was up, so it is lost, with
+    the tasks it held, and not reported as a stub that never said hello."""
+    protocol = HostProtocol("w", 1)
+    protocol.send_tasks([Task(1, "kill -9 $PPID")])
+    assert [type(e).__name__ for e in protocol.receive(hello(cpus=1))] == ["Hello"]
+    assert protocol.state == HostState.CONNECTING
+    protocol.exit_status = None
+    error = protocol.closed()
+    assert error is not None and error.stage == "connection", error
+    assert [t.seq for t in protocol.fail(error) or []] == [1]
+    assert protocol.state == HostState.LOST
+
+
 def test_a_closed_channel_is_done_when_closing_and_a_named_loss_otherwise() -> None:
     """closed: CLOSING -> DONE; up -> the error to fail with (the stub's exit status and
     stderr if it exited, else the transport's reason); never up -> why it did not start."""
