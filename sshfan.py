@@ -5719,20 +5719,21 @@ def _write_base64(out: IO[bytes], chunks: Iterator[bytes]) -> None:
 
 
 def _write_tagged(out: IO[bytes], prefix: bytes, chunks: Iterator[bytes]) -> None:
-    """Write chunks with PREFIX at the start of every line (--tag)."""
+    """Write chunks with PREFIX at the start of every line (--tag): before the first byte
+    and before each byte after a LF or a CR, as GNU parallel tags (a progress bar's CR
+    lines are tagged too; nothing after a last line end)."""
     at_start = True
     for chunk in chunks:
-        parts = chunk.split(b"\n")
-        for index, part in enumerate(parts):
-            last = index == len(parts) - 1
-            if last and not part:
-                break
+        for piece in _LINE_PIECES.split(chunk):
+            if not piece:
+                continue
             if at_start:
                 out.write(prefix)
-            out.write(part)
-            at_start = not last
-            if not last:
-                out.write(b"\n")
+            out.write(piece)
+            at_start = piece[-1:] in (b"\n", b"\r")
+
+
+_LINE_PIECES = re.compile(rb"(?<=[\r\n])")  # cuts after each LF and CR, keeping them
 
 
 def _write_host_lines(out: IO[bytes], host: str, chunks: Iterator[bytes]) -> None:
@@ -7597,7 +7598,9 @@ def command_template(opts: RunOptions) -> Template | None:
 
 def line_tagger(opts: RunOptions) -> Tagger | None:
     """What --tag or --tagstring puts before each output line, as GNU parallel does (with
-    --onall, --tag is the host's name and --tagstring is ignored, as there)."""
+    --onall, --tag is the host's name, ':' for this machine as in the joblog, and
+    --tagstring is ignored, as there)."""
+    local = {spec.name for spec in opts.hosts if spec.local} if opts.onall else set()
     if opts.onall:
         template = Template("{host}", kind="tag") if opts.tag else None
     elif opts.tagstring is not None:
@@ -7612,7 +7615,8 @@ def line_tagger(opts: RunOptions) -> Tagger | None:
     def tag(result: TaskResult) -> bytes:
         """The prefix for RESULT's lines: the tag string filled in, then a TAB."""
         line = result.command if result.arg is None else result.arg
-        text = template.render(line, result.seq, str(result.slot), result.host)
+        host = ":" if result.host in local else result.host
+        text = template.render(line, result.seq, str(result.slot), host)
         return as_bytes(text) + b"\t"
 
     return tag

@@ -226,6 +226,26 @@ def test_onall_with_a_template_matches_gnu_parallel(
     assert rows(log) == rows(wanted_log)
 
 
+@needs_parallel
+def test_onall_tag_names_this_machine_as_gnu_parallel(
+    run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """--nonall/--onall --tag on this machine (no hosts given, or -S :) tags its lines ':',
+    as parallel and the joblog do, not with sshfan's name for it."""
+    wanted = run_parallel(["--nonall", "--tag", "echo hi"])
+    assert wanted == b":\thi\n"
+    for hosts in ([], ["-S", ":"]):
+        result = run_sshfan(["run", "--nonall", "--tag", *hosts, "echo hi"], cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == wanted
+    args = tmp_path / "args"
+    args.write_text("a\nb\n")
+    wanted = run_parallel(["-k", "--onall", "--tag", "echo", "::::", str(args)])
+    result = run_sshfan(["run", str(args), "-c", "echo", "--onall", "--tag", "-o", "-"])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == wanted
+
+
 def test_onall_scheduler_keeps_each_task_on_its_host() -> None:
     """Each host draws its own pass over the tasks; what a lost host held goes back to it
     alone, and once it is gone the run stops waiting on it without calling itself whole."""

@@ -247,6 +247,21 @@ def _joblog_rows(path: Path) -> dict[int, list[bytes]]:
     return rows
 
 
+def test_tag_marks_lines_ended_by_cr_as_parallel(tmp_path: Path, run_sshfan) -> None:
+    """--tag and --tagstring tag after each CR as after each LF, and nothing after the
+    last line end or on empty output, as parallel does (a progress bar's lines)."""
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text(
+        "printf 'x\\r\\ny'\nprintf ''\nprintf '1%%\\r50%%\\r100%%\\n'\n"
+        "printf '\\n\\n'\nprintf 'a\\nb'\nprintf '\\r'\n"
+    )
+    for option in (["--tag"], ["--tagstring", "<{#}>"]):
+        wanted = run_parallel(["-k", *option, "::::", str(tasks)])
+        result = run_sshfan(["run", str(tasks), *option, "-o", "-"])
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == wanted
+
+
 def test_joblog_matches_parallels(tmp_path: Path, run_sshfan) -> None:
     """Every column but the times is parallel's, byte for byte: Host ':', Send and
     Receive (stdout only), Exitval and Signal, the quoted command with its TAB."""
