@@ -579,19 +579,32 @@ def parse_sshlogins(text: str, where: str) -> list[dict[str, Any]]:
 
 
 def sshloginfile_path(name: str) -> str:
-    """Where GNU parallel finds an sshloginfile: `..` and `.` are its standard files, a
-    name not found in the current directory is looked for in ~/.parallel."""
-    if name == "..":
-        xdg = Path(os.environ.get("XDG_CONFIG_HOME", "~/.config"), "parallel", "sshloginfile")
-        xdg = xdg.expanduser()
-        return str(xdg) if xdg.exists() else os.path.expanduser("~/.parallel/sshloginfile")
+    """Where GNU parallel finds an sshloginfile: `..` is the one in its config dir, `.` the
+    system's, and a name not found here is looked for in its first config dir."""
     if name == ".":
         return "/etc/parallel/sshloginfile"
+    if name == "..":
+        return os.path.join(_parallel_config_dirs()[0], "sshloginfile")
     if name != "-" and not os.path.exists(name):
-        fallback = os.path.expanduser(os.path.join("~/.parallel", name))
+        fallback = os.path.join(_parallel_config_dirs()[0], name)
         if os.path.exists(fallback):
             return fallback
     return name
+
+
+def _parallel_config_dirs() -> list[str]:
+    """GNU parallel's config dirs, first first: those of $PARALLEL_HOME,
+    $XDG_CONFIG_HOME/parallel, each $XDG_CONFIG_DIRS/parallel and ~/.parallel that exist
+    (~/.parallel if none does)."""
+    env = os.environ
+    candidates = [env.get("PARALLEL_HOME", "")]
+    # (An unset XDG_CONFIG_HOME is parallel's "/parallel", not ~/.config/parallel.)
+    system = env.get("XDG_CONFIG_DIRS", "").rstrip(":")
+    for base in [env.get("XDG_CONFIG_HOME", ""), *(system.split(":") if system else [])]:
+        candidates.append(f"{base}/parallel")
+    home = os.path.expanduser("~/.parallel")
+    found = [path for path in [*candidates, home] if path and os.path.isdir(path)]
+    return found or [home]
 
 
 def read_sshloginfile(name: str) -> list[dict[str, Any]]:

@@ -174,6 +174,28 @@ def test_sshloginfile_format(tmp_path: Path) -> None:
     )
 
 
+@needs_parallel
+def test_sshloginfile_shorthands_found_where_gnu_parallel_finds_them(
+    run_sshfan: RunSshfan, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--slf .. and --slf NAME (not here) are read from parallel's config dir:
+    $PARALLEL_HOME, else $XDG_CONFIG_HOME/parallel, ..., else ~/.parallel."""
+    for variable in ("PARALLEL_HOME", "XDG_CONFIG_HOME"):
+        config = tmp_path / variable
+        home = config / "parallel" if variable == "XDG_CONFIG_HOME" else config
+        home.mkdir(parents=True)
+        (home / "sshloginfile").write_text("# this machine\n:\n")
+        (home / "mine").write_text(":\n")
+        monkeypatch.setenv(variable, str(config))
+        for name in ("..", "mine"):
+            wanted = run_parallel(["--nonall", "--tag", "--slf", name, "echo hi"])
+            assert wanted == b":\thi\n"
+            result = run_sshfan(["run", "--nonall", "--tag", "--slf", name, "echo hi"])
+            assert result.returncode == 0, result.stderr
+            assert result.stdout == wanted
+        monkeypatch.delenv(variable)
+
+
 def test_command_line_hosts_take_the_files_defaults(tmp_path: Path) -> None:
     """-S and --slf hosts follow the file's, with its [defaults]; a repeat is one host."""
     hosts = tmp_path / "hosts.toml"
