@@ -4590,6 +4590,20 @@ def _remote_workdir(workdir: str | None) -> str:
     return workdir
 
 
+def _file_kind(mode: int) -> str:
+    """What a file that is not a regular one is, for a message: "a FIFO", "a directory"."""
+    for test, kind in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return kind
+    return f"of type {stat.S_IFMT(mode):o}"
+
+
 def _part_name(path: str, tag: str) -> str:
     """The temporary name a file is written under beside PATH, then renamed to PATH."""
     directory, name = os.path.split(path)
@@ -4690,6 +4704,8 @@ class HostFiles:
             mode = os.stat(local).st_mode
         except OSError as exc:
             raise TransferError(f"cannot read {local}: {_why(exc)}") from None
+        if not stat.S_ISREG(mode):  # a FIFO's open would block the head for good
+            raise TransferError(f"{local}: not a regular file ({_file_kind(mode)})")
         sftp = await self.sftp()
         target = self.remote(remote)
         part = _part_name(target, f"{tag}-{self._unique}")
@@ -4762,6 +4778,13 @@ class HostFiles:
         part = _part_name(local, tag)
         async with self._moving:
             try:
+                # Only a regular file: the SFTP server's open of a FIFO waits for a writer
+                # for good, and a link to /dev/zero never ends.
+                mode = (await sftp.stat(source)).permissions
+                if mode is not None and not stat.S_ISREG(mode):
+                    raise TransferError(
+                        f"{self.name}:{source}: not a regular file ({_file_kind(mode)})"
+                    )
                 parent = os.path.dirname(local)
                 if parent:
                     os.makedirs(parent, exist_ok=True)

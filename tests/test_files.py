@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from sshd import SshServer
 from support import (
+    NO_HANG,
     PARALLEL_REQUIRED,
     RunSshfan,
     needs_parallel,
@@ -318,6 +319,44 @@ def test_missing_return_and_transfer_fail_the_task(
     assert got[3]["exit_code"] == 1 and got[3]["stdout"] == ""  # it never ran
     assert "--transferfile 'not here.txt'" in got[3]["stderr"]
     assert not list(head.rglob("*.part")) and not list(worker.rglob("*.part"))
+
+
+def test_return_or_transfer_of_a_file_that_is_not_regular_fails_the_task(
+    sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """A --return file that is a FIFO, or a link to a device that never ends (/dev/zero),
+    and a --transferfile file that is a FIFO, fail their task (exit 1) naming what the
+    file is: not a fetch or an upload that waits for a writer, or reads, for good."""
+    head, worker, hosts = setup_dirs(tmp_path, sshd, hosts=1)
+    os.mkfifo(head / "pipe.in")
+    (head / "plain.in").write_text("plain\n")
+    (head / "tasks").write_text("fifo\nzero\nplain\n")
+    make = (
+        "case {} in fifo) mkfifo {}.out;; zero) ln -s /dev/zero {}.out;; *) echo ok > {}.out;; esac"
+    )
+    result = run_sshfan(
+        ["run", "tasks", "-H", str(hosts), "-c", make, "--return", "{}.out"]
+        + ["--format", "jsonl", "-o", "out"],
+        cwd=head,
+        timeout=NO_HANG,
+    )
+    assert result.returncode == 1, result.stderr
+    got = records(head / "out")
+    assert "fifo.out: not a regular file (a FIFO)" in got[1]["stderr"], got[1]
+    assert "zero.out: not a regular file (a character device)" in got[2]["stderr"], got[2]
+    assert got[3]["exit_code"] == 0 and (head / "plain.out").read_text() == "ok\n"
+    assert not (head / "fifo.out").exists() and not (head / "zero.out").exists()
+    (head / "tasks").write_text("pipe.in\nplain.in\n")
+    result = run_sshfan(
+        ["run", "tasks", "-H", str(hosts), "-c", "cat {}", "--transfer"]
+        + ["--format", "jsonl", "-o", "out2"],
+        cwd=head,
+        timeout=NO_HANG,
+    )
+    assert result.returncode == 1, result.stderr
+    got = records(head / "out2")
+    assert "pipe.in: not a regular file (a FIFO)" in got[1]["stderr"], got[1]
+    assert got[2] == {**got[2], "exit_code": 0, "stdout": "plain\n"}
 
 
 def test_basefile_with_cleanup_leaves_nothing(
