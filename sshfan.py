@@ -7397,12 +7397,27 @@ def _spool_path(journal: Path) -> Path:
     return journal.with_name(journal.name + ".stdin")
 
 
-def _spool_stdin(path: Path) -> Path:
-    """Copy tasks from stdin to PATH, so they can be scanned and read again."""
-    with open(path, "wb") as handle:
-        while chunk := _stdin().read(1 << 20):
-            handle.write(chunk)
+def _spool_stdin(path: Path, tasks: str = "-") -> Path:
+    """Copy tasks from stdin (or TASKS, a pipe) to PATH, so they can be scanned and read
+    again."""
+    with contextlib.ExitStack() as stack:
+        source = _stdin() if tasks == "-" else stack.enter_context(open(tasks, "rb"))
+        with open(path, "wb") as handle:
+            while chunk := source.read(1 << 20):
+                handle.write(chunk)
     return path
+
+
+def _is_stream(tasks: str) -> bool:
+    """Whether TASKS can be read only once, as stdin ('-') or a pipe (a FIFO, `<(...)`):
+    a run copies it (_spool_stdin) to scan it and read it again."""
+    if tasks == "-":
+        return True
+    try:
+        mode = os.stat(tasks).st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
 
 
 def _same_file(one: Path, other: Path) -> bool:
@@ -7710,11 +7725,12 @@ class PreparedRun:
     resumed: bool
     identity: tuple  # the tasks file as scanned (see _read_unchanged)
     locks: list[tuple[Path, int]]
+    spooled: bool = False  # tasks_path is a copy of stdin or a pipe (_spool_stdin)
 
-    def release(self, spooled: bool) -> None:
+    def release(self) -> None:
         """Let go of what the run held (the journal is closed by then): the copy of
-        stdin if SPOOLED, then the locks."""
-        if spooled:
+        stdin or a pipe, if spooled, then the locks."""
+        if self.spooled:
             self.tasks_path.unlink(missing_ok=True)
         for path, fd in reversed(self.locks):
             _release_lock(path, fd)
@@ -7726,7 +7742,8 @@ def prepare_run(opts: RunOptions) -> PreparedRun:
     resumed); nothing runs yet, and nothing earlier is changed yet."""
     journal_path = _journal_path(opts.output, opts.tasks, opts.journal)
     _check_writable_dir(journal_path, "journal")
-    files = [] if opts.tasks == "-" else [("tasks file", Path(opts.tasks))]
+    streamed = _is_stream(opts.tasks)
+    files = [] if streamed else [("tasks file", Path(opts.tasks))]
     if opts.output != "-":
         _check_writable_dir(Path(opts.output), "output")
         files.append(("output", Path(opts.output)))
@@ -7736,7 +7753,7 @@ def prepare_run(opts: RunOptions) -> PreparedRun:
     lock_paths = _lock_paths(opts.output, journal_path)
     extra = [("journal's new file", journal_path.with_name(journal_path.name + ".new"))]
     extra += [("lock file", path) for path in lock_paths]
-    if opts.tasks == "-":
+    if streamed:
         extra.append(("copy of stdin", _spool_path(journal_path)))
     _refuse_overlaps(files + extra)
     locks: list[tuple[Path, int]] = []
@@ -7744,8 +7761,8 @@ def prepare_run(opts: RunOptions) -> PreparedRun:
     try:
         for path in lock_paths:
             locks.append((path, _take_lock(path)))
-        if opts.tasks == "-":
-            tasks_path = _spool_stdin(_spool_path(journal_path))
+        if streamed:
+            tasks_path = _spool_stdin(_spool_path(journal_path), opts.tasks)
         with _reading(tasks_path, "tasks file"):
             identity = _file_identity(tasks_path)
         template = command_template(opts)
@@ -7791,12 +7808,12 @@ def prepare_run(opts: RunOptions) -> PreparedRun:
             except OSError as exc:
                 raise UsageError(f"{journal_path}: cannot create journal: {exc.strerror}") from None
     except BaseException:
-        if opts.tasks == "-":
+        if streamed:
             _spool_path(journal_path).unlink(missing_ok=True)
         for path, fd in reversed(locks):
             _release_lock(path, fd)
         raise
-    prepared = PreparedRun(tasks_path, count, journal, done, resumed, identity, locks)
+    prepared = PreparedRun(tasks_path, count, journal, done, resumed, identity, locks, streamed)
     return prepared
 
 
@@ -7936,7 +7953,7 @@ async def run_async(
             except OSError as exc:
                 if run is not None:
                     run.abort(_write_error(OSError(exc.errno, exc.strerror, opts.joblog)))
-        prepared.release(spooled=opts.tasks == "-")
+        prepared.release()
 
 
 def _onall_header(opts: RunOptions, tasks_path: Path) -> dict[str, Any]:
@@ -9015,7 +9032,9 @@ def dry_run_tasks(opts: RunOptions, out: IO[bytes]) -> int:
             count = len(os.sched_getaffinity(0)) if spec.local else 1
         slots += count
     with tempfile.TemporaryDirectory(prefix="sshfan-") as tmp:
-        path = _spool_stdin(Path(tmp)) if opts.tasks == "-" else Path(opts.tasks)
+        path = Path(opts.tasks)
+        if _is_stream(opts.tasks):
+            path = _spool_stdin(Path(tmp) / "tasks", opts.tasks)
         template = command_template(opts)
         done: array.array[int] = array.array("q")
         if template is not None and opts.pipe:

@@ -10,10 +10,19 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
-from support import RunSshfan, sshfan_argv, sshfan_env, write_hosts_file
+from support import (
+    NO_HANG,
+    RunSshfan,
+    needs_parallel,
+    run_parallel,
+    sshfan_argv,
+    sshfan_env,
+    write_hosts_file,
+)
 
 import sshfan
 
@@ -312,6 +321,56 @@ def test_stdin_tasks(run_sshfan: RunSshfan, tmp_path: Path) -> None:
     assert [(r["seq"], r["stdout"]) for r in records] == [(1, "one\n"), (3, "two\n"), (4, "three")]
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".sshfan-stdin")]
     assert leftovers == [], "the spooled copy of stdin must be removed after the run"
+
+
+def test_tasks_from_a_fifo(run_sshfan: RunSshfan, tmp_path: Path) -> None:
+    """A tasks file that is a FIFO (as `<(...)` gives a pipe) is read once, as stdin is:
+    the run neither waits for a second writer for good nor finds it empty the second
+    time; --resume reads it again, and no copy is left behind."""
+    fifo = tmp_path / "tasks.fifo"
+    os.mkfifo(fifo)
+    out = tmp_path / "out"
+    for extra in ([], ["--resume"]):
+
+        def feed() -> None:
+            """Write the tasks once, as a shell's process substitution does."""
+            with open(fifo, "wb") as writer:
+                writer.write(b"echo one\n\necho two\n")
+
+        writer = threading.Thread(target=feed, daemon=True)
+        writer.start()
+        result = run_sshfan(
+            ["run", str(fifo), "-o", str(out), "--no-progress", *extra], timeout=NO_HANG
+        )
+        writer.join(NO_HANG)
+        assert result.returncode == 0, result.stderr.decode(errors="replace")
+        assert out.read_bytes() == b"one\ntwo\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.journal", "tasks.fifo"]
+
+
+@needs_parallel
+def test_dry_run_of_stdin_and_of_a_fifo_matches_parallel(
+    run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """--dry-run reads tasks from stdin (`-`) or a FIFO once, as a run does, and prints
+    parallel's commands for them (it took a directory for the copy of stdin: a traceback)."""
+    lines = b"a b\n\nc'd\n"
+    expected = run_parallel(["--dry-run", "-k", "-j1", "echo {}"], input=lines)
+    result = run_sshfan(["run", "-", "-c", "echo {}", "--dry-run"], input=lines)
+    assert (result.returncode, result.stdout) == (0, expected), result.stderr
+    fifo = tmp_path / "tasks.fifo"
+    os.mkfifo(fifo)
+
+    def feed() -> None:
+        """Write the tasks once, as a shell's process substitution does."""
+        with open(fifo, "wb") as writer:
+            writer.write(lines)
+
+    writer = threading.Thread(target=feed, daemon=True)
+    writer.start()
+    result = run_sshfan(["run", str(fifo), "-c", "echo {}", "--dry-run"], timeout=NO_HANG)
+    writer.join(NO_HANG)
+    assert (result.returncode, result.stdout) == (0, expected), result.stderr
 
 
 def test_stdin_tasks_not_utf8(run_sshfan: RunSshfan, tmp_path: Path) -> None:
