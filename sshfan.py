@@ -6826,9 +6826,10 @@ class _Run:
             if session is pair[1]:
                 self.summary.backups_won += 1
         if not result.ok and self.scheduler.should_retry(task, session.name):
+            why = "timed out" if result.timed_out else f"failed (exit {result.exit_code})"
             self.log(
-                f"sshfan: task {task.seq} failed on {session.name} "
-                f"(exit {result.exit_code}); retrying ({task.attempts}/{self.scheduler.retries})"
+                f"sshfan: task {task.seq} {why} on {session.name}; "
+                f"retrying ({task.attempts}/{self.scheduler.retries})"
             )
             return
         if isinstance(self.scheduler, OnAllScheduler):

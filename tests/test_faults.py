@@ -1093,3 +1093,19 @@ def test_a_host_slow_to_say_hello_is_given_up_when_the_run_waits_on_it(
     assert len(lines) == 1 and "no hello" in lines[0], lines
     assert f"{count} of {count} tasks done" in result.stderr.decode()
     assert_no_procs_soon(str(python))
+
+
+def test_a_retry_line_says_whether_the_task_timed_out_or_failed(
+    run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """With --retries, the line for a task tried again says why: timed out, or failed with
+    its exit status (a timed-out task's status is the kill's, which says nothing)."""
+    tasks = write_file(tmp_path / "tasks.txt", "sleep 30\nexit 3\n")
+    out = tmp_path / "out.txt"
+    result = run_sshfan(
+        ["run", str(tasks), "-o", str(out), "--timeout", "0.5", "--retries", "1"], timeout=NO_HANG
+    )
+    check_exit(result, 1)
+    lines = err_lines(result.stderr)
+    assert any(line.startswith("sshfan: task 1 timed out on ") for line in lines), lines
+    assert any(line.startswith("sshfan: task 2 failed (exit 3) on ") for line in lines), lines
