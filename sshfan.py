@@ -8048,7 +8048,8 @@ def joblog_row(result: TaskResult, local: set[str], now: float) -> bytes:
         received += result.in_output.length
     start = now - result.duration_s
     runtime = int(result.duration_s * 1000) / 1000
-    exitval = 0 if result.signal else result.exit_code
+    # A task killed for its --timeout is Exitval -1, as parallel marks the jobs it kills.
+    exitval = -1 if result.timed_out else 0 if result.signal else result.exit_code
     host = ":" if result.host in local else result.host
     head = (
         f"{result.seq}\t{host}\t{start:.3f}\t{runtime:10.3f}\t{result.sent}\t"

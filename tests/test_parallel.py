@@ -314,6 +314,22 @@ def test_joblog_matches_parallels(tmp_path: Path, run_sshfan) -> None:
     )
 
 
+def test_joblog_of_a_timed_out_task_says_killed_as_parallels(tmp_path: Path, run_sshfan) -> None:
+    """A task killed for its --timeout is Exitval -1, as in parallel's joblog (its Signal
+    is 9: sshfan kills the group at once, where parallel sends TERM first, 15)."""
+    tasks = tmp_path / "tasks"
+    tasks.write_text("sleep 60\necho ok\n")
+    theirs, ours = tmp_path / "parallel.log", tmp_path / "sshfan.log"
+    run_parallel(["--joblog", str(theirs), "--timeout", "3", "::::", str(tasks)], status=1)
+    result = run_sshfan(
+        ["run", str(tasks), "--timeout", "3", "--joblog", str(ours), "-o", str(tmp_path / "o")]
+    )
+    assert result.returncode == 1, result.stderr
+    want, got = _joblog_rows(theirs), _joblog_rows(ours)
+    assert [got[seq][6] for seq in (1, 2)] == [want[seq][6] for seq in (1, 2)] == [b"-1", b"0"]
+    assert (want[1][7], got[1][7]) == (b"15", b"9")
+
+
 def test_task_longer_than_exec_allows_is_refused_before_anything_runs(
     tmp_path: Path, run_sshfan
 ) -> None:
