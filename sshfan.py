@@ -9257,6 +9257,13 @@ def _check_file_options(opts: RunOptions) -> None:
     if opts.results is not None:
         if opts.pipe:
             raise UsageError("--results cannot be used with --pipe (its chunks have no names)")
+        if opts.onall:
+            # Each host's run of a line would write the line's one directory over the
+            # last host's (GNU parallel 20221122 writes none there): refused, not lost.
+            raise UsageError(
+                "--results cannot be used with --onall or --nonall (a line's directory holds "
+                "one task's result, not every host's); --format jsonl has them all"
+            )
         if not opts.results:
             raise UsageError("--results: needs a directory")
         if _REPLACEMENT.search(opts.results) or opts.results.lower().endswith(_RESULTS_FILES):

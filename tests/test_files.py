@@ -175,6 +175,17 @@ def test_results_tree_with_colsep_has_a_level_per_column(
         assert got == wanted
 
 
+def test_results_with_onall_is_refused(run_sshfan: RunSshfan, tmp_path: Path) -> None:
+    """--onall/--nonall run a line once per host: one directory cannot hold them all, so
+    --results is refused (exit 2, one line) rather than keep one host's."""
+    (tmp_path / "args").write_text("a\n")
+    for args in (["args", "-c", "echo", "--onall"], ["--nonall", "echo hi"]):
+        result = run_sshfan(["run", *args, "-S", ":", "--results", "R", "-o", "out"])
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.count(b"\n") == 1 and b"--results" in result.stderr
+        assert not (tmp_path / "R").exists()
+
+
 def test_results_with_pipe_is_refused(run_sshfan: RunSshfan, tmp_path: Path) -> None:
     """--pipe chunks have no names to make directories of: exit 2, one line."""
     (tmp_path / "data").write_text("a\n")
