@@ -134,6 +134,11 @@ class HostError(SshfanError):
 # 2. Hosts config
 # ============================================================================
 
+# The most slots a host may have: Linux's largest pid_max (PID_MAX_LIMIT, 2**22), as a
+# host cannot run more tasks at once than it can have processes. Beyond it a slot count
+# is a typo, and one past sys.maxsize cannot even index the head's tables.
+SLOTS_MAX = 4 * 1024 * 1024
+
 _HOST_KEYS: dict[str, tuple[type, ...]] = {
     "name": (str,),
     "address": (str,),
@@ -242,6 +247,8 @@ def _check_value(where: str, key: str, value: Any, text: str, table: str, index:
             fail(f'must be a positive integer or "auto", not {value!r}')
         if isinstance(value, int) and value < 1:
             fail(f"must be at least 1, not {value}")
+        if isinstance(value, int) and value > SLOTS_MAX:
+            fail(f"must be at most {SLOTS_MAX} (Linux's largest pid_max), not {value}")
     if key in ("connect_timeout", "keepalive") and not (math.isfinite(value) and value > 0):
         fail(f"must be a positive, finite number of seconds, not {value}")
     if key == "known_hosts" and value is True:
@@ -506,6 +513,10 @@ def parse_sshlogin(text: str, where: str) -> list[dict[str, Any]]:
     if slots:
         if int(slots.group(1)) < 1:
             raise UsageError(f"{where}: '{login}': slots must be at least 1, not 0")
+        if int(slots.group(1)) > SLOTS_MAX:
+            raise UsageError(
+                f"{where}: '{login}': slots must be at most {SLOTS_MAX} (Linux's largest pid_max)"
+            )
         values["slots"] = int(slots.group(1))
         login = login[slots.end() :]
     if login == ":":
@@ -766,6 +777,9 @@ COLLECT_FROM = 64 * 1024  # payloads from this size are collected piecewise (Fra
 FLUSH_DELAY = 0.005  # seconds the stub may hold finished results to send them together
 WARDEN_NAP = 0.05  # seconds the warden sleeps between reads: it only acts once at the end
 KILL_GRACE = 2.0  # seconds a killed task's pipes may stay open before the stub closes them
+# The longest one wait in the stub's loop: epoll takes milliseconds in a C int (24.8 days),
+# and a --timeout may be longer; the loop wakes, finds nothing due, and waits again.
+SELECT_WAIT_MAX = 3600.0
 # Seconds the stub waits, when the head went away mid-upload, before it removes the
 # upload's file once more: SFTP requests sent just before the head died may still
 # reach the worker's SFTP server, and create the file again, after the stub's EOF.
@@ -1488,6 +1502,8 @@ class Stub:
                 timeout = flush_in if timeout is None else min(timeout, flush_in)
             if self.eof and not self.running:
                 break
+            if timeout is not None:
+                timeout = min(timeout, SELECT_WAIT_MAX)
             for key, _ in self.selector.select(timeout):
                 if key.data == "proto":
                     data = os.read(self.proto_in, 1 << 20)
@@ -7614,6 +7630,10 @@ class RunOptions:
             raise UsageError(f"--retries: must be 0 or more, not {self.retries}")
         if slots is not None and slots < 1:
             raise UsageError(f"--slots: must be at least 1, not {slots}")
+        if slots is not None and slots > SLOTS_MAX:
+            raise UsageError(
+                f"--slots: must be at most {SLOTS_MAX} (Linux's largest pid_max), not {slots}"
+            )
         if self.pipe and not self.command:
             raise UsageError("--pipe needs --command: the command each chunk is fed to")
         if self.lines is not None and self.lines < 1:

@@ -94,6 +94,12 @@ BAD_HOSTS: list[tuple[str, str, int, str]] = [
     ("slots-negative", '[[hosts]]\nname = "a"\nlocal = true\nslots = -1\n', 4, "slots"),
     ("slots-float", '[[hosts]]\nname = "a"\nlocal = true\nslots = 2.5\n', 4, "slots"),
     ("slots-bool", '[[hosts]]\nname = "a"\nlocal = true\nslots = true\n', 4, "slots"),
+    (
+        "slots-huge",
+        '[[hosts]]\nname = "a"\nlocal = true\nslots = 9223372036854775807\n',
+        4,
+        "slots",
+    ),
     ("port-string", '[[hosts]]\nname = "a"\nport = "22"\n', 3, "port"),
     ("port-range", '[[hosts]]\nname = "a"\n\n[[hosts]]\nname = "b"\nport = 70000\n', 6, "port"),
     ("local-string", '[[hosts]]\nname = "a"\nlocal = "yes"\n', 3, "local"),
@@ -119,7 +125,13 @@ BAD_HOSTS: list[tuple[str, str, int, str]] = [
 
 # Through the command line too: a TOML error, one in [defaults], one in a later table,
 # and one across tables (test_parse_hosts_errors checks every case in-process).
-CLI_BAD_HOSTS = ("not-toml", "unknown-key-in-defaults", "port-range", "duplicate-name")
+CLI_BAD_HOSTS = (
+    "not-toml",
+    "unknown-key-in-defaults",
+    "port-range",
+    "duplicate-name",
+    "slots-huge",
+)
 
 
 @pytest.mark.parametrize(
@@ -406,8 +418,18 @@ def test_stdin_tasks_not_utf8(run_sshfan: RunSshfan, tmp_path: Path) -> None:
         (["--timeout", "0"], "--timeout"),
         (["--retries", "-1"], "--retries"),
         (["--timeout", "soon"], "--timeout"),
+        (["-j", "99999999999999999999"], "--slots"),
+        (["-S", "99999999999999999999/:"], "-S"),
     ],
-    ids=["format-xml", "timeout-negative", "timeout-zero", "retries-negative", "timeout-word"],
+    ids=[
+        "format-xml",
+        "timeout-negative",
+        "timeout-zero",
+        "retries-negative",
+        "timeout-word",
+        "slots-huge",
+        "sshlogin-slots-huge",
+    ],
 )
 def test_bad_option(
     args: list[str], needle: str, run_sshfan: RunSshfan, tasks: Path, marker: Path, tmp_path: Path
@@ -415,6 +437,16 @@ def test_bad_option(
     """A bad option value exits 2 with one line naming the option; nothing runs."""
     assert_usage_error(run_tasks(run_sshfan, tasks, tmp_path, *args), needle)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("timeout", ["30d", "1e9", "99999999999999999", "inf"])
+def test_long_timeout_runs(
+    timeout: str, run_sshfan: RunSshfan, tasks: Path, marker: Path, tmp_path: Path
+) -> None:
+    """A --timeout longer than one wait of the stub's loop (epoll's 24.8 days) runs the tasks."""
+    result = run_tasks(run_sshfan, tasks, tmp_path, "--timeout", timeout)
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    assert marker.exists()
 
 
 def test_output_in_missing_directory(
