@@ -226,6 +226,13 @@ def _key_line(text: str, table: str, index: int, key: str | None) -> int | None:
     return None
 
 
+# What OpenSSH's ssh refuses as the host and user it is given (ssh.c, valid_hostname and
+# valid_ruser): a name that would read as an option, whitespace, control characters, shell
+# metacharacters. sshfan refuses them too, before anything runs, rather than try to connect.
+_SSH_BAD_HOST = re.compile(r"^-|[\s\x00-\x1f\x7f'`\"$\\;&<>|(){}]")
+_SSH_BAD_USER = re.compile(r"^-|[\x00-\x1f\x7f'`\";&<>|(){}]|\s-|\\$")
+
+
 def _check_value(where: str, key: str, value: Any, text: str, table: str, index: int) -> Any:
     """Validate one hosts-file value's type and range; return it normalised."""
 
@@ -271,6 +278,10 @@ def _check_value(where: str, key: str, value: Any, text: str, table: str, index:
         fail("must not be empty")
     if key == "name" and any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in value):
         fail(f"must not contain control characters (tab, newline, escape): {value!r}")
+    if key == "address" and _SSH_BAD_HOST.search(value):
+        fail(f"{value!r} is not a host name ssh accepts (a leading '-', spaces, ';$`|&...')")
+    if key == "user" and _SSH_BAD_USER.search(value):
+        fail(f"{value!r} is not a user name ssh accepts (a leading '-', ';$`|&...')")
     return value
 
 
@@ -348,6 +359,13 @@ def parse_hosts(
             raise UsageError(f"{at}: duplicate host name '{values['name']}'")
         if host.get("local") and "address" in host:
             raise UsageError(f"{at}: host '{values['name']}' is local and cannot have 'address'")
+        bare = not values.get("local") and "address" not in values  # the name is the address
+        if bare and _SSH_BAD_HOST.search(values["name"]):
+            name_line = _key_line(text, "hosts", index, "name") or line
+            raise UsageError(
+                f"{where}:{name_line}: key 'name' {values['name']!r} is not a host name ssh "
+                "accepts (a leading '-', spaces, ';$`|&...'): give the host an 'address'"
+            )
         for each in _expand_host(values, at):
             if each["name"] in names:
                 raise UsageError(f"{at}: duplicate host name '{each['name']}'")

@@ -120,6 +120,13 @@ BAD_HOSTS: list[tuple[str, str, int, str]] = [
         "twin",
     ),
     ("name-in-defaults", '[defaults]\nname = "x"\n\n[[hosts]]\nname = "a"\n', 2, "name"),
+    # What OpenSSH's ssh refuses as a host or user is refused here, not tried.
+    ("address-option", '[[hosts]]\nname = "a"\naddress = "-oProxyCommand=x"\n', 3, "address"),
+    ("address-space", '[[hosts]]\nname = "a"\naddress = "b c"\n', 3, "address"),
+    ("name-space-no-address", '[[hosts]]\nport = 22\nname = "a b"\n', 3, "name"),
+    ("name-metachar-no-address", '[[hosts]]\nname = "a;id"\n', 2, "name"),
+    ("user-option", '[defaults]\nuser = "-x"\n\n[[hosts]]\nname = "a"\n', 2, "user"),
+    ("user-metachar", '[[hosts]]\nname = "a"\nuser = "a`id`"\n', 3, "user"),
 ]
 
 
@@ -640,6 +647,16 @@ def test_parse_hosts_no_hosts(text: str) -> None:
         sshfan.parse_hosts(text, "cluster.toml")
     assert caught.value.exit_code == 2
     assert "\n" not in str(caught.value) and "host" in str(caught.value).lower()
+
+
+def test_parse_hosts_names_that_are_labels() -> None:
+    """A name ssh would refuse is fine as a label: with an address, or on a local host."""
+    specs = sshfan.parse_hosts(
+        '[[hosts]]\nname = "rack 1"\naddress = "10.0.0.1"\n'
+        '[[hosts]]\nname = "here & now"\nlocal = true\n',
+        "h.toml",
+    )
+    assert [spec.name for spec in specs] == ["rack 1", "here & now"]
 
 
 def test_parse_hosts_local_with_address() -> None:
