@@ -741,6 +741,11 @@ def load_host_sources(sources: HostSources) -> list[HostSpec]:
         specs = load_hosts(sources.hosts_file, list(merged.values()))
     elif merged:
         specs = [_make_spec(values, own_python=False) for values in merged.values()]
+    elif sources.sshlogins and not sources.sshloginfiles:
+        # As GNU parallel ("Cannot run any jobs"): an empty -S "$HOSTS" is a mistake, and
+        # running the tasks on this machine instead would be a surprise.
+        given = " ".join(repr(value) for value in sources.sshlogins)
+        raise UsageError(f"-S {given}: no hosts given (':' is this machine)")
     else:
         specs = [local_host()]
     return pick_hosts(specs, sources.only, sources.exclude)

@@ -328,6 +328,32 @@ def test_only_and_exclude_on_a_ranged_hosts_file(
 
 
 @needs_parallel
+@pytest.mark.parametrize("command", ["run", "all", "check"])
+@pytest.mark.parametrize("value", ["", " , "])
+def test_empty_sshlogin_is_refused_as_gnu_parallel_does(
+    command: str, value: str, run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """-S with no host in it (an empty "$HOSTS") is exit 2, where parallel cannot run any
+    job either; it does not run the tasks on this machine instead. ':' still means here."""
+    marker = tmp_path / "ran"
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text(f"touch {marker}\n")
+    run_parallel(["-S", value, "touch", str(marker), ":::", "x"], status=255)
+    assert not marker.exists()
+    args = {"run": ["run", str(tasks), "-o", "-"], "all": ["all"], "check": ["check"]}[command]
+    tail = ["touch", str(marker)] if command == "all" else []
+    result = run_sshfan([*args, "-S", value, *tail])
+    assert result.returncode == 2, result.stderr.decode()
+    assert result.stderr.decode().splitlines() == [
+        f"sshfan: error: -S {value!r}: no hosts given (':' is this machine)"
+    ]
+    assert not marker.exists()
+    result = run_sshfan(["run", str(tasks), "-o", "-", "-S", value, "-S", ":"])
+    assert result.returncode == 0, result.stderr.decode()
+    assert marker.exists()
+
+
+@needs_parallel
 def test_sshlogin_output_matches_gnu_parallel(
     sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path
 ) -> None:
