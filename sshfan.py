@@ -359,6 +359,15 @@ def parse_hosts(
             raise UsageError(f"{at}: duplicate host name '{values['name']}'")
         if host.get("local") and "address" in host:
             raise UsageError(f"{at}: host '{values['name']}' is local and cannot have 'address'")
+        for key in ("user", "port", "identity", "known_hosts"):
+            # Only SSH reads these: set on a local host's own table, they are a mistake
+            # (in [defaults] they are for the SSH hosts beside it).
+            if values.get("local") and key in host:
+                key_line = _key_line(text, "hosts", index, key) or line
+                raise UsageError(
+                    f"{where}:{key_line}: key '{key}' is for SSH, and host "
+                    f"'{values['name']}' is local (no SSH)"
+                )
         bare = not values.get("local") and "address" not in values  # the name is the address
         if bare and _SSH_BAD_HOST.search(values["name"]):
             name_line = _key_line(text, "hosts", index, "name") or line

@@ -127,6 +127,9 @@ BAD_HOSTS: list[tuple[str, str, int, str]] = [
     ("name-metachar-no-address", '[[hosts]]\nname = "a;id"\n', 2, "name"),
     ("user-option", '[defaults]\nuser = "-x"\n\n[[hosts]]\nname = "a"\n', 2, "user"),
     ("user-metachar", '[[hosts]]\nname = "a"\nuser = "a`id`"\n', 3, "user"),
+    # A local host has no SSH: its own table giving it SSH settings is a mistake.
+    ("local-identity", '[[hosts]]\nname = "a"\nlocal = true\nidentity = "k"\n', 4, "identity"),
+    ("local-port", '[defaults]\nlocal = true\n[[hosts]]\nname = "a"\nport = 2\n', 5, "port"),
 ]
 
 
@@ -657,6 +660,16 @@ def test_parse_hosts_names_that_are_labels() -> None:
         "h.toml",
     )
     assert [spec.name for spec in specs] == ["rack 1", "here & now"]
+
+
+def test_parse_hosts_ssh_defaults_beside_a_local_host() -> None:
+    """[defaults]' SSH settings are for the SSH hosts; a local host beside them is fine."""
+    specs = sshfan.parse_hosts(
+        '[defaults]\nuser = "ci"\nport = 2222\n[[hosts]]\nname = "a"\n'
+        '[[hosts]]\nname = "here"\nlocal = true\n',
+        "h.toml",
+    )
+    assert [(spec.name, spec.local) for spec in specs] == [("a", False), ("here", True)]
 
 
 def test_parse_hosts_local_with_address() -> None:
