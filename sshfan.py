@@ -7417,18 +7417,37 @@ def _write_error(exc: OSError) -> str:
     return f"cannot write results: {where}{exc.strerror or exc}"
 
 
+def _in_place_output(output: str) -> bool:
+    """OUTPUT is there and is not a file (/dev/null, a FIFO, a terminal): the run writes
+    it in place, as to stdout, and keeps nothing beside it (its directory, /dev for one,
+    is no place for a journal)."""
+    if output == "-":
+        return False
+    try:
+        mode = os.stat(output).st_mode
+    except OSError:
+        return False
+    return not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)
+
+
 def _journal_path(output: str, tasks: str, journal: str | None) -> Path:
-    """Where the journal lives: given, or beside the output, or in the current directory."""
+    """Where the journal lives: given, or beside the output, or in the current directory
+    (output on stdout or another stream)."""
     if journal:
         return Path(journal)
-    if output != "-":
+    if output != "-" and not _in_place_output(output):
         return Path(output + ".journal")
     stem = "stdin" if tasks == "-" else Path(tasks).stem
     return Path(f"{stem}.sshfan-journal")
 
 
 def _check_writable_dir(path: Path, what: str) -> None:
-    """Refuse (exit 2) an output path whose directory is missing or not writable."""
+    """Refuse (exit 2) an output path whose directory is missing or not writable (or, for
+    an output written in place, one that cannot be written)."""
+    if what == "output" and _in_place_output(str(path)):
+        if not os.access(path, os.W_OK):
+            raise UsageError(f"{path}: {what} is not writable")
+        return
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise UsageError(f"{path}: {what} directory {parent} does not exist")
@@ -9161,7 +9180,7 @@ def _one_command(opts: RunOptions, compact: bool) -> int:
     (a pdsh-like command should not leave files behind), so --resume needs either."""
     if "\n" in opts.tasks or not opts.tasks.strip():
         raise UsageError("the command must be one non-empty line")
-    kept = opts.journal is not None or opts.output != "-"
+    kept = opts.journal is not None or not (opts.output == "-" or _in_place_output(opts.output))
     if opts.resume and not kept:
         raise UsageError("--resume needs the earlier run's journal: give -o FILE or --journal")
     if opts.output != "-":
@@ -9174,9 +9193,7 @@ def _one_command(opts: RunOptions, compact: bool) -> int:
     try:
         tasks = scratch / "command"
         tasks.write_text(opts.tasks + "\n", encoding="utf-8")
-        journal = opts.journal or (
-            opts.output + ".journal" if opts.output != "-" else str(scratch / "journal")
-        )
+        journal = opts.journal or (opts.output + ".journal" if kept else str(scratch / "journal"))
         opts = dataclasses.replace(opts, tasks=str(tasks), journal=journal)
         failures: dict[str, TaskResult] = {}
 

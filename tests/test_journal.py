@@ -709,3 +709,28 @@ def test_a_retried_task_leaves_only_its_last_try_in_the_output(
     ran = run_sshfan(run_args(tasks, hosts, out, "--retries", "1"), timeout=NO_HANG)
     check_exit(ran, 0)
     assert out.read_bytes() == b"ok\n" + b"b" * 1_000_000 + b"\n"
+
+
+@pytest.mark.parametrize("command", ["run", "all"])
+def test_output_to_dev_null_keeps_its_journal_out_of_dev(
+    command: str, run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """-o /dev/null (or another stream that is not a file) is written in place, as stdout
+    is, and the journal goes where stdout's would: not /dev/null.journal (as root, a file
+    in /dev; as anyone else, a refusal for /dev not being writable)."""
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text("echo a\necho b\n")
+    hosts = tmp_path / "hosts.toml"
+    hosts.write_text(LOCAL_BLOCK)
+    before = os.path.lexists("/dev/null.journal")
+    if command == "run":
+        result = run_sshfan(["run", str(tasks), "-o", "/dev/null"], timeout=NO_HANG)
+        journal = tmp_path / "tasks.sshfan-journal"
+        assert journal.is_file() and set(journal_done(journal)) == {1, 2}
+    else:
+        result = run_sshfan(["all", "-H", str(hosts), "-o", "/dev/null", "echo a"])
+        assert not list(tmp_path.glob("*journal*"))  # a scratch journal, as for stdout
+    check_exit(result, 0)
+    assert b"/dev/null.journal" not in result.stderr
+    assert os.path.lexists("/dev/null.journal") == before
+    assert Path("/dev/null").is_char_device()
