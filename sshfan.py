@@ -4959,27 +4959,31 @@ def _check_exec_length(where: str, command: str) -> None:
         )
 
 
-def scan_tasks(path: Path, template: Template | None = None) -> tuple[int, str]:
+def scan_tasks(
+    path: Path, template: Template | None = None, name: str | None = None
+) -> tuple[int, str]:
     """Check a tasks file (no NUL, commands short enough to exec); return its task count
-    and sha256. With a --command TEMPLATE every line is a task, blank ones too."""
+    and sha256. With a --command TEMPLATE every line is a task, blank ones too. Errors
+    name NAME (what the user gave, for a spooled copy of stdin or a pipe), else PATH."""
+    where = name or str(path)
     digest = hashlib.sha256()
     count = 0
     with _reading(path, "tasks file"), open(path, "rb") as handle:
         for number, raw in enumerate(handle, 1):
             digest.update(raw)
             if len(raw) > TASK_LINE_MAX:
-                raise UsageError(f"{path}:{number}: task line longer than {TASK_LINE_MAX} bytes")
+                raise UsageError(f"{where}:{number}: task line longer than {TASK_LINE_MAX} bytes")
             if b"\0" in raw:
-                raise UsageError(f"{path}:{number}: task contains a NUL byte")
+                raise UsageError(f"{where}:{number}: task contains a NUL byte")
             line = _task_line(raw)
             if template is not None:
                 count += 1
                 if template.may_exceed(line):
                     command = template.render(line, number, slot=SLOT_WIDEST)
-                    _check_exec_length(f"{path}:{number}", command)
+                    _check_exec_length(f"{where}:{number}", command)
             elif line.strip():
                 count += 1
-                _check_exec_length(f"{path}:{number}", line)
+                _check_exec_length(f"{where}:{number}", line)
     return count, digest.hexdigest()
 
 
@@ -7476,6 +7480,11 @@ def _spool_stdin(path: Path, tasks: str = "-") -> Path:
     return path
 
 
+def _input_name(tasks: str) -> str:
+    """TASKS as an error message names it: 'stdin' for '-' (not the spooled copy's path)."""
+    return "stdin" if tasks == "-" else tasks
+
+
 def _is_stream(tasks: str) -> bool:
     """Whether TASKS can be read only once, as stdin ('-') or a pipe (a FIFO, `<(...)`):
     a run copies it (_spool_stdin) to scan it and read it again."""
@@ -7841,7 +7850,7 @@ def prepare_run(opts: RunOptions) -> PreparedRun:
         if opts.pipe:
             count, digest = scan_chunks(tasks_path, opts.lines, opts.block)
         else:
-            count, digest = scan_tasks(tasks_path, template)
+            count, digest = scan_tasks(tasks_path, template, _input_name(opts.tasks))
         shaping = _shaping_options(opts)
         onall = _onall_header(opts, tasks_path)
         done = array.array("q")
@@ -9114,7 +9123,7 @@ def dry_run_tasks(opts: RunOptions, out: IO[bytes]) -> int:
             scan_chunks(path, opts.lines, opts.block)
             tasks = read_chunks(path, None, done, template, opts.lines, opts.block)
         else:
-            scan_tasks(path, template)
+            scan_tasks(path, template, _input_name(opts.tasks))
             tasks = read_tasks(path, None, done, template)
         for index, task in enumerate(tasks):
             slot = index % max(slots, 1) + 1
