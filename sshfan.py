@@ -276,6 +276,10 @@ def _check_value(where: str, key: str, value: Any, text: str, table: str, index:
                 fail(f"has variable {name!r} whose value contains a NUL character")
     if key in ("name", "python", "shell") and not value.strip():
         fail("must not be empty")
+    if key in ("identity", "known_hosts") and (
+        value == "" or isinstance(value, list) and "" in value
+    ):
+        fail("must not be an empty path")
     if key == "name" and any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in value):
         fail(f"must not contain control characters (tab, newline, escape): {value!r}")
     if key == "address" and _SSH_BAD_HOST.search(value):
@@ -7907,7 +7911,8 @@ async def run_async(
     on_start: Callable[[_Run], None] = lambda run: None,
 ) -> RunSummary:
     """Run the tasks described by OPTS, rendering into OUT; return the summary."""
-    preflight(opts.hosts)
+    sources = opts.sources
+    preflight(opts.hosts, sources.hosts_file or "hosts" if sources else "hosts")
     prepared = prepare_run(opts)
     tasks_path, count, journal = prepared.tasks_path, prepared.count, prepared.journal
     done, resumed = prepared.done, prepared.resumed

@@ -128,6 +128,9 @@ BAD_HOSTS: list[tuple[str, str, int, str]] = [
     ("user-option", '[defaults]\nuser = "-x"\n\n[[hosts]]\nname = "a"\n', 2, "user"),
     ("user-metachar", '[[hosts]]\nname = "a"\nuser = "a`id`"\n', 3, "user"),
     # A local host has no SSH: its own table giving it SSH settings is a mistake.
+    ("identity-empty", '[[hosts]]\nname = "a"\nidentity = ""\n', 3, "identity"),
+    ("identity-list-empty", '[[hosts]]\nname = "a"\nidentity = ["k", ""]\n', 3, "identity"),
+    ("known-hosts-empty", '[defaults]\nknown_hosts = ""\n[[hosts]]\nname = "a"\n', 2, "known"),
     ("local-identity", '[[hosts]]\nname = "a"\nlocal = true\nidentity = "k"\n', 4, "identity"),
     ("local-port", '[defaults]\nlocal = true\n[[hosts]]\nname = "a"\nport = 2\n', 5, "port"),
 ]

@@ -174,6 +174,7 @@ def test_local_mistakes_exit_2_and_leave_earlier_results(
             lines = result.stderr.decode().strip().splitlines()
             assert result.returncode == 2, (case, lines)
             assert len(lines) == 1 and words in lines[0], (case, lines)
+            assert lines[0].startswith("sshfan: error: hosts.toml: host h1: "), (case, lines)
             for path, data in before.items():
                 assert (tmp_path / path).read_bytes() == data, (case, path)
 
