@@ -26,15 +26,16 @@ Python 3.6+). The public API is `__all__`; everything else is internal.
    5. Shipping the stub: its source and the bootstrap that starts it
    6. Scheduler (sans-IO)
    7. Host protocol (sans-IO): a stub's frames in, events out; host states
-   8. Transports (SSH, local, forked) and HostSession, which drives a host's protocol
-   9. Files to and from workers (GNU parallel's --transferfile, --return, --basefile)
-  10. Task input: the tasks file, GNU parallel's replacement strings, --pipe chunks
-  11. Journal
-  12. Merged output: text, jsonl, gathered hosts and --results, from the journal
-  13. The run: hosts, scheduler, journal and output together
-  14. Python API
-  15. Checking hosts
-  16. Command line
+   8. SSH as OpenSSH does it: ssh config, host keys, identities; the receive path
+   9. Transports (SSH, local, forked) and HostSession, which drives a host's protocol
+  10. Files to and from workers (GNU parallel's --transferfile, --return, --basefile)
+  11. Task input: the tasks file, GNU parallel's replacement strings, --pipe chunks
+  12. Journal
+  13. Merged output: text, jsonl, gathered hosts and --results, from the journal
+  14. The run: hosts, scheduler, journal and output together
+  15. Python API
+  16. Checking hosts
+  17. Command line
 """
 
 from __future__ import annotations
@@ -2852,7 +2853,668 @@ def frame_name(kind: int) -> str:
 
 
 # ============================================================================
-# 8. Transports (SSH, local, forked) and HostSession, which drives a host's protocol
+# 8. SSH as OpenSSH does it: ssh config, host keys, identities; the receive path
+# ============================================================================
+
+
+@functools.cache
+def _ssh_session_class() -> type:
+    """The asyncssh session class, built on first use: local-only runs never import asyncssh."""
+    import asyncssh
+
+    class _SshStubSession(asyncssh.SSHClientSession):  # type: ignore[type-arg]
+        """Feeds an SSH channel's data to its HostSession."""
+
+        def __init__(self, session: HostSession) -> None:
+            """Remember the session to feed."""
+            self.session = session
+
+        def data_received(self, data: bytes, datatype: int | None) -> None:
+            """Route stdout to the frame decoder and stderr to the tail."""
+            if datatype == asyncssh.EXTENDED_DATA_STDERR:
+                self.session.on_stderr(data)
+            else:
+                self.session.on_data(data)
+
+        def exit_status_received(self, status: int) -> None:
+            """Record the stub's exit status."""
+            self.session.exit_status = status
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            """The channel closed (cleanly or not)."""
+            self.session.on_closed(exc)
+
+    return _SshStubSession
+
+
+# asyncssh's receive path costs the head more CPU than all else in a run whose tasks print
+# a lot: per packet (sshd sends 32 KiB ones) it re-slices its whole input buffer (a
+# `bytes` of up to 256 KiB) once or twice, copies the packet four more times on its way
+# to the channel, and formats a log line's arguments that nothing prints. The connection
+# class below takes a stub channel's plain data packet, when AES-GCM protects it, in one
+# step: decrypted in place from a growing bytearray, and handed to the channel (asyncssh's
+# own _accept_data, which keeps the window) as a view of the decrypted packet. Any other
+# packet, or one that does not check out, is left in the buffer untouched for asyncssh's
+# own code, which then decrypts and handles it as ever (so a bad MAC, a rekey, window
+# adjusts, EOF and close, the stub's stderr and forwarded channels all go asyncssh's
+# way; an SFTP channel's data comes the fast way, as bytes). It reaches into asyncssh's
+# internals, so it is used only with the versions whose receive path it was written
+# against (the installed source of what it reproduces is checked by a test); with any
+# other, sshfan runs on asyncssh's code unchanged.
+FAST_RECEIVE_ASYNCSSH = ("2.24.1",)
+
+
+@functools.cache
+def _fast_receive_class() -> type | None:
+    """The client connection class with the fast receive path, or None when the installed
+    asyncssh is not one it was written against (or lacks a part it relies on)."""
+    import asyncssh
+    from asyncssh.channel import SSHChannel, SSHClientChannel
+    from asyncssh.connection import SSHClientConnection, SSHConnection
+    from asyncssh.crypto.cipher import GCMCipher
+    from asyncssh.encryption import GCMEncryption
+    from asyncssh.logging import SSHLogger
+
+    parts = (
+        (SSHConnection, ("_recv_pkthdr", "_recv_data", "_finish_recv_packet", "data_received")),
+        (SSHChannel, ("_accept_data",)),
+        (GCMCipher, ("_update_iv",)),
+        (SSHLogger, ("_debug_level",)),
+    )
+    if asyncssh.__version__ not in FAST_RECEIVE_ASYNCSSH or not all(
+        hasattr(cls, name) for cls, names in parts for name in names
+    ):
+        return None
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    channel_data = 94  # MSG_CHANNEL_DATA
+    length = struct.Struct(">I")
+    session_class = _ssh_session_class()
+
+    class _FastReceiveConnection(SSHClientConnection):  # type: ignore[misc]
+        """asyncssh's client connection, with a stub channel's data taken in one step."""
+
+        _fast_aead: tuple[Any, Any] | None = None  # (the GCMCipher, its AESGCM) in use
+
+        def data_received(self, data: bytes, datatype: Any = None) -> None:
+            """Append DATA to the input buffer (in place, once it is a bytearray) and parse."""
+            buf = self._inpbuf
+            if type(buf) is bytearray:
+                buf += data
+            else:
+                self._inpbuf = buf + data
+            self._recv_data()
+
+        def _recv_pkthdr(self) -> bool:
+            """Take the next packet: a stub's data at once, any other through asyncssh."""
+            if (
+                type(self._recv_encryption) is GCMEncryption
+                and self._decompressor is None
+                and self._auth_complete
+                and self.logger._debug_level < 2  # asyncssh would log each packet
+            ):
+                taken = self._recv_channel_data()
+                if taken is not None:
+                    return taken
+            if type(self._inpbuf) is not bytes:  # asyncssh's own code slices bytes
+                self._inpbuf = bytes(self._inpbuf)
+            return super()._recv_pkthdr()
+
+        def _recv_channel_data(self) -> bool | None:
+            """Handle the next packet if it is plain data for a session channel: True when
+            it did, False when the packet is not all here yet, None to leave it (and the
+            buffer as it was) to asyncssh."""
+            buf = self._inpbuf
+            if type(buf) is not bytearray:
+                buf = self._inpbuf = bytearray(buf)
+            if len(buf) < 4:
+                return False
+            (size,) = length.unpack_from(buf)
+            end = 4 + size + self._recv_macsize  # length (clear, authenticated), body, tag
+            if size > self._max_recv_pktlen:
+                return None  # asyncssh's own check says so
+            if len(buf) < end:
+                return False
+            cipher = self._recv_encryption._cipher
+            aead = self._fast_aead
+            if aead is None or aead[0] is not cipher:  # new keys: a new GCMCipher
+                aead = self._fast_aead = (cipher, AESGCM(cipher._key))
+            with memoryview(buf) as view:
+                try:
+                    plain = aead[1].decrypt(cipher._iv, view[4:end], view[:4])
+                except InvalidTag:
+                    return None
+            # padding length, type, channel (4), data length (4), data, padding
+            if len(plain) < 10 or plain[1] != channel_data:
+                return None
+            channel = self._channels.get(int.from_bytes(plain[2:6], "big"))
+            count = int.from_bytes(plain[6:10], "big")
+            if (
+                type(channel) is not SSHClientChannel
+                or channel._recv_state != "open"
+                or count > channel._recv_window
+                or 10 + count + plain[0] != len(plain)
+            ):
+                return None
+            # Decrypted for good: as asyncssh would have, step the IV, drop the packet.
+            cipher._update_iv()
+            seq = self._recv_seq
+            del buf[:end]  # in place: what is left moves only once it is under half
+            data = memoryview(plain)[10 : 10 + count]
+            if type(channel._session) is not session_class:
+                data = bytes(data)  # asyncssh's own sessions (SFTP) get bytes
+            channel._accept_data(data)
+            self._finish_recv_packet(channel_data, seq)
+            return True
+
+    return _FastReceiveConnection
+
+
+def _use_fast_receive(conn: Any) -> None:
+    """Give CONN (an open asyncssh client connection) the fast receive path, if it may."""
+    import asyncssh
+
+    fast = _fast_receive_class()
+    if fast is not None and type(conn) is asyncssh.SSHClientConnection:
+        conn.__class__ = fast
+
+
+def _preferred_ciphers() -> list[str]:
+    """asyncssh's default ciphers with AES-GCM first (about 1.6x chacha20's throughput here)."""
+    from asyncssh.encryption import get_default_encryption_algs
+
+    names = [alg.decode() for alg in get_default_encryption_algs()]
+    first = [n for n in ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com") if n in names]
+    return first + [n for n in names if n not in first]
+
+
+def _exc_reason(exc: BaseException) -> str:
+    """A short human reason for a connection-level exception."""
+    return getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+
+
+def _jump_host(hop: str) -> tuple[str | None, str, int | None]:
+    """User, host and port of one ProxyJump hop: [user@]host[:port] or ssh://... as OpenSSH."""
+    hop = hop.strip().removeprefix("ssh://")
+    user, _, host = hop.rpartition("@")
+    port = None
+    if host.startswith("[") and "]" in host:  # [IPv6]:port
+        host, _, rest = host[1:].partition("]")
+        port = int(rest[1:]) if rest.startswith(":") and rest[1:].isdigit() else None
+    elif host.count(":") == 1:
+        host, _, text = host.partition(":")
+        port = int(text) if text.isdigit() else None
+    return user or None, host, port
+
+
+def _usable_identity(path: str) -> bool:
+    """Whether OpenSSH would use an identity file: it exists and only its owner can read it."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return False
+    return not (info.st_uid == os.getuid() and info.st_mode & 0o077)
+
+
+def _connect_failure(target: SshTarget, exc: OSError) -> tuple[str, str]:
+    """The stage and cause of an OSError met while connecting, named as OpenSSH names them."""
+    import errno
+
+    if isinstance(exc, socket.gaierror):
+        return "connect", f"cannot resolve {target.host}: {exc.strerror}"
+    if exc.filename:  # a file read on this machine: an identity or its certificate
+        return "auth", f"cannot read {exc.filename}: {exc.strerror}"
+    text = str(exc)
+    refused = f"[Errno {errno.ECONNREFUSED}]"
+    # Several addresses (IPv6 and IPv4) all refusing come as one "Multiple exceptions".
+    if exc.errno == errno.ECONNREFUSED or (
+        text.startswith("Multiple exceptions") and text.count(refused) == text.count("[Errno")
+    ):
+        return "connect", f"{target.where}: connection refused"
+    return "connect", f"{target.where}: {exc.strerror or text}"
+
+
+_DEFAULT_IDENTITIES = (
+    "id_ed25519_sk",
+    "id_ecdsa_sk",
+    "id_ed448",
+    "id_ed25519",
+    "id_ecdsa",
+    "id_rsa",
+    "id_dsa",
+)
+
+
+def _auth_failure(target: SshTarget, options: dict[str, Any]) -> str:
+    """Say that the server took none of the keys offered, and which they were."""
+    keys = options.get("client_keys")
+    if keys is None:  # asyncssh's default files, as OpenSSH's
+        found = (Path("~", ".ssh", name).expanduser() for name in _DEFAULT_IDENTITIES)
+        keys = [str(path) for path in found if path.exists()]
+    offered = list(keys)
+    if os.environ.get("SSH_AUTH_SOCK"):
+        offered.append("the keys in ssh-agent")
+    tried = ", ".join(offered) if offered else "none (no identity file, no ssh-agent)"
+    return (
+        f"permission denied for {target.user}@{target.where}: "
+        f"the server accepted none of the keys offered: {tried}"
+    )
+
+
+def _ssh_pattern(pattern: str) -> re.Pattern[str]:
+    """An OpenSSH host pattern as a regex: only * and ? are wildcards ([ ] are literal)."""
+    return re.compile(
+        "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class SshTarget:
+    """An SSH host as OpenSSH sees it once ~/.ssh/config is applied: where, and whose key."""
+
+    host: str  # HostName: what is connected to
+    port: int
+    user: str
+    key_name: str  # its name in known_hosts: HostKeyAlias, HOST, or [HOST]:PORT
+    known_hosts: tuple[str, ...]  # the files its key is looked up in, expanded
+    record_in: str | None  # the file a first-seen key is added to (the first user file)
+    strict: str  # StrictHostKeyChecking: "yes", "accept-new", "no"; "off": no checking
+    hash_names: bool  # HashKnownHosts: record new names hashed
+    identities: tuple[str, ...]  # identity files named for it (hosts file, else IdentityFile)
+    proxy_jump: str | None = None  # ssh config's ProxyJump: hosts to connect through
+
+    @property
+    def where(self) -> str:
+        """Address and port as OpenSSH's messages write them."""
+        return f"{self.host} port {self.port}"
+
+
+# OpenSSH's defaults (ssh_config(5)); "ask" cannot ask in a batch run, so it is "yes".
+_USER_KNOWN_HOSTS = ("~/.ssh/known_hosts", "~/.ssh/known_hosts2")
+_GLOBAL_KNOWN_HOSTS = ("/etc/ssh/ssh_known_hosts", "/etc/ssh/ssh_known_hosts2")
+_STRICT_VALUES = {
+    "yes": "yes",
+    "true": "yes",
+    "ask": "yes",
+    "accept-new": "accept-new",
+    "no": "no",
+    "off": "no",
+    "false": "no",
+}
+
+
+# asyncssh's X.509 certificate support: OpenSSH has none, so neither does sshfan (below).
+_ASYNCSSH_X509 = "asyncssh.crypto.x509"
+
+
+def _import_asyncssh() -> None:
+    """Import asyncssh (once) without the parts of its start that an OpenSSH peer never uses.
+
+    As it imports, asyncssh looks for liboqs (post-quantum key exchange) and nettle (UMAC)
+    with ctypes.util.find_library, which for a library the ld.so cache does not list goes
+    on to run gcc and then ld: ten processes for an absent liboqs, a noticeable part of
+    every SSH run's start. While asyncssh imports, the cache alone answers: both are
+    optional (asyncssh then offers its other algorithms), and what gcc or ld find outside
+    the cache dlopen mostly could not load by that name. Nothing changes with
+    LD_LIBRARY_PATH set (ld's step searches it) or where ctypes has no cache step.
+
+    It also tries X.509 certificate support, for host and user keys in X.509
+    certificates: an SSH extension OpenSSH does not implement, so no OpenSSH server,
+    known_hosts or authorized_keys file sshfan meets holds one. The try imports
+    cryptography's x509 package, the largest single part of asyncssh's import, and then
+    usually fails anyway (it needs pyOpenSSL). Skipped, asyncssh goes on as it does
+    without pyOpenSSL, with OpenSSH's key and certificate types; the module stays
+    importable for anyone who asks for it later."""
+    if "asyncssh" in sys.modules:
+        return
+    import ctypes.util
+
+    from_cache = getattr(ctypes.util, "_findSoname_ldconfig", None)
+    full = ctypes.util.find_library
+    cached = from_cache is not None and not os.environ.get("LD_LIBRARY_PATH")
+    blocked = sys.modules.setdefault(_ASYNCSSH_X509, None) is None
+    if cached:
+        ctypes.util.find_library = from_cache
+    try:
+        import asyncssh  # noqa: F401
+    finally:
+        ctypes.util.find_library = full
+        if blocked and sys.modules.get(_ASYNCSSH_X509, 0) is None:
+            del sys.modules[_ASYNCSSH_X509]
+
+
+@functools.cache
+def _ssh_config_class() -> type:
+    """asyncssh's ssh config parser, taught the host key options it does not read itself."""
+    from asyncssh.config import SSHClientConfig, SSHConfig
+
+    class _OpenSshConfig(SSHClientConfig):  # type: ignore[misc]
+        """~/.ssh/config as asyncssh reads it, plus StrictHostKeyChecking and HashKnownHosts."""
+
+        # OpenSSH expands %d, %h, %p, ... in these file names too.
+        _percent_expand = {*SSHClientConfig._percent_expand, "UserKnownHostsFile"}
+        _handlers = {
+            **SSHClientConfig._handlers,
+            "stricthostkeychecking": ("StrictHostKeyChecking", SSHConfig._set_string),
+            "hashknownhosts": ("HashKnownHosts", SSHConfig._set_bool),
+        }
+
+    return _OpenSshConfig
+
+
+def _ssh_config_path() -> Path | None:
+    """The ssh config file asyncssh reads (~/.ssh/config), if there is a readable one."""
+    path = Path("~", ".ssh", "config").expanduser()
+    return path if os.access(path, os.R_OK) else None
+
+
+def ssh_target(spec: HostSpec) -> SshTarget:
+    """Resolve SPEC through ~/.ssh/config as OpenSSH would; UsageError if the config is bad."""
+    import getpass
+
+    _import_asyncssh()  # (the first SSH step of a run, a check or an `all`)
+
+    address = spec.address or spec.name
+    path = _ssh_config_path()
+    try:
+        config = _ssh_config_class().load(
+            None,
+            [path] if path else [],
+            False,
+            False,
+            False,
+            getpass.getuser(),
+            spec.user or (),
+            address,
+            spec.port or (),
+        )
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{path}: {exc}") from None
+    host = str(config.get("Hostname") or address).lower()  # as ssh(1) lowercases it
+    port = int(config.get("Port") or 22)
+    alias = config.get("HostKeyAlias")
+    key_name = str(alias) if alias else host if port == 22 else f"[{host}]:{port}"
+    user_files = config.get("UserKnownHostsFile")
+    user_files = _USER_KNOWN_HOSTS if user_files is None else tuple(user_files)
+    global_files = config.get("GlobalKnownHostsFile")
+    global_files = _GLOBAL_KNOWN_HOSTS if global_files is None else tuple(global_files)
+    strict = str(config.get("StrictHostKeyChecking") or "ask").lower()
+    if strict not in _STRICT_VALUES:
+        raise UsageError(
+            f"{path}: StrictHostKeyChecking {strict!r} is not one of yes, no, ask, accept-new, off"
+        )
+    strict = _STRICT_VALUES[strict]
+    known = spec.known_hosts
+    if known is False:
+        user_files, global_files = (), ()
+        strict = "off"
+    elif known == "accept-new":  # as StrictHostKeyChecking=accept-new, in ssh config's files
+        strict = "accept-new"
+    elif isinstance(known, str):  # a file named in the hosts file: that file, strictly
+        user_files, global_files = (known,), ()
+        strict = "yes"
+    files = (*user_files, *global_files)
+    identities = spec.identity or tuple(str(p) for p in config.get("IdentityFile") or ())
+    return SshTarget(
+        host=host,
+        port=port,
+        user=str(config.get("User") or getpass.getuser()),
+        key_name=key_name,
+        known_hosts=tuple(os.path.expanduser(f) for f in files),
+        record_in=os.path.expanduser(user_files[0]) if user_files else None,
+        strict=strict,
+        hash_names=bool(config.get("HashKnownHosts")),
+        identities=tuple(os.path.expanduser(p) for p in identities),
+        proxy_jump=str(config.get("ProxyJump") or "") or None,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class KnownHost:
+    """One known_hosts line that names a host: where it is, and the key it gives."""
+
+    path: str
+    line: int
+    marker: str  # "", "@cert-authority" or "@revoked"
+    key: str  # "TYPE BASE64"
+
+
+def _name_matches(patterns: str, name: str) -> bool:
+    """Whether a known_hosts line's host field names NAME (plain, wildcard, !negated, hashed)."""
+    matched = False
+    for pattern in patterns.split(","):
+        if pattern.startswith("|1|") and pattern.count("|") == 3:
+            salt, digest = pattern[3:].split("|")
+            with contextlib.suppress(ValueError):
+                mac = hmac.new(base64.b64decode(salt), name.encode(), "sha1").digest()
+                matched = matched or mac == base64.b64decode(digest)
+        elif pattern.startswith("!"):
+            if _ssh_pattern(pattern[1:].lower()).fullmatch(name.lower()):
+                return False  # a negated match rules the line out, whatever else matches
+        elif _ssh_pattern(pattern.lower()).fullmatch(name.lower()):
+            matched = True
+    return matched
+
+
+def known_host_entries(files: Iterable[str], name: str) -> list[KnownHost]:
+    """Every line of the known_hosts FILES that names NAME (a key name as OpenSSH files it)."""
+    found = []
+    for path in files:
+        try:
+            text = Path(path).read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue  # a missing file knows no host, as in OpenSSH
+        for number, line in enumerate(text.splitlines(), 1):
+            fields = line.split()
+            marker = fields[0] if fields and fields[0].startswith("@") else ""
+            if marker:
+                fields = fields[1:]
+            if len(fields) < 3 or fields[0].startswith("#"):
+                continue
+            if _name_matches(fields[0], name):
+                found.append(KnownHost(path, number, marker, f"{fields[1]} {fields[2]}"))
+    return found
+
+
+def _trusted_keys(entries: list[KnownHost]) -> tuple[list[Any], list[Any], list[Any]]:
+    """The host keys, CA keys and revoked keys ENTRIES give, as asyncssh takes them."""
+    import asyncssh
+
+    keys: tuple[list[Any], list[Any], list[Any]] = ([], [], [])
+    for entry in entries:
+        try:
+            key = asyncssh.import_public_key(entry.key)
+        except (asyncssh.KeyImportError, ValueError):
+            continue  # a key type asyncssh does not know cannot match the host's
+        index = {"": 0, "@cert-authority": 1, "@revoked": 2}.get(entry.marker)
+        if index is not None:
+            keys[index].append(key)
+    return keys
+
+
+def _record_host_key(target: SshTarget, key: Any) -> str | None:
+    """Record a first-seen host key as OpenSSH does; return the file (None: not recorded)."""
+    import fcntl
+
+    path = target.record_in
+    if path is None:  # UserKnownHostsFile none: OpenSSH has nowhere to record it either
+        return None
+    public = " ".join(key.export_public_key("openssh").decode("ascii").split()[:2])
+    name = target.key_name
+    if target.hash_names:
+        salt = os.urandom(20)
+        digest = hmac.new(salt, name.encode(), "sha1").digest()
+        name = f"|1|{base64.b64encode(salt).decode()}|{base64.b64encode(digest).decode()}"
+    # ~/.ssh may not exist yet on a fresh account: OpenSSH creates it, private (and
+    # creates no other directory).
+    if os.path.dirname(path) == os.path.expanduser("~/.ssh"):
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    with open(path, "a", encoding="ascii") as handle:
+        # Several hosts (or runs) may meet the same new key at once: one records it.
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        if any(e.key == public for e in known_host_entries([path], target.key_name)):
+            return None
+        handle.write(f"{name} {public}\n")
+    return path
+
+
+def _host_key_hint(target: SshTarget, reason: str) -> str:
+    """Explain a host key failure (changed key, or unknown host) with a command that fixes it."""
+    entries = [e for e in known_host_entries(target.known_hosts, target.key_name) if not e.marker]
+    quoted = shlex.quote(target.key_name)
+    if entries:
+        where = ", ".join(f"{e.path}:{e.line}" for e in entries)
+        removes = " && ".join(
+            f"ssh-keygen -f {shlex.quote(p)} -R {quoted}"
+            for p in dict.fromkeys(e.path for e in entries)
+        )
+        return (
+            f"the host key for {target.key_name} does not match the one recorded at {where} "
+            f"({reason}); if the host was reinstalled, remove the old key with: {removes}"
+        )
+    if not target.known_hosts:
+        return f"unknown host: no known_hosts file is set for {target.key_name} ({reason})"
+    files = ", ".join(target.known_hosts[:1] if len(target.known_hosts) > 2 else target.known_hosts)
+    port = f" -p {target.port}" if target.port != 22 else ""
+    scan = f"ssh-keyscan{port} {shlex.quote(target.host)}"
+    plain = target.host if target.port == 22 else f"[{target.host}]:{target.port}"
+    if target.key_name != plain:  # HostKeyAlias: file the key under the alias
+        alias = re.sub(r"([/&\\])", r"\\\1", target.key_name)
+        scan += f" | sed {shlex.quote(f's/^[^ ]*/{alias}/')}"
+    return (
+        f"unknown host: no key for {target.key_name} in {files} ({reason}); "
+        'set known_hosts = "accept-new", or add its key with: '
+        f"{scan} >> {shlex.quote(target.record_in or target.known_hosts[0])}"
+    )
+
+
+def _agent_keys() -> list[bytes] | None:
+    """The public key blobs ssh-agent holds, or None when no agent answers at $SSH_AUTH_SOCK."""
+    path = os.environ.get("SSH_AUTH_SOCK")
+    if not path:
+        return None
+
+    def read(sock: socket.socket, size: int) -> bytes:
+        """Exactly SIZE bytes from the agent."""
+        data = b""
+        while len(data) < size:
+            more = sock.recv(size - len(data))
+            if not more:
+                raise OSError("the agent closed the connection")
+            data += more
+        return data
+
+    try:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(5)
+            sock.connect(path)
+            sock.sendall(struct.pack(">IB", 1, 11))  # SSH_AGENTC_REQUEST_IDENTITIES
+            (length,) = struct.unpack(">I", read(sock, 4))
+            reply = read(sock, min(length, 1 << 24))
+    except OSError:
+        return None
+    if not reply or reply[0] != 12:  # SSH_AGENT_IDENTITIES_ANSWER
+        return None
+    blobs, offset = [], 5
+    with contextlib.suppress(struct.error):  # a short answer: the keys read so far
+        for _ in range(struct.unpack_from(">I", reply, 1)[0]):
+            (size,) = struct.unpack_from(">I", reply, offset)
+            blobs.append(reply[offset + 4 : offset + 4 + size])
+            (comment,) = struct.unpack_from(">I", reply, offset + 4 + size)
+            offset += 8 + size + comment
+    return blobs
+
+
+def _public_blob(path: str, data: bytes) -> bytes | None:
+    """The public key of an encrypted private key: from PATH.pub, or its openssh-key-v1 header."""
+    import asyncssh
+
+    with contextlib.suppress(OSError, ValueError):
+        return bytes(asyncssh.read_public_key(path + ".pub").public_data)
+    with contextlib.suppress(ValueError, struct.error, IndexError):
+        body = b"".join(data.split(b"-----")[2].split())
+        raw = base64.b64decode(body)
+        magic = b"openssh-key-v1\0"
+        if not raw.startswith(magic):
+            return None
+        offset = len(magic)  # then: cipher, kdf and kdf options, the key count, the key
+        for _ in range(3):
+            offset += 4 + struct.unpack_from(">I", raw, offset)[0]
+        (size,) = struct.unpack_from(">I", raw, offset + 4)  # after the key count
+        return raw[offset + 8 : offset + 8 + size]
+    return None
+
+
+def _check_identity(path: str, where: str) -> None:
+    """Refuse (exit 2) an identity file OpenSSH could not use: missing, open to others, not a
+    private key, or with a passphrase and no ssh-agent holding it."""
+    import asyncssh
+
+    try:
+        info = os.stat(path)
+        with open(path, "rb") as handle:
+            data = handle.read(1 << 20)
+    except OSError as exc:
+        raise UsageError(f"{where}: identity file {path}: {exc.strerror}") from None
+    try:
+        asyncssh.import_private_key(data)
+        problem = ""
+    except asyncssh.KeyImportError as exc:
+        problem = str(exc)
+    if problem and not problem.startswith("Passphrase"):
+        with contextlib.suppress(asyncssh.KeyImportError, ValueError):
+            asyncssh.import_public_key(data)
+            problem = "it is a public key; name the private key (without .pub)"
+        raise UsageError(f"{where}: identity file {path} is not a private key: {problem}")
+    if info.st_uid == os.getuid() and info.st_mode & 0o077:
+        mode = info.st_mode & 0o777
+        raise UsageError(
+            f"{where}: identity file {path}: permissions {mode:04o} are too open (OpenSSH "
+            f"refuses it: UNPROTECTED PRIVATE KEY FILE); run 'chmod 600 {shlex.quote(path)}'"
+        )
+    if not problem:
+        return
+    held = _agent_keys()
+    blob = _public_blob(path, data)
+    if held is None or (blob is not None and blob not in held) or not held:
+        agent = "no ssh-agent answers" if held is None else "ssh-agent does not hold it"
+        start = "eval $(ssh-agent) && " if held is None else ""
+        raise UsageError(
+            f"{where}: identity file {path} has a passphrase and {agent}; "
+            f"run '{start}ssh-add {shlex.quote(path)}' first"
+        )
+
+
+def preflight(hosts: list[HostSpec], where: str = "hosts file") -> None:
+    """Check what this machine holds for the SSH hosts (ssh config, identity and known_hosts
+    files), before anything is opened for writing: a problem is bad input (exit 2)."""
+    seen: set[tuple[str, ...]] = set()
+    for spec in hosts:
+        if spec.local:
+            continue
+        target = ssh_target(spec)
+        for path in target.identities if spec.identity else ():
+            if ("identity", path) not in seen:
+                seen.add(("identity", path))
+                _check_identity(path, f"{where}: host {spec.name}")
+        named = spec.known_hosts
+        if isinstance(named, str) and named != "accept-new" and ("known", named) not in seen:
+            # A file the hosts file names that is not there is most likely a typo: with
+            # strict checking OpenSSH would call every host unknown.
+            seen.add(("known", named))
+            path = target.known_hosts[0]
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as exc:
+                raise UsageError(
+                    f"{where}: host {spec.name}: known_hosts file {path}: {exc.strerror}"
+                ) from None
+
+
+# ============================================================================
+# 9. Transports (SSH, local, forked) and HostSession, which drives a host's protocol
 # ============================================================================
 
 
@@ -3917,664 +4579,8 @@ class _PipeReader(asyncio.Protocol):
         self.stub.pipe_closed()
 
 
-@functools.cache
-def _ssh_session_class() -> type:
-    """The asyncssh session class, built on first use: local-only runs never import asyncssh."""
-    import asyncssh
-
-    class _SshStubSession(asyncssh.SSHClientSession):  # type: ignore[type-arg]
-        """Feeds an SSH channel's data to its HostSession."""
-
-        def __init__(self, session: HostSession) -> None:
-            """Remember the session to feed."""
-            self.session = session
-
-        def data_received(self, data: bytes, datatype: int | None) -> None:
-            """Route stdout to the frame decoder and stderr to the tail."""
-            if datatype == asyncssh.EXTENDED_DATA_STDERR:
-                self.session.on_stderr(data)
-            else:
-                self.session.on_data(data)
-
-        def exit_status_received(self, status: int) -> None:
-            """Record the stub's exit status."""
-            self.session.exit_status = status
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            """The channel closed (cleanly or not)."""
-            self.session.on_closed(exc)
-
-    return _SshStubSession
-
-
-# asyncssh's receive path costs the head more CPU than all else in a run whose tasks print
-# a lot: per packet (sshd sends 32 KiB ones) it re-slices its whole input buffer (a
-# `bytes` of up to 256 KiB) once or twice, copies the packet four more times on its way
-# to the channel, and formats a log line's arguments that nothing prints. The connection
-# class below takes a stub channel's plain data packet, when AES-GCM protects it, in one
-# step: decrypted in place from a growing bytearray, and handed to the channel (asyncssh's
-# own _accept_data, which keeps the window) as a view of the decrypted packet. Any other
-# packet, or one that does not check out, is left in the buffer untouched for asyncssh's
-# own code, which then decrypts and handles it as ever (so a bad MAC, a rekey, window
-# adjusts, EOF and close, the stub's stderr and forwarded channels all go asyncssh's
-# way; an SFTP channel's data comes the fast way, as bytes). It reaches into asyncssh's
-# internals, so it is used only with the versions whose receive path it was written
-# against (the installed source of what it reproduces is checked by a test); with any
-# other, sshfan runs on asyncssh's code unchanged.
-FAST_RECEIVE_ASYNCSSH = ("2.24.1",)
-
-
-@functools.cache
-def _fast_receive_class() -> type | None:
-    """The client connection class with the fast receive path, or None when the installed
-    asyncssh is not one it was written against (or lacks a part it relies on)."""
-    import asyncssh
-    from asyncssh.channel import SSHChannel, SSHClientChannel
-    from asyncssh.connection import SSHClientConnection, SSHConnection
-    from asyncssh.crypto.cipher import GCMCipher
-    from asyncssh.encryption import GCMEncryption
-    from asyncssh.logging import SSHLogger
-
-    parts = (
-        (SSHConnection, ("_recv_pkthdr", "_recv_data", "_finish_recv_packet", "data_received")),
-        (SSHChannel, ("_accept_data",)),
-        (GCMCipher, ("_update_iv",)),
-        (SSHLogger, ("_debug_level",)),
-    )
-    if asyncssh.__version__ not in FAST_RECEIVE_ASYNCSSH or not all(
-        hasattr(cls, name) for cls, names in parts for name in names
-    ):
-        return None
-    from cryptography.exceptions import InvalidTag
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-    channel_data = 94  # MSG_CHANNEL_DATA
-    length = struct.Struct(">I")
-    session_class = _ssh_session_class()
-
-    class _FastReceiveConnection(SSHClientConnection):  # type: ignore[misc]
-        """asyncssh's client connection, with a stub channel's data taken in one step."""
-
-        _fast_aead: tuple[Any, Any] | None = None  # (the GCMCipher, its AESGCM) in use
-
-        def data_received(self, data: bytes, datatype: Any = None) -> None:
-            """Append DATA to the input buffer (in place, once it is a bytearray) and parse."""
-            buf = self._inpbuf
-            if type(buf) is bytearray:
-                buf += data
-            else:
-                self._inpbuf = buf + data
-            self._recv_data()
-
-        def _recv_pkthdr(self) -> bool:
-            """Take the next packet: a stub's data at once, any other through asyncssh."""
-            if (
-                type(self._recv_encryption) is GCMEncryption
-                and self._decompressor is None
-                and self._auth_complete
-                and self.logger._debug_level < 2  # asyncssh would log each packet
-            ):
-                taken = self._recv_channel_data()
-                if taken is not None:
-                    return taken
-            if type(self._inpbuf) is not bytes:  # asyncssh's own code slices bytes
-                self._inpbuf = bytes(self._inpbuf)
-            return super()._recv_pkthdr()
-
-        def _recv_channel_data(self) -> bool | None:
-            """Handle the next packet if it is plain data for a session channel: True when
-            it did, False when the packet is not all here yet, None to leave it (and the
-            buffer as it was) to asyncssh."""
-            buf = self._inpbuf
-            if type(buf) is not bytearray:
-                buf = self._inpbuf = bytearray(buf)
-            if len(buf) < 4:
-                return False
-            (size,) = length.unpack_from(buf)
-            end = 4 + size + self._recv_macsize  # length (clear, authenticated), body, tag
-            if size > self._max_recv_pktlen:
-                return None  # asyncssh's own check says so
-            if len(buf) < end:
-                return False
-            cipher = self._recv_encryption._cipher
-            aead = self._fast_aead
-            if aead is None or aead[0] is not cipher:  # new keys: a new GCMCipher
-                aead = self._fast_aead = (cipher, AESGCM(cipher._key))
-            with memoryview(buf) as view:
-                try:
-                    plain = aead[1].decrypt(cipher._iv, view[4:end], view[:4])
-                except InvalidTag:
-                    return None
-            # padding length, type, channel (4), data length (4), data, padding
-            if len(plain) < 10 or plain[1] != channel_data:
-                return None
-            channel = self._channels.get(int.from_bytes(plain[2:6], "big"))
-            count = int.from_bytes(plain[6:10], "big")
-            if (
-                type(channel) is not SSHClientChannel
-                or channel._recv_state != "open"
-                or count > channel._recv_window
-                or 10 + count + plain[0] != len(plain)
-            ):
-                return None
-            # Decrypted for good: as asyncssh would have, step the IV, drop the packet.
-            cipher._update_iv()
-            seq = self._recv_seq
-            del buf[:end]  # in place: what is left moves only once it is under half
-            data = memoryview(plain)[10 : 10 + count]
-            if type(channel._session) is not session_class:
-                data = bytes(data)  # asyncssh's own sessions (SFTP) get bytes
-            channel._accept_data(data)
-            self._finish_recv_packet(channel_data, seq)
-            return True
-
-    return _FastReceiveConnection
-
-
-def _use_fast_receive(conn: Any) -> None:
-    """Give CONN (an open asyncssh client connection) the fast receive path, if it may."""
-    import asyncssh
-
-    fast = _fast_receive_class()
-    if fast is not None and type(conn) is asyncssh.SSHClientConnection:
-        conn.__class__ = fast
-
-
-def _preferred_ciphers() -> list[str]:
-    """asyncssh's default ciphers with AES-GCM first (about 1.6x chacha20's throughput here)."""
-    from asyncssh.encryption import get_default_encryption_algs
-
-    names = [alg.decode() for alg in get_default_encryption_algs()]
-    first = [n for n in ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com") if n in names]
-    return first + [n for n in names if n not in first]
-
-
-def _exc_reason(exc: BaseException) -> str:
-    """A short human reason for a connection-level exception."""
-    return getattr(exc, "reason", None) or str(exc) or type(exc).__name__
-
-
-def _jump_host(hop: str) -> tuple[str | None, str, int | None]:
-    """User, host and port of one ProxyJump hop: [user@]host[:port] or ssh://... as OpenSSH."""
-    hop = hop.strip().removeprefix("ssh://")
-    user, _, host = hop.rpartition("@")
-    port = None
-    if host.startswith("[") and "]" in host:  # [IPv6]:port
-        host, _, rest = host[1:].partition("]")
-        port = int(rest[1:]) if rest.startswith(":") and rest[1:].isdigit() else None
-    elif host.count(":") == 1:
-        host, _, text = host.partition(":")
-        port = int(text) if text.isdigit() else None
-    return user or None, host, port
-
-
-def _usable_identity(path: str) -> bool:
-    """Whether OpenSSH would use an identity file: it exists and only its owner can read it."""
-    try:
-        info = os.stat(path)
-    except OSError:
-        return False
-    return not (info.st_uid == os.getuid() and info.st_mode & 0o077)
-
-
-def _connect_failure(target: SshTarget, exc: OSError) -> tuple[str, str]:
-    """The stage and cause of an OSError met while connecting, named as OpenSSH names them."""
-    import errno
-
-    if isinstance(exc, socket.gaierror):
-        return "connect", f"cannot resolve {target.host}: {exc.strerror}"
-    if exc.filename:  # a file read on this machine: an identity or its certificate
-        return "auth", f"cannot read {exc.filename}: {exc.strerror}"
-    text = str(exc)
-    refused = f"[Errno {errno.ECONNREFUSED}]"
-    # Several addresses (IPv6 and IPv4) all refusing come as one "Multiple exceptions".
-    if exc.errno == errno.ECONNREFUSED or (
-        text.startswith("Multiple exceptions") and text.count(refused) == text.count("[Errno")
-    ):
-        return "connect", f"{target.where}: connection refused"
-    return "connect", f"{target.where}: {exc.strerror or text}"
-
-
-_DEFAULT_IDENTITIES = (
-    "id_ed25519_sk",
-    "id_ecdsa_sk",
-    "id_ed448",
-    "id_ed25519",
-    "id_ecdsa",
-    "id_rsa",
-    "id_dsa",
-)
-
-
-def _auth_failure(target: SshTarget, options: dict[str, Any]) -> str:
-    """Say that the server took none of the keys offered, and which they were."""
-    keys = options.get("client_keys")
-    if keys is None:  # asyncssh's default files, as OpenSSH's
-        found = (Path("~", ".ssh", name).expanduser() for name in _DEFAULT_IDENTITIES)
-        keys = [str(path) for path in found if path.exists()]
-    offered = list(keys)
-    if os.environ.get("SSH_AUTH_SOCK"):
-        offered.append("the keys in ssh-agent")
-    tried = ", ".join(offered) if offered else "none (no identity file, no ssh-agent)"
-    return (
-        f"permission denied for {target.user}@{target.where}: "
-        f"the server accepted none of the keys offered: {tried}"
-    )
-
-
-def _ssh_pattern(pattern: str) -> re.Pattern[str]:
-    """An OpenSSH host pattern as a regex: only * and ? are wildcards ([ ] are literal)."""
-    return re.compile(
-        "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class SshTarget:
-    """An SSH host as OpenSSH sees it once ~/.ssh/config is applied: where, and whose key."""
-
-    host: str  # HostName: what is connected to
-    port: int
-    user: str
-    key_name: str  # its name in known_hosts: HostKeyAlias, HOST, or [HOST]:PORT
-    known_hosts: tuple[str, ...]  # the files its key is looked up in, expanded
-    record_in: str | None  # the file a first-seen key is added to (the first user file)
-    strict: str  # StrictHostKeyChecking: "yes", "accept-new", "no"; "off": no checking
-    hash_names: bool  # HashKnownHosts: record new names hashed
-    identities: tuple[str, ...]  # identity files named for it (hosts file, else IdentityFile)
-    proxy_jump: str | None = None  # ssh config's ProxyJump: hosts to connect through
-
-    @property
-    def where(self) -> str:
-        """Address and port as OpenSSH's messages write them."""
-        return f"{self.host} port {self.port}"
-
-
-# OpenSSH's defaults (ssh_config(5)); "ask" cannot ask in a batch run, so it is "yes".
-_USER_KNOWN_HOSTS = ("~/.ssh/known_hosts", "~/.ssh/known_hosts2")
-_GLOBAL_KNOWN_HOSTS = ("/etc/ssh/ssh_known_hosts", "/etc/ssh/ssh_known_hosts2")
-_STRICT_VALUES = {
-    "yes": "yes",
-    "true": "yes",
-    "ask": "yes",
-    "accept-new": "accept-new",
-    "no": "no",
-    "off": "no",
-    "false": "no",
-}
-
-
-# asyncssh's X.509 certificate support: OpenSSH has none, so neither does sshfan (below).
-_ASYNCSSH_X509 = "asyncssh.crypto.x509"
-
-
-def _import_asyncssh() -> None:
-    """Import asyncssh (once) without the parts of its start that an OpenSSH peer never uses.
-
-    As it imports, asyncssh looks for liboqs (post-quantum key exchange) and nettle (UMAC)
-    with ctypes.util.find_library, which for a library the ld.so cache does not list goes
-    on to run gcc and then ld: ten processes for an absent liboqs, a noticeable part of
-    every SSH run's start. While asyncssh imports, the cache alone answers: both are
-    optional (asyncssh then offers its other algorithms), and what gcc or ld find outside
-    the cache dlopen mostly could not load by that name. Nothing changes with
-    LD_LIBRARY_PATH set (ld's step searches it) or where ctypes has no cache step.
-
-    It also tries X.509 certificate support, for host and user keys in X.509
-    certificates: an SSH extension OpenSSH does not implement, so no OpenSSH server,
-    known_hosts or authorized_keys file sshfan meets holds one. The try imports
-    cryptography's x509 package, the largest single part of asyncssh's import, and then
-    usually fails anyway (it needs pyOpenSSL). Skipped, asyncssh goes on as it does
-    without pyOpenSSL, with OpenSSH's key and certificate types; the module stays
-    importable for anyone who asks for it later."""
-    if "asyncssh" in sys.modules:
-        return
-    import ctypes.util
-
-    from_cache = getattr(ctypes.util, "_findSoname_ldconfig", None)
-    full = ctypes.util.find_library
-    cached = from_cache is not None and not os.environ.get("LD_LIBRARY_PATH")
-    blocked = sys.modules.setdefault(_ASYNCSSH_X509, None) is None
-    if cached:
-        ctypes.util.find_library = from_cache
-    try:
-        import asyncssh  # noqa: F401
-    finally:
-        ctypes.util.find_library = full
-        if blocked and sys.modules.get(_ASYNCSSH_X509, 0) is None:
-            del sys.modules[_ASYNCSSH_X509]
-
-
-@functools.cache
-def _ssh_config_class() -> type:
-    """asyncssh's ssh config parser, taught the host key options it does not read itself."""
-    from asyncssh.config import SSHClientConfig, SSHConfig
-
-    class _OpenSshConfig(SSHClientConfig):  # type: ignore[misc]
-        """~/.ssh/config as asyncssh reads it, plus StrictHostKeyChecking and HashKnownHosts."""
-
-        # OpenSSH expands %d, %h, %p, ... in these file names too.
-        _percent_expand = {*SSHClientConfig._percent_expand, "UserKnownHostsFile"}
-        _handlers = {
-            **SSHClientConfig._handlers,
-            "stricthostkeychecking": ("StrictHostKeyChecking", SSHConfig._set_string),
-            "hashknownhosts": ("HashKnownHosts", SSHConfig._set_bool),
-        }
-
-    return _OpenSshConfig
-
-
-def _ssh_config_path() -> Path | None:
-    """The ssh config file asyncssh reads (~/.ssh/config), if there is a readable one."""
-    path = Path("~", ".ssh", "config").expanduser()
-    return path if os.access(path, os.R_OK) else None
-
-
-def ssh_target(spec: HostSpec) -> SshTarget:
-    """Resolve SPEC through ~/.ssh/config as OpenSSH would; UsageError if the config is bad."""
-    import getpass
-
-    _import_asyncssh()  # (the first SSH step of a run, a check or an `all`)
-
-    address = spec.address or spec.name
-    path = _ssh_config_path()
-    try:
-        config = _ssh_config_class().load(
-            None,
-            [path] if path else [],
-            False,
-            False,
-            False,
-            getpass.getuser(),
-            spec.user or (),
-            address,
-            spec.port or (),
-        )
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"{path}: {exc}") from None
-    host = str(config.get("Hostname") or address).lower()  # as ssh(1) lowercases it
-    port = int(config.get("Port") or 22)
-    alias = config.get("HostKeyAlias")
-    key_name = str(alias) if alias else host if port == 22 else f"[{host}]:{port}"
-    user_files = config.get("UserKnownHostsFile")
-    user_files = _USER_KNOWN_HOSTS if user_files is None else tuple(user_files)
-    global_files = config.get("GlobalKnownHostsFile")
-    global_files = _GLOBAL_KNOWN_HOSTS if global_files is None else tuple(global_files)
-    strict = str(config.get("StrictHostKeyChecking") or "ask").lower()
-    if strict not in _STRICT_VALUES:
-        raise UsageError(
-            f"{path}: StrictHostKeyChecking {strict!r} is not one of yes, no, ask, accept-new, off"
-        )
-    strict = _STRICT_VALUES[strict]
-    known = spec.known_hosts
-    if known is False:
-        user_files, global_files = (), ()
-        strict = "off"
-    elif known == "accept-new":  # as StrictHostKeyChecking=accept-new, in ssh config's files
-        strict = "accept-new"
-    elif isinstance(known, str):  # a file named in the hosts file: that file, strictly
-        user_files, global_files = (known,), ()
-        strict = "yes"
-    files = (*user_files, *global_files)
-    identities = spec.identity or tuple(str(p) for p in config.get("IdentityFile") or ())
-    return SshTarget(
-        host=host,
-        port=port,
-        user=str(config.get("User") or getpass.getuser()),
-        key_name=key_name,
-        known_hosts=tuple(os.path.expanduser(f) for f in files),
-        record_in=os.path.expanduser(user_files[0]) if user_files else None,
-        strict=strict,
-        hash_names=bool(config.get("HashKnownHosts")),
-        identities=tuple(os.path.expanduser(p) for p in identities),
-        proxy_jump=str(config.get("ProxyJump") or "") or None,
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class KnownHost:
-    """One known_hosts line that names a host: where it is, and the key it gives."""
-
-    path: str
-    line: int
-    marker: str  # "", "@cert-authority" or "@revoked"
-    key: str  # "TYPE BASE64"
-
-
-def _name_matches(patterns: str, name: str) -> bool:
-    """Whether a known_hosts line's host field names NAME (plain, wildcard, !negated, hashed)."""
-    matched = False
-    for pattern in patterns.split(","):
-        if pattern.startswith("|1|") and pattern.count("|") == 3:
-            salt, digest = pattern[3:].split("|")
-            with contextlib.suppress(ValueError):
-                mac = hmac.new(base64.b64decode(salt), name.encode(), "sha1").digest()
-                matched = matched or mac == base64.b64decode(digest)
-        elif pattern.startswith("!"):
-            if _ssh_pattern(pattern[1:].lower()).fullmatch(name.lower()):
-                return False  # a negated match rules the line out, whatever else matches
-        elif _ssh_pattern(pattern.lower()).fullmatch(name.lower()):
-            matched = True
-    return matched
-
-
-def known_host_entries(files: Iterable[str], name: str) -> list[KnownHost]:
-    """Every line of the known_hosts FILES that names NAME (a key name as OpenSSH files it)."""
-    found = []
-    for path in files:
-        try:
-            text = Path(path).read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            continue  # a missing file knows no host, as in OpenSSH
-        for number, line in enumerate(text.splitlines(), 1):
-            fields = line.split()
-            marker = fields[0] if fields and fields[0].startswith("@") else ""
-            if marker:
-                fields = fields[1:]
-            if len(fields) < 3 or fields[0].startswith("#"):
-                continue
-            if _name_matches(fields[0], name):
-                found.append(KnownHost(path, number, marker, f"{fields[1]} {fields[2]}"))
-    return found
-
-
-def _trusted_keys(entries: list[KnownHost]) -> tuple[list[Any], list[Any], list[Any]]:
-    """The host keys, CA keys and revoked keys ENTRIES give, as asyncssh takes them."""
-    import asyncssh
-
-    keys: tuple[list[Any], list[Any], list[Any]] = ([], [], [])
-    for entry in entries:
-        try:
-            key = asyncssh.import_public_key(entry.key)
-        except (asyncssh.KeyImportError, ValueError):
-            continue  # a key type asyncssh does not know cannot match the host's
-        index = {"": 0, "@cert-authority": 1, "@revoked": 2}.get(entry.marker)
-        if index is not None:
-            keys[index].append(key)
-    return keys
-
-
-def _record_host_key(target: SshTarget, key: Any) -> str | None:
-    """Record a first-seen host key as OpenSSH does; return the file (None: not recorded)."""
-    import fcntl
-
-    path = target.record_in
-    if path is None:  # UserKnownHostsFile none: OpenSSH has nowhere to record it either
-        return None
-    public = " ".join(key.export_public_key("openssh").decode("ascii").split()[:2])
-    name = target.key_name
-    if target.hash_names:
-        salt = os.urandom(20)
-        digest = hmac.new(salt, name.encode(), "sha1").digest()
-        name = f"|1|{base64.b64encode(salt).decode()}|{base64.b64encode(digest).decode()}"
-    # ~/.ssh may not exist yet on a fresh account: OpenSSH creates it, private (and
-    # creates no other directory).
-    if os.path.dirname(path) == os.path.expanduser("~/.ssh"):
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    with open(path, "a", encoding="ascii") as handle:
-        # Several hosts (or runs) may meet the same new key at once: one records it.
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        if any(e.key == public for e in known_host_entries([path], target.key_name)):
-            return None
-        handle.write(f"{name} {public}\n")
-    return path
-
-
-def _host_key_hint(target: SshTarget, reason: str) -> str:
-    """Explain a host key failure (changed key, or unknown host) with a command that fixes it."""
-    entries = [e for e in known_host_entries(target.known_hosts, target.key_name) if not e.marker]
-    quoted = shlex.quote(target.key_name)
-    if entries:
-        where = ", ".join(f"{e.path}:{e.line}" for e in entries)
-        removes = " && ".join(
-            f"ssh-keygen -f {shlex.quote(p)} -R {quoted}"
-            for p in dict.fromkeys(e.path for e in entries)
-        )
-        return (
-            f"the host key for {target.key_name} does not match the one recorded at {where} "
-            f"({reason}); if the host was reinstalled, remove the old key with: {removes}"
-        )
-    if not target.known_hosts:
-        return f"unknown host: no known_hosts file is set for {target.key_name} ({reason})"
-    files = ", ".join(target.known_hosts[:1] if len(target.known_hosts) > 2 else target.known_hosts)
-    port = f" -p {target.port}" if target.port != 22 else ""
-    scan = f"ssh-keyscan{port} {shlex.quote(target.host)}"
-    plain = target.host if target.port == 22 else f"[{target.host}]:{target.port}"
-    if target.key_name != plain:  # HostKeyAlias: file the key under the alias
-        alias = re.sub(r"([/&\\])", r"\\\1", target.key_name)
-        scan += f" | sed {shlex.quote(f's/^[^ ]*/{alias}/')}"
-    return (
-        f"unknown host: no key for {target.key_name} in {files} ({reason}); "
-        'set known_hosts = "accept-new", or add its key with: '
-        f"{scan} >> {shlex.quote(target.record_in or target.known_hosts[0])}"
-    )
-
-
-def _agent_keys() -> list[bytes] | None:
-    """The public key blobs ssh-agent holds, or None when no agent answers at $SSH_AUTH_SOCK."""
-    path = os.environ.get("SSH_AUTH_SOCK")
-    if not path:
-        return None
-
-    def read(sock: socket.socket, size: int) -> bytes:
-        """Exactly SIZE bytes from the agent."""
-        data = b""
-        while len(data) < size:
-            more = sock.recv(size - len(data))
-            if not more:
-                raise OSError("the agent closed the connection")
-            data += more
-        return data
-
-    try:
-        with socket.socket(socket.AF_UNIX) as sock:
-            sock.settimeout(5)
-            sock.connect(path)
-            sock.sendall(struct.pack(">IB", 1, 11))  # SSH_AGENTC_REQUEST_IDENTITIES
-            (length,) = struct.unpack(">I", read(sock, 4))
-            reply = read(sock, min(length, 1 << 24))
-    except OSError:
-        return None
-    if not reply or reply[0] != 12:  # SSH_AGENT_IDENTITIES_ANSWER
-        return None
-    blobs, offset = [], 5
-    with contextlib.suppress(struct.error):  # a short answer: the keys read so far
-        for _ in range(struct.unpack_from(">I", reply, 1)[0]):
-            (size,) = struct.unpack_from(">I", reply, offset)
-            blobs.append(reply[offset + 4 : offset + 4 + size])
-            (comment,) = struct.unpack_from(">I", reply, offset + 4 + size)
-            offset += 8 + size + comment
-    return blobs
-
-
-def _public_blob(path: str, data: bytes) -> bytes | None:
-    """The public key of an encrypted private key: from PATH.pub, or its openssh-key-v1 header."""
-    import asyncssh
-
-    with contextlib.suppress(OSError, ValueError):
-        return bytes(asyncssh.read_public_key(path + ".pub").public_data)
-    with contextlib.suppress(ValueError, struct.error, IndexError):
-        body = b"".join(data.split(b"-----")[2].split())
-        raw = base64.b64decode(body)
-        magic = b"openssh-key-v1\0"
-        if not raw.startswith(magic):
-            return None
-        offset = len(magic)  # then: cipher, kdf and kdf options, the key count, the key
-        for _ in range(3):
-            offset += 4 + struct.unpack_from(">I", raw, offset)[0]
-        (size,) = struct.unpack_from(">I", raw, offset + 4)  # after the key count
-        return raw[offset + 8 : offset + 8 + size]
-    return None
-
-
-def _check_identity(path: str, where: str) -> None:
-    """Refuse (exit 2) an identity file OpenSSH could not use: missing, open to others, not a
-    private key, or with a passphrase and no ssh-agent holding it."""
-    import asyncssh
-
-    try:
-        info = os.stat(path)
-        with open(path, "rb") as handle:
-            data = handle.read(1 << 20)
-    except OSError as exc:
-        raise UsageError(f"{where}: identity file {path}: {exc.strerror}") from None
-    try:
-        asyncssh.import_private_key(data)
-        problem = ""
-    except asyncssh.KeyImportError as exc:
-        problem = str(exc)
-    if problem and not problem.startswith("Passphrase"):
-        with contextlib.suppress(asyncssh.KeyImportError, ValueError):
-            asyncssh.import_public_key(data)
-            problem = "it is a public key; name the private key (without .pub)"
-        raise UsageError(f"{where}: identity file {path} is not a private key: {problem}")
-    if info.st_uid == os.getuid() and info.st_mode & 0o077:
-        mode = info.st_mode & 0o777
-        raise UsageError(
-            f"{where}: identity file {path}: permissions {mode:04o} are too open (OpenSSH "
-            f"refuses it: UNPROTECTED PRIVATE KEY FILE); run 'chmod 600 {shlex.quote(path)}'"
-        )
-    if not problem:
-        return
-    held = _agent_keys()
-    blob = _public_blob(path, data)
-    if held is None or (blob is not None and blob not in held) or not held:
-        agent = "no ssh-agent answers" if held is None else "ssh-agent does not hold it"
-        start = "eval $(ssh-agent) && " if held is None else ""
-        raise UsageError(
-            f"{where}: identity file {path} has a passphrase and {agent}; "
-            f"run '{start}ssh-add {shlex.quote(path)}' first"
-        )
-
-
-def preflight(hosts: list[HostSpec], where: str = "hosts file") -> None:
-    """Check what this machine holds for the SSH hosts (ssh config, identity and known_hosts
-    files), before anything is opened for writing: a problem is bad input (exit 2)."""
-    seen: set[tuple[str, ...]] = set()
-    for spec in hosts:
-        if spec.local:
-            continue
-        target = ssh_target(spec)
-        for path in target.identities if spec.identity else ():
-            if ("identity", path) not in seen:
-                seen.add(("identity", path))
-                _check_identity(path, f"{where}: host {spec.name}")
-        named = spec.known_hosts
-        if isinstance(named, str) and named != "accept-new" and ("known", named) not in seen:
-            # A file the hosts file names that is not there is most likely a typo: with
-            # strict checking OpenSSH would call every host unknown.
-            seen.add(("known", named))
-            path = target.known_hosts[0]
-            try:
-                with open(path, "rb"):
-                    pass
-            except OSError as exc:
-                raise UsageError(
-                    f"{where}: host {spec.name}: known_hosts file {path}: {exc.strerror}"
-                ) from None
-
-
 # ============================================================================
-# 9. Files to and from workers (GNU parallel's --transferfile, --return, --basefile)
+# 10. Files to and from workers (GNU parallel's --transferfile, --return, --basefile)
 # ============================================================================
 # Files travel over SFTP on the host's own SSH connection, in a channel beside the
 # stub's: a 100 MB file then never holds up the frames (results, pings) of the tasks
@@ -4918,7 +4924,7 @@ def _sync_file(path: str) -> None:
 
 
 # ============================================================================
-# 10. Task input: the tasks file, GNU parallel's replacement strings, --pipe chunks
+# 11. Task input: the tasks file, GNU parallel's replacement strings, --pipe chunks
 # ============================================================================
 
 TASK_LINE_MAX = 1024 * 1024  # a task line longer than this is refused as bad input
@@ -5276,7 +5282,7 @@ def read_chunks(
 
 
 # ============================================================================
-# 11. Journal
+# 12. Journal
 # ============================================================================
 # The journal is an append-only file of frames (the same framing as the wire):
 # a header record, OUTPUT pieces of large outputs as they stream in, and one DONE
@@ -5743,7 +5749,7 @@ def _get_text(record: dict[str, Any], key: str) -> str | None:
 
 
 # ============================================================================
-# 12. Merged output: text, jsonl, gathered hosts and --results, from the journal
+# 13. Merged output: text, jsonl, gathered hosts and --results, from the journal
 # ============================================================================
 
 
@@ -6394,7 +6400,7 @@ class ResultsTree:
 
 
 # ============================================================================
-# 13. The run: hosts, scheduler, journal and output together
+# 14. The run: hosts, scheduler, journal and output together
 # ============================================================================
 
 WATCH_INTERVAL = 1.0  # seconds between looks at the hosts files (hosts that come and go)
@@ -8170,7 +8176,7 @@ def whole_result(result: TaskResult, journal: Journal) -> TaskResult:
 
 
 # ============================================================================
-# 14. Python API
+# 15. Python API
 # ============================================================================
 
 TasksArg = str | os.PathLike[str] | Iterable[str]
@@ -8337,7 +8343,7 @@ def run_tasks(
 
 
 # ============================================================================
-# 15. Checking hosts
+# 16. Checking hosts
 # ============================================================================
 
 
@@ -8388,7 +8394,7 @@ async def check_hosts(hosts: list[HostSpec]) -> list[HostCheck]:
 
 
 # ============================================================================
-# 16. Command line
+# 17. Command line
 # ============================================================================
 
 _FORMATS = ("text", "jsonl")
