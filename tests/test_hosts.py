@@ -7,13 +7,14 @@ parallel where the two share an option.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
 import socket
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -385,12 +386,8 @@ def test_hosts_join_and_drain_mid_run(sshd: SshServer, tmp_path: Path) -> None:
 
     replace_file(hosts, sshd.hosts_toml(["h1"], slots=1))
     out, err = tmp_path / "out.jsonl", tmp_path / "stderr.txt"
-    proc = start_sshfan(
-        ["run", str(tasks), "-H", str(hosts), "-o", str(out), "-f", "jsonl", "--no-progress"],
-        tmp_path,
-        err,
-    )
-    try:
+    argv = ["run", str(tasks), "-H", str(hosts), "-o", str(out), "-f", "jsonl", "--no-progress"]
+    with running_sshfan(argv, tmp_path, err) as proc:
         wait_for("task 1 started on h1", started.exists, proc)
         replace_file(hosts, '[[hosts]]\nname = "h9"\nslots = "many"\n')
         wait_for(
@@ -402,10 +399,6 @@ def test_hosts_join_and_drain_mid_run(sshd: SshServer, tmp_path: Path) -> None:
         wait_for("h2 ran tasks 2-8", lambda: len(list(marks.iterdir())) == count - 1, proc)
         flag.touch()
         assert proc.wait(120) == 0, err.read_text()
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["stdout"] for r in records] == [f"{n}\n" for n in range(1, count + 1)]
     assert [r["host"] for r in records] == ["h1"] + ["h2"] * (count - 1)
@@ -423,16 +416,24 @@ def replace_file(path: Path, text: str) -> None:
     os.replace(new, path)
 
 
-def start_sshfan(args: list[str], cwd: Path, stderr: Path) -> subprocess.Popen[bytes]:
-    """Start `python -m sshfan ARGS` in its own session, its stderr into the file STDERR."""
+@contextlib.contextmanager
+def running_sshfan(args: list[str], cwd: Path, stderr: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """`python -m sshfan ARGS` running in its own session, its stderr into the file STDERR;
+    killed with its whole group if the block leaves before it has ended."""
     with open(stderr, "wb") as err:
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             sshfan_argv(*args),
             cwd=cwd,
             env=sshfan_env(),
             stderr=err,
             start_new_session=True,
         )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def test_host_whose_settings_change_mid_run_goes_on_with_them(
@@ -453,17 +454,12 @@ def test_host_whose_settings_change_mid_run_goes_on_with_them(
     replace_file(hosts, sshd.hosts_toml(["h1"], slots=1) + 'env = { MARK = "old" }\n')
     workdir = tmp_path / "wd"
     argv = ["run", str(tasks), "-H", str(hosts), "-o", str(out), "-f", "jsonl"]
-    proc = start_sshfan([*argv, "--workdir", str(workdir), "--no-progress"], tmp_path, err)
-    try:
+    with running_sshfan([*argv, "--workdir", str(workdir), "--no-progress"], tmp_path, err) as proc:
         wait_for("task 1 started on h1", started.exists, proc)
         replace_file(hosts, sshd.hosts_toml(["h1"], slots=2) + 'env = { MARK = "new" }\n')
         wait_for("tasks 2-6 ran", lambda: len(list(marks.iterdir())) == count - 1, proc)
         flag.touch()
         assert proc.wait(120) == 0, err.read_text()
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["stdout"] for r in records] == ["1 old\n"] + [
         f"{n} new\n{workdir}\n" for n in range(2, count + 1)
@@ -492,17 +488,12 @@ def test_onall_hosts_join_and_drain_mid_run(sshd: SshServer, tmp_path: Path) -> 
     hosts, out, err = tmp_path / "hosts.toml", tmp_path / "out.jsonl", tmp_path / "stderr.txt"
     replace_file(hosts, sshd.hosts_toml(["h1", "h2"]))
     argv = ["run", "--onall", str(tasks), "-H", str(hosts), "-o", str(out), "-f", "jsonl"]
-    proc = start_sshfan([*argv, "--no-progress"], tmp_path, err)
-    try:
+    with running_sshfan([*argv, "--no-progress"], tmp_path, err) as proc:
         wait_for("task 1 started on h1 and h2", lambda: len(list(marks.iterdir())) == 2, proc)
         replace_file(hosts, sshd.hosts_toml(["h1", "h3"]))
         wait_for("task 1 started on h3", (marks / "h3").exists, proc)
         flag.touch()
         assert proc.wait(120) == 1, err.read_text()
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     records = [json.loads(line) for line in out.read_text().splitlines()]
     ran = [(r["host"], r["seq"]) for r in records]
     every = [(host, n) for host in ("h1", "h2", "h3") for n in range(1, count + 1)]
@@ -520,8 +511,8 @@ def test_onall_hosts_join_and_drain_mid_run(sshd: SshServer, tmp_path: Path) -> 
     assert f"h2 ({unrun} task(s) not run: it left the hosts file)" in stderr_text
     # Back in the file, h2 runs the rest on --resume; h3's results stay where they were.
     replace_file(hosts, sshd.hosts_toml(["h1", "h2", "h3"]))
-    proc = start_sshfan([*argv, "--no-progress", "--resume"], tmp_path, err)
-    assert proc.wait(120) == 0, err.read_text()
+    with running_sshfan([*argv, "--no-progress", "--resume"], tmp_path, err) as proc:
+        assert proc.wait(120) == 0, err.read_text()
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["host"], r["seq"]) for r in records] == every
 
@@ -534,17 +525,12 @@ def test_all_runs_the_command_on_a_host_that_joins(sshd: SshServer, tmp_path: Pa
     command = f"touch {marks}/$SSHFAN_HOST; while [ ! -e {flag} ]; do sleep 0.05; done; hostname"
     hosts, out, err = tmp_path / "hosts.toml", tmp_path / "out.txt", tmp_path / "stderr.txt"
     replace_file(hosts, sshd.hosts_toml(["h1", "h2"]))
-    proc = start_sshfan(["all", "-H", str(hosts), "-o", str(out), command], tmp_path, err)
-    try:
+    with running_sshfan(["all", "-H", str(hosts), "-o", str(out), command], tmp_path, err) as proc:
         wait_for("the command started on h1 and h2", lambda: len(list(marks.iterdir())) == 2, proc)
         replace_file(hosts, sshd.hosts_toml(["h1", "h2", "h3"]))
         wait_for("the command started on h3", (marks / "h3").exists, proc)
         flag.touch()
         assert proc.wait(120) == 0, err.read_text()
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     name = socket.gethostname()
     assert out.read_text() == "".join(f"{host}: {name}\n" for host in ("h1", "h2", "h3"))
     assert "sshfan: host h3 joined" in err.read_text()
