@@ -230,8 +230,12 @@ def _key_line(text: str, table: str, index: int, key: str | None) -> int | None:
 # What OpenSSH's ssh refuses as the host and user it is given (ssh.c, valid_hostname and
 # valid_ruser): a name that would read as an option, whitespace, control characters, shell
 # metacharacters. sshfan refuses them too, before anything runs, rather than try to connect.
-_SSH_BAD_HOST = re.compile(r"^-|[\s\x00-\x1f\x7f'`\"$\\;&<>|(){}]")
-_SSH_BAD_USER = re.compile(r"^-|[\x00-\x1f\x7f'`\";&<>|(){}]|\s-|\\$")
+_SSH_REFUSED = r"\x00-\x1f\x7f'`\";&<>|(){}"  # (the inside of a character class)
+_SSH_BAD_HOST = re.compile(rf"^-|[\s$\\{_SSH_REFUSED}]")
+_SSH_BAD_USER = re.compile(rf"^-|[{_SSH_REFUSED}]|\s-|\\$")
+# The same for -S and --slf, where ',' parts sshlogins and '[...]' is a range.
+_SSHLOGIN_BAD_HOST = re.compile(rf"^-|[$\\,\[\]{_SSH_REFUSED}]")
+_SSHLOGIN_BAD_USER = re.compile(rf"^-|[{_SSH_REFUSED}]")
 
 
 def _check_value(where: str, key: str, value: Any, text: str, table: str, index: int) -> Any:
@@ -587,9 +591,9 @@ def parse_sshlogin(text: str, where: str) -> list[dict[str, Any]]:
         ipv6_like = ipv6 or name.count(":") >= 2
         if ipv6_like and not re.fullmatch(r"[0-9A-Fa-f:.]+(%[\w.-]+)?", name):
             raise UsageError(f"{where}: '{text.strip()}': '{name}' is not an IPv6 address")
-        if name.startswith("-") or re.search(r"[\x00-\x1f\x7f'`\"$\\;&<>|(){},\[\]]", name):
+        if _SSHLOGIN_BAD_HOST.search(name):
             raise UsageError(f"{where}: '{text.strip()}': host name '{name}' is not valid")
-    if at and (user.startswith("-") or re.search(r"[\x00-\x1f\x7f'`\";&<>|(){}]", user)):
+    if at and _SSHLOGIN_BAD_USER.search(user):
         raise UsageError(f"{where}: '{text.strip()}': user name '{user}' is not valid")
     if port:
         if not port.isdigit() or not 0 < int(port) < 65536:
