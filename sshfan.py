@@ -74,7 +74,6 @@ import signal
 import socket
 import stat
 import struct
-import subprocess
 import sys
 import tempfile
 import threading
@@ -780,8 +779,8 @@ def load_host_sources(sources: HostSources) -> list[HostSpec]:
 # | kind    | dir         | payload                                                |
 # |---------|-------------|--------------------------------------------------------|
 # | HELLO   | stub → head | JSON: proto, python, cpus, hostname, pid               |
-# | CONFIG  | head → stub | JSON: slots, timeout, env, workdir, make_workdir,      |
-# |         |             | shell, hold, slot_base, host                           |
+# | CONFIG  | head → stub | a Python literal (encode_config): slots, timeout, env, |
+# |         |             | workdir, make_workdir, shell, hold, slot_base, host    |
 # | TASKS   | head → stub | repeated (seq u64, command length u32, stdin length    |
 # |         |             | u32, command, stdin bytes: empty means /dev/null)      |
 # | PING    | head → stub | opaque bytes, answered by PONG with the same bytes     |
@@ -998,6 +997,76 @@ def decode_result(payload: bytes) -> tuple:
     return seq, status, flags, duration, out, err, slot
 
 
+# CONFIG's values: what a Python literal of these types says, any Python 3 reads back.
+CONFIG_TYPES = (dict, list, str, int, float, bool, type(None))
+# The names in a float's repr that are not literals (`--timeout inf`): what they mean.
+CONFIG_NAMES = {"inf": float("inf"), "nan": float("nan")}
+
+
+def encode_config(config: dict) -> bytes:
+    """CONFIG's payload: CONFIG as a Python literal, so that the stub reads it without
+    the json module (which, through re and enum, was a sixth of a stub's start).
+
+    Only plain values, each checked: their repr is a literal (or CONFIG_NAMES) that
+    evaluates back to an equal value in any Python 3."""
+    stack = [config]
+    while stack:
+        value = stack.pop()
+        if not isinstance(value, CONFIG_TYPES):
+            raise ValueError(f"CONFIG cannot carry {value!r}")
+        if isinstance(value, dict):
+            if not all(isinstance(key, str) for key in value):
+                raise ValueError(f"CONFIG keys must be strings: {value!r}")
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return repr(config).encode("utf-8")
+
+
+def decode_config(payload: bytes) -> dict:
+    """CONFIG from its payload (encode_config's literal), on the stub's side.
+
+    eval with no builtins reads a literal of plain values, and nothing there can name a
+    function to call. The stub trusts the head: it runs the code the head ships anyway."""
+    config = eval(payload.decode("utf-8"), {"__builtins__": {}}, dict(CONFIG_NAMES))
+    if not isinstance(config, dict):
+        raise ValueError("CONFIG is not a mapping")
+    return config
+
+
+def json_text(value: Any) -> str:
+    """VALUE (a str, an int or None; a dict or list of them) as JSON text, for the frames
+    the stub sends: the json module's import would cost every stub's start."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(int(value))
+    if isinstance(value, dict):
+        return (
+            "{" + ",".join(json_text(str(k)) + ":" + json_text(v) for k, v in value.items()) + "}"
+        )
+    if isinstance(value, list):
+        return "[" + ",".join(json_text(item) for item in value) + "]"
+    if not isinstance(value, str):
+        raise TypeError(f"no JSON for {type(value).__name__}")
+    out = ['"']
+    for char in value:
+        code = ord(char)
+        if char in '\\"':
+            out.append("\\" + char)
+        elif 0x20 <= code < 0x7F:
+            out.append(char)
+        elif code < 0x10000:  # (a lone surrogate too: json.loads takes it back as it was)
+            out.append(f"\\u{code:04x}")
+        else:
+            code -= 0x10000
+            out.append(f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}")
+    out.append('"')
+    return "".join(out)
+
+
 # ============================================================================
 # 4. Worker stub (shipped: standard library only, Python 3.6+)
 # ============================================================================
@@ -1037,8 +1106,7 @@ class StubTask:
         self.flags |= flag
         if self.killed_at is None:
             self.killed_at = time.monotonic()
-        with contextlib.suppress(OSError):
-            os.killpg(self.pid, signal.SIGKILL)
+        quietly(os.killpg, self.pid, signal.SIGKILL)
 
 
 def login_environ() -> "dict | None":
@@ -1093,6 +1161,72 @@ def kill_strays(sessions: set, pipes: set) -> int:
     return killed
 
 
+# What Popen's restore_signals puts back to the default in a task: the stub ignores
+# SIGPIPE itself, and a signal ignored stays ignored across exec.
+RESET_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGPIPE", "SIGXFZ", "SIGXFSZ") if hasattr(signal, name)
+)
+# Whether start_process may use os.posix_spawn: Python 3.8+ (its setsid), and the stub's
+# inherited descriptors marked close-on-exec (stub_main, through /proc); else subprocess.
+SPAWN_DIRECT = [sys.version_info >= (3, 8)]
+
+
+def start_process(path: bytes, argv: list, env: Any, stdio: tuple) -> int:
+    """Start ARGV from PATH in a session of its own, with STDIO as its fds 0-2; its pid.
+
+    As subprocess.Popen(start_new_session=True) would, without importing subprocess
+    (with locale, re, enum and threading, a third of a stub's start): os.posix_spawn,
+    which glibc does with vfork, as Popen does, and raises the exec's error here. No
+    other descriptor goes to the task: Python makes its own close-on-exec, and the stub
+    marked the ones it inherited so at its start (Popen's close_fds)."""
+    if SPAWN_DIRECT[0]:
+        try:
+            return os.posix_spawn(
+                path,
+                argv,
+                env,
+                file_actions=[(os.POSIX_SPAWN_DUP2, fd, n) for n, fd in enumerate(stdio)],
+                setsid=True,
+                setsigdef=RESET_SIGNALS,
+            )
+        except NotImplementedError:  # no POSIX_SPAWN_SETSID in this C library
+            SPAWN_DIRECT[0] = False
+    import subprocess
+
+    proc = subprocess.Popen(
+        argv,
+        executable=path,
+        stdin=stdio[0],
+        stdout=stdio[1],
+        stderr=stdio[2],
+        env=env,
+        start_new_session=True,
+    )
+    proc.returncode = 0  # the stub reaps it; subprocess must never wait on it too
+    return proc.pid
+
+
+def close_on_exec() -> bool:
+    """Mark every descriptor from 3 up close-on-exec (all this process has: /proc lists
+    them); False where there is no list to go by."""
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return False
+    for name in names:
+        if int(name) > 2:
+            quietly(os.set_inheritable, int(name), False)  # (the listing's own fd: closed)
+    return True
+
+
+def quietly(call: Any, *args: Any) -> None:
+    """CALL(*ARGS), an OSError ignored: contextlib.suppress, without its import."""
+    try:  # noqa: SIM105 (the stub does not import contextlib)
+        call(*args)
+    except OSError:
+        pass
+
+
 class Stub:
     """The worker side: runs up to `slots` tasks at once and streams results back."""
 
@@ -1123,6 +1257,7 @@ class Stub:
         self.host = ""  # the host's name, for SSHFAN_HOST
         self.workdir = None
         self.shell = b"/bin/sh"
+        self.shell_path = b"/bin/sh"  # where self.shell was found (CONFIG)
         self.selector = selectors.DefaultSelector()
         self.devnull = os.open(os.devnull, os.O_RDONLY)
         self.eof = False
@@ -1195,7 +1330,7 @@ class Stub:
             (seq,) = INPUT_HEAD.unpack_from(payload, 0)
             self.input.setdefault(seq, []).append(payload[INPUT_HEAD.size :])
         elif kind == KIND_CONFIG:
-            config = json.loads(payload.decode("utf-8"))
+            config = decode_config(payload)
             self.slots = max(1, int(config.get("slots") or 1))
             self.free_slots = list(range(1, self.slots + 1))
             self.slot_base = int(config.get("slot_base") or 0)
@@ -1222,14 +1357,20 @@ class Stub:
                 if not os.path.isdir(self.workdir):
                     why = "is not a directory" if os.path.exists(self.workdir) else "does not exist"
                     raise StubStopError(f"workdir: {self.workdir} {why}")
-                if not os.access(self.workdir, os.X_OK):
-                    raise StubStopError(f"workdir: {self.workdir} cannot be entered")
+                try:  # tasks start here: they inherit it (os.posix_spawn has no cwd)
+                    os.chdir(self.workdir)
+                except OSError:
+                    raise StubStopError(f"workdir: {self.workdir} cannot be entered") from None
             shell = config.get("shell") or "/bin/sh"
-            path = os.environ.get("PATH", os.defpath).split(os.pathsep)
+            # Looked up once, in the PATH the tasks get, as Popen looked it up for each.
+            env = os.environ if self.env is None else self.env
+            path = env.get("PATH", os.defpath).split(os.pathsep)
             found = [os.path.join(d, shell) for d in ([""] if "/" in shell else path)]
-            if not any(os.access(f, os.X_OK) and not os.path.isdir(f) for f in found):
+            found = [f for f in found if os.access(f, os.X_OK) and not os.path.isdir(f)]
+            if not found:
                 raise StubStopError(f"shell: {shell} not found or not executable")
             self.shell = os.fsencode(shell)
+            self.shell_path = os.fsencode(found[0])
             self.configured = True
         elif kind == KIND_PING:
             self.send(KIND_PONG, payload)
@@ -1243,7 +1384,7 @@ class Stub:
             self.queue.clear()
             if payload == b"kill":
                 self.kill_all()
-            self.send(KIND_DROPPED, json.dumps(dropped).encode("utf-8"))
+            self.send(KIND_DROPPED, json_text(dropped).encode("ascii"))
         elif kind == KIND_RELEASE:
             self.held.discard(INPUT_HEAD.unpack_from(payload, 0)[0])
         elif kind == KIND_CANCEL:
@@ -1276,8 +1417,8 @@ class Stub:
         sees its seq, job slot and host in SSHFAN_SEQ, SSHFAN_SLOT and SSHFAN_HOST, and its
         slot number where the head put a NUL ({%}: the head cannot know it beforehand).
 
-        subprocess uses vfork (posix_spawn on newer Pythons): measured here 0.36 ms a task
-        against 1.0 ms for os.fork, whose copy-on-write faults slow both processes."""
+        It starts as start_process does: in the stub's directory (CONFIG's workdir), with
+        no descriptor but 0-2 and SIGPIPE back to its default."""
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         in_r, in_w = os.pipe() if data else (self.devnull, None)
@@ -1289,17 +1430,9 @@ class Stub:
         env["SSHFAN_SEQ"] = str(seq)
         env["SSHFAN_SLOT"] = str(slot)
         env["SSHFAN_HOST"] = self.host
-        if self.env is None:
-            env = None
         try:
-            proc = subprocess.Popen(
-                [self.shell, b"-c", command],
-                stdin=in_r,
-                stdout=out_w,
-                stderr=err_w,
-                cwd=self.workdir,
-                env=env,
-                start_new_session=True,
+            pid = start_process(
+                self.shell_path, [self.shell, b"-c", command], env, (in_r, out_w, err_w)
             )
         except BaseException:
             for fd in (out_r, err_r, in_w):
@@ -1311,10 +1444,9 @@ class Stub:
             os.close(err_w)
             if in_w is not None:
                 os.close(in_r)
-        proc.returncode = 0  # the stub reaps it; subprocess must never wait on it too
         if in_w is not None:
             os.set_blocking(in_w, False)
-        return proc.pid, out_r, err_r, in_w
+        return pid, out_r, err_r, in_w
 
     def note(self, sign: bytes, pid: int) -> None:
         """Queue a note for the warden: task group PID started (+) or is handled (-)."""
@@ -1523,8 +1655,7 @@ class Stub:
         """Remove the files the head was still uploading when it went away: written in
         part, under a temporary name, they would stay on the worker for good."""
         for path in self.parts:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+            quietly(os.unlink, path)
 
     def serve(self) -> None:
         """Main loop: read frames and task output, start tasks, ship results."""
@@ -1595,8 +1726,7 @@ def start_warden(close: tuple) -> "int | None":
     try:
         # A session of its own: a SIGKILL to the head's whole process group (a job
         # control or CI timeout) takes the local stub with it, but not its warden.
-        with contextlib.suppress(OSError):
-            os.setsid()
+        quietly(os.setsid)
         os.close(w)
         for fd in close:
             os.close(fd)
@@ -1619,8 +1749,7 @@ def start_warden(close: tuple) -> "int | None":
                     groups.discard(int(line[1:]))
             time.sleep(WARDEN_NAP)
         for group in groups:
-            with contextlib.suppress(OSError):
-                os.killpg(group, signal.SIGKILL)
+            quietly(os.killpg, group, signal.SIGKILL)
         if groups:
             kill_strays(groups, set())  # what left the group but not the session
     finally:
@@ -1629,6 +1758,8 @@ def start_warden(close: tuple) -> "int | None":
 
 def stub_main() -> None:
     """Entry point on the worker: move fds aside, say hello, serve until EOF."""
+    if not close_on_exec():
+        SPAWN_DIRECT[0] = False
     proto_in = os.dup(0)
     proto_out = os.dup(1)
     devnull = os.open(os.devnull, os.O_RDWR)
@@ -1659,7 +1790,7 @@ def stub_main() -> None:
         "pid": os.getpid(),
     }
     try:
-        stub.send(KIND_HELLO, json.dumps(hello).encode("utf-8"))
+        stub.send(KIND_HELLO, json_text(hello).encode("ascii"))
         stub.flush()
         # After the hello, not before: the fork (about 1 ms) overlaps the round trip
         # to the head, instead of delaying the first task by as much.
@@ -1698,8 +1829,9 @@ def _module_lines() -> list[str]:
 
 # The stub's own imports: the shipped region uses these and nothing else (a test checks).
 _SHIPPED_IMPORTS = (
-    "import collections, contextlib, json, mmap, os, selectors, signal, struct\n"
-    "import subprocess, sys, time\n"
+    "import collections, mmap, os, selectors, struct, sys, time\n"
+    # signal's own module wraps _signal's in enums, whose import costs a stub's start
+    "try:\n    import _signal as signal\nexcept ImportError:\n    import signal\n"
 )
 
 
@@ -1724,15 +1856,73 @@ def stub_source() -> str:
     )
 
 
-def bootstrap_code(source_len: int) -> str:
+# What a stub's stdin gets first (stub_payload): the bytecode's magic number, the
+# source's length and the compiled code's length, then the two.
+STUB_HEADER = struct.Struct(">4sII")
+
+
+@functools.cache
+def stub_payload() -> bytes:
+    """The stub as shipped on a stub's stdin: STUB_HEADER, its source, and the source
+    compiled by this Python (marshal), which a worker whose Python has the same bytecode
+    magic runs instead of compiling the source (a quarter of a stub's start there).
+
+    Any other Python (another version, or one without the magic to compare) compiles the
+    source, as every worker did before; both go, as the head cannot know which it is."""
+    import importlib.util
+
+    source = stub_source().encode("utf-8")
+    magic = importlib.util.MAGIC_NUMBER
+    code = _compiled_stub(source, magic)
+    return STUB_HEADER.pack(magic, len(source), len(code)) + source + code
+
+
+def _compiled_stub(source: bytes, magic: bytes) -> bytes:
+    """SOURCE compiled by this Python (MAGIC), marshalled: as an earlier run cached it
+    (cache_dir()/stub-HASH), else compiled now and cached, as Python caches a module's.
+
+    Compiling takes this process as long as it saves a worker (8-12 ms here), and comes
+    before a run can send its first stub. A cached file that does not load is compiled
+    afresh; one that cannot be written is only not cached."""
+    import marshal
+
+    path = cache_dir() / f"stub-{hashlib.sha256(magic + source).hexdigest()[:32]}"
+    with contextlib.suppress(OSError, EOFError, ValueError, TypeError):
+        code = path.read_bytes()
+        marshal.loads(code)
+        return code
+    code = marshal.dumps(compile(source, "sshfan-stub", "exec"))
+    part = path.with_name(f"{path.name}.{os.getpid()}.part")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part.write_bytes(code)
+        os.replace(part, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            part.unlink()
+    return code
+
+
+def cache_dir() -> Path:
+    """$XDG_CACHE_HOME/sshfan, or ~/.cache/sshfan: what sshfan keeps between runs."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "sshfan"
+
+
+def bootstrap_code() -> str:
     """The fixed short Python program that reads the stub from stdin and runs it.
 
-    It reads exactly the stub's bytes with os.read: sys.stdin's buffer would also take
-    the frames the head sends right behind the source, and the stub would never see them."""
+    It reads exactly the stub's bytes (stub_payload) with os.read: sys.stdin's buffer
+    would also take the frames the head sends right behind it, and the stub would never
+    see them. The frozen importlib module holds the magic without an import."""
     return (
-        f"import os,sys\ns=b''\nwhile len(s)<{source_len}:"
-        f"s+=os.read(0,{source_len}-len(s))or sys.exit(1)\n"
-        "exec(compile(s,'sshfan-stub','exec'))"
+        "import os,sys\n"
+        "def r(n):\n b=b''\n while len(b)<n:b+=os.read(0,n-len(b))or sys.exit(1)\n return b\n"
+        f"h=r({STUB_HEADER.size});s=r(int.from_bytes(h[4:8],'big'));c=r(int.from_bytes(h[8:],'big'))\n"
+        "m=getattr(sys.modules.get('_frozen_importlib_external'),'MAGIC_NUMBER',0)\n"
+        "if h[:4]==m:import marshal;c=marshal.loads(c)\n"
+        "else:c=compile(s,'sshfan-stub','exec')\n"
+        "exec(c)"
     )
 
 
@@ -2512,7 +2702,7 @@ class HostProtocol:
     def configure(self, config: dict[str, Any]) -> bytes:
         """The CONFIG frame that sets the stub up; its slots are the window's."""
         self.window.slots = config["slots"]
-        return encode_frame(KIND_CONFIG, json.dumps(config).encode())
+        return encode_frame(KIND_CONFIG, encode_config(config))
 
     def staged(self, task: Task) -> bytes:
         """The TASKS frame for a held TASK whose files are now on the worker."""
@@ -3928,8 +4118,7 @@ class HostSession:
     async def _start_stub(self) -> None:
         """Open the transport, send the stub's source, and wait for its hello."""
         forked = self.spec.local and _may_fork_stub(self.spec)
-        source = b"" if forked else stub_source().encode("utf-8")  # a fork has the code
-        code = bootstrap_code(len(source))
+        code = bootstrap_code()
         if forked:
             fork = self.transport = ForkTransport(self)
             await fork.open()
@@ -3951,7 +4140,7 @@ class HostSession:
         if self.state != HostState.CONNECTING:
             self._drop()
             raise HostError(self.name, "start", "the run ended before the host was up")
-        self._write(source)
+        self._write(b"" if forked else stub_payload())  # a fork has the code
         if not self.spec.local:
             self.hello_wait_since = time.monotonic()
             self._tell(SourceSent())
@@ -6497,8 +6686,7 @@ class DurationHistory:
     @staticmethod
     def default_path() -> Path:
         """$XDG_CACHE_HOME/sshfan/durations, or ~/.cache/sshfan/durations."""
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        return Path(base) / "sshfan" / "durations"
+        return cache_dir() / "durations"
 
     @staticmethod
     def key(command: str) -> bytes:

@@ -1,8 +1,8 @@
 """A fake sshfan worker stub that speaks the framing but misbehaves in one chosen way.
 
 Used as a local host's `python` (through a wrapper that names the misbehaviour):
-`fake_worker.py MODE READY -S -c BOOTSTRAP`. It reads the stub source the head sends
-(its length is in the bootstrap line), says hello, creates the file READY once it has
+`fake_worker.py MODE READY -S -c BOOTSTRAP`. It reads the stub the head sends (its
+lengths are in the header in front of it), says hello, creates the file READY once it has
 its CONFIG (tests hold their tasks until then, so that this host gets some), runs tasks
 one at a time with /bin/sh, and sends what MODE says once, on the first task (or right
 after the CONFIG).
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -89,16 +88,26 @@ def misbehave(mode: str, seq: int, command: bytes) -> bytes:
     raise SystemExit(f"fake_worker: unknown mode {mode}")
 
 
+def read_exactly(size: int) -> bytes | None:
+    """SIZE bytes of stdin (None: it ended first)."""
+    data = b""
+    while len(data) < size:
+        more = os.read(0, size - len(data))
+        if not more:
+            return None
+        data += more
+    return data
+
+
 def main() -> None:
     """Read the source, say hello, then serve frames until EOF, misbehaving once."""
-    mode, ready, code = sys.argv[1], sys.argv[2], sys.argv[-1]
-    size = int(re.search(r"len\(s\)<(\d+)", code).group(1))  # type: ignore[union-attr]
-    got = 0
-    while got < size:
-        data = os.read(0, size - got)
-        if not data:
-            return
-        got += len(data)
+    mode, ready = sys.argv[1], sys.argv[2]
+    header = read_exactly(sshfan.STUB_HEADER.size)
+    if header is None:
+        return
+    _, n_source, n_code = sshfan.STUB_HEADER.unpack(header)
+    if read_exactly(n_source + n_code) is None:
+        return
     os.write(1, encode_frame(KIND_HELLO, hello()))
     decoder = FrameDecoder(skip_banner=False)
     done = False

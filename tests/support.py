@@ -332,8 +332,7 @@ def capturing_python(path: Path, capture: Path, then: str) -> Path:
     hello, and THEN: "fail" (exits 1, as a stub that breaks at start) or "hang" (waits
     for EOF: a host slow to say hello; it ends when the head gives it up)."""
     script = f"""#!{sys.executable} -S
-import os, re, struct, sys
-need = int(re.search(r"len\\(s\\)<(\\d+)", sys.argv[-1]).group(1))
+import os, struct, sys
 def read(n):
     data = b""
     while len(data) < n:
@@ -342,7 +341,8 @@ def read(n):
             sys.exit(0)
         data += more
     return data
-read(need)
+_, n_source, n_code = struct.unpack(">4sII", read(12))  # the stub's header, then the stub
+read(n_source + n_code)
 frames = b""
 while True:
     head = read(9)

@@ -409,7 +409,7 @@ def test_config_staged_task_and_release_frames() -> None:
     protocol = HostProtocol("w", 1)
     frame = protocol.configure({"slots": 4, "host": "w"})
     ((kind, payload),) = sshfan.FrameDecoder(skip_banner=False).feed(frame)
-    assert (kind, json.loads(payload), protocol.window.slots) == (
+    assert (kind, sshfan.decode_config(payload), protocol.window.slots) == (
         sshfan.KIND_CONFIG,
         {"slots": 4, "host": "w"},
         4,

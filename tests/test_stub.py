@@ -35,14 +35,17 @@ class StubProcess:
         slots: int = 2,
         timeout: float | None = None,
         banner: bool = False,
+        login: str = "",
         **config: object,
     ) -> None:
         """Start the stub with the bootstrap line, ship its source, read its hello."""
-        source = sshfan.stub_source().encode()
-        code = sshfan.bootstrap_code(len(source))
+        source = sshfan.stub_payload()
+        code = sshfan.bootstrap_code()
         argv = [sys.executable, "-c", code]
         if banner:  # a login shell that prints before python starts
             argv = ["/bin/sh", "-c", 'echo "Welcome!"; exec "$0" "$@"', *argv]
+        elif login:  # what a login shell does before python starts
+            argv = ["/bin/sh", "-c", login + 'exec "$0" "$@"', *argv]
         self.proc = subprocess.Popen(
             argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )
@@ -52,7 +55,7 @@ class StubProcess:
         kind, payload = self.expect(KIND_HELLO)
         self.hello = json.loads(payload)
         config = {"slots": slots, "timeout": timeout, "env": {}, "workdir": None, **config}
-        self.send(KIND_CONFIG, json.dumps(config).encode())
+        self.send(KIND_CONFIG, sshfan.encode_config(config))
 
     def send_raw(self, data: bytes) -> None:
         """Write bytes to the stub's stdin."""
@@ -307,6 +310,55 @@ def test_tasks_get_the_default_sigpipe_and_stdin_data(stub: StubProcess) -> None
     assert stub.close() == 0
 
 
+# Prints the session of the shell that runs it (field 6 of /proc/PID/stat).
+SESSION_OF_SHELL = b"read -r p c s pp g sid x < /proc/$$/stat; echo $sid"
+
+
+def test_tasks_get_only_fds_0_to_2_in_a_session_of_their_own() -> None:
+    """A descriptor the stub inherited (its login shell opened it) does not reach its
+    tasks, as none of the stub's own do; each task's shell leads a session of its own."""
+    stub = StubProcess(slots=1, login="exec 7</dev/null 8>/dev/null; ")
+    try:
+        task = b"ls /proc/self/fd | tr '\\n' ' '; echo; " + SESSION_OF_SHELL + b" $$"
+        stub.send(KIND_TASKS, encode_tasks([(1, task)]))
+        status, _, out, err = stub.results(1)[1][:4]
+        assert status == 0, err
+        fds, session = out.split(b"\n")[:2]
+        assert fds.split() == [b"0", b"1", b"2", b"3"]  # 3: ls's own listing
+        sid, pid = session.split()
+        assert sid == pid
+        assert stub.close() == 0
+    finally:
+        stub.proc.kill()
+        stub.proc.wait()
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_start_process_as_popen_would(direct: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """start_process with os.posix_spawn and with subprocess (Python < 3.8): the task's
+    stdio as given, its own session, the exec's error raised in the caller."""
+    monkeypatch.setattr(sshfan, "SPAWN_DIRECT", [direct])
+    read, write = os.pipe()
+    try:
+        with open(os.devnull, "rb") as devnull:
+            stdio = (devnull.fileno(), write, write)
+            argv = [b"sh", b"-c", b"echo $SSHFAN_X; " + SESSION_OF_SHELL]
+            pid = sshfan.start_process(b"/bin/sh", argv, {"SSHFAN_X": "given"}, stdio)
+            with pytest.raises(FileNotFoundError):
+                sshfan.start_process(b"/nonexistent/sh", argv, {}, stdio)
+        os.close(write)
+        write = -1
+        out = b""
+        while chunk := os.read(read, 4096):
+            out += chunk
+        assert os.waitpid(pid, 0)[1] == 0
+        assert out.split() == [b"given", str(pid).encode()]
+    finally:
+        os.close(read)
+        if write >= 0:
+            os.close(write)
+
+
 def test_drop_read_with_the_tasks_before_it_still_starts_what_slots_take() -> None:
     """A rebalancing DROP arriving in the same read as TASKS starts a free slot's task and
     gives back only the rest (else head and stub can hand the same tasks back and forth)."""
@@ -342,12 +394,12 @@ def test_halting_drop_starts_nothing_more() -> None:
 def test_frames_sent_right_behind_the_source_reach_the_stub() -> None:
     """The head may send CONFIG and tasks before the hello, in the same write as the source:
     the bootstrap must read exactly the source and leave the frames to the stub."""
-    source = sshfan.stub_source().encode()
-    code = sshfan.bootstrap_code(len(source))
+    source = sshfan.stub_payload()
+    code = sshfan.bootstrap_code()
     config = {"slots": 1, "timeout": None, "env": {}, "workdir": None}
     data = (
         source
-        + encode_frame(KIND_CONFIG, json.dumps(config).encode())
+        + encode_frame(KIND_CONFIG, sshfan.encode_config(config))
         + encode_frame(KIND_TASKS, encode_tasks([(1, b"echo early")]))
     )
     proc = subprocess.run(

@@ -5,8 +5,10 @@ from __future__ import annotations
 import array
 import ast
 import asyncio
+import importlib.util
 import io
 import json
+import marshal
 import math
 import os
 import re
@@ -184,8 +186,23 @@ def test_stub_imports_only_its_listed_modules() -> None:
     nodes = list(ast.walk(tree))
     imported = {node.module for node in nodes if isinstance(node, ast.ImportFrom)}
     imported |= {a.name for node in nodes if isinstance(node, ast.Import) for a in node.names}
-    listed = set(sshfan._SHIPPED_IMPORTS.replace("import", "").replace(",", " ").split())
+    # subprocess only where os.posix_spawn cannot serve (start_process): Python < 3.8
+    late = {
+        a.name
+        for f in tree.body
+        if isinstance(f, ast.FunctionDef)
+        for node in ast.walk(f)
+        if isinstance(node, ast.Import)
+        for a in node.names
+    }
+    assert late == {"subprocess"}
+    imported -= late
+    header = ast.parse(sshfan._SHIPPED_IMPORTS)
+    listed = {
+        a.name for node in ast.walk(header) if isinstance(node, ast.Import) for a in node.names
+    }
     assert imported == listed
+    assert not imported & {"json", "re", "enum", "subprocess", "contextlib", "typing"}
 
 
 def test_shipped_region_is_one_marked_block_holding_the_stub() -> None:
@@ -215,10 +232,54 @@ def test_stub_source_runs_without_the_head_module(tmp_path: Path) -> None:
 
 
 def test_bootstrap_line_is_small_and_fixed() -> None:
-    """The remote command is a short fixed line; only the stub's length varies."""
-    code = sshfan.bootstrap_code(12345)
-    assert len(code) < 120
-    assert "12345" in code and "exec(" in code
+    """The remote command is a short fixed program, the same for every stub."""
+    code = sshfan.bootstrap_code()
+    assert len(code) < 400 and "exec(c)" in code
+    compile(code, "bootstrap", "exec")
+
+
+@pytest.mark.parametrize("same_magic", [True, False])
+def test_stub_payload_runs_compiled_or_from_source(same_magic: bool) -> None:
+    """A Python with the head's bytecode magic runs the shipped compiled code; any other
+    compiles the shipped source: either way the stub says hello. The half that must go
+    unused is spoilt, so that the stub could not start from it."""
+    payload = bytearray(sshfan.stub_payload())
+    magic, n_source, n_code = sshfan.STUB_HEADER.unpack_from(payload)
+    head = sshfan.STUB_HEADER.size
+    assert magic == importlib.util.MAGIC_NUMBER
+    assert len(payload) == head + n_source + n_code
+    assert bytes(payload[head : head + n_source]) == sshfan.stub_source().encode()
+    if same_magic:
+        payload[head : head + n_source] = b"#" * n_source
+    else:  # as a Python of another version sees it
+        payload[:4] = b"\0\0\0\0"
+        payload[-n_code:] = b"\0" * n_code
+    argv = [sys.executable, "-I", "-S", "-c", sshfan.bootstrap_code()]
+    done = subprocess.run(argv, input=bytes(payload), capture_output=True, timeout=60)
+    frames = sshfan.FrameDecoder().feed(done.stdout)
+    assert frames and frames[0][0] == sshfan.KIND_HELLO, (done.stdout, done.stderr)
+
+
+def test_compiled_stub_is_cached_and_a_bad_cache_file_is_compiled_afresh(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The head compiles the stub once and keeps it in its cache; a torn cache file is
+    compiled again and replaced, and a cache that cannot be written is done without."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    source = sshfan.stub_source().encode()
+    magic = importlib.util.MAGIC_NUMBER
+    fresh = marshal.loads(sshfan._compiled_stub(source, magic))
+    assert fresh == compile(source, "sshfan-stub", "exec")
+    (cached,) = (tmp_path / "sshfan").iterdir()
+    assert marshal.loads(cached.read_bytes()) == fresh
+    cached.write_bytes(cached.read_bytes()[:100])
+    assert marshal.loads(sshfan._compiled_stub(source, magic)) == fresh
+    assert marshal.loads(cached.read_bytes()) == fresh
+    assert marshal.loads(sshfan._compiled_stub(source + b"\n", magic)) == fresh
+    assert len(list((tmp_path / "sshfan").iterdir())) == 2  # keyed by the source
+    (tmp_path / "blocked").write_text("a file where the cache directory would go")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "blocked"))
+    assert marshal.loads(sshfan._compiled_stub(source, magic)) == fresh
 
 
 # -- scheduling decisions ------------------------------------------------------
