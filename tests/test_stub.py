@@ -333,6 +333,32 @@ def test_tasks_get_only_fds_0_to_2_in_a_session_of_their_own() -> None:
         stub.proc.wait()
 
 
+@pytest.mark.parametrize("epoll", [True, False])
+def test_poller_reports_ready_and_hung_up_fds_by_label(epoll: bool) -> None:
+    """The stub's Poller, with epoll and with poll (a worker without epoll): a readable
+    pipe, a writable one, nothing when nothing is ready, and a hang-up counts as ready."""
+    poller = sshfan.Poller()
+    if not epoll:
+        poller.epoll, poller.poll = False, select.poll()
+    read, write = os.pipe()
+    try:
+        poller.register(read, False, "in")
+        assert poller.select(0.01) == []
+        poller.register(write, True, "out")
+        assert poller.select(None) == [(write, "out")]
+        os.write(write, b"x")
+        assert sorted(poller.select(0)) == sorted([(read, "in"), (write, "out")])
+        poller.unregister(write)
+        os.close(write)
+        write = -1
+        assert os.read(read, 1) == b"x"
+        assert poller.select(1.0) == [(read, "in")]  # the writer hung up
+    finally:
+        os.close(read)
+        if write >= 0:
+            os.close(write)
+
+
 @pytest.mark.parametrize("direct", [True, False])
 def test_start_process_as_popen_would(direct: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """start_process with os.posix_spawn and with subprocess (Python < 3.8): the task's
