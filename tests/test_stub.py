@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import subprocess
 import sys
 import time
@@ -308,6 +309,55 @@ def test_tasks_get_the_default_sigpipe_and_stdin_data(stub: StubProcess) -> None
     assert got[1][0] == 0 and got[1][2] == b"y\n" and got[1][3] == b""
     assert got[2][2].strip() == b"200000"
     assert stub.close() == 0
+
+
+def _pythons() -> dict[str, str]:
+    """The Pythons 3.6+ this machine has (python3.N on PATH, pyenv's versions, this one),
+    one of each version: the versions a stub must run on."""
+    paths = [sys.executable, *(shutil.which(f"python3.{minor}") for minor in range(6, 20))]
+    paths += sorted(str(p) for p in Path("~/.pyenv/versions").expanduser().glob("3.*/bin/python3"))
+    found: dict[str, str] = {}
+    for path in filter(None, paths):
+        probe = [path, "-S", "-c", "import sys; print('%d.%d' % sys.version_info[:2])"]
+        ran = subprocess.run(probe, capture_output=True, text=True)
+        if ran.returncode == 0:  # (a version manager's shim may name one it does not run)
+            found.setdefault(ran.stdout.strip(), path)
+    return found
+
+
+def test_the_stub_runs_on_every_python_found() -> None:
+    """The shipped stub, from source or compiled, on each Python 3.6+ this machine has:
+    its hello, CONFIG (env, workdir, shell, timeout), a task's stdin, a timeout, only fds
+    0-2 and SIGPIPE's default in a task (Pythons before 3.8 start tasks by subprocess)."""
+    config = {"slots": 2, "timeout": 0.5, "env": {"X_TEST": "v"}, "workdir": "/", "shell": "sh"}
+    tasks = [
+        (1, b"echo $X_TEST $SSHFAN_SEQ; pwd"),
+        (2, b"wc -c", b"y" * 100_000),
+        (3, b"sleep 30"),
+        (4, b"yes | head -n 1; ls /proc/self/fd | wc -l"),
+    ]
+    frames = encode_frame(KIND_CONFIG, sshfan.encode_config(config))
+    frames += encode_frame(KIND_TASKS, encode_tasks(tasks))
+    pythons = _pythons()
+    assert f"{sys.version_info[0]}.{sys.version_info[1]}" in pythons
+    for python in pythons.values():
+        argv = [python, "-S", "-c", sshfan.bootstrap_code()]
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(sshfan.stub_payload() + frames)
+        proc.stdin.flush()  # and kept open: the stub's EOF would kill what runs
+        decoder, got, results = FrameDecoder(), [], {}
+        while len(results) < len(tasks) and (data := os.read(proc.stdout.fileno(), 65536)):
+            got += decoder.feed(data)
+            results = {
+                r[0]: r for r in (sshfan.decode_result(p) for k, p in got if k == KIND_RESULT)
+            }
+        proc.stdin.close()
+        hello = json.loads(got[0][1])
+        assert proc.wait(30) == 0 and hello["proto"] == sshfan.PROTO_VERSION, python
+        assert results[1][4] == b"v 1\n/\n" and results[2][4].strip() == b"100000", python
+        assert results[3][2] == sshfan.FLAG_TIMED_OUT, python
+        assert results[4][4:6] == (b"y\n4\n", b""), (python, results[4])  # fds 0-2 and ls's
 
 
 # Prints the session of the shell that runs it (field 6 of /proc/PID/stat).
