@@ -1918,20 +1918,30 @@ def _compiled_stub(source: bytes, magic: bytes) -> bytes:
     (cache_dir()/stub-HASH), else compiled now and cached, as Python caches a module's.
 
     Compiling takes this process as long as it saves a worker (8-12 ms here), and comes
-    before a run can send its first stub. A cached file that does not load is compiled
-    afresh; one that cannot be written is only not cached."""
+    before a run can send its first stub. The file holds a digest of the code: a torn or
+    damaged one is compiled afresh. Workers run this code, so a file someone else owns or
+    may write is not used (a shared XDG_CACHE_HOME); one that cannot be written is only
+    not cached."""
     import marshal
 
     path = cache_dir() / f"stub-{hashlib.sha256(magic + source).hexdigest()[:32]}"
-    with contextlib.suppress(OSError, EOFError, ValueError, TypeError):
-        code = path.read_bytes()
-        marshal.loads(code)
-        return code
+    with contextlib.suppress(OSError), open(path, "rb") as cached:
+        info = os.fstat(cached.fileno())
+        data = cached.read()
+        code = data[32:]
+        if (
+            info.st_uid == os.getuid()
+            and not info.st_mode & 0o022
+            and hashlib.sha256(code).digest() == data[:32]
+        ):
+            return code
     code = marshal.dumps(compile(source, "sshfan-stub", "exec"))
     part = path.with_name(f"{path.name}.{os.getpid()}.part")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        part.write_bytes(code)
+        with open(part, "xb") as out:
+            os.fchmod(out.fileno(), 0o600)
+            out.write(hashlib.sha256(code).digest() + code)
         os.replace(part, path)
     except OSError:
         with contextlib.suppress(OSError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import array
 import ast
 import asyncio
+import hashlib
 import importlib.util
 import io
 import json
@@ -271,10 +272,18 @@ def test_compiled_stub_is_cached_and_a_bad_cache_file_is_compiled_afresh(
     fresh = marshal.loads(sshfan._compiled_stub(source, magic))
     assert fresh == compile(source, "sshfan-stub", "exec")
     (cached,) = (tmp_path / "sshfan").iterdir()
-    assert marshal.loads(cached.read_bytes()) == fresh
-    cached.write_bytes(cached.read_bytes()[:100])
+    assert marshal.loads(cached.read_bytes()[32:]) == fresh
+    good = cached.read_bytes()
+    for spoilt in (good[:100], good[:-1] + bytes([good[-1] ^ 1])):  # torn; one bit off
+        cached.write_bytes(spoilt)
+        assert marshal.loads(sshfan._compiled_stub(source, magic)) == fresh
+        assert cached.read_bytes() == good
+    # Workers run it: a file others may write is not taken (here: planted code).
+    planted = marshal.dumps(compile("raise SystemExit(3)", "x", "exec"))
+    cached.write_bytes(hashlib.sha256(planted).digest() + planted)
+    cached.chmod(0o666)
     assert marshal.loads(sshfan._compiled_stub(source, magic)) == fresh
-    assert marshal.loads(cached.read_bytes()) == fresh
+    assert cached.read_bytes() == good and cached.stat().st_mode & 0o777 == 0o600
     assert marshal.loads(sshfan._compiled_stub(source + b"\n", magic)) == fresh
     assert len(list((tmp_path / "sshfan").iterdir())) == 2  # keyed by the source
     (tmp_path / "blocked").write_text("a file where the cache directory would go")
