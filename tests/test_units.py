@@ -16,6 +16,7 @@ import re
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -235,30 +236,40 @@ def test_stub_source_runs_without_the_head_module(tmp_path: Path) -> None:
 def test_bootstrap_line_is_small_and_fixed() -> None:
     """The remote command is a short fixed program, the same for every stub."""
     code = sshfan.bootstrap_code()
-    assert len(code) < 400 and "exec(c)" in code
+    assert len(code) < 400 and code.endswith("exec(k or compile(s,'sshfan-stub','exec'))")
     compile(code, "bootstrap", "exec")
 
 
-@pytest.mark.parametrize("same_magic", [True, False])
-def test_stub_payload_runs_compiled_or_from_source(same_magic: bool) -> None:
-    """A Python with the head's bytecode magic runs the shipped compiled code; any other
-    compiles the shipped source: either way the stub says hello. The half that must go
-    unused is spoilt, so that the stub could not start from it."""
+@pytest.mark.parametrize("worker", ["same", "other version", "no zlib"])
+def test_stub_payload_runs_compiled_or_from_source(worker: str) -> None:
+    """A Python with the head's bytecode magic runs the shipped compiled code; any other,
+    or one without zlib, compiles the shipped source: either way the stub says hello. The
+    half that must go unused is spoilt, so that the stub could not start from it."""
     payload = bytearray(sshfan.stub_payload())
     magic, n_source, n_code = sshfan.STUB_HEADER.unpack_from(payload)
     head = sshfan.STUB_HEADER.size
     assert magic == importlib.util.MAGIC_NUMBER
     assert len(payload) == head + n_source + n_code
     assert bytes(payload[head : head + n_source]) == sshfan.stub_source().encode()
-    if same_magic:
+    assert _loads(bytes(payload[head + n_source :])) is not None
+    code = sshfan.bootstrap_code()
+    if worker == "same":
         payload[head : head + n_source] = b"#" * n_source
-    else:  # as a Python of another version sees it
-        payload[:4] = b"\0\0\0\0"
+    else:
         payload[-n_code:] = b"\0" * n_code
-    argv = [sys.executable, "-I", "-S", "-c", sshfan.bootstrap_code()]
+    if worker == "other version":
+        payload[:4] = b"\0\0\0\0"
+    elif worker == "no zlib":
+        code = "import sys\nsys.modules['zlib'] = None\n" + code
+    argv = [sys.executable, "-I", "-S", "-c", code]
     done = subprocess.run(argv, input=bytes(payload), capture_output=True, timeout=60)
     frames = sshfan.FrameDecoder().feed(done.stdout)
     assert frames and frames[0][0] == sshfan.KIND_HELLO, (done.stdout, done.stderr)
+
+
+def _loads(code: bytes) -> object:
+    """The code object in a compiled stub (zlib, then marshal)."""
+    return marshal.loads(zlib.decompress(code))
 
 
 def test_compiled_stub_is_cached_and_a_bad_cache_file_is_compiled_afresh(
@@ -269,26 +280,26 @@ def test_compiled_stub_is_cached_and_a_bad_cache_file_is_compiled_afresh(
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     source = sshfan.stub_source().encode()
     magic = importlib.util.MAGIC_NUMBER
-    fresh = marshal.loads(sshfan._compiled_stub(source, magic))
-    assert fresh == compile(source, "sshfan-stub", "exec")
+    fresh = _loads(sshfan._compiled_stub(source, magic))
+    assert fresh == compile(source, "sshfan-stub", "exec", dont_inherit=True)
     (cached,) = (tmp_path / "sshfan").iterdir()
-    assert marshal.loads(cached.read_bytes()[32:]) == fresh
+    assert _loads(cached.read_bytes()[32:]) == fresh
     good = cached.read_bytes()
     for spoilt in (good[:100], good[:-1] + bytes([good[-1] ^ 1])):  # torn; one bit off
         cached.write_bytes(spoilt)
-        assert marshal.loads(sshfan._compiled_stub(source, magic)) == fresh
+        assert _loads(sshfan._compiled_stub(source, magic)) == fresh
         assert cached.read_bytes() == good
     # Workers run it: a file others may write is not taken (here: planted code).
-    planted = marshal.dumps(compile("raise SystemExit(3)", "x", "exec"))
+    planted = zlib.compress(marshal.dumps(compile("raise SystemExit(3)", "x", "exec")))
     cached.write_bytes(hashlib.sha256(planted).digest() + planted)
     cached.chmod(0o666)
-    assert marshal.loads(sshfan._compiled_stub(source, magic)) == fresh
+    assert _loads(sshfan._compiled_stub(source, magic)) == fresh
     assert cached.read_bytes() == good and cached.stat().st_mode & 0o777 == 0o600
-    assert marshal.loads(sshfan._compiled_stub(source + b"\n", magic)) == fresh
+    assert _loads(sshfan._compiled_stub(source + b"\n", magic)) == fresh
     assert len(list((tmp_path / "sshfan").iterdir())) == 2  # keyed by the source
     (tmp_path / "blocked").write_text("a file where the cache directory would go")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "blocked"))
-    assert marshal.loads(sshfan._compiled_stub(source, magic)) == fresh
+    assert _loads(sshfan._compiled_stub(source, magic)) == fresh
 
 
 # -- scheduling decisions ------------------------------------------------------
