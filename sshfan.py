@@ -1240,9 +1240,9 @@ class Poller:
         self.labels[fd] = label
 
     def unregister(self, fd: int) -> None:
-        """Stop watching FD."""
+        """Stop watching FD (one closed meanwhile is no longer watched anyway)."""
         del self.labels[fd]
-        self.poll.unregister(fd)
+        quietly(self.poll.unregister, fd)
 
     def select(self, timeout: "float | None") -> list:
         """(fd, label) of each watched fd that is ready, waiting at most TIMEOUT seconds
