@@ -1928,8 +1928,13 @@ def _compiled_stub(source: bytes, magic: bytes) -> bytes:
     import marshal
     import zlib
 
+    # dont_inherit: without this module's `from __future__` flags, as a worker compiles it
+    fresh = functools.partial(compile, source, "sshfan-stub", "exec", dont_inherit=True)
+    cache = cache_dir()
+    if cache is None:
+        return zlib.compress(marshal.dumps(fresh()), 9)
     key = hashlib.sha256(b"marshal+zlib\0" + magic + source).hexdigest()[:32]
-    path = cache_dir() / f"stub-{key}"
+    path = cache / f"stub-{key}"
     with contextlib.suppress(OSError), open(path, "rb") as cached:
         info = os.fstat(cached.fileno())
         data = cached.read()
@@ -1940,9 +1945,7 @@ def _compiled_stub(source: bytes, magic: bytes) -> bytes:
             and hashlib.sha256(code).digest() == data[:32]
         ):
             return code
-    # dont_inherit: without this module's `from __future__` flags, as a worker compiles it
-    compiled = compile(source, "sshfan-stub", "exec", dont_inherit=True)
-    code = zlib.compress(marshal.dumps(compiled), 9)
+    code = zlib.compress(marshal.dumps(fresh()), 9)
     part = path.with_name(f"{path.name}.{os.getpid()}.part")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -1956,9 +1959,18 @@ def _compiled_stub(source: bytes, magic: bytes) -> bytes:
     return code
 
 
-def cache_dir() -> Path:
-    """$XDG_CACHE_HOME/sshfan, or ~/.cache/sshfan: what sshfan keeps between runs."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+def cache_dir() -> Path | None:
+    """$XDG_CACHE_HOME/sshfan, or ~/.cache/sshfan: what sshfan keeps between runs.
+
+    None without a home to keep it in (no HOME and no passwd entry: a container's
+    arbitrary uid), rather than a directory named "~" wherever the run is; a relative
+    XDG_CACHE_HOME is ignored, as the XDG spec says."""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(base):
+        home = os.path.expanduser("~")
+        if not os.path.isabs(home):
+            return None
+        base = os.path.join(home, ".cache")
     return Path(base) / "sshfan"
 
 
@@ -6739,9 +6751,11 @@ class DurationHistory:
         self._measured: dict[bytes, float] = {}  # this run's durations of known tasks
 
     @staticmethod
-    def default_path() -> Path:
-        """$XDG_CACHE_HOME/sshfan/durations, or ~/.cache/sshfan/durations."""
-        return cache_dir() / "durations"
+    def default_path() -> Path | None:
+        """$XDG_CACHE_HOME/sshfan/durations, or ~/.cache/sshfan/durations (None: no
+        home to keep it in, see cache_dir)."""
+        cache = cache_dir()
+        return None if cache is None else cache / "durations"
 
     @staticmethod
     def key(command: str) -> bytes:

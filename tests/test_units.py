@@ -302,6 +302,22 @@ def test_compiled_stub_is_cached_and_a_bad_cache_file_is_compiled_afresh(
     assert _loads(sshfan._compiled_stub(source, magic)) == fresh
 
 
+def test_no_home_means_no_cache_rather_than_a_directory_named_tilde(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without HOME and a passwd entry (expanduser leaves "~"), nothing is cached and
+    no history kept, instead of writing under ./~; a relative XDG_CACHE_HOME is ignored."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")
+    home = Path("~").expanduser()
+    assert sshfan.cache_dir() == home / ".cache" / "sshfan"
+    monkeypatch.setattr(os.path, "expanduser", lambda path: path)
+    assert sshfan.cache_dir() is None and sshfan.DurationHistory.default_path() is None
+    source = sshfan.stub_source().encode()
+    assert _loads(sshfan._compiled_stub(source, importlib.util.MAGIC_NUMBER)) is not None
+    assert list(tmp_path.iterdir()) == []
+
+
 # -- scheduling decisions ------------------------------------------------------
 
 
