@@ -37,12 +37,14 @@ class StubProcess:
         timeout: float | None = None,
         banner: bool = False,
         login: str = "",
+        python: tuple[str, ...] = (sys.executable,),
         **config: object,
     ) -> None:
-        """Start the stub with the bootstrap line, ship its source, read its hello."""
+        """Start the stub with the bootstrap line (run by PYTHON), ship its source, read
+        its hello, send CONFIG."""
         source = sshfan.stub_payload()
         code = sshfan.bootstrap_code()
-        argv = [sys.executable, "-c", code]
+        argv = [*python, "-c", code]
         if banner:  # a login shell that prints before python starts
             argv = ["/bin/sh", "-c", 'echo "Welcome!"; exec "$0" "$@"', *argv]
         elif login:  # what a login shell does before python starts
@@ -329,35 +331,28 @@ def test_the_stub_runs_on_every_python_found() -> None:
     """The shipped stub, from source or compiled, on each Python 3.6+ this machine has:
     its hello, CONFIG (env, workdir, shell, timeout), a task's stdin, a timeout, only fds
     0-2 and SIGPIPE's default in a task (Pythons before 3.8 start tasks by subprocess)."""
-    config = {"slots": 2, "timeout": 0.5, "env": {"X_TEST": "v"}, "workdir": "/", "shell": "sh"}
+    config = {"env": {"X_TEST": "v"}, "workdir": "/", "shell": "sh"}
     tasks = [
         (1, b"echo $X_TEST $SSHFAN_SEQ; pwd"),
         (2, b"wc -c", b"y" * 100_000),
         (3, b"sleep 30"),
         (4, b"yes | head -n 1; ls /proc/self/fd | wc -l"),
     ]
-    frames = encode_frame(KIND_CONFIG, sshfan.encode_config(config))
-    frames += encode_frame(KIND_TASKS, encode_tasks(tasks))
     pythons = _pythons()
     assert f"{sys.version_info[0]}.{sys.version_info[1]}" in pythons
     for python in pythons.values():
-        argv = [python, "-S", "-c", sshfan.bootstrap_code()]
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.write(sshfan.stub_payload() + frames)
-        proc.stdin.flush()  # and kept open: the stub's EOF would kill what runs
-        decoder, got, results = FrameDecoder(), [], {}
-        while len(results) < len(tasks) and (data := os.read(proc.stdout.fileno(), 65536)):
-            got += decoder.feed(data)
-            results = {
-                r[0]: r for r in (sshfan.decode_result(p) for k, p in got if k == KIND_RESULT)
-            }
-        proc.stdin.close()
-        hello = json.loads(got[0][1])
-        assert proc.wait(30) == 0 and hello["proto"] == sshfan.PROTO_VERSION, python
-        assert results[1][4] == b"v 1\n/\n" and results[2][4].strip() == b"100000", python
-        assert results[3][2] == sshfan.FLAG_TIMED_OUT, python
-        assert results[4][4:6] == (b"y\n4\n", b""), (python, results[4])  # fds 0-2 and ls's
+        stub = StubProcess(slots=2, timeout=0.5, python=(python, "-S"), **config)
+        try:
+            assert stub.hello["proto"] == sshfan.PROTO_VERSION, python
+            stub.send(KIND_TASKS, encode_tasks(tasks))
+            got = stub.results(len(tasks))
+            assert stub.close() == 0, python
+        finally:
+            stub.proc.kill()
+            stub.proc.wait()
+        assert got[1][2] == b"v 1\n/\n" and got[2][2].strip() == b"100000", python
+        assert got[3][1] == sshfan.FLAG_TIMED_OUT, python
+        assert got[4][2:4] == (b"y\n4\n", b""), (python, got[4])  # fds 0-2 and ls's
 
 
 # Prints the session of the shell that runs it (field 6 of /proc/PID/stat).
