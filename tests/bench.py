@@ -636,6 +636,8 @@ class Bench:
         hosts = self.hosts("hosts4x2.toml", ["h1", "h2", "h3", "h4"], slots=2)
         spans: list[float] = []
         firsts: list[float] = []  # the learning runs' walls, side by side with the second runs
+        heads: list[float] = []  # launch to the first task's start
+        tails: list[float] = []  # the last task's end to the exit
 
         def once() -> float:
             """One jsonl run; the wall time of the whole command is the makespan."""
@@ -645,6 +647,7 @@ class Bench:
                     firsts.append(self.sshfan(tasks, d / "out.jsonl", hosts, fmt="jsonl").wall)
             with self.rundir() as d:
                 out = d / "out.jsonl"
+                launched = time.time()  # (the tasks print the same clock's time)
                 ran = self.sshfan(tasks, out, hosts, fmt="jsonl")
                 records = read_jsonl(out, len(short) + len(long_), "sshfan")
             used = {str(r.get("host")) for r in records}
@@ -653,6 +656,8 @@ class Bench:
             starts = [float(str(r["stdout"]).split()[0]) for r in records]
             ends = [t + float(str(r["duration_s"])) for t, r in zip(starts, records, strict=True)]
             spans.append(max(ends) - min(starts))
+            heads.append(min(starts) - launched)
+            tails.append(launched + ran.wall - max(ends))
             return ran.wall
 
         for i in range(self.rounds):
@@ -672,6 +677,11 @@ class Bench:
             row.notes.append(
                 f"first task start to last task end: median {span:.3f} s "
                 f"({span / bound:.2f}x bound); the rest of the wall is start-up and exit"
+            )
+            row.notes.append(
+                f"launch to the first task's start: median {statistics.median(heads):.3f} s; "
+                f"the last task's end to the exit: median {statistics.median(tails):.3f} s "
+                f"(the target leaves {0.15 * bound:.3f} s for both and the schedule's own loss)"
             )
         return judge(row, lambda s, c: s / c, lambda r: r <= 1.15)
 
@@ -1150,16 +1160,26 @@ class Bench:
             """A fresh plain ssh login that starts the remote python3, as a bootstrap must."""
             return checked(run([*self.server.ssh_argv(), "python3 -S -c pass"]), "ssh").wall
 
+        # What the head must import before it can send a login its first byte (Python,
+        # asyncio, typer, sshfan, asyncssh as a run imports it), timed in the same rounds.
+        imports = [self.python, "-c", "import typer, sshfan; sshfan._import_asyncssh()"]
+        floor: list[float] = []
         for i in range(self.rounds):
             log(f"[{row.name}] round {i + 1}/{self.rounds}")
             row.attempt("sshfan", once)
             row.attempt("comparison", ssh_once)
-        head = [self.python, "-m", "sshfan", "--help"]
-        walls = sorted(checked(run(head, env=self.env), "sshfan --help").wall for _ in range(3))
+            floor.append(checked(run(imports, env=self.env), "imports").wall)
         row.notes.append(
-            f"head start-up alone (`python -m sshfan --help`): median {walls[1]:.3f} s; "
             "the comparison is a plain login starting python3 (the floor for a bootstrap)"
         )
+        ssh = row.median("comparison")
+        if ssh:
+            head = statistics.median(floor)
+            row.notes.append(
+                f"the head's imports before its first byte (`{' '.join(imports[1:])}`): "
+                f"median {head:.3f} s, {head / ssh:.2f}x the comparison (the target leaves "
+                "0.15x for all the head adds to a login)"
+            )
         return judge(row, lambda s, c: s / c, lambda r: r <= 1.15)
 
     def one_local_task(self) -> Row:
@@ -1184,10 +1204,22 @@ class Bench:
             """GNU parallel running one local echo: its own start-up."""
             return checked(run([parallel, "echo", ":::", "1"]), "parallel").wall
 
+        # The head's fixed parts (its event loop and its command line, as the design has
+        # them), imported and nothing run, timed in the same rounds: the floor of any run.
+        fixed = [self.python, "-c", "import asyncio, typer"]
+        floor: list[float] = []
         for i in range(max(self.rounds, 7)):  # short runs: more of them for a steady median
             log(f"[{row.name}] round {i + 1}")
             row.attempt("sshfan", once)
             row.attempt("comparison", parallel_once)
+            floor.append(checked(run(fixed, env=self.env), "imports").wall)
+        base = row.median("comparison")
+        if base:
+            row.notes.append(
+                f"sshfan's python3 importing asyncio and typer alone (`-c 'import asyncio, "
+                f"typer'`): median {statistics.median(floor):.3f} s, "
+                f"{statistics.median(floor) / base:.2f}x GNU parallel's run"
+            )
         # What the interpreter alone costs here, with and without this machine's site-packages
         # .pth files (which GNU parallel, a Perl script, does not pay).
         floors = []
