@@ -3281,6 +3281,116 @@ def _use_fast_receive(conn: Any) -> None:
         conn.__class__ = fast
 
 
+# A quicker login (section 8). asyncssh logs in as OpenSSH's client does: a "none"
+# request first, to learn the server's methods, then each public key offered without a
+# signature, and signed only once the server says it would take it. Each of those is a
+# round trip, and for sshd a pass through its privilege-separated monitor. RFC 4252
+# lets a client send a key with its signature at once (section 7), and a client that
+# holds keys has no use for the "none" reply first: the reply to a key that fails lists
+# the methods anyway. So a key loaded in this process goes signed straight away, and
+# "none" goes last, if nothing else is left. A key held elsewhere is still offered
+# first: each signature may ask the user (ssh-add -c) or a security key's touch. With
+# a GSS context asyncssh's order stays (OpenSSH tries gssapi-with-mic first too). Like
+# the receive path, it reaches into asyncssh's internals, so it is used only with the
+# asyncssh versions it was written against (a test checks the installed source).
+QUICK_LOGIN_ASYNCSSH = ("2.24.1",)
+
+
+@functools.cache
+def _quick_login_parts() -> tuple[type, Callable[..., Any], Callable[..., None]] | None:
+    """What the quick login needs of asyncssh: (its public key auth, signing at once;
+    asyncssh's auth lookup; asyncssh's try_next_auth), or None when the installed
+    asyncssh is not one it was written against."""
+    import asyncssh
+    from asyncssh import auth as ssh_auth
+    from asyncssh.connection import SSHClientConnection
+    from asyncssh.packet import Boolean, String
+    from asyncssh.public_key import SSHLocalKeyPair
+
+    parts = (
+        (ssh_auth._ClientPublicKeyAuth, ("_start", "_send_signed_request")),
+        (SSHClientConnection, ("try_next_auth", "public_key_auth_requested")),
+        (ssh_auth, ("lookup_client_auth",)),
+    )
+    if asyncssh.__version__ not in QUICK_LOGIN_ASYNCSSH or not all(
+        hasattr(owner, name) for owner, names in parts for name in names
+    ):
+        return None
+
+    class _SignedAtOnce(ssh_auth._ClientPublicKeyAuth):  # type: ignore[misc,name-defined]
+        """Public key auth that sends a key this process holds with its signature at
+        once, and offers any other key first, as asyncssh does."""
+
+        async def _start(self) -> None:
+            """Take the next key: send it signed if it is signed here, else offer it."""
+            keypair = await self._conn.public_key_auth_requested()
+            if keypair is None:
+                self._conn.try_next_auth(next_method=True)
+                return
+            self._keypair = keypair
+            self.logger.debug1("Trying public key auth with %s key", keypair.algorithm)
+            if type(keypair) is SSHLocalKeyPair and b"sk-" not in bytes(keypair.algorithm):
+                await self._send_signed_request()
+            else:  # as asyncssh: unsigned, and signed once the server says it would do
+                await self.send_request(
+                    Boolean(False), String(keypair.algorithm), String(keypair.public_data)
+                )
+
+    return _SignedAtOnce, ssh_auth.lookup_client_auth, SSHClientConnection.try_next_auth
+
+
+def _quicken_login(conn: Any) -> None:
+    """Give CONN (an asyncssh client connection whose auth has not begun) the quicker
+    login, if the installed asyncssh is one it knows."""
+    parts = _quick_login_parts()
+    if parts is None or getattr(conn, "_gss", None) is not None:
+        return
+    signed_at_once, lookup, next_auth = parts
+    none = ["first"]  # "none": first (asyncssh's), put off (goes last), or sent
+
+    def try_next_auth(*, next_method: bool = False) -> None:
+        """asyncssh's choice of the next method, with "none" put off and public keys
+        taken by _SignedAtOnce."""
+        if conn._auth:
+            conn._auth.cancel()
+            conn._auth = None
+        methods = conn._auth_methods
+        if next_method:
+            methods.pop(0)
+        elif none[0] == "first" and methods == [b"none"]:  # keys before "none"
+            methods[:] = [b"publickey"]
+            none[0] = "put off"
+        if not methods and none[0] == "put off":
+            methods.append(b"none")
+            none[0] = "sent"
+        while methods:
+            method = methods[0]
+            auth = signed_at_once(conn, method) if method == b"publickey" else lookup(conn, method)
+            if auth:
+                conn._auth = auth
+                return
+            methods.pop(0)
+        next_auth(conn)  # nothing left: asyncssh's own end (auth failed)
+
+    conn.try_next_auth = try_next_auth
+
+
+@functools.cache
+def _ssh_client_class() -> type:
+    """The asyncssh client every sshfan connection is made with: asyncssh's own, with
+    the quicker login given to each connection as it opens."""
+    import asyncssh
+
+    class _Client(asyncssh.SSHClient):  # type: ignore[misc]
+        """An asyncssh client that quickens its connection's login."""
+
+        def connection_made(self, conn: Any) -> None:
+            """The TCP connection is up; the login has not begun."""
+            _quicken_login(conn)
+
+    return _Client
+
+
 def _preferred_ciphers() -> list[str]:
     """asyncssh's default ciphers with AES-GCM first (about 1.6x chacha20's throughput here)."""
     from asyncssh.encryption import get_default_encryption_algs
@@ -3999,6 +4109,7 @@ class SshTransport(StubTransport):
             "keepalive_count_max": 2,
             "agent_forwarding": False,
             "encryption_algs": _preferred_ciphers(),
+            "client_factory": _ssh_client_class(),
             # A key with a passphrase is used through ssh-agent, as OpenSSH does (preflight
             # has made sure an agent holds the hosts file's); asyncssh would refuse it.
             "ignore_encrypted": True,

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sshd import SshServer
+from sshd import SshServer, _generate_key
 from support import RunSshfan, procs_with, write_hosts_file
 
 import sshfan
@@ -801,3 +801,112 @@ def test_fast_receive_versions_have_the_source_it_was_written_against() -> None:
     if asyncssh.__version__ not in FAST_RECEIVE_SOURCES:
         pytest.skip(f"asyncssh {asyncssh.__version__} gets no fast receive path")
     assert fast_receive_source_digest() == FAST_RECEIVE_SOURCES[asyncssh.__version__]
+
+
+# -- the quicker login (section 8) -------------------------------------------------
+
+# sha256 of the source of the asyncssh code the quick login replaces or relies on, for
+# each asyncssh version it is used with (as FAST_RECEIVE_SOURCES above).
+QUICK_LOGIN_SOURCES = {
+    "2.24.1": "87a5afd7000b883f618db914234a8da33ac19242ca60a5085958d44f685d840c",
+}
+
+
+def quick_login_source_digest() -> str:
+    """sha256 over the source of asyncssh's client auth the quick login stands in for."""
+    import hashlib
+    import inspect
+
+    from asyncssh import auth
+    from asyncssh.connection import SSHClientConnection, SSHConnection
+
+    parts = [
+        auth.Auth,
+        auth.ClientAuth,
+        auth._ClientPublicKeyAuth,
+        auth._ClientNullAuth,
+        auth.lookup_client_auth,
+        SSHClientConnection.try_next_auth,
+        SSHClientConnection.public_key_auth_requested,
+        SSHConnection.send_userauth_request,
+        SSHConnection._process_userauth_failure,
+        SSHConnection._process_service_accept,
+    ]
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(inspect.getsource(part).encode())
+    return digest.hexdigest()
+
+
+@pytest.fixture
+def login_requests(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bytes, bool]]:
+    """Every auth request this process's SSH clients send: (method, signed)."""
+    from asyncssh.connection import SSHConnection
+
+    sent: list[tuple[bytes, bool]] = []
+    send = SSHConnection.send_userauth_request
+
+    async def noted(self: object, method: bytes, *args: bytes, **kwargs: object) -> None:
+        """Send the request, and note it."""
+        sent.append((method, kwargs.get("key") is not None))
+        await send(self, method, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(SSHConnection, "send_userauth_request", noted)
+    return sent
+
+
+def login_hosts(sshd: SshServer, tmp_path: Path, identities: list[Path]) -> Path:
+    """A hosts file for one entry on SSHD logging in with IDENTITIES, in that order."""
+    text = sshd.hosts_toml(["h1"], identity=[str(i) for i in identities])
+    return write_hosts_file(tmp_path, text)
+
+
+def test_login_signs_a_held_key_at_once(
+    sshd: SshServer, tmp_path: Path, login_requests: list
+) -> None:
+    """A key sshfan holds goes signed in the first request, no "none" and no unsigned
+    offer before it; a key the server refuses costs one request, and the next one logs in."""
+    if sshfan._quick_login_parts() is None:
+        import asyncssh
+
+        pytest.skip(f"asyncssh {asyncssh.__version__} logs in its own way (tested below)")
+    stranger = tmp_path / "stranger_key"
+    _generate_key(stranger)
+    with pytest.raises(sshfan.RunError, match="no host is left"):
+        list(sshfan.run_tasks(["echo hi"], hosts=str(login_hosts(sshd, tmp_path, [stranger]))))
+    refused = list(login_requests)
+    login_requests.clear()
+    hosts = login_hosts(sshd, tmp_path, [stranger, sshd.client_key])
+    results = sshfan.run_tasks(["echo hi"], hosts=str(hosts))
+    assert [r.stdout for r in results] == [b"hi\n"]
+    assert login_requests == [(b"publickey", True), (b"publickey", True)]
+    # A refused key, then "none" last (the server's other methods come with its reply).
+    assert refused == [(b"publickey", True), (b"none", False)]
+
+
+def test_without_quick_login_asyncssh_logs_in_as_ever(
+    sshd: SshServer, tmp_path: Path, login_requests: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With an asyncssh the quick login was not written against, the login is asyncssh's
+    own ("none", then the key offered, then signed) and works."""
+    monkeypatch.setattr(sshfan, "QUICK_LOGIN_ASYNCSSH", ())
+    sshfan._quick_login_parts.cache_clear()
+    try:
+        assert sshfan._quick_login_parts() is None
+        hosts = login_hosts(sshd, tmp_path, [sshd.client_key])
+        results = sshfan.run_tasks(["echo hi"], hosts=str(hosts))
+    finally:
+        sshfan._quick_login_parts.cache_clear()
+    assert [r.stdout for r in results] == [b"hi\n"]
+    assert login_requests == [(b"none", False), (b"publickey", False), (b"publickey", True)]
+
+
+def test_quick_login_versions_have_the_source_it_was_written_against() -> None:
+    """Each asyncssh version the quick login is used with is one whose client auth was
+    read for it: the installed one, if listed, has exactly that source."""
+    import asyncssh
+
+    assert set(sshfan.QUICK_LOGIN_ASYNCSSH) == set(QUICK_LOGIN_SOURCES)
+    if asyncssh.__version__ not in QUICK_LOGIN_SOURCES:
+        pytest.skip(f"asyncssh {asyncssh.__version__} gets no quick login")
+    assert quick_login_source_digest() == QUICK_LOGIN_SOURCES[asyncssh.__version__]
