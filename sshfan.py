@@ -6624,8 +6624,25 @@ class MergedOutput:
                 end = os.lseek(fd, 0, os.SEEK_CUR)
                 if end >= self.in_place_end:
                     os.ftruncate(fd, end)
+            self._check_still_there()
         except OSError as exc:
             raise self._named(exc) from None
+
+    def _check_still_there(self) -> None:
+        """Raise OSError if the output file was removed or replaced while the run wrote it:
+        the file at its path is then not the one the run vouches for."""
+        path = getattr(self.out, "path", "-")
+        if path == "-" or not self.written:
+            return
+        mine = os.fstat(self.out.fileno())
+        if not stat.S_ISREG(mine.st_mode):
+            return
+        try:
+            there = os.stat(path)
+        except FileNotFoundError:
+            there = None
+        if there is None or (there.st_dev, there.st_ino) != (mine.st_dev, mine.st_ino):
+            raise OSError(errno.ESTALE, "removed or replaced while the run wrote it", path)
 
     def _advance(self) -> None:
         """Move past the just-rendered seq."""
@@ -7813,6 +7830,8 @@ def _in_place_output(output: str) -> bool:
         mode = os.stat(output).st_mode
     except OSError:
         return False
+    if os.path.abspath(output).startswith(("/dev/", "/proc/")):
+        return True  # /dev/stdout and the like, even when they lead to a file
     return not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)
 
 
@@ -7961,12 +7980,68 @@ def _release_lock(path: Path, fd: int) -> None:
     os.close(fd)
 
 
+# The outputs this process's runs hold (device, inode): see _hold_output.
+_HELD_OUTPUTS: set[tuple[int, int]] = set()
+
+
+def _output_in_use(path: str) -> UsageError:
+    """The refusal of a run whose output another run is writing under another name."""
+    return UsageError(
+        f"{path}: in use by another run (the same file under another name: a link); "
+        "wait for it to end or stop it"
+    )
+
+
+def _lock_output(fd: int, path: str) -> None:
+    """Hold an flock on the output open at FD (PATH): the lock files go by the output's
+    name, this one by the file itself, so a second run writing it through a symbolic or
+    hard link is refused too; OSError if another run holds it."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) in _HELD_OUTPUTS:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise OSError(errno.EBUSY, "in use by another run (through a link)", path) from None
+
+
+def _hold_output(output: str) -> int | None:
+    """Take the flock on OUTPUT, if it is a file already (a new one is locked as it is
+    created: _LazyOutput); refuse (exit 2) when another run holds it. Returns the
+    descriptor to keep open for the run, or None."""
+    if output == "-" or _in_place_output(output):
+        return None
+    try:
+        fd = os.open(output, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return None  # not there yet (or not readable: the run's own open says so)
+    try:
+        _lock_output(fd, output)
+    except OSError:
+        os.close(fd)
+        raise _output_in_use(output) from None
+    st = os.fstat(fd)
+    _HELD_OUTPUTS.add((st.st_dev, st.st_ino))
+    return fd
+
+
+def _let_go_of_output(fd: int) -> None:
+    """Release what _hold_output took."""
+    with contextlib.suppress(OSError):
+        st = os.fstat(fd)
+        _HELD_OUTPUTS.discard((st.st_dev, st.st_ino))
+    os.close(fd)
+
+
 def _lock_paths(output: str, journal: Path) -> list[Path]:
     """The lock files a run holds: its journal's, and its output's (named after the
-    journal a run on that output has by default) if that is another one."""
+    journal a run on that output has by default) if that is another one. (A hard link
+    to the output is caught by the output's own flock: _hold_output.)"""
     paths = [journal.with_name(journal.name + ".lock")]
     if output != "-":
-        mine = Path(output + ".journal.lock")
+        # Named after the file a symbolic link leads to, so that runs on the output
+        # through links lock the same file (even before the output exists).
+        mine = Path(os.path.realpath(output) + ".journal.lock")
         try:
             regular = Path(output).is_file() or not Path(output).exists()
         except OSError:
@@ -8189,12 +8264,16 @@ class PreparedRun:
     identity: tuple  # the tasks file as scanned (see _read_unchanged)
     locks: list[tuple[Path, int]]
     spooled: bool = False  # tasks_path is a copy of stdin or a pipe (_spool_stdin)
+    held_output: int | None = None  # the output's own flock (_hold_output)
 
     def release(self) -> None:
         """Let go of what the run held (the journal is closed by then): the copy of
         stdin or a pipe, if spooled, then the locks."""
         if self.spooled:
             self.tasks_path.unlink(missing_ok=True)
+        if self.held_output is not None:
+            _let_go_of_output(self.held_output)
+            self.held_output = None
         for path, fd in reversed(self.locks):
             _release_lock(path, fd)
         self.locks = []
@@ -8207,6 +8286,7 @@ def prepare_run(opts: RunOptions) -> PreparedRun:
     _check_writable_dir(journal_path, "journal")
     streamed = _is_stream(opts.tasks)
     files = [] if streamed else [("tasks file", Path(opts.tasks))]
+    files += _host_files(opts.sources)
     if opts.output != "-":
         _check_writable_dir(Path(opts.output), "output")
         files.append(("output", Path(opts.output)))
@@ -8220,10 +8300,12 @@ def prepare_run(opts: RunOptions) -> PreparedRun:
         extra.append(("copy of stdin", _spool_path(journal_path)))
     _refuse_overlaps(files + extra)
     locks: list[tuple[Path, int]] = []
+    held: int | None = None
     tasks_path = Path(opts.tasks)
     try:
         for path in lock_paths:
             locks.append((path, _take_lock(path)))
+        held = _hold_output(opts.output)
         if streamed:
             tasks_path = _spool_stdin(_spool_path(journal_path), opts.tasks)
         with _reading(tasks_path, "tasks file"):
@@ -8273,11 +8355,23 @@ def prepare_run(opts: RunOptions) -> PreparedRun:
     except BaseException:
         if streamed:
             _spool_path(journal_path).unlink(missing_ok=True)
+        if held is not None:
+            _let_go_of_output(held)
         for path, fd in reversed(locks):
             _release_lock(path, fd)
         raise
-    prepared = PreparedRun(tasks_path, count, journal, done, resumed, identity, locks, streamed)
-    return prepared
+    return PreparedRun(tasks_path, count, journal, done, resumed, identity, locks, streamed, held)
+
+
+def _host_files(sources: HostSources | None) -> list[tuple[str, Path]]:
+    """The files the run reads its hosts from (and watches), for _refuse_overlaps."""
+    if sources is None:
+        return []
+    found = [("hosts file", Path(sources.hosts_file))] if sources.hosts_file else []
+    for name in sources.sshloginfiles:
+        if name != "-":
+            found.append(("sshloginfile", Path(sshloginfile_path(name))))
+    return found
 
 
 async def run_async(
@@ -9672,13 +9766,17 @@ class _LazyOutput(io.RawIOBase):
                 self._file = _stdout()
             else:
                 try:
-                    if self.keep:
-                        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o666)
-                        self._file = open(fd, "wb")  # noqa: SIM115 - closed in close()
-                    else:
-                        self._file = open(self.path, "wb")  # noqa: SIM115 - closed in close()
+                    fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
                 except OSError as exc:  # (checked before the run: this is a change since)
                     raise OSError(exc.errno, exc.strerror, self.path) from None
+                try:
+                    _lock_output(fd, self.path)  # before emptying it
+                    if not self.keep and stat.S_ISREG(os.fstat(fd).st_mode):
+                        os.ftruncate(fd, 0)
+                except OSError as exc:
+                    os.close(fd)
+                    raise OSError(exc.errno, exc.strerror, self.path) from None
+                self._file = open(fd, "wb")  # noqa: SIM115 - closed in close()
         return self._file
 
     def writable(self) -> bool:

@@ -400,6 +400,94 @@ def test_a_second_run_on_the_same_output_or_journal_is_refused(
     check_exit(again, 0)
 
 
+def held_run(tmp_path: Path, count: int = 6) -> tuple[Head, Path, Path, Path]:
+    """A run on the local host whose first task is done (its output there) and whose
+    others wait for a flag file: (the head, its output, the flag, the tasks file)."""
+    flag = tmp_path / "go"
+    lines = ["echo 1"] + [
+        f"while [ ! -e {flag} ]; do sleep 0.02; done; echo {n}" for n in range(2, count + 1)
+    ]
+    tasks = write_tasks(tmp_path / "tasks.txt", lines)
+    hosts = write_file(tmp_path / "hosts.toml", LOCAL_BLOCK)
+    out = tmp_path / "out.txt"
+    head = Head(run_args(tasks, hosts, out), tmp_path, "first")
+    wait_for("the first task's output", lambda: out.exists() and out.read_bytes() == b"1\n")
+    return head, out, flag, tasks
+
+
+def test_a_second_run_through_a_link_to_the_output_is_refused(
+    run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """Another run whose output is a symbolic or hard link to a running run's output (so
+    other lock file names) is refused, exit 2, the output untouched; the first ends 0
+    with its output exact (both used to end 0, one's output over the other's)."""
+    count = 6
+    first, out, flag, _ = held_run(tmp_path, count)
+    try:
+        soft, hard = tmp_path / "soft.txt", tmp_path / "hard.txt"
+        soft.symlink_to(out.name)
+        os.link(out, hard)
+        other = write_tasks(tmp_path / "other.txt", ["echo other"] * 3)
+        hosts = tmp_path / "hosts.toml"
+        for link in (soft, hard):
+            shot = snapshot(out)
+            refused = run_sshfan(run_args(other, hosts, link), timeout=NO_HANG)
+            one_line(refused, 2, "in use by another run")
+            assert snapshot(out) == shot
+        flag.touch()
+        result = first.wait()
+    finally:
+        first.stop()
+    check_exit(result, 0)
+    assert out.read_bytes() == "".join(f"{n}\n" for n in range(1, count + 1)).encode()
+
+
+@pytest.mark.parametrize("change", ["removed", "replaced"])
+def test_an_output_removed_or_replaced_mid_run_is_not_a_finished_run(
+    change: str, run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """The output file removed, or another file moved to its name, while the run writes
+    it: the run ends 3 saying so (it used to end 0 with no output, or another's), and a
+    --resume then writes the output whole."""
+    count = 6
+    first, out, flag, tasks = held_run(tmp_path, count)
+    try:
+        if change == "removed":
+            out.unlink()
+        else:
+            write_file(tmp_path / "stranger.txt", "not the output\n").replace(out)
+        flag.touch()
+        result = first.wait()
+    finally:
+        first.stop()
+    check_exit(result, 3)
+    assert b"removed or replaced while the run wrote it" in result.stderr
+    assert b"Traceback" not in result.stderr
+    hosts = tmp_path / "hosts.toml"
+    again = run_sshfan(run_args(tasks, hosts, out, "--resume"), timeout=NO_HANG)
+    check_exit(again, 0)
+    assert out.read_bytes() == "".join(f"{n}\n" for n in range(1, count + 1)).encode()
+
+
+@pytest.mark.parametrize("source", ["hosts file", "sshloginfile"])
+def test_the_output_is_never_the_file_the_hosts_come_from(
+    source: str, run_sshfan: RunSshfan, tmp_path: Path
+) -> None:
+    """`-o` naming the hosts file or the --slf file the run reads (and watches): exit 2,
+    one line, the file as it was (it used to be written over, then read back as hosts)."""
+    tasks = write_tasks(tmp_path / "tasks.txt", ["echo 1", "echo 2"])
+    if source == "hosts file":
+        hosts = write_file(tmp_path / "hosts.toml", LOCAL_BLOCK)
+        args = ["--hosts", str(hosts)]
+    else:
+        hosts = write_file(tmp_path / "slf.txt", ":\n")
+        args = ["--slf", str(hosts)]
+    before = snapshot(hosts)
+    result = run_sshfan(["run", str(tasks), *args, "-o", str(hosts), "--no-progress"])
+    one_line(result, 2, "would be the", source)
+    assert snapshot(hosts) == before
+
+
 # ---------------------------------------------------------------------------
 # 8: a run that ends before any task ran changes nothing
 # ---------------------------------------------------------------------------
@@ -734,3 +822,28 @@ def test_output_to_dev_null_keeps_its_journal_out_of_dev(
     assert b"/dev/null.journal" not in result.stderr
     assert os.path.lexists("/dev/null.journal") == before
     assert Path("/dev/null").is_char_device()
+
+
+def test_output_to_dev_stdout_leading_to_a_file_keeps_its_journal_out_of_dev(
+    tmp_path: Path,
+) -> None:
+    """`-o /dev/stdout` with stdout a file: the output is written there, and the journal
+    goes where it goes for `-o -` (it used to be /dev/stdout.journal, beside /dev/stdout)."""
+    tasks = write_tasks(tmp_path / "jobs.txt", ["echo 1", "echo 2"])
+    hosts = write_file(tmp_path / "hosts.toml", LOCAL_BLOCK)
+    target = tmp_path / "target.txt"
+    argv = sshfan_argv("run", str(tasks), "--hosts", str(hosts), "-o", "/dev/stdout")
+    with open(target, "wb") as stdout:
+        done = subprocess.run(
+            [*argv, "--no-progress"],
+            cwd=tmp_path,
+            env=sshfan_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            timeout=NO_HANG,
+        )
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    assert target.read_bytes() == b"1\n2\n"
+    assert (tmp_path / "jobs.sshfan-journal").exists()
+    assert not Path("/dev/stdout.journal").exists()
