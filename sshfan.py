@@ -78,6 +78,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
@@ -5447,6 +5448,115 @@ def _unescape_tagstring(text: str) -> str:
     return re.sub(r"\\([0-7])", lambda m: chr(int(m.group(1), 8)), text)
 
 
+# Perl's POSIX bracket classes, as Perl matches them in bytes that are not marked UTF-8
+# (GNU parallel's lines): ASCII only, a byte from 0x80 up is in none of them.
+_POSIX_CLASSES: dict[str, Callable[[int], bool]] = {
+    "alpha": lambda b: chr(b).isalpha(),
+    "digit": lambda b: chr(b).isdigit(),
+    "alnum": lambda b: chr(b).isalnum(),
+    "upper": lambda b: chr(b).isupper(),
+    "lower": lambda b: chr(b).islower(),
+    "punct": lambda b: 33 <= b <= 126 and not chr(b).isalnum(),
+    "blank": lambda b: b in (9, 32),
+    "space": lambda b: 9 <= b <= 13 or b == 32,
+    "word": lambda b: chr(b).isalnum() or b == 95,
+    "xdigit": lambda b: chr(b) in "0123456789abcdefABCDEF",
+    "cntrl": lambda b: b < 32 or b == 127,
+    "print": lambda b: 32 <= b <= 126,
+    "graph": lambda b: 33 <= b <= 126,
+    "ascii": lambda b: True,
+}
+_POSIX_CLASS = re.compile(r"\[([:=.])(\^?)([a-z]*)\1\]")
+
+
+def _posix_class_ranges(name: str, negated: bool) -> str:
+    """The bytes of POSIX class NAME (or all others, NEGATED) as ranges for a bytes regex."""
+    member = _POSIX_CLASSES[name]
+    inside = [b for b in range(256) if (b < 128 and member(b)) != negated]
+    ranges = []
+    for _, run in itertools.groupby(enumerate(inside), lambda pair: pair[1] - pair[0]):
+        values = [b for _, b in run]
+        ranges.append(f"\\x{values[0]:02x}-\\x{values[-1]:02x}")
+    return "".join(ranges)
+
+
+def perl_posix_classes(pattern: str) -> str:
+    """PATTERN with the POSIX classes in its brackets ([[:space:]], [^[:^digit:]_]) spelled
+    out as byte ranges, which Python's re does not know (it reads `[[:` as a `[` and a `:`).
+
+    A `[` in brackets that starts no POSIX class stays literal, as in Perl."""
+    out = []
+    at = 0
+    in_brackets = False
+    while at < len(pattern):
+        char = pattern[at]
+        if char == "\\":
+            out.append(pattern[at : at + 2])
+            at += 2
+        elif not in_brackets:
+            out.append(char)
+            at += 1
+            if char == "[":
+                in_brackets = True
+                start = at + (pattern.startswith("^", at))
+                if pattern.startswith("]", start):  # a ] first in brackets is literal
+                    start += 1
+                out.append(pattern[at:start])
+                at = start
+        elif char == "]":
+            in_brackets = False
+            out.append(char)
+            at += 1
+        elif char == "[" and (match := _POSIX_CLASS.match(pattern, at)):
+            kind, negated, name = match.groups()
+            if kind != ":":
+                raise UsageError(f"--colsep: POSIX syntax [{kind} {kind}] is not supported")
+            if name not in _POSIX_CLASSES:
+                raise UsageError(f"--colsep: unknown POSIX class [:{negated}{name}:]")
+            out.append(_posix_class_ranges(name, bool(negated)))
+            at = match.end()
+        else:
+            out.append(char)
+            at += 1
+    return "".join(out)
+
+
+class ColumnSplitter:
+    """--colsep: cuts a line into columns as GNU parallel does, with Perl's
+    `split /REGEX/, LINE, -1` on the line's bytes."""
+
+    def __init__(self, pattern: str) -> None:
+        """Compile PATTERN (Perl's POSIX classes translated) as a bytes regex: as in Perl
+        on bytes, `.` is a byte and \\s \\w \\d \\b are ASCII."""
+        try:
+            with warnings.catch_warnings():
+                # Python warns that `[[`, `--`, `&&`, `||`, `~~` in brackets may change
+                # meaning one day; today they are literal, as in Perl.
+                warnings.simplefilter("ignore", FutureWarning)
+                self.regex = re.compile(as_bytes(perl_posix_classes(pattern)))
+        except re.error as exc:
+            raise UsageError(f"--colsep: not a regular expression: {exc}") from None
+
+    def split(self, line: str) -> list[str]:
+        """LINE's columns (untrimmed), capture groups' text among them, as Perl splits."""
+        data = as_bytes(line)
+        fields = []
+        start = 0
+        for match in self.regex.finditer(data):
+            if start >= len(data):
+                break
+            # Perl's split takes only a match ending past where the field starts: an empty
+            # one there (at the line's start, or right after a separator) cuts nothing.
+            # finditer then tries a longer match at that place before moving on, as Perl.
+            if match.end() == start:
+                continue
+            fields.append(data[start : match.start()])
+            fields += [group or b"" for group in match.groups()]
+            start = match.end()
+        fields.append(data[start:])  # the rest, even empty (the limit -1 keeps it)
+        return [field.decode("utf-8", "surrogateescape") for field in fields]
+
+
 class Template:
     """A --command, --pipe command or --tagstring, cut once into text and replacement strings,
     filled for each line exactly as GNU parallel fills it."""
@@ -5458,7 +5568,7 @@ class Template:
         if _PERL_EXPRESSION.search(text):
             raise UsageError(f"{text!r}: {{= perl expression =}} is not supported by sshfan")
         self.text = text
-        self.colsep = re.compile(colsep) if colsep is not None else None
+        self.colsep = ColumnSplitter(colsep) if colsep is not None else None
         pattern = _TAG_REPLACEMENT if kind == "tag" else _REPLACEMENT
         self.parts: list[str | tuple[str, str | None, str]] = []
         first = -1
@@ -5592,8 +5702,12 @@ def _pipe_chunks(path: Path, lines: int | None, block: int) -> Iterator[bytes]:
     a line longer than BLOCK goes whole, and the rest of the file, once it fits, is the last."""
     with open(path, "rb") as handle:
         if lines:
-            while chunk := b"".join(itertools.islice(handle, lines)):
-                yield chunk
+            while first := handle.readline():
+                # parallel looks for a chunk's first line end from its second byte on: an
+                # empty first line is glued to the next one (they count as one record).
+                if first == b"\n":
+                    first += handle.readline()
+                yield first + b"".join(itertools.islice(handle, lines - 1))
             return
         buf = bytearray()
         eof = False
@@ -6301,7 +6415,10 @@ def render_result(
     journal: Journal | None,
     tag: Tagger | None = None,
 ) -> None:
-    """Write one finished task to the merged output in FORMAT (text or jsonl)."""
+    """Write one finished task to the merged output in FORMAT (text or jsonl; none: nothing,
+    as parallel --results prints nothing)."""
+    if fmt == "none":
+        return
     if fmt == "lines":  # sshfan all: each line after its host's name, as pdsh and clush
         chunks = _stream_chunks(result, journal, 1) if journal else iter([result.stdout])
         _write_host_lines(out, result.host, chunks)
@@ -6411,6 +6528,8 @@ class MergedOutput:
         # them for the next --resume.
         self.in_place = False
         self.in_place_end = 0
+        # Told each seq as the output gets past it, in seq order (--joblog's rows follow).
+        self.on_pass: Callable[[int], None] | None = None
 
     def put(self, seq: int, offset: int, result: TaskResult | None = None) -> None:
         """Record that SEQ is done (its DONE record at OFFSET); write what is now in order."""
@@ -6646,6 +6765,8 @@ class MergedOutput:
 
     def _advance(self) -> None:
         """Move past the just-rendered seq."""
+        if self.on_pass is not None:
+            self.on_pass(self.next_seq)
         self.next_seq += 1
         if self._head < len(self._waiting):
             self._head += 1
@@ -6655,6 +6776,8 @@ class MergedOutput:
         waiting = self._waiting
         while self._head < len(waiting) and waiting[self._head] != self.WAITING:
             self._emit(waiting[self._head], None)
+            if self.on_pass is not None:
+                self.on_pass(self.next_seq)
             self.next_seq += 1
             self._head += 1
         if self._head >= 4096 or self._head == len(waiting):
@@ -6764,7 +6887,7 @@ class ResultsTree:
     def __init__(self, root: str, colsep: str | None = None) -> None:
         """Write under ROOT (created if missing), lines cut into columns at COLSEP."""
         self.root = os.fsencode(root)
-        self.colsep = re.compile(colsep) if colsep is not None else None
+        self.colsep = ColumnSplitter(colsep) if colsep is not None else None
         self.name_max = 0  # found on first use
 
     def write(self, result: TaskResult, journal: Journal) -> None:
@@ -7078,6 +7201,7 @@ class _Run:
         self.max_ahead = max_ahead(opts)
         self.whole = whole  # hand on_done whole outputs (read back from the journal)
         self.results = ResultsTree(opts.results, opts.colsep) if opts.results else None
+        self.joblog: Joblog | None = None  # --joblog: a row for each task as it finishes
         self.files = opts.files if opts.files else None  # files to move for SSH hosts
         self.log = log
         self.on_done = on_done
@@ -7358,6 +7482,8 @@ class _Run:
         for _seq, _offset, result in batch:
             self.summary.count(result)  # a task counts as done once its record is written
         for seq, offset, result in batch:
+            if self.joblog is not None:  # before the output passes it: its row is then due
+                self.joblog.add(result)
             if self.merged is not None:
                 self.merged.put(seq, offset, result)
             if self.results is not None:
@@ -8134,6 +8260,7 @@ class RunOptions:
     history: Path | None = dataclasses.field(default_factory=DurationHistory.default_path)
     speculate: bool = False  # start backup copies of straggling tasks (they may run twice)
     onall: bool = False  # every task on every host (GNU parallel's --onall)
+    nonall: bool = False  # TASKS holds --nonall's one command (onall is set too)
     sources: HostSources | None = None  # where the hosts came from: watched for changes
     colsep: str | None = None  # --colsep: a regex cutting each line into columns {1}..{n}
     tagstring: str | None = None  # --tagstring: the prefix of each output line (then a TAB)
@@ -8141,8 +8268,10 @@ class RunOptions:
     def __post_init__(self) -> None:
         """Refuse values no run can use, for the CLI and the Python API alike."""
         timeout, slots = self.timeout, self.slots
-        if timeout is not None and not timeout > 0:  # also NaN
-            raise UsageError(f"--timeout: must be a positive number of seconds, not {timeout:g}")
+        if timeout is not None and not timeout >= 0:  # also NaN
+            raise UsageError(f"--timeout: must be 0 or more seconds, not {timeout:g}")
+        if timeout == 0:  # parallel's --timeout 0: no timeout
+            self.timeout = None
         if self.retries < 0:
             raise UsageError(f"--retries: must be 0 or more, not {self.retries}")
         if slots is not None and slots < 1:
@@ -8153,8 +8282,8 @@ class RunOptions:
             )
         if self.pipe and not self.command:
             raise UsageError("--pipe needs --command: the command each chunk is fed to")
-        if self.lines is not None and self.lines < 1:
-            raise UsageError(f"--lines: must be at least 1, not {self.lines}")
+        if self.lines is not None and self.lines < 0:
+            raise UsageError(f"--lines: must be 0 or more, not {self.lines}")
         if self.lines is not None and not self.pipe:
             raise UsageError("--lines works with --pipe only (lines per chunk)")
         if self.block < 1:
@@ -8164,10 +8293,7 @@ class RunOptions:
         if self.colsep is not None:
             if not self.command or self.pipe:
                 raise UsageError("--colsep needs --command (and no --pipe): it cuts lines")
-            try:
-                re.compile(self.colsep)
-            except re.error as exc:
-                raise UsageError(f"--colsep: not a regular expression: {exc}") from None
+            ColumnSplitter(self.colsep)  # exit 2 on a bad one, before anything runs
         if self.onall and self.pipe:
             raise UsageError("--onall and --nonall cannot be used with --pipe")
 
@@ -8190,10 +8316,13 @@ def line_tagger(opts: RunOptions) -> Tagger | None:
     --onall, --tag is the host's name, ':' for this machine as in the joblog, and
     --tagstring is ignored, as there)."""
     local = {spec.name for spec in opts.hosts if spec.local} if opts.onall else set()
+    # An empty or "0" tag string is false in Perl: parallel then has none (its
+    # `$opt::tagstring ||= ...` drops it), so --tag alone decides.
+    tagstring = opts.tagstring if opts.tagstring not in ("", "0") else None
     if opts.onall:
         template = Template("{host}", kind="tag") if opts.tag else None
-    elif opts.tagstring is not None:
-        template = Template(_unescape_tagstring(opts.tagstring), opts.colsep, "tag")
+    elif tagstring is not None:
+        template = Template(_unescape_tagstring(tagstring), opts.colsep, "tag")
     elif opts.tag:
         template = Template("{}", opts.colsep, "tag")  # parallel's --tag is --tagstring {}
     else:
@@ -8393,22 +8522,30 @@ async def run_async(
     run: _Run | None = None
     try:
         if opts.joblog:
-            joblog = _open_joblog(opts.joblog, append=resumed)
             local = {spec.name for spec in opts.hosts if spec.local}
-            on_done = _with_joblog(on_done, joblog, local)
+            joblog = Joblog(opts.joblog, resumed, local, " " if opts.nonall else "")
         if out is not None:
             name = "stdout" if opts.output == "-" else opts.output
             if opts.fmt == "gather":
                 merged = GatheredOutput(out, journal, name)
             else:
+                # parallel --results prints no output: it goes in the files only.
+                fmt = "none" if opts.results and opts.fmt == "text" else opts.fmt
+                # The joblog on stdout too: its rows go between the tasks' outputs, so the
+                # output is not written by a thread of its own.
+                copier = not (opts.joblog == "-" and opts.output == "-")
                 merged = MergedOutput(
-                    out, opts.fmt, journal, line_tagger(opts), copier=True, name=name
+                    out, fmt, journal, line_tagger(opts), copier=copier, name=name
                 )
                 # Not where two tries of a task may stream at once (--speculate), nor
                 # where tasks are not merged in seq order (--onall).
-                merged.direct = opts.output != "-" and not opts.speculate and not opts.onall
+                merged.direct = (
+                    opts.output != "-" and not opts.speculate and not opts.onall and fmt != "none"
+                )
                 if merged.direct:
                     journal.before_sync = merged.sync_direct
+                if joblog is not None and not opts.onall:  # (--onall: not keyed by seq)
+                    merged.on_pass = joblog.release
         history = None
         longest: list[Task] = []
         template = command_template(opts)
@@ -8433,6 +8570,7 @@ async def run_async(
         hosts = run_hosts(opts.hosts, opts)
         run = _Run(hosts, scheduler, journal, merged, opts, log, on_done, whole)
         run.todo = todo
+        run.joblog = joblog
         if journal.in_output:
             # --resume of a run that wrote tasks' stdout straight into its output: what is
             # still there stays there, the output rendered over it in place (its bytes
@@ -8510,7 +8648,7 @@ async def run_async(
                 joblog.close()
             except OSError as exc:
                 if run is not None:
-                    run.abort(_write_error(OSError(exc.errno, exc.strerror, opts.joblog)))
+                    run.abort(_write_error(exc))
         prepared.release()
 
 
@@ -8580,21 +8718,82 @@ def onall_scheduler(
     return OnAllScheduler(sources, lines, opts.retries, host_pass), todo
 
 
-def _open_joblog(path: str, append: bool) -> IO[bytes]:
-    """Open a GNU parallel style joblog (header written unless appending to one); a
-    leading '+' appends, as parallel's `--joblog +FILE` does."""
-    if path.startswith("+"):
-        path, append = path[1:], True
-    try:
-        handle = open(path, "ab" if append else "wb")  # noqa: SIM115
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot write joblog: {exc.strerror}") from None
-    if handle.tell() == 0:
-        handle.write(b"Seq\tHost\tStarttime\tJobRuntime\tSend\tReceive\tExitval\tSignal\tCommand\n")
-    return handle
+JOBLOG_HEADER = b"Seq\tHost\tStarttime\tJobRuntime\tSend\tReceive\tExitval\tSignal\tCommand\n"
+JOBLOG_HOLD = 1024 * 1024  # bytes of joblog rows held in memory before they go to a file
 
 
-def joblog_row(result: TaskResult, local: set[str], now: float) -> bytes:
+class Joblog:
+    """--joblog FILE: GNU parallel's joblog, its rows in seq order as `parallel -k` writes
+    them: a row is held until the output has got past its task (release), in a spool
+    that moves to a file past JOBLOG_HOLD bytes, so memory does not grow with the run."""
+
+    def __init__(self, path: str, append: bool, local: set[str], suffix: str = "") -> None:
+        """Open PATH ('-': stdout; '+FILE' appends, as parallel's, with no header ever),
+        with a header unless APPENDing to a file that has rows; LOCAL are this machine's
+        hosts (':'); SUFFIX ends each Command (--nonall: a space, as parallel's)."""
+        self.name = path
+        self.local = local
+        self.suffix = suffix
+        header = True
+        if path.startswith("+"):
+            path, append, header = path[1:], True, False
+            self.name = path
+        if path == "-":
+            self.file = _stdout()
+            header = header and not append
+        else:
+            try:
+                self.file = open(path, "ab" if append else "wb")  # noqa: SIM115 - close()
+            except OSError as exc:
+                raise UsageError(f"{path}: cannot write joblog: {exc.strerror}") from None
+            header = header and self.file.tell() == 0
+        self._held: list[tuple[int, int, int]] = []  # heap of (seq, offset, length) in spool
+        self._spool = tempfile.SpooledTemporaryFile(JOBLOG_HOLD)  # noqa: SIM115 - close()
+        if header:  # flushed with the first row: a write error ends the run there (exit 3)
+            self.file.write(JOBLOG_HEADER)
+
+    def add(self, result: TaskResult) -> None:
+        """Hold RESULT's row (its task just finished) until release() reaches its seq."""
+        row = joblog_row(result, self.local, time.time(), self.suffix)
+        self._spool.seek(0, os.SEEK_END)
+        heapq.heappush(self._held, (result.seq, self._spool.tell(), len(row)))
+        self._spool.write(row)
+
+    def release(self, seq: int) -> None:
+        """Write the held rows of tasks up to SEQ, in seq order."""
+        rows = []
+        while self._held and self._held[0][0] <= seq:
+            _, offset, length = heapq.heappop(self._held)
+            self._spool.seek(offset)
+            rows.append(self._spool.read(length))
+        if not self._held:  # nothing held: the spool starts over (its file, if any, shrinks)
+            self._spool.seek(0)
+            self._spool.truncate()
+        if rows:
+            self._write(rows)
+
+    def close(self) -> None:
+        """Write the rows still held (tasks whose output was not reached), then close."""
+        try:
+            self.release(sys.maxsize)
+        finally:
+            self._spool.close()
+            if self.file is not sys.stdout.buffer:
+                try:
+                    self.file.close()
+                except OSError as exc:
+                    raise OSError(exc.errno, exc.strerror, self.name) from None
+
+    def _write(self, rows: list[bytes]) -> None:
+        """Write and flush ROWS (an error names the joblog: a buffered one names no file)."""
+        try:
+            self.file.writelines(rows)
+            self.file.flush()
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, self.name) from None
+
+
+def joblog_row(result: TaskResult, local: set[str], now: float, suffix: str = "") -> bytes:
     """One joblog row for RESULT, finished at NOW, byte for byte as GNU parallel writes it.
 
     Host is ':' for this machine; Send is what went to the task's stdin (--pipe), Receive
@@ -8612,24 +8811,7 @@ def joblog_row(result: TaskResult, local: set[str], now: float) -> bytes:
         f"{result.seq}\t{host}\t{start:.3f}\t{runtime:10.3f}\t{result.sent}\t"
         f"{received}\t{exitval}\t{result.signal or 0}\t"
     )
-    return as_bytes(head) + as_bytes(result.command).replace(b"\n", b"\0") + b"\n"
-
-
-def _with_joblog(
-    on_done: Callable[[TaskResult], None], joblog: IO[bytes], local: set[str]
-) -> Callable[[TaskResult], None]:
-    """Wrap ON_DONE so each finished task also gets a joblog row, as GNU parallel writes it."""
-
-    def on_done_logged(result: TaskResult) -> None:
-        """Write the joblog row, then pass the result on."""
-        try:
-            joblog.write(joblog_row(result, local, time.time()))
-            joblog.flush()
-        except OSError as exc:  # (a buffered write's error names no file)
-            raise OSError(exc.errno, exc.strerror, getattr(joblog, "name", "joblog")) from None
-        on_done(result)
-
-    return on_done_logged
+    return as_bytes(head) + as_bytes(result.command + suffix).replace(b"\n", b"\0") + b"\n"
 
 
 def whole_result(result: TaskResult, journal: Journal) -> TaskResult:
@@ -9326,6 +9508,7 @@ def _cli() -> Any:
                 ),
                 speculate=speculate,
                 onall=onall or nonall,
+                nonall=nonall,
                 sources=sources,
             )
             _check_file_options(opts)
@@ -9584,12 +9767,16 @@ def dry_run_tasks(opts: RunOptions, out: IO[bytes]) -> int:
     the slots of all hosts (a remote host's `slots = "auto"` counts as one: its CPUs are
     not known without connecting). parallel's own dry run numbers them by timing: its
     answer varies from run to run, so there is no same answer to give."""
-    slots = 0
+    slot_hosts: list[str] = []  # the host of each slot, for {host} in a --tagstring
     for spec in opts.hosts:
         count = opts.slots or spec.slots
         if count is None:
             count = len(os.sched_getaffinity(0)) if spec.local else 1
-        slots += count
+        slot_hosts += [spec.name] * count
+    slots = len(slot_hosts)
+    tag = line_tagger(opts)
+    if opts.results:
+        return 0  # parallel --dry-run --results prints nothing (its output goes in files)
     with tempfile.TemporaryDirectory(prefix="sshfan-") as tmp:
         path = Path(opts.tasks)
         if _is_stream(opts.tasks):
@@ -9605,7 +9792,13 @@ def dry_run_tasks(opts: RunOptions, out: IO[bytes]) -> int:
         for index, task in enumerate(tasks):
             slot = index % max(slots, 1) + 1
             command = task.command.replace(SLOT_MARK, str(slot))
-            out.write(as_bytes(command) + b"\n")
+            if tag is None:
+                out.write(as_bytes(command) + b"\n")
+                continue
+            # As parallel: the command is the job's output, tagged line by line.
+            shown = TaskResult(task.seq, command, slot_hosts[slot - 1], 0, None, False, 0.0, 0)
+            shown.arg, shown.slot = task.arg, slot
+            _write_tagged(out, tag(shown), iter([as_bytes(command) + b"\n"]))
         out.flush()
     return 0
 

@@ -430,7 +430,6 @@ def test_stdin_tasks_not_utf8(run_sshfan: RunSshfan, tmp_path: Path) -> None:
     [
         (["--format", "xml"], "--format"),
         (["--timeout", "-1"], "--timeout"),
-        (["--timeout", "0"], "--timeout"),
         (["--retries", "-1"], "--retries"),
         (["--timeout", "soon"], "--timeout"),
         (["-j", "99999999999999999999"], "--slots"),
@@ -439,7 +438,6 @@ def test_stdin_tasks_not_utf8(run_sshfan: RunSshfan, tmp_path: Path) -> None:
     ids=[
         "format-xml",
         "timeout-negative",
-        "timeout-zero",
         "retries-negative",
         "timeout-word",
         "slots-huge",

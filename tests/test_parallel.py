@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from sshd import SshServer
-from support import needs_parallel, run_parallel
+from support import needs_parallel, run_parallel, sshfan_env
 
 import sshfan
 
@@ -400,3 +402,157 @@ def test_slot_cannot_name_a_transferred_file(tmp_path: Path, run_sshfan) -> None
     for option in ("--tf", "--return"):
         result = run_sshfan(["run", str(args), "-c", "cat {}", option, "x{%}", "-o", "-"])
         assert result.returncode == 2 and b"{%}" in result.stderr, result.stderr
+
+
+# Separators Python's re.split and Perl's split cut differently: zero-width ones (no empty
+# first column in Perl, nor an empty match right after a separator), POSIX classes (which
+# Python reads as a `[` and a `:`), captures (columns too), and bytes (`.` is one byte).
+PERL_COLSEPS = [
+    r"\b",
+    "^",
+    "",
+    "|",
+    ",?",
+    r"\s*",
+    "(?=b)",
+    "(,)|(;)",
+    "[[:space:]]+",
+    "[[:^alpha:]]",
+    "[^[:alnum:]]",
+    "[[:upper:][:punct:]]",
+    "a..b",
+    "[]a]",
+]
+PERL_COLSEP_LINES = ["ab", " a  b ", "a,b,,c,", ",a", "", "a\u00e9b", "x;y ; z", "AbC dE", "[x]"]
+
+
+@pytest.mark.parametrize("colsep", PERL_COLSEPS)
+def test_colsep_splits_as_perl_splits(tmp_path: Path, colsep: str) -> None:
+    """--colsep cuts as parallel's `split /REGEX/, LINE, -1` on the line's bytes."""
+    args = _lines_file(tmp_path, PERL_COLSEP_LINES)
+    template = "printf '<%s>' {1} {2} {3} {4} {5} {6}; echo"
+    expected = run_parallel(["--dry-run", "-k", "--colsep", colsep, template, "::::", str(args)])
+    filled = sshfan.Template(template, colsep)
+    got = b"".join(
+        sshfan.as_bytes(filled.render(line, n, "1")) + b"\n"
+        for n, line in enumerate(PERL_COLSEP_LINES, 1)
+    )
+    assert got == expected
+
+
+def test_colsep_posix_class_runs_without_a_warning(tmp_path: Path) -> None:
+    """A POSIX class runs as in parallel, even where warnings are errors; a class Perl does
+    not know, or [= =], exits 2 with one line."""
+    args = _lines_file(tmp_path, ["a b\tc"])
+    expected = run_parallel(["--colsep", "[[:space:]]+", "echo {2}", "::::", str(args)])
+    argv = [sys.executable, "-W", "error", "-m", "sshfan", "run", str(args), "-o", "-"]
+    env = sshfan_env()
+    done = subprocess.run(
+        [*argv, "--colsep", "[[:space:]]+", "-c", "echo {2}"], capture_output=True, env=env
+    )
+    assert done.returncode == 0 and done.stdout == expected == b"b\n", done.stderr
+    assert b"Warning" not in done.stderr
+    for colsep, needle in (("[[:foo:]]", b"[:foo:]"), ("[[=a=]]", b"[= =]")):
+        bad = subprocess.run(
+            [*argv, "--colsep", colsep, "-c", "echo"], capture_output=True, env=env
+        )
+        assert bad.returncode == 2 and needle in bad.stderr, bad.stderr
+        assert len(bad.stderr.splitlines()) == 1
+
+
+def test_false_tagstring_and_dry_run_tags_match_parallel(tmp_path: Path, run_sshfan) -> None:
+    """--tagstring '' or 0 is false in parallel's Perl: no tag (--tag then tags as
+    alone); --dry-run tags each line of the commands it prints, as parallel's."""
+    args = _lines_file(tmp_path, ["a", "b c"])
+    for extra in (["--tagstring", "0"], ["--tagstring", ""], ["--tag", "--tagstring", "0"]):
+        expected = run_parallel(["-k", *extra, "echo", "::::", str(args)])
+        result = run_sshfan(["run", str(args), "-c", "echo", *extra, "-o", "-"])
+        assert result.returncode == 0 and result.stdout == expected, extra
+    template = "echo {}\necho 2"
+    for extra in (["--tag"], ["--tagstring", "<{#}|{%}|{1}>"], ["--tagstring", "0"]):
+        expected = run_parallel(["-k", "-j1", "--dry-run", *extra, template, "::::", str(args)])
+        dry = run_sshfan(["run", str(args), "-j", "1", "--dry-run", *extra, "-c", template])
+        assert dry.returncode == 0 and dry.stdout == expected, extra
+    commands = tmp_path / "commands.txt"
+    commands.write_text("echo x\n")
+    expected = run_parallel(["-k", "--dry-run", "--tag", "::::", str(commands)])
+    dry = run_sshfan(["run", str(commands), "--dry-run", "--tag"])
+    assert dry.stdout == expected == b"echo x\techo x\n"
+
+
+def _untimed(joblog: bytes) -> list[list[bytes]]:
+    """A joblog's lines as fields, the times (Starttime, JobRuntime) left out."""
+    rows = [line.split(b"\t") for line in joblog.splitlines()]
+    return [row[:2] + row[4:] if len(row) == 9 else row for row in rows]
+
+
+def test_joblog_rows_in_seq_order_appended_and_on_stdout_as_parallel(
+    tmp_path: Path, run_sshfan
+) -> None:
+    """As parallel -k: rows in seq order, whatever order the tasks end in; `+FILE` on a new
+    file writes no header; `-` is stdout, each row after its task's output; --nonall's
+    Command ends in a space."""
+    tasks = tmp_path / "ord.txt"
+    tasks.write_text("sleep 0.5; echo a\necho b\n")
+    theirs, ours = tmp_path / "theirs.log", tmp_path / "ours.log"
+    run_parallel(["-k", "-j2", "--joblog", str(theirs), "::::", str(tasks)])
+    result = run_sshfan(["run", str(tasks), "-j", "2", "--joblog", str(ours), "-o", "-"])
+    assert result.returncode == 0, result.stderr
+    assert [row[0] for row in _untimed(ours.read_bytes())] == [b"Seq", b"1", b"2"]
+    assert _untimed(ours.read_bytes()) == _untimed(theirs.read_bytes())
+    theirs, ours = tmp_path / "theirs+.log", tmp_path / "ours+.log"
+    run_parallel(["-k", "--joblog", f"+{theirs}", "::::", str(tasks)])
+    run_sshfan(["run", str(tasks), "--joblog", f"+{ours}", "-o", "-"])
+    assert _untimed(ours.read_bytes()) == _untimed(theirs.read_bytes())
+    assert not ours.read_bytes().startswith(b"Seq")
+    expected = run_parallel(["-k", "-j2", "--joblog", "-", "::::", str(tasks)])
+    both = run_sshfan(["run", str(tasks), "-j", "2", "--joblog", "-", "-o", "-"])
+    assert _untimed(both.stdout) == _untimed(expected)
+    assert [row[0] for row in _untimed(both.stdout)] == [b"Seq", b"a", b"1", b"b", b"2"]
+    theirs, ours = tmp_path / "theirs-nonall.log", tmp_path / "ours-nonall.log"
+    run_parallel(["--nonall", "-S", ":", "--joblog", str(theirs), "echo hi"])
+    run_sshfan(["run", "echo hi", "--nonall", "-S", ":", "--joblog", str(ours)])
+    assert _untimed(ours.read_bytes()) == _untimed(theirs.read_bytes())
+    assert ours.read_bytes().endswith(b"\techo hi \n")
+
+
+@pytest.mark.parametrize("lines", [0, 1, 2, 3])
+def test_pipe_lines_cut_blank_lines_as_parallel(tmp_path: Path, lines: int) -> None:
+    """--pipe -N: parallel looks for a chunk's first line end from its second byte, so an
+    empty first line goes with the next one; -N 0 is --block's chunks."""
+    for data in (b"a\n\n\nb\n", b"\n\n", b"a\nb\n\n\n\nc\nd\n", b"\n\n\na\n", b"a\n\n", b"a"):
+        path = tmp_path / "data.txt"
+        path.write_bytes(data)
+        expected = run_parallel(["-k", "--pipe", f"-N{lines}", "cat; echo '|'"], input=data)
+        got = b"".join(chunk + b"|\n" for chunk in sshfan._pipe_chunks(path, lines, 1 << 20))
+        assert got == expected, data
+
+
+def test_pipe_lines_zero_timeout_zero_and_results_as_parallel(tmp_path: Path, run_sshfan) -> None:
+    """-N 0 runs as --block alone and --timeout 0 is no timeout, as in parallel (which
+    sshfan refused); --results prints nothing, its --dry-run neither."""
+    data = tmp_path / "data.txt"
+    data.write_text("".join(f"{n}\n" for n in range(30000)))
+    expected = run_parallel(
+        ["-k", "--pipe", "-N0", "--block", "10k", "wc -l"], input=data.read_bytes()
+    )
+    result = run_sshfan(
+        ["run", str(data), "--pipe", "-N", "0", "--block", "10k", "-c", "wc -l", "-o", "-"]
+    )
+    assert result.returncode == 0 and result.stdout == expected, result.stderr
+    assert len(expected.splitlines()) > 10
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text("sleep 0.2; echo late\n")
+    expected = run_parallel(["--timeout", "0", "::::", str(tasks)])
+    result = run_sshfan(["run", str(tasks), "--timeout", "0", "-o", "-"])
+    assert result.returncode == 0 and result.stdout == expected == b"late\n", result.stderr
+    args = _lines_file(tmp_path, ["a", "b c"])
+    for extra in ([], ["--tag"], ["--dry-run"]):
+        expected = run_parallel(
+            ["-k", "--results", str(tmp_path / "theirs"), *extra, "echo", "::::", str(args)]
+        )
+        result = run_sshfan(
+            ["run", str(args), "-c", "echo", "--results", str(tmp_path / "ours"), *extra, "-o", "-"]
+        )
+        assert result.returncode == 0 and result.stdout == expected == b"", extra
+    assert (tmp_path / "ours/1/b c/stdout").read_bytes() == b"b c\n"

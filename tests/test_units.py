@@ -751,8 +751,8 @@ def test_readme_hosts_file_example_loads_as_it_says(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"timeout": -1.0}, "--timeout: must be a positive number of seconds, not -1"),
-        ({"timeout": float("nan")}, "--timeout: must be a positive number of seconds"),
+        ({"timeout": -1.0}, "--timeout: must be 0 or more seconds, not -1"),
+        ({"timeout": float("nan")}, "--timeout: must be 0 or more seconds"),
         ({"slots": 0}, "--slots: must be at least 1, not 0"),
         ({"retries": -3}, "--retries: must be 0 or more, not -3"),
     ],
