@@ -5371,7 +5371,9 @@ def scan_tasks(
 
 # Replacement strings, as GNU parallel's defaults define them: {} {.} {/} {//} {/.},
 # positional {n} {n.} {n/} {n//} {n/.} (n may be negative, or followed by blanks), {#}, {%}.
-_REPLACEMENT = re.compile(r"\{(?:(-?\d+)\s*)?(//|/\.|/|\.|)\}|\{([#%])\}")
+# {N#} and {N%} too: parallel reads them as a positional {#} or {%}: {0#} is the seq, {0%}
+# the slot, and any other N stands for nothing.
+_REPLACEMENT = re.compile(r"\{(?:(-?\d+)\s*)?(//|/\.|/|\.|)\}|\{([#%])\}|\{(-?\d+)\s*([#%])\}")
 _TAG_REPLACEMENT = re.compile(_REPLACEMENT.pattern + r"|\{(host)\}")
 _PERL_EXPRESSION = re.compile(r"\{=.*?=\}", re.S)
 _NEEDS_QUOTES = re.compile(r"[^-_.+a-zA-Z0-9/]")
@@ -5578,8 +5580,10 @@ class Template:
                 first = match.start()
             self.parts.append(text[at : match.start()])
             position, operation, special = match.group(1), match.group(2), match.group(3)
-            if kind == "tag" and match.group(4):
+            if kind == "tag" and match.group(6):
                 self.parts.append(("host", None, ""))
+            elif match.group(5):
+                self.parts.append((match.group(5), None, "") if int(match.group(4)) == 0 else "")
             elif special:
                 self.parts.append((special, None, ""))
             else:

@@ -85,6 +85,7 @@ TEMPLATES = [
     "echo {} X {.} X {/} X {//} X {/.}",
     "echo {1} X {1.} X {1/} X {1//} X {1/.} X {-1} X {2} X {0}",
     "echo {#} {%} x{}y '{}' \"{}\" {unknown} { }",
+    "echo {0#} {0%} {1#} {-1 %}",  # positional {#} {%}: {0..} is the seq/slot, others nothing
     "echo",  # no replacement string: the argument is appended
     "{}",  # the first word holds one: nothing is quoted
     "{.} {}",
