@@ -188,19 +188,31 @@ def local_host(slots: int | None = None) -> HostSpec:
     return HostSpec(name="local", local=True, python=sys.executable, slots=slots)
 
 
-def lanes(spec: HostSpec, tasks: int | None = None) -> list[HostSpec]:
-    """The stubs that serve one host: one for an SSH host, up to LOCAL_LANES for a local one.
+def local_cpus() -> int:
+    """This machine's CPUs as a local host's "auto" slots count them (those we may run on)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity else os.cpu_count() or 1
+
+
+def lanes(spec: HostSpec, tasks: int | None = None, in_order: bool = False) -> list[HostSpec]:
+    """The stubs that serve one host: one for an SSH host, up to LOCAL_LANES for a local one
+    (one with IN_ORDER: the run needs its tasks started in file order, over slots numbered
+    as GNU parallel numbers them).
 
     A stub starts its tasks one at a time, and each start holds it until the child has
     exec'd (0.1-0.35 ms here), so one stub tops out near 2,000 tasks a second whatever
     the CPU count. Locally another stub costs only a Python start-up, so a local host's
     slots are spread over several (no more than the run's TASKS: a stub with nothing to
-    do is a start-up paid for nothing); they share the host's name in every report."""
+    do is a start-up paid for nothing); they share the host's name in every report.
+    Each stub holds a run of consecutive tasks queued ahead, so over several stubs tasks
+    start out of file order and a stub numbers only its own block of slots: a --halt
+    would stop other tasks than parallel's, and {%} would differ from parallel's."""
     if not spec.local:
         return [spec]
-    affinity = getattr(os, "sched_getaffinity", None)
-    slots = spec.slots or (len(affinity(0)) if affinity else os.cpu_count() or 1)
+    slots = spec.slots or local_cpus()
     count = max(1, min(LOCAL_LANES, slots, LOCAL_LANES if tasks is None else tasks))
+    if in_order:
+        count = 1
     return [
         dataclasses.replace(spec, slots=slots // count + (i < slots % count)) for i in range(count)
     ]
@@ -2309,7 +2321,12 @@ class HaltPolicy:
 
 def max_ahead(opts: RunOptions) -> int:
     """Tasks a host may hold beyond its slots, at most: --pipe chunks wait in memory on
-    both ends, so large ones are queued few at a time (about PIPE_AHEAD_BYTES of them)."""
+    both ends, so large ones are queued few at a time (about PIPE_AHEAD_BYTES of them);
+    none with --halt and --retries, so that a retry starts before the tasks after it."""
+    if opts.retries and (opts.halt is not None or opts.halt_on_error):
+        # GNU parallel puts a failed job back at the head of its queue: with a task queued
+        # on the stub behind it, that task would start first, and a halt come one task late.
+        return 0
     if opts.pipe and not opts.lines:
         return max(1, min(HostWindow.MAX_AHEAD, PIPE_AHEAD_BYTES // opts.block))
     return HostWindow.MAX_AHEAD
@@ -2375,7 +2392,7 @@ class HostWindow:
         # Twice the cover: want() waits until half the queue ahead is used before it
         # refills, and the half that is left must still last a round trip.
         cover = 2 * self.slots * (self.rtt + self.LATENCY) / max(self.mean_task, 1e-4)
-        return max(1, min(self.max_ahead, math.ceil(cover)))
+        return max(min(1, self.max_ahead), min(self.max_ahead, math.ceil(cover)))
 
     def want(self) -> int:
         """How many more tasks to send now: none until half the queue ahead is used up,
@@ -7203,6 +7220,10 @@ class _Run:
         self.halt = opts.halt or (HaltPolicy() if opts.halt_on_error else None)
         self._halt_counted = 0
         self.max_ahead = max_ahead(opts)
+        # Tasks start in file order over a host's slots, numbered as parallel numbers them,
+        # only from one stub per host (lanes): a --halt stops the tasks parallel's would,
+        # and {%} is parallel's.
+        self.in_order = self.halt is not None or numbers_slots(opts)
         self.whole = whole  # hand on_done whole outputs (read back from the journal)
         self.results = ResultsTree(opts.results, opts.colsep) if opts.results else None
         self.joblog: Joblog | None = None  # --joblog: a row for each task as it finishes
@@ -7258,7 +7279,9 @@ class _Run:
         pacing = self._pacing = Pacing()
         fresh = self.summary.total - self.summary.resumed
         self.sessions = [
-            HostSession(lane, self) for spec in self.hosts for lane in lanes(spec, fresh)
+            HostSession(lane, self)
+            for spec in self.hosts
+            for lane in lanes(spec, fresh, self.in_order)
         ]
         openers = self._openers = [
             asyncio.ensure_future(self._open(s, pacing)) for s in self.sessions
@@ -7621,7 +7644,7 @@ class _Run:
             self.summary.total += added
             self.todo[spec.name] = added
         fresh = self.summary.total - self.summary.resumed
-        for lane in lanes(spec, fresh):
+        for lane in lanes(spec, fresh, self.in_order):
             session = HostSession(lane, self)
             self.sessions.append(session)
             assert self._pacing is not None
@@ -8313,6 +8336,14 @@ def command_template(opts: RunOptions) -> Template | None:
     if opts.command is None:
         return None
     return Template(opts.command, opts.colsep)
+
+
+def numbers_slots(opts: RunOptions) -> bool:
+    """Whether the run's commands or tags hold {%}, the job slot, as parallel numbers it."""
+    texts = [(opts.command or "", _REPLACEMENT)]
+    if opts.tagstring is not None:
+        texts.append((_unescape_tagstring(opts.tagstring), _TAG_REPLACEMENT))
+    return any(m.group(3) == "%" for text, pattern in texts for m in pattern.finditer(text))
 
 
 def line_tagger(opts: RunOptions) -> Tagger | None:

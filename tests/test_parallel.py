@@ -215,6 +215,31 @@ def test_pipe_fills_seq_and_slot_like_parallel(tmp_path: Path, run_sshfan) -> No
     assert dry.stdout == b"cat > p1.1\ncat > p2.2\ncat > p3.1\n"
 
 
+# Durations that make each task's slot certain (parallel's lowest free one): with two
+# slots the long second task keeps slot 2 while the others follow one another in slot 1.
+STAGGERED = ["0.1", "0.8", "0.1", "0.1"]
+
+
+def test_slot_numbers_are_parallels(tmp_path: Path, run_sshfan) -> None:
+    """{%} is the lowest free slot at the task's start, tasks starting in file order, in
+    the command, under --pipe and in --tagstring, as parallel -k -j2 has it."""
+    args = _lines_file(tmp_path, STAGGERED)
+    template = "sleep {}; echo {#}:{%}"
+    expected = run_parallel(["-k", "-j2", template, "::::", str(args)])
+    assert expected == b"1:1\n2:2\n3:1\n4:1\n"
+    result = run_sshfan(["run", str(args), "-c", template, "-j", "2", "-o", "-"])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected
+    pipe = "sleep $(cat); echo {#}:{%}"
+    expected = run_parallel(["-k", "-j2", "--pipe", "-N1", pipe], input=args.read_bytes())
+    result = run_sshfan(["run", str(args), "--pipe", "-N", "1", "-c", pipe, "-j", "2", "-o", "-"])
+    assert result.stdout == expected
+    tagged = ["-k", "-j2", "--tagstring", "{%}", "sleep {}; echo {#}"]
+    expected = run_parallel([*tagged, "::::", str(args)])
+    result = run_sshfan(["run", str(args), *tagged[2:4], "-c", tagged[4], "-j", "2", "-o", "-"])
+    assert result.stdout == expected == b"1\t1\n2\t2\n1\t3\n1\t4\n"
+
+
 def test_tag_and_tagstring_match_parallel(tmp_path: Path, run_sshfan) -> None:
     """--tag prefixes the argument (or the command line) and a TAB, a last line without a
     newline included; --tagstring fills replacement strings unquoted, and {host}."""

@@ -219,6 +219,64 @@ def test_halt_with_one_slot_runs_the_tasks_gnu_parallel_runs(
     assert mine.returncode == 1 and b"--halt" in mine.stderr, mine.stderr
 
 
+@needs_parallel
+@pytest.mark.parametrize("halt", ["soon,fail=1", "soon,success=1"])
+def test_halt_with_two_slots_runs_the_tasks_gnu_parallel_runs(
+    tmp_path: Path, run_sshfan, halt: str
+) -> None:
+    """-j 2 on this machine: tasks start in file order over the two slots, as parallel's
+    do, so a halt stops the same ones (a long first task, a failing second one: fail=1
+    runs tasks 1-2, success=1 runs 1-3) and the output is parallel -k's."""
+    outputs = []
+    for tag in ("parallel", "sshfan"):
+        where = tmp_path / tag
+        where.mkdir()
+        tasks = where / "tasks.txt"
+        tasks.write_text(
+            f"sleep 0.5; touch {where}/ran1; echo one\n"
+            f"touch {where}/ran2; echo two; exit 1\n"
+            f"touch {where}/ran3; echo three\n"
+            f"touch {where}/ran4; echo four\n"
+        )
+        if tag == "parallel":
+            outputs.append(
+                run_parallel(["-k", "-j2", "--halt", halt, "::::", str(tasks)], status=None)
+            )
+        else:
+            mine = run_sshfan(
+                ["run", str(tasks), "-j", "2", "--halt", halt, "-o", "-", "--no-progress"]
+            )
+            assert mine.returncode == 1, mine.stderr
+            outputs.append(mine.stdout)
+    assert _ran(tmp_path / "sshfan") == _ran(tmp_path / "parallel")
+    assert outputs[1] == outputs[0]
+    assert outputs[0] == (b"one\ntwo\n" if "fail" in halt else b"one\ntwo\nthree\n")
+
+
+@needs_parallel
+def test_a_retry_under_halt_runs_before_the_tasks_after_it(tmp_path: Path, run_sshfan) -> None:
+    """-j1 --retries --halt: parallel tries a failed task again before it starts the next
+    one, so the halt comes before task 3 starts; sshfan's queue does the same."""
+    outputs, logs = [], []
+    for tag in ("parallel", "sshfan"):
+        where = tmp_path / tag
+        where.mkdir()
+        tasks = where / "tasks.txt"
+        tasks.write_text(f"echo 1\necho 2; exit 1\ntouch {where}/ran3; echo 3\n")
+        log = where / "joblog"
+        args = ["-j1", "--retries", "2", "--halt", "soon,fail=1", "--joblog", str(log)]
+        if tag == "parallel":
+            outputs.append(run_parallel(["-k", *args, "::::", str(tasks)], status=None))
+        else:
+            mine = run_sshfan(["run", str(tasks), *args, "-o", "-", "--no-progress"])
+            assert mine.returncode == 1, mine.stderr
+            outputs.append(mine.stdout)
+        logs.append([row.split(b"\t")[0] for row in log.read_bytes().splitlines()[1:]])
+    assert outputs[1] == outputs[0] == b"1\n2\n"
+    assert logs[1] == logs[0] == [b"1", b"2"]  # one row per task: its last try
+    assert not (tmp_path / "sshfan" / "ran3").exists()
+
+
 def test_halt_on_error_over_ssh_starts_nothing_after_the_failure(
     sshd: SshServer, tmp_path: Path, run_sshfan
 ) -> None:

@@ -363,6 +363,31 @@ def test_a_local_host_spreads_its_slots_over_a_few_stubs() -> None:
     assert lanes(remote) == [remote]
 
 
+def test_a_run_that_needs_parallels_start_order_gets_one_stub_per_host() -> None:
+    """With --halt or {%} a local host's slots stay in one stub, which starts tasks in
+    file order at the lowest free slot, as parallel does; other runs spread them."""
+    assert [lane.slots for lane in lanes(local_host(10), in_order=True)] == [10]
+    assert sshfan.numbers_slots(sshfan.RunOptions("t", [], "-", command="echo {#}:{%}"))
+    assert sshfan.numbers_slots(sshfan.RunOptions("t", [], "-", tagstring="s{%}"))
+    assert not sshfan.numbers_slots(sshfan.RunOptions("t", [], "-", command="echo {} % {#}"))
+    assert not sshfan.numbers_slots(sshfan.RunOptions("t", [], "-", tagstring="{host}"))
+
+
+def test_a_retry_under_halt_queues_nothing_behind_a_running_task() -> None:
+    """--halt with --retries: a host holds no task beyond its slots, so a retry (first in
+    the scheduler's queue) starts before the tasks after it, as in parallel."""
+    assert sshfan.max_ahead(sshfan.RunOptions("t", [], "-", retries=1, halt_on_error=True)) == 0
+    assert sshfan.max_ahead(sshfan.RunOptions("t", [], "-", retries=1)) > 0
+    window = HostWindow(slots=2)
+    window.max_ahead = 0
+    assert window.want() == 2
+    window.in_flight = 2
+    assert window.want() == 0
+    window.observe(0.001)
+    window.in_flight = 1
+    assert window.ahead() == 0 and window.want() == 1
+
+
 def test_scheduler_reads_the_source_lazily() -> None:
     """Taking tasks pulls no more from the source than asked (bounded memory)."""
     pulled = []
