@@ -178,6 +178,8 @@ class HostSpec:
     workdir: str | None = None  # None: the login directory (remote), the current one (local)
     shell: str = "/bin/sh"  # what runs each task as SHELL -c TASK
     make_workdir: bool = False  # create the workdir if missing (--workdir, as parallel)
+    # -j +N, -N or N% (GNU parallel's): slots from the CPUs the stub reports, as "auto"
+    cpu_slots: str | None = None
 
 
 LOCAL_LANES = 4  # stubs at most for one local host (see lanes)
@@ -192,6 +194,14 @@ def local_cpus() -> int:
     """This machine's CPUs as a local host's "auto" slots count them (those we may run on)."""
     affinity = getattr(os, "sched_getaffinity", None)
     return len(affinity(0)) if affinity else os.cpu_count() or 1
+
+
+def slots_for_cpus(rule: str, cpus: int) -> int:
+    """The slots GNU parallel's -j RULE gives a host of CPUS: +N more, -N fewer or N% of
+    them (rounded up, as parallel does), and at least one."""
+    percent = rule.endswith("%")
+    slots = math.ceil(cpus * float(rule[:-1]) / 100) if percent else cpus + int(rule)
+    return max(1, min(SLOTS_MAX, slots))
 
 
 def lanes(spec: HostSpec, tasks: int | None = None, in_order: bool = False) -> list[HostSpec]:
@@ -4306,7 +4316,9 @@ class HostSession:
         if self.early:
             self._send_ping()  # now: before the hello it would time the stub's start-up
         else:
-            self._configure(self.spec.slots or int(self.hello.get("cpus") or 1))
+            cpus = int(self.hello.get("cpus") or 1)
+            rule = self.spec.cpu_slots
+            self._configure(self.spec.slots or (slots_for_cpus(rule, cpus) if rule else cpus))
         self.protocol.move(HostState.READY)
         self.protocol.heard(time.monotonic())
         self._watch()
@@ -7336,7 +7348,8 @@ class _Run:
             waited = time.monotonic() - session.hello_wait_since
             self._slowest_hello = max(self._slowest_hello, waited)
         if session.spec.slots is None and not session.spec.local:
-            self.log(f"sshfan: {session.name}: slots = auto: {session.window.slots} CPUs")
+            rule = f"-j {session.spec.cpu_slots}" if session.spec.cpu_slots else "auto"
+            self.log(f"sshfan: {session.name}: slots = {rule}: {session.window.slots}")
         session.window.start_ahead = self.fair_start(session)
         self._refill_all()
         self._rebalance()  # a host that finds nothing left may take back queued work
@@ -8270,6 +8283,7 @@ class RunOptions:
     retries: int = 0
     journal: str | None = None
     slots: int | None = None  # overrides every host's slots
+    cpu_slots: str | None = None  # -j +N, -N, N%: every host's slots from its CPUs (parallel's)
     halt_on_error: bool = False  # --halt soon,fail=1
     halt: HaltPolicy | None = None
     tag: bool = False
@@ -8303,6 +8317,8 @@ class RunOptions:
             raise UsageError(f"--retries: must be 0 or more, not {self.retries}")
         if slots is not None and slots < 1:
             raise UsageError(f"--slots: must be at least 1, not {slots}")
+        if self.cpu_slots is not None and not _CPU_SLOTS.fullmatch(self.cpu_slots):
+            raise UsageError(f"--slots: not +N, -N or N%: {self.cpu_slots!r}")
         if slots is not None and slots > SLOTS_MAX:
             raise UsageError(
                 f"--slots: must be at most {SLOTS_MAX} (Linux's largest pid_max), not {slots}"
@@ -8404,6 +8420,14 @@ def run_hosts(specs: list[HostSpec], opts: RunOptions) -> list[HostSpec]:
     hosts = specs
     if opts.slots:
         hosts = [dataclasses.replace(spec, slots=opts.slots) for spec in hosts]
+    elif opts.cpu_slots:  # this machine's CPUs are known here; a remote host's at its hello
+        rule = opts.cpu_slots
+        hosts = [
+            dataclasses.replace(spec, slots=slots_for_cpus(rule, local_cpus()))
+            if spec.local
+            else dataclasses.replace(spec, slots=None, cpu_slots=rule)
+            for spec in hosts
+        ]
     elif opts.onall:  # a host's tasks one at a time, in order, as GNU parallel's --onall
         hosts = [dataclasses.replace(spec, slots=1) for spec in hosts]
     if opts.workdir:
@@ -9378,12 +9402,13 @@ def _cli() -> Any:
             help="--pipe: chunks of whole lines up to SIZE bytes; a longer line goes whole. "
             "1k is 1000, 1K 1024 (also m M g G), as in GNU parallel.",
         ),
-        slots: int | None = typer.Option(
+        slots: str | None = typer.Option(
             None,
             "--slots",
             "-j",
             metavar="N",
-            help="Tasks at once on every host (overrides the hosts file).",
+            help="Tasks at once on every host (overrides the hosts file); +N, -N, N%: "
+            "that many more, fewer, that share of each host's CPUs (at least 1), as GNU parallel.",
         ),
         timeout: str | None = typer.Option(
             None,
@@ -9494,12 +9519,20 @@ def _cli() -> Any:
             None, "--journal", metavar="FILE", help="Journal path. Default: OUTPUT + .journal"
         ),
         no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+        keep_order: bool = typer.Option(
+            False,
+            "--keep-order",
+            "-k",
+            help="GNU parallel's -k, accepted and needed by no run: the output is always in "
+            "task order.",
+        ),
     ) -> None:
         """Run every task in TASKS on the hosts; write results in task order."""
         try:
             if fmt not in _FORMATS:
                 raise UsageError(f"--format: unknown format {fmt!r} (choose text or jsonl)")
             block_size = _parse_size(block)  # the rest is checked by RunOptions
+            jobs, jobs_rule = _parse_jobs(slots)
             if output is None:
                 output = "-" if tasks == "-" or nonall else Path(tasks).stem + ".out"
             sources = HostSources(
@@ -9519,7 +9552,8 @@ def _cli() -> Any:
                 timeout=_parse_seconds(timeout),
                 retries=retries,
                 journal=journal,
-                slots=slots,
+                slots=jobs,
+                cpu_slots=jobs_rule,
                 halt_on_error=halt_on_error,
                 halt=HaltPolicy.parse(halt) if halt is not None else None,
                 workdir=_check_workdir(workdir),
@@ -9805,8 +9839,10 @@ def dry_run_tasks(opts: RunOptions, out: IO[bytes]) -> int:
     slot_hosts: list[str] = []  # the host of each slot, for {host} in a --tagstring
     for spec in opts.hosts:
         count = opts.slots or spec.slots
-        if count is None:
-            count = len(os.sched_getaffinity(0)) if spec.local else 1
+        if opts.cpu_slots and spec.local:
+            count = slots_for_cpus(opts.cpu_slots, local_cpus())
+        elif count is None or opts.cpu_slots:
+            count = local_cpus() if spec.local else 1
         slot_hosts += [spec.name] * count
     slots = len(slot_hosts)
     tag = line_tagger(opts)
@@ -10079,6 +10115,22 @@ def _check_file_options(opts: RunOptions) -> None:
 
 
 BLOCK_MAX = 2**31 - 1  # GNU parallel's ceiling too (it warns and uses 2G-1 above it)
+
+
+_CPU_SLOTS = re.compile(r"[+-]\d+|\d+(?:\.\d+)?%")  # -j relative to the CPUs
+
+
+def _parse_jobs(text: str | None) -> tuple[int | None, str | None]:
+    """-j as GNU parallel reads it: N slots, or +N, -N, N% of each host's CPUs (the rule,
+    applied once the CPUs are known). 0 (parallel: as many as possible) is refused."""
+    if text is None:
+        return None, None
+    text = text.strip()
+    if re.fullmatch(r"\d+", text):
+        return int(text), None
+    if _CPU_SLOTS.fullmatch(text):
+        return None, text
+    raise UsageError(f"--slots: not a number of slots: {text!r} (N, or +N, -N, N% of the CPUs)")
 
 
 def _check_workdir(workdir: str | None) -> str | None:

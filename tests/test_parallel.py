@@ -10,6 +10,7 @@ they fail instead.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -238,6 +239,24 @@ def test_slot_numbers_are_parallels(tmp_path: Path, run_sshfan) -> None:
     expected = run_parallel([*tagged, "::::", str(args)])
     result = run_sshfan(["run", str(args), *tagged[2:4], "-c", tagged[4], "-j", "2", "-o", "-"])
     assert result.stdout == expected == b"1\t1\n2\t2\n1\t3\n1\t4\n"
+
+
+def test_slots_relative_to_the_cpus_and_keep_order(tmp_path: Path, run_sshfan) -> None:
+    """-j +1 is the CPUs and one more, as in parallel (each of the first CPUS+1 tasks gets
+    a slot of its own, the next the first one freed); -k and --keep-order are accepted
+    and change nothing; a -j sshfan cannot read is one line and exit 2."""
+    cpus = len(os.sched_getaffinity(0))
+    args = _lines_file(tmp_path, ["0.3"] + ["1.5"] * cpus + ["0"])
+    template = "sleep {}; echo {%}"
+    expected = run_parallel(["-k", "-j", str(cpus + 1), template, "::::", str(args)])
+    assert expected.split() == [str(n).encode() for n in [*range(1, cpus + 2), 1]]
+    for keep in ([], ["-k"], ["--keep-order"]):
+        result = run_sshfan(["run", str(args), "-c", template, "-j", "+1", *keep, "-o", "-"])
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == expected, keep
+    for bad in ("x", "1.5", "0"):
+        refused = run_sshfan(["run", str(args), "-c", template, "-j", bad, "-o", "-"])
+        assert refused.returncode == 2 and refused.stderr.count(b"\n") == 1, refused.stderr
 
 
 def test_tag_and_tagstring_match_parallel(tmp_path: Path, run_sshfan) -> None:

@@ -388,6 +388,31 @@ def test_a_retry_under_halt_queues_nothing_behind_a_running_task() -> None:
     assert window.ahead() == 0 and window.want() == 1
 
 
+def test_slots_relative_to_the_cpus_as_parallels_j() -> None:
+    """-j +N, -N, N% as GNU parallel reads them (percentages rounded up), at least 1;
+    anything else is refused, never read as another number."""
+    assert sshfan._parse_jobs("4") == (4, None)
+    assert sshfan._parse_jobs("+1") == (None, "+1")
+    assert [sshfan.slots_for_cpus(rule, 8) for rule in ("+1", "-3", "50%", "10%", "-9")] == [
+        9,
+        5,
+        4,
+        1,
+        1,
+    ]
+    assert sshfan.slots_for_cpus("150%", 2) == 3
+    for bad in ("x", "+", "1.5", "%", "++1", ""):
+        with pytest.raises(sshfan.UsageError):
+            sshfan._parse_jobs(bad)
+    with pytest.raises(sshfan.UsageError):
+        sshfan.RunOptions("t", [], "-", cpu_slots="1")
+    hosts = sshfan.run_hosts(
+        [local_host(), sshfan.HostSpec(name="far")], sshfan.RunOptions("t", [], "-", cpu_slots="+1")
+    )
+    assert hosts[0].slots == len(os.sched_getaffinity(0)) + 1
+    assert (hosts[1].slots, hosts[1].cpu_slots) == (None, "+1")  # from its stub's hello
+
+
 def test_scheduler_reads_the_source_lazily() -> None:
     """Taking tasks pulls no more from the source than asked (bounded memory)."""
     pulled = []
