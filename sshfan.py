@@ -9418,7 +9418,11 @@ def _cli() -> Any:
             " as GNU parallel).",
         ),
         retries: int = typer.Option(
-            0, "--retries", metavar="N", help="Re-run a failed task up to N times."
+            0,
+            "--retries",
+            metavar="N",
+            help="Try a failing task up to N times in all, as GNU parallel counts (0 and 1:"
+            " once).",
         ),
         halt_on_error: bool = typer.Option(
             False, "--halt-on-error", help="Short for --halt soon,fail=1."
@@ -9550,7 +9554,7 @@ def _cli() -> Any:
                 resume=resume or resume_failed,
                 resume_failed=resume_failed,
                 timeout=_parse_seconds(timeout),
-                retries=retries,
+                retries=max(retries - 1, 0),  # N tries in all, as parallel: N - 1 more
                 journal=journal,
                 slots=jobs,
                 cpu_slots=jobs_rule,

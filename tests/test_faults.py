@@ -750,7 +750,8 @@ def test_timeout_kills_children_outside_the_process_group(
 
 
 def test_retry_succeeds_second_time(sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path) -> None:
-    """A task failing once then succeeding, with --retries 1: exit 0 and attempts 2."""
+    """A task failing once then succeeding, with --retries 2 (two tries, as GNU
+    parallel counts): exit 0 and attempts 2."""
     flag = tmp_path / "failed-once"
     hosts = write_file(tmp_path / "hosts.toml", host_block(sshd, "solo", slots=1))
     tasks = write_file(
@@ -758,7 +759,7 @@ def test_retry_succeeds_second_time(sshd: SshServer, run_sshfan: RunSshfan, tmp_
         f"echo first\ntest -e {flag} || {{ touch {flag}; exit 1; }}; echo ok\n",
     )
     out = tmp_path / "out.jsonl"
-    result = run_sshfan(run_args(tasks, hosts, out, "--format", "jsonl", "--retries", "1"))
+    result = run_sshfan(run_args(tasks, hosts, out, "--format", "jsonl", "--retries", "2"))
     check_exit(result, 0)
     first, second = jsonl_records(out)
     assert (first["attempts"], first["stdout"]) == (1, "first\n")
@@ -780,7 +781,7 @@ def test_retry_goes_to_another_host(sshd: SshServer, run_sshfan: RunSshfan, tmp_
         f'echo "$WHO" >> {who}; test -e {flag} || {{ touch {flag}; exit 1; }}; echo "$WHO"\n',
     )
     out = tmp_path / "out.jsonl"
-    result = run_sshfan(run_args(tasks, hosts, out, "--format", "jsonl", "--retries", "1"))
+    result = run_sshfan(run_args(tasks, hosts, out, "--format", "jsonl", "--retries", "2"))
     check_exit(result, 0)
     tries = who.read_text().split()
     assert len(tries) == 2, tries
@@ -792,12 +793,12 @@ def test_retry_goes_to_another_host(sshd: SshServer, run_sshfan: RunSshfan, tmp_
 
 
 def test_retries_exhausted(sshd: SshServer, run_sshfan: RunSshfan, tmp_path: Path) -> None:
-    """A task that always fails, with --retries 2: three attempts, its exit code kept, exit 1."""
+    """A task that always fails, with --retries 3: three attempts, its exit code kept, exit 1."""
     count = tmp_path / "tries.log"
     hosts = write_file(tmp_path / "hosts.toml", host_block(sshd, "solo", slots=1))
     tasks = write_file(tmp_path / "tasks.txt", f"echo ok\necho try >> {count}; exit 7\n")
     out = tmp_path / "out.jsonl"
-    result = run_sshfan(run_args(tasks, hosts, out, "--format", "jsonl", "--retries", "2"))
+    result = run_sshfan(run_args(tasks, hosts, out, "--format", "jsonl", "--retries", "3"))
     check_exit(result, 1)
     first, second = jsonl_records(out)
     assert (first["attempts"], first["exit_code"]) == (1, 0)
@@ -815,7 +816,7 @@ def test_local_host_retries_on_its_other_stubs(run_sshfan: RunSshfan, tmp_path: 
     tasks = write_file(tmp_path / "tasks.txt", "\n".join(lines) + "\n")
     out = tmp_path / "out.jsonl"
     args = ["run", str(tasks), "-o", str(out), "--no-progress", "-j", "2", "--format", "jsonl"]
-    result = run_sshfan([*args, "--retries", "1"], timeout=NO_HANG)
+    result = run_sshfan([*args, "--retries", "2"], timeout=NO_HANG)
     check_exit(result, 0)
     records = jsonl_records(out)
     assert [r["seq"] for r in records] == list(range(1, 14))
@@ -1103,7 +1104,7 @@ def test_a_retry_line_says_whether_the_task_timed_out_or_failed(
     tasks = write_file(tmp_path / "tasks.txt", "sleep 30\nexit 3\n")
     out = tmp_path / "out.txt"
     result = run_sshfan(
-        ["run", str(tasks), "-o", str(out), "--timeout", "0.5", "--retries", "1"], timeout=NO_HANG
+        ["run", str(tasks), "-o", str(out), "--timeout", "0.5", "--retries", "2"], timeout=NO_HANG
     )
     check_exit(result, 1)
     lines = err_lines(result.stderr)

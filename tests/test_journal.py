@@ -794,7 +794,7 @@ def test_a_retried_task_leaves_only_its_last_try_in_the_output(
     tasks = write_tasks(tmp_path / "tasks.txt", lines)
     hosts = write_file(tmp_path / "hosts.toml", ONE_SLOT)
     out = tmp_path / "out.txt"
-    ran = run_sshfan(run_args(tasks, hosts, out, "--retries", "1"), timeout=NO_HANG)
+    ran = run_sshfan(run_args(tasks, hosts, out, "--retries", "2"), timeout=NO_HANG)
     check_exit(ran, 0)
     assert out.read_bytes() == b"ok\n" + b"b" * 1_000_000 + b"\n"
 

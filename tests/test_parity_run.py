@@ -555,3 +555,28 @@ def test_resume_failed_reruns_what_gnu_parallels_does(tmp_path: Path, run_sshfan
                 run_sshfan(["run", "tasks.txt", "-j", "2", "-o", "out", *extra], cwd=where)
         reran[tool] = sorted((where / "runs").read_text().split())
     assert reran["sshfan"] == reran["parallel"] == ["2", "4"]
+
+
+@needs_parallel
+@pytest.mark.parametrize("retries", ["1", "3"])
+def test_retries_count_the_tries_as_gnu_parallel(tmp_path: Path, run_sshfan, retries: str) -> None:
+    """--retries N: a task that always fails is tried as many times as GNU parallel tries
+    it (N in all, not N more), and the output is the same."""
+    counts, outputs = [], []
+    for tag in ("parallel", "sshfan"):
+        where = tmp_path / tag
+        where.mkdir()
+        tries = where / "tries"
+        tasks = where / "tasks.txt"
+        tasks.write_text(f"echo ok\necho try >> {tries}; echo out; exit 3\n")
+        if tag == "parallel":
+            args = ["-k", "-j1", "--retries", retries, "::::", str(tasks)]
+            outputs.append(run_parallel(args, status=None))
+        else:
+            args = ["run", str(tasks), "-j1", "--retries", retries, "-o", "-", "--no-progress"]
+            mine = run_sshfan(args)
+            assert mine.returncode == 1, mine.stderr
+            outputs.append(mine.stdout)
+        counts.append(len(tries.read_text().split()))
+    assert counts[1] == counts[0] == int(retries)
+    assert outputs[1] == outputs[0]

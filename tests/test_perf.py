@@ -510,7 +510,7 @@ def test_a_retry_that_avoids_its_host_still_runs_on_a_slow_host_held_back(
     hosts.write_text(sshd.hosts_toml(["h1", "h2"]) + 'env = { SLOW = "0.5" }\n')
     out = tmp_path / "out.txt"
     done = run_sshfan(
-        ["run", str(tasks), "-H", str(hosts), "-o", str(out), "--retries", "1"], timeout=60
+        ["run", str(tasks), "-H", str(hosts), "-o", str(out), "--retries", "2"], timeout=60
     )
     err = done.stderr.decode(errors="replace")
     assert done.returncode == 0, err
