@@ -9421,8 +9421,7 @@ def _cli() -> Any:
             0,
             "--retries",
             metavar="N",
-            help="Try a failing task up to N times in all, as GNU parallel counts (0 and 1:"
-            " once).",
+            help="Try a failing task up to N times in all, as GNU parallel counts (0 and 1: once).",
         ),
         halt_on_error: bool = typer.Option(
             False, "--halt-on-error", help="Short for --halt soon,fail=1."
@@ -9554,7 +9553,7 @@ def _cli() -> Any:
                 resume=resume or resume_failed,
                 resume_failed=resume_failed,
                 timeout=_parse_seconds(timeout),
-                retries=max(retries - 1, 0),  # N tries in all, as parallel: N - 1 more
+                retries=retries - 1 if retries > 0 else retries,  # N tries: N - 1 more
                 journal=journal,
                 slots=jobs,
                 cpu_slots=jobs_rule,
