@@ -8169,6 +8169,8 @@ def _lock_output(fd: int, path: str) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         raise OSError(errno.EBUSY, "in use by another run (through a link)", path) from None
+    except OSError:  # a file system without flock (some FUSE ones): the lock files guard
+        return
 
 
 def _hold_output(output: str) -> int | None:
@@ -8183,7 +8185,7 @@ def _hold_output(output: str) -> int | None:
         return None  # not there yet (or not readable: the run's own open says so)
     try:
         _lock_output(fd, output)
-    except OSError:
+    except OSError:  # (only another run's lock: _lock_output passes other errors by)
         os.close(fd)
         raise _output_in_use(output) from None
     st = os.fstat(fd)
