@@ -8357,11 +8357,14 @@ def command_template(opts: RunOptions) -> Template | None:
 
 
 def numbers_slots(opts: RunOptions) -> bool:
-    """Whether the run's commands or tags hold {%}, the job slot, as parallel numbers it."""
+    """Whether the run's commands or tags hold {%} (or {0%}), the job slot, as parallel
+    numbers it."""
     texts = [(opts.command or "", _REPLACEMENT)]
     if opts.tagstring is not None:
         texts.append((_unescape_tagstring(opts.tagstring), _TAG_REPLACEMENT))
-    return any(m.group(3) == "%" for text, pattern in texts for m in pattern.finditer(text))
+    return any(
+        "%" in (m.group(3), m.group(5)) for text, pattern in texts for m in pattern.finditer(text)
+    )
 
 
 def line_tagger(opts: RunOptions) -> Tagger | None:
@@ -8616,9 +8619,9 @@ async def run_async(
             tasks = read_tasks(tasks_path, merged, done, template)
             history = DurationHistory(opts.history)
             history.load()
-            # --halt keeps file order, as parallel; --onall runs a host's tasks in file
-            # order, as parallel's.
-            if not (opts.halt_on_error or opts.halt or opts.onall):
+            # --halt keeps file order, as parallel; so does {%}, numbered as parallel's
+            # slots; --onall runs a host's tasks in file order, as parallel's.
+            if not (opts.halt_on_error or opts.halt or opts.onall or numbers_slots(opts)):
                 longest = known_long_tasks(tasks_path, done, history, template)
         tasks = _read_unchanged(tasks, tasks_path, prepared.identity)
         scheduler = Scheduler(tasks, opts.retries, longest)

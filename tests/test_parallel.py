@@ -239,6 +239,11 @@ def test_slot_numbers_are_parallels(tmp_path: Path, run_sshfan) -> None:
     expected = run_parallel([*tagged, "::::", str(args)])
     result = run_sshfan(["run", str(args), *tagged[2:4], "-c", tagged[4], "-j", "2", "-o", "-"])
     assert result.stdout == expected == b"1\t1\n2\t2\n1\t3\n1\t4\n"
+    positional = "sleep {}; echo {#}:{0%}"  # {0%} is {%} too
+    expected = run_parallel(["-k", "-j2", positional, "::::", str(args)])
+    for _ in range(2):  # again, with the durations known: still in file order, not longest first
+        result = run_sshfan(["run", str(args), "-c", positional, "-j", "2", "-o", "-"])
+        assert result.stdout == expected == b"1:1\n2:2\n3:1\n4:1\n"
 
 
 def test_slots_relative_to_the_cpus_and_keep_order(tmp_path: Path, run_sshfan) -> None:
