@@ -1184,10 +1184,13 @@ def kill_strays(sessions: set, pipes: set) -> int:
     return killed
 
 
-# What Popen's restore_signals puts back to the default in a task: the stub ignores
-# SIGPIPE itself, and a signal ignored stays ignored across exec.
+# What a task gets back at the default, as Popen's restore_signals does, and SIGINT and
+# SIGHUP: a signal ignored stays ignored across exec, and the stub ignores SIGPIPE
+# itself, and SIGINT and SIGHUP when it was started with them ignored (a local stub).
 RESET_SIGNALS = tuple(
-    getattr(signal, name) for name in ("SIGPIPE", "SIGXFZ", "SIGXFSZ") if hasattr(signal, name)
+    getattr(signal, name)
+    for name in ("SIGPIPE", "SIGXFZ", "SIGXFSZ", "SIGINT", "SIGHUP")
+    if hasattr(signal, name)
 )
 # Whether start_process may use os.posix_spawn: Python 3.8+ (its setsid), and the stub's
 # inherited descriptors marked close-on-exec (stub_main, through /proc); else subprocess.
@@ -1834,7 +1837,8 @@ def stub_main() -> None:
         os._exit(128 + signum)
 
     for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-        signal.signal(signum, on_signal)
+        if signal.getsignal(signum) != signal.SIG_IGN:  # (one ignored, as nohup does: left so)
+            signal.signal(signum, on_signal)
     # A write to a closed pipe (a task that stopped reading its stdin, or the head gone)
     # must be an error to handle, not a signal that ends the stub; tasks get SIGPIPE back.
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
@@ -4875,6 +4879,10 @@ def _become_stub(stdio: tuple[int, int, int], mask: Iterable[int]) -> NoReturn:
             if signal.getsignal(signum) != signal.SIG_IGN:
                 with contextlib.suppress(OSError, ValueError):  # (SIGKILL, SIGSTOP)
                     signal.signal(signum, signal.SIG_DFL)
+        # A terminal's Ctrl-C goes to its whole foreground process group, this stub too:
+        # it is the head's to act on (it stops the run, and the stub with it), not the
+        # stub's to die of, as a remote stub in a session of its own would not.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) for fd in stdio]  # (0-2 may be one)
         for target, fd in enumerate(high):
             os.dup2(fd, target)

@@ -11,6 +11,7 @@ run the same tests on the same machine).
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -581,6 +582,29 @@ def test_interrupted_head_kills_tasks_then_resumes(
     assert out.read_bytes() == expected_numbers(8)
     runs = Counter(int(line) for line in mark.read_text().split())
     assert all(runs[n] == 1 for n in range(1, 5)), runs
+
+
+def test_ctrl_c_to_the_whole_group_is_the_heads_to_handle(
+    spawn: Callable[..., Head], tmp_path: Path
+) -> None:
+    """SIGINT to the head's whole process group, as a terminal's Ctrl-C sends it, with the
+    local host's forked stubs in that group: exit 130, tasks killed, and no stub reported
+    lost (they used to die of it themselves: "lost one of its 4 stubs")."""
+    sleeper = own_number("37.9")
+    hosts = write_file(tmp_path / "hosts.toml", BLOCKS["fork"].replace("slots = 2", "slots = 4"))
+    tasks = write_file(tmp_path / "tasks.txt", f"sleep {sleeper}\n" * 6)
+    head = spawn(run_args(tasks, hosts, tmp_path / "out.txt"))
+    try:
+        wait_for("four sleeping tasks", lambda: sleeping(sleeper) >= 4)
+        os.killpg(head.proc.pid, signal.SIGINT)
+        result = head.wait(30.0)
+        check_exit(result, 130)
+        assert b"lost one of its" not in result.stderr, result.stderr
+        assert b"(lost " not in result.stderr, result.stderr  # the summary's host row
+        assert b"Traceback" not in result.stderr
+        assert_no_procs_soon(sleeper)
+    finally:
+        kill_marked(f"sleep {sleeper}")
 
 
 # ---------------------------------------------------------------------------
