@@ -415,6 +415,11 @@ def held_run(tmp_path: Path, count: int = 6) -> tuple[Head, Path, Path, Path]:
     return head, out, flag, tasks
 
 
+def numbered(count: int) -> bytes:
+    """The output of held_run's tasks: 1 to COUNT, a line each."""
+    return "".join(f"{n}\n" for n in range(1, count + 1)).encode()
+
+
 def test_a_second_run_through_a_link_to_the_output_is_refused(
     run_sshfan: RunSshfan, tmp_path: Path
 ) -> None:
@@ -439,7 +444,7 @@ def test_a_second_run_through_a_link_to_the_output_is_refused(
     finally:
         first.stop()
     check_exit(result, 0)
-    assert out.read_bytes() == "".join(f"{n}\n" for n in range(1, count + 1)).encode()
+    assert out.read_bytes() == numbered(count)
 
 
 @pytest.mark.parametrize("change", ["removed", "replaced"])
@@ -466,7 +471,7 @@ def test_an_output_removed_or_replaced_mid_run_is_not_a_finished_run(
     hosts = tmp_path / "hosts.toml"
     again = run_sshfan(run_args(tasks, hosts, out, "--resume"), timeout=NO_HANG)
     check_exit(again, 0)
-    assert out.read_bytes() == "".join(f"{n}\n" for n in range(1, count + 1)).encode()
+    assert out.read_bytes() == numbered(count)
 
 
 @pytest.mark.parametrize("source", ["hosts file", "sshloginfile"])

@@ -758,12 +758,20 @@ def test_fast_receive_only_with_an_asyncssh_it_knows(monkeypatch: pytest.MonkeyP
         sshfan._fast_receive_class.cache_clear()
 
 
-def fast_receive_source_digest() -> str:
-    """sha256 over the source of the asyncssh code the fast receive path reproduces or
-    relies on (the receive path from data_received to the channel's session)."""
+def source_digest(parts: list[object]) -> str:
+    """sha256 over the source of PARTS (asyncssh's functions and classes), in order."""
     import hashlib
     import inspect
 
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(inspect.getsource(part).encode())  # type: ignore[arg-type]
+    return digest.hexdigest()
+
+
+def fast_receive_source_digest() -> str:
+    """sha256 over the source of the asyncssh code the fast receive path reproduces or
+    relies on (the receive path from data_received to the channel's session)."""
     from asyncssh.channel import SSHChannel
     from asyncssh.connection import SSHConnection
     from asyncssh.crypto.cipher import GCMCipher
@@ -786,10 +794,7 @@ def fast_receive_source_digest() -> str:
         GCMCipher._update_iv,
         GCMCipher.verify_and_decrypt,
     ]
-    digest = hashlib.sha256()
-    for part in parts:
-        digest.update(inspect.getsource(part).encode())
-    return digest.hexdigest()
+    return source_digest(parts)
 
 
 def test_fast_receive_versions_have_the_source_it_was_written_against() -> None:
@@ -814,9 +819,6 @@ QUICK_LOGIN_SOURCES = {
 
 def quick_login_source_digest() -> str:
     """sha256 over the source of asyncssh's client auth the quick login stands in for."""
-    import hashlib
-    import inspect
-
     from asyncssh import auth
     from asyncssh.connection import SSHClientConnection, SSHConnection
 
@@ -832,10 +834,7 @@ def quick_login_source_digest() -> str:
         SSHConnection._process_userauth_failure,
         SSHConnection._process_service_accept,
     ]
-    digest = hashlib.sha256()
-    for part in parts:
-        digest.update(inspect.getsource(part).encode())
-    return digest.hexdigest()
+    return source_digest(parts)
 
 
 @pytest.fixture
